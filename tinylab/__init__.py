@@ -1,0 +1,18 @@
+"""tinylab: a research workbench for TinyLoRA, training a handful of scalars with RL.
+
+The library returns data and reports through return values, callbacks and logging; plotting and
+widgets live in `tinylab.widgets`.
+"""
+
+from tinylab.adapter import DEFAULT_TARGETS, ModuleInfo, TinyLoRA, TinyLoRAConfig, apply_tinylora
+from tinylab.models import load_model, tiny_model
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "ModuleInfo",
+    "TinyLoRA",
+    "TinyLoRAConfig",
+    "apply_tinylora",
+    "load_model",
+    "tiny_model",
+]

