@@ -1,0 +1,196 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from tinylab.adapter import DEFAULT_TARGETS, TinyLoRAConfig, TinyLoRALinear, apply_tinylora, find_adapter
+from tinylab.models import TINY_ARCHS, tiny_model
+
+
+def _ids(tokenizer, text="The quick brown fox jumps over the lazy dog."):
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama", seed=0)
+
+
+def test_noop_at_zero_is_bit_identical(llama):
+    model, tok = llama
+    ids = _ids(tok)
+    with torch.no_grad():
+        before = model(ids).logits
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=3, n_tie=2))
+    assert all(float(v.detach().abs().sum()) == 0.0 for v in adapter.parameters())
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+
+
+def test_update_matches_hand_computed_svd(llama):
+    model, tok = llama
+    adapter = apply_tinylora(model, TinyLoRAConfig(r=2, u=3, seed=7))
+    name, mod = next(adapter.named_modules())
+    W = mod.base.weight.detach().double()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = U[:, :2], S[:2], Vh[:2]
+    # same canonical signs as the adapter: largest |entry| of each column of U positive
+    signs = torch.sign(U[U.abs().argmax(0), torch.arange(2)])
+    U, Vh = U * signs, Vh * signs[:, None]
+    torch.testing.assert_close(mod.S.double(), S, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mod.U.double(), U, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        adapter.vectors[0].copy_(torch.tensor([0.5, -1.0, 2.0]))
+    R = sum(adapter.vectors[0][i].double() * mod.P[i].double() for i in range(3))
+    expected = U @ torch.diag(S) @ R @ Vh  # the paper's W' - W, built by hand
+    x = torch.randn(5, mod.in_features)
+    with torch.no_grad():
+        got = mod(x).double() - mod.base(x).double()
+    torch.testing.assert_close(got, x.double() @ expected.T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mod.delta_weight().double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("u,n_tie,tie", [(1, 1, "tiled"), (4, 3, "tiled"), (1, 5, "tiled"), (2, 2, "structured"),
+                                         (1, "all", "tiled"), (13, "all", "structured")])
+def test_exact_counts(arch, u, n_tie, tie):
+    model, _ = tiny_model(arch)
+    n_modules = model.config.num_hidden_layers * 7
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=u, n_tie=n_tie, tie=tie))
+    assert len(adapter.modules) == n_modules
+    k = n_modules if n_tie == "all" else n_tie
+    if tie == "tiled":
+        expected = math.ceil(n_modules / k) * u
+    else:  # each module type is tied across chunks of k consecutive layers
+        expected = 7 * math.ceil(model.config.num_hidden_layers / k) * u
+    assert adapter.num_params == expected
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    assert sum(v.numel() for v in adapter.parameters()) == expected
+
+
+def test_tiled_and_structured_grouping(llama):
+    model, _ = llama
+    tiled = apply_tinylora(model, TinyLoRAConfig(n_tie=4))
+    assert [m.group for m in tiled.modules] == [i // 4 for i in range(14)]
+    assert [m.kind for m in tiled.modules[:7]] == list(DEFAULT_TARGETS)
+    tiled.remove()
+    structured = apply_tinylora(model, TinyLoRAConfig(n_tie=2, tie="structured"))
+    groups = structured.groups()
+    assert len(groups) == 7
+    for names in groups.values():  # one module type, both layers
+        assert len({n.rsplit(".", 1)[-1] for n in names}) == 1 and len(names) == 2
+
+
+def test_only_adapter_requires_grad_and_step_changes_only_v(llama):
+    model, tok = llama
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=2, n_tie=7))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in adapter.parameters()}
+    opt = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+    ids = _ids(tok)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in adapter.parameters())  # non-zero at v=0
+    opt.step()
+    assert all(v.abs().sum() > 0 for v in adapter.parameters())
+    adapter.remove()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, frozen[n]), n
+
+
+def test_disabled_merge_unmerge_remove(llama):
+    model, tok = llama
+    ids = _ids(tok)
+    with torch.no_grad():
+        base = model(ids).logits
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=4))
+    adapter.set_vector(torch.randn(adapter.num_params) * 0.5)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        assert not torch.allclose(adapted, base)
+        with adapter.disabled():
+            assert torch.equal(model(ids).logits, base)
+        assert torch.equal(model(ids).logits, adapted)
+        adapter.merge()
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+        with adapter.disabled():
+            torch.testing.assert_close(model(ids).logits, base, rtol=1e-4, atol=1e-4)
+        adapter.unmerge()
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    adapter.remove()
+    assert not find_adapter(model)
+    assert not any(isinstance(m, TinyLoRALinear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+def test_layers_and_targets_selection(llama):
+    model, _ = llama
+    adapter = apply_tinylora(model, TinyLoRAConfig(targets=("q_proj", "v_proj"), layers=(1,)))
+    assert [m.name for m in adapter.modules] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert adapter.num_params == 2
+
+
+def test_reattach_reuses_cached_svd(llama, monkeypatch):
+    import tinylab.adapter as adapter_module
+
+    model, _ = llama
+    apply_tinylora(model, TinyLoRAConfig(n_tie=2)).remove()
+    calls = []
+    monkeypatch.setattr(adapter_module, "_exact_svd", lambda *a: calls.append(a))
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=13, n_tie="all"))
+    assert calls == [] and adapter.num_params == 13
+
+
+def test_lowrank_svd_is_deterministic(llama):
+    model, _ = llama
+    a = apply_tinylora(model, TinyLoRAConfig(svd="lowrank"))
+    first = [m.U.clone() for _, m in a.named_modules()]
+    a.remove()
+    import tinylab.adapter as adapter_module
+
+    adapter_module._SVD_CACHE.clear()
+    b = apply_tinylora(model, TinyLoRAConfig(svd="lowrank"))
+    assert all(torch.equal(x, m.U) for x, (_, m) in zip(first, b.named_modules()))
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"r": 0}, "r=0"), ({"u": -1}, "u=-1"), ({"u": 1.5}, "u=1.5"), ({"n_tie": 0}, "n_tie=0"),
+        ({"tie": "diagonal"}, "tie='diagonal'"), ({"svd": "fast"}, "svd='fast'"), ({"targets": ()}, "targets"),
+        ({"layers": (-1,)}, "layers"), ({"r": True}, "r=True"),
+    ],
+)
+def test_bad_configs_raise(fields, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        TinyLoRAConfig(**fields)
+
+
+def test_model_dependent_errors(llama):
+    model, _ = llama
+    with pytest.raises(ValueError, match=r"qkv_proj.*linear module types are \['q_proj'"):
+        apply_tinylora(model, TinyLoRAConfig(targets=("qkv_proj",)))
+    with pytest.raises(ValueError, match=r"layers \[5\] are out of range: this model has layers 0..1"):
+        apply_tinylora(model, TinyLoRAConfig(layers=(5,)))
+    with pytest.raises(ValueError, match=r"n_tie=15 is out of range: allowed 1..14"):
+        apply_tinylora(model, TinyLoRAConfig(n_tie=15))
+    with pytest.raises(ValueError, match=r"r=100 is too large"):
+        apply_tinylora(model, TinyLoRAConfig(r=100))
+    with pytest.raises(TypeError, match="unknown TinyLoRAConfig fields"):
+        apply_tinylora(model, budget=3)
+    adapter = apply_tinylora(model)
+    with pytest.raises(ValueError, match="already has a TinyLoRA adapter"):
+        apply_tinylora(model)
+    adapter.remove()
+
+
+def test_replace_is_the_sweep_api():
+    base = TinyLoRAConfig()
+    swept = [dataclasses.replace(base, u=u) for u in (1, 4, 16, 64)]
+    assert [c.u for c in swept] == [1, 4, 16, 64] and base.u == 1

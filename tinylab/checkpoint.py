@@ -1,0 +1,205 @@
+"""Tiny adapter files: the trained vector, its config and the base model's fingerprint, no pickle.
+
+A TinyLoRA adapter is defined by its config and v; U, S, Vh come from the base weights and P from
+the seed, so a file needs nothing else. 13 fp32 numbers take 52 bytes; the whole file is ~150.
+
+Layout (all integers little-endian):
+
+    offset  size  field
+    0       4     magic b"TLRA"
+    4       1     format version (1)
+    5       1     dtype of the values: 0 = float32, 1 = bfloat16
+    6       2     header length H (uint16, at most 4096)
+    8       H     UTF-8 JSON object:
+                    "n"    number of values (int)
+                    "cfg"  the TinyLoRAConfig fields that differ from their defaults
+                    "arch" model type and layer count of the base model, e.g. "llama/30"
+                    "fp"   16-hex-digit fingerprint of the adapted base weights
+    8+H     n*w   the values, w = 4 (float32) or 2 (bfloat16)
+
+The loader reads at most `MAX_FILE_BYTES`, checks every field before it allocates anything sized by
+the file, refuses NaN/inf values and a different base model, and raises `AdapterFileError` (a
+`ValueError`) for every malformed input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinylab.adapter import TinyLoRA, TinyLoRAConfig, _select, apply_tinylora, weight_fingerprint
+
+__all__ = ["MAX_FILE_BYTES", "AdapterFileError", "base_fingerprint", "load_adapter", "read_adapter", "save_adapter"]
+
+MAGIC = b"TLRA"
+VERSION = 1
+MAX_FILE_BYTES = 1 << 20
+_MAX_HEADER = 4096
+_DTYPES = {"fp32": 0, "bf16": 1}
+_WIDTH = {0: 4, 1: 2}
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TinyLoRAConfig)}
+
+
+class AdapterFileError(ValueError):
+    """A file that is not a valid tinylab adapter for this model (malformed, damaged, or another base)."""
+
+
+def _arch(model) -> str:
+    config = getattr(model, "config", None)
+    return f"{getattr(config, 'model_type', type(model).__name__)}/{getattr(config, 'num_hidden_layers', '?')}"
+
+
+def base_fingerprint(model, config: TinyLoRAConfig) -> str:
+    """Fingerprint of the weights `config` adapts in `model` (names, shapes and values)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, linear, _ in _select(model, config):
+        h.update(f"{name}={weight_fingerprint(linear.weight)};".encode())
+    return h.hexdigest()
+
+
+def _config_to_json(config: TinyLoRAConfig) -> dict:
+    out = {}
+    for name, f in _CONFIG_FIELDS.items():
+        value = getattr(config, name)
+        if value != f.default:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def save_adapter(adapter: TinyLoRA, path: str | os.PathLike, *, dtype: str = "fp32") -> Path:
+    """Write the adapter to `path` atomically; returns the path. `dtype`: "fp32" or "bf16"."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed: choose one of {list(_DTYPES)}")
+    if getattr(adapter, "source", None) not in (None, "tinylab"):
+        raise ValueError(
+            f"this adapter was imported from {adapter.source} and carries its own projections and factors; "
+            "export it with tinylab.peft_interop.export_peft instead"
+        )
+    adapter._check_attached()
+    v = adapter.vector()  # (n,) fp32
+    if not torch.isfinite(v).all():
+        raise ValueError("the adapter's vector has NaN/inf values; refusing to save it")
+    header = {"n": v.numel(), "cfg": _config_to_json(adapter.config), "arch": _arch(adapter.model),
+              "fp": _fingerprint_of(adapter)}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    if dtype == "fp32":
+        payload = v.numpy().astype("<f4").tobytes()
+    else:
+        payload = v.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
+    blob = MAGIC + struct.pack("<BBH", VERSION, _DTYPES[dtype], len(header_bytes)) + header_bytes + payload
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fingerprint_of(adapter: TinyLoRA) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for m in adapter.modules:
+        h.update(f"{m.name}={adapter.fingerprints[m.name]};".encode())
+    return h.hexdigest()
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[TinyLoRAConfig, dict, torch.Tensor]:
+    """Parse and validate a file without a model: (config, header, values fp32)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise AdapterFileError(f"cannot read adapter file {path}: {err}") from err
+    if size > MAX_FILE_BYTES:
+        raise AdapterFileError(f"{path} is {size} bytes; adapter files are at most {MAX_FILE_BYTES} bytes")
+    with open(path, "rb") as f:
+        blob = f.read(MAX_FILE_BYTES + 1)
+    return _parse(blob, str(path))
+
+
+def _parse(blob: bytes, where: str = "<bytes>") -> tuple[TinyLoRAConfig, dict, torch.Tensor]:
+    if len(blob) > MAX_FILE_BYTES:
+        raise AdapterFileError(f"{where}: larger than {MAX_FILE_BYTES} bytes")
+    if len(blob) < 8 or blob[:4] != MAGIC:
+        raise AdapterFileError(f"{where}: not a tinylab adapter file (expected magic b'TLRA' and an 8-byte prefix)")
+    version, dtype_code, header_len = struct.unpack("<BBH", blob[4:8])
+    if version != VERSION:
+        raise AdapterFileError(f"{where}: format version {version} is not supported (this tinylab reads {VERSION})")
+    if dtype_code not in _WIDTH:
+        raise AdapterFileError(f"{where}: dtype code {dtype_code} is not allowed (0 = float32, 1 = bfloat16)")
+    if header_len > _MAX_HEADER or 8 + header_len > len(blob):
+        raise AdapterFileError(f"{where}: header length {header_len} exceeds the file or the {_MAX_HEADER}-byte limit")
+    try:
+        header = json.loads(blob[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise AdapterFileError(f"{where}: header is not valid UTF-8 JSON ({err})") from err
+    if not isinstance(header, dict) or set(header) != {"n", "cfg", "arch", "fp"}:
+        raise AdapterFileError(f"{where}: header must be an object with keys n, cfg, arch, fp")
+    n, cfg, arch, fp = header["n"], header["cfg"], header["arch"], header["fp"]
+    width = _WIDTH[dtype_code]
+    payload = blob[8 + header_len :]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n * width != len(payload):
+        raise AdapterFileError(
+            f"{where}: header says n={n!r} values but the file holds {len(payload)} bytes of "
+            f"{'float32' if width == 4 else 'bfloat16'} values"
+        )
+    if not isinstance(arch, str) or not isinstance(fp, str) or len(fp) != 16:
+        raise AdapterFileError(f"{where}: arch must be a string and fp a 16-hex-digit string")
+    config = _config_from_json(cfg, where)
+    if dtype_code == 0:
+        values = torch.from_numpy(np.frombuffer(payload, dtype="<f4").astype(np.float32))
+    else:
+        bits = torch.from_numpy(np.frombuffer(payload, dtype="<i2").astype(np.int16))
+        values = bits.view(torch.bfloat16).float()
+    if not torch.isfinite(values).all():
+        raise AdapterFileError(f"{where}: the vector holds NaN or inf values")
+    return config, header, values
+
+
+def _config_from_json(cfg, where: str) -> TinyLoRAConfig:
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{where}: cfg must be a JSON object")
+    unknown = sorted(set(cfg) - set(_CONFIG_FIELDS))
+    if unknown:
+        raise AdapterFileError(f"{where}: unknown config fields {unknown}; allowed: {sorted(_CONFIG_FIELDS)}")
+    fields = {}
+    for key, value in cfg.items():
+        if key in ("targets", "layers") and isinstance(value, list):
+            value = tuple(value)
+        fields[key] = value
+    try:
+        return TinyLoRAConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"{where}: invalid config: {err}") from err
+
+
+def load_adapter(model, path: str | os.PathLike) -> TinyLoRA:
+    """Re-apply a saved adapter to `model`; refuses a different base model with a clear error."""
+    config, header, values = read_adapter(path)
+    try:
+        fp = base_fingerprint(model, config)
+    except ValueError as err:
+        raise AdapterFileError(f"{path} does not fit this model ({_arch(model)}): {err}") from err
+    if fp != header["fp"]:
+        raise AdapterFileError(
+            f"{path} was trained on another base model (arch {header['arch']}, weights {header['fp']}); "
+            f"this model is {_arch(model)} with weights {fp}. Load the model it was trained on."
+        )
+    adapter = apply_tinylora(model, config)
+    if adapter.num_params != header["n"]:
+        adapter.remove()
+        raise AdapterFileError(f"{path} holds {header['n']} values but its config gives {adapter.num_params}")
+    adapter.set_vector(values)
+    return adapter
