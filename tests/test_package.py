@@ -1,0 +1,34 @@
+import ast
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_import_tinylab_pulls_no_plotting_or_widgets():
+    code = (
+        "import sys, tinylab, tinylab.adapter, tinylab.checkpoint, tinylab.models\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('plotly', 'ipywidgets', 'IPython', 'matplotlib'))\n"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", out.stdout
+
+
+def test_library_has_no_print_pickle_eval_or_unsafe_torch_load():
+    for path in (ROOT / "tinylab").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n.split(".")[0] in ("pickle", "cloudpickle", "dill") for n in names), path
+            if isinstance(node, ast.Call):
+                f = node.func
+                if isinstance(f, ast.Name):  # builtins only: model.eval() is fine
+                    assert f.id not in ("print", "eval", "exec", "__import__"), f"{path}:{node.lineno} calls {f.id}"
+                name = f.attr if isinstance(f, ast.Attribute) else ""
+                if name == "load" and isinstance(f, ast.Attribute) and getattr(f.value, "id", "") == "torch":
+                    kw = {k.arg: k.value for k in node.keywords}
+                    assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, (
+                        f"{path}:{node.lineno} torch.load without weights_only=True")
