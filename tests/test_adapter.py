@@ -194,3 +194,16 @@ def test_replace_is_the_sweep_api():
     base = TinyLoRAConfig()
     swept = [dataclasses.replace(base, u=u) for u in (1, 4, 16, 64)]
     assert [c.u for c in swept] == [1, 4, 16, 64] and base.u == 1
+
+
+@pytest.mark.parametrize("cfg", [dict(u=2, n_tie=3), dict(n_tie=2, tie="structured"), dict(u=13, n_tie="all"),
+                                 dict(layers=(1,), targets=("q_proj", "o_proj"))])
+def test_count_params_matches_attached(llama, cfg):
+    from tinylab.adapter import count_params, plan_modules
+
+    model, _ = llama
+    config = TinyLoRAConfig(**cfg)
+    planned = plan_modules(model, config)
+    adapter = apply_tinylora(model, config)
+    assert count_params(model, config) == adapter.num_params
+    assert planned == adapter.modules

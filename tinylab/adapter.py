@@ -47,8 +47,10 @@ __all__ = [
     "TinyLoRAConfig",
     "TinyLoRALinear",
     "apply_tinylora",
+    "count_params",
     "find_adapter",
     "linear_modules",
+    "plan_modules",
     "weight_fingerprint",
 ]
 
@@ -423,6 +425,18 @@ def _groups(chosen: Sequence[tuple[str, nn.Linear, int]], config: TinyLoRAConfig
     keys = [(k, layers_of[k].index(lay) // n_tie) for k, (_, _, lay) in zip(kinds, chosen)]
     order = {key: j for j, key in enumerate(dict.fromkeys(keys))}
     return [order[key] for key in keys]
+
+
+def plan_modules(model: nn.Module, config: TinyLoRAConfig) -> list[ModuleInfo]:
+    """The modules `config` would adapt in `model`, with their tying groups; no SVD, nothing attached."""
+    chosen = _select(model, config)
+    return [ModuleInfo(name, layer, name.rsplit(".", 1)[-1], g)
+            for (name, _, layer), g in zip(chosen, _groups(chosen, config))]
+
+
+def count_params(model: nn.Module, config: TinyLoRAConfig) -> int:
+    """Exact number of trained scalars `config` gives on `model` (groups x u), without attaching."""
+    return (max(m.group for m in plan_modules(model, config)) + 1) * config.u
 
 
 def _projection(seed: int, name: str, u: int, r: int) -> torch.Tensor:
