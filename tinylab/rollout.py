@@ -1,0 +1,241 @@
+"""Sampling completions and scoring their tokens: the two model calls every RL step makes.
+
+`generate` renders the prompts (chat template with the generation prompt, or the raw string),
+left-pads them, runs each unique prompt through the model once, copies its KV cache `n` times
+and samples the `n` completions token by token from a seeded `torch.Generator` (so a seed gives
+the same completions in any process and leaves the global RNG alone). A completion stops at the
+first end-of-sequence token, which it keeps (the policy has to learn to stop, too).
+
+`completion_logprobs` scores completion tokens under the model with the positions generation
+used, so the two agree up to float rounding.
+
+Shapes: B prompts, G = n completions each, P prompt tokens (left-padded), L completion tokens
+(right-padded). Row order of every output is prompt-major: prompt 0's n completions, then
+prompt 1's, ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["Rollout", "completion_logprobs", "generate", "render_prompts", "stop_token_ids"]
+
+
+class Rollout(NamedTuple):
+    """Completions sampled for a batch of prompts (rows are prompt-major: p0 x n, p1 x n, ...)."""
+
+    completions: list[str]  # [B*G] decoded text, special tokens removed
+    prompt_ids: torch.Tensor  # [B*G, P] long, left-padded
+    completion_ids: torch.Tensor  # [B*G, L] long, right-padded; the EOS token is kept
+    completion_mask: torch.Tensor  # [B*G, L] long, 1 up to and including EOS
+    prompt_mask: torch.Tensor  # [B*G, P] long, 0 on left padding
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # [B*G, P+L]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # [B*G, P+L]
+
+
+def _is_chat(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt)
+
+
+def render_prompts(tokenizer, prompts: Sequence) -> list[str]:
+    """Each prompt as the text the model sees: chat messages through the chat template (with the
+    generation prompt), strings unchanged."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict)):
+        raise TypeError("prompts must be a list of prompts (each a string or a list of chat messages)")
+    texts = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            texts.append(prompt)
+        elif _is_chat(prompt):
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(
+                    f"prompt {i} is a list of chat messages but the tokenizer has no chat template; "
+                    "pass plain strings or set tokenizer.chat_template"
+                )
+            texts.append(tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True))
+        else:
+            raise TypeError(f"prompt {i} is a {type(prompt).__name__}; allowed: a string or a list of chat messages")
+    return texts
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The token ids that end a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model defines an end-of-sequence token")
+    return sorted(ids)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def _tokenize_left_padded(tokenizer, prompts: Sequence, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    texts = render_prompts(tokenizer, prompts)
+    rows = [
+        tokenizer(text, add_special_tokens=not _is_chat(prompt))["input_ids"] for text, prompt in zip(texts, prompts)
+    ]
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("a prompt renders to zero tokens; give every prompt some text")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, P]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, P]
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+
+
+def _context_length(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)  # [B]
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+
+
+@torch.no_grad()
+def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator, stops, pad_id):
+    """Prefill the unique prompts once, repeat their cache n times, then decode token by token."""
+    from transformers import DynamicCache
+
+    keep = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row
+    ids, mask = ids[:, keep:], mask[:, keep:]  # [b, p]
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # [b*n, V]
+    mask = mask.repeat_interleave(n, dim=0)  # [b*n, p]
+    position = _positions(mask)[:, -1:]  # [b*n, 1]
+    stops = torch.tensor(stops, dtype=torch.long)
+    done = torch.zeros(mask.shape[0], dtype=torch.bool)  # [b*n]
+    tokens = []
+    for t in range(max_new_tokens):
+        token = _sample(logits, temperature, generator)  # [b*n]
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        done = done | torch.isin(token, stops)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [b*n, p+t+1]
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+        logits = out.logits[:, -1]  # [b*n, V]
+    completion = torch.stack(tokens, dim=1)  # [b*n, l]
+    is_stop = torch.isin(completion, stops)  # [b*n, l]
+    after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # tokens after the first stop token
+    completion_mask = (~after_stop).long()  # [b*n, l]
+    completion = completion.masked_fill(after_stop, pad_id)
+    return completion, completion_mask
+
+
+def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_new_tokens: int,
+             temperature: float = 1.0, seed: int | None = None, batch_size: int | None = None) -> Rollout:
+    """Sample `n` completions for every prompt (temperature 0 is greedy).
+
+    `prompts`: strings or lists of chat messages. `seed`: seeds a private `torch.Generator`
+    (None draws one from the global RNG). `batch_size`: completions decoded together, rounded
+    down to whole groups of `n` (at least one group); None decodes everything at once.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n={n!r} is not allowed: n must be an integer >= 1")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: an integer >= 1")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} is not allowed: a finite number >= 0 (0 = greedy)")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} is not allowed: None or an integer >= 1")
+    prompts = list(prompts) if not isinstance(prompts, str) else prompts
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    pad_id = _pad_id(tokenizer)
+    ids, mask = _tokenize_left_padded(tokenizer, prompts, pad_id)  # [B, P]
+    context = _context_length(model)
+    longest = int(mask.sum(1).max())
+    if context is not None and longest + max_new_tokens > context:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
+            f"{context} tokens; shorten the prompt or lower max_new_tokens to at most {context - longest}"
+        )
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator = torch.Generator().manual_seed(int(seed))
+    stops = stop_token_ids(model, tokenizer)
+    per_chunk = len(prompts) if batch_size is None else max(1, batch_size // n)
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [
+            _generate_chunk(model, ids[i:i + per_chunk], mask[i:i + per_chunk], n, max_new_tokens, temperature,
+                            generator, stops, pad_id)
+            for i in range(0, len(prompts), per_chunk)
+        ]
+    finally:
+        model.train(was_training)
+    width = max(c.shape[1] for c, _ in parts)
+    completion_ids = torch.cat([nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c, _ in parts])
+    completion_mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1]), value=0) for _, m in parts])
+    texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad_id), skip_special_tokens=True)
+    return Rollout(
+        completions=texts,
+        prompt_ids=ids.repeat_interleave(n, dim=0),  # [B*G, P]
+        completion_ids=completion_ids,  # [B*G, L]
+        completion_mask=completion_mask,  # [B*G, L]
+        prompt_mask=mask.repeat_interleave(n, dim=0),  # [B*G, P]
+    )
+
+
+def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        completion_mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each completion token under `model` (differentiable), zero where masked.
+
+    `input_ids` / `attention_mask`: [B, P+L] prompt then completion (as `Rollout.input_ids`);
+    `completion_mask`: [B, L]. Returns [B, L]. Logits are divided by `temperature` (> 0), the
+    distribution the tokens were sampled from.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must both be [B, P+L]")
+    B, L = completion_mask.shape
+    if B != input_ids.shape[0] or not 0 < L < input_ids.shape[1]:
+        raise ValueError(f"completion_mask {tuple(completion_mask.shape)} does not fit input_ids "
+                         f"{tuple(input_ids.shape)}: expected [B, L] with 0 < L < P+L")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} is not allowed: must be > 0 for log-probabilities")
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                use_cache=False, logits_to_keep=L + 1)
+    logits = out.logits[:, :-1].float()  # [B, L, V]: position t predicts completion token t
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, -L:]  # [B, L]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, L]
+    logprobs = picked - torch.logsumexp(logits, dim=-1)  # [B, L]
+    return logprobs * completion_mask.to(logprobs.dtype)
