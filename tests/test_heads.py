@@ -1,0 +1,205 @@
+"""tinylab/heads.py on tiny random models: planted single-head updates must be found by every measure."""
+
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from tinylab.adapter import TinyLoRALinear, apply_tinylora
+from tinylab.heads import EVIDENCE, ablate_heads, attention_patterns, eager_attention, head_effects
+from tinylab.models import tiny_model
+
+PROMPTS = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(4)] + ["Once upon a time"]
+ANSWERS = [str(2 * i + 1) for i in range(4)] + [" there was"]
+
+
+def _planted(arch="llama", kind="q_proj", layer=1, slot=2, scale=6.0):
+    """A tiny model whose only non-zero update is on the rows of one head (q) or KV group (k, v) of one layer."""
+    model, tokenizer = tiny_model(arch, seed=0)
+    adapter = apply_tinylora(model, n_tie=1, u=1)
+    m = dict(adapter.named_modules())[f"model.layers.{layer}.self_attn.{kind}"]
+    d = model.model.layers[layer].self_attn.head_dim
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        m.U.zero_()
+        m.U[slot * d:(slot + 1) * d] = torch.randn(d, m.U.shape[1], generator=g)  # (d, r) only this head's rows
+        m.P.copy_(torch.eye(m.U.shape[1])[None])  # (1, r, r): R = v * I
+        m.v.fill_(scale)
+    assert (adapter.vector() != 0).sum() == 1
+    return model, tokenizer, adapter
+
+
+def _others(table, column, head):
+    return table[column].drop(index=head).abs()
+
+
+def test_planted_query_head_is_ranked_first_by_every_measure():
+    model, tokenizer, adapter = _planted()
+    effects = head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm="all")
+    t = effects.table
+    assert effects.metric == "logprob"
+    assert list(t.index) == [(layer, h) for layer in range(2) for h in range(4)]
+    assert t["kv_group"].tolist() == [0, 0, 1, 1] * 2
+    for column in EVIDENCE:
+        assert effects.top(column, 1) == [(1, 2)], column
+        assert abs(t.loc[(1, 2), column]) > 0, column
+        assert _others(t, column, (1, 2)).max() <= 1e-6 * abs(t.loc[(1, 2), column]), column
+    # removing the planted head's update removes the whole update: ablation == adapted - base
+    assert t.loc[(1, 2), "ablation"] == pytest.approx(effects.adapted - effects.base, rel=1e-3, abs=1e-7)
+    assert t.loc[(1, 2), "ablation_share"] == pytest.approx(1.0, rel=1e-3)
+    # the gradient estimate agrees in sign and size with the real ablation
+    assert t.loc[(1, 2), "gate_grad"] == pytest.approx(t.loc[(1, 2), "ablation"], rel=0.5)
+    assert (effects.agreement(1).to_numpy() == 1).all()
+
+
+def test_planted_value_group_marks_both_heads_of_the_group_and_moves_no_pattern():
+    model, tokenizer, adapter = _planted(kind="v_proj", layer=1, slot=1)  # KV group 1 = query heads 2, 3
+    t = head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm="all").table
+    for column in ("weight", "weight_v", "output_change", "ablation"):
+        assert (t.loc[[(1, 2), (1, 3)], column].abs() > 0).all(), column
+        assert t.drop(index=[(1, 2), (1, 3)])[column].abs().max() == 0, column
+    assert t["js"].max() < 1e-6  # values do not change where a head looks
+    assert t.loc[(1, 2), "ablation"] == pytest.approx(t.loc[(1, 3), "ablation"])
+
+
+def test_planted_head_in_first_layer_still_ranks_first():
+    model, tokenizer, adapter = _planted(layer=0, slot=1)
+    effects = head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm=2)
+    for column in EVIDENCE:
+        assert effects.top(column, 1) == [(0, 1)], column
+    assert effects.table.loc[0].drop(index=1)["js"].max() == 0  # same layer: other heads untouched
+    assert effects.table["ablation"].notna().sum() == 2  # only the top 2 by |gate_grad| were ablated
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+def test_weight_norms_equal_slices_of_the_full_update(arch):
+    model, tokenizer = tiny_model(arch, seed=0)
+    adapter = apply_tinylora(model, n_tie=1, u=2)
+    adapter.set_vector(torch.linspace(-2, 2, adapter.num_params))
+    t = head_effects(model, tokenizer, adapter, PROMPTS[:2]).table
+    assert t[["gate_grad", "ablation"]].isna().all().all()  # no answers: no causal measure
+    for layer in range(2):
+        attn = model.model.layers[layer].self_attn
+        d, group = attn.head_dim, attn.num_key_value_groups
+        mods = {k: getattr(attn, k) for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        assert all(isinstance(m, TinyLoRALinear) for m in mods.values())
+        full = {k: (m.delta_weight().detach(), m.base.weight) for k, m in mods.items()}  # (out, in) each, test only
+        for h in range(4):
+            q, o, kv = slice(h * d, (h + 1) * d), slice(h * d, (h + 1) * d), slice((h // group) * d, (h // group + 1) * d)
+            want = {
+                "q": full["q_proj"][0][q].norm() / full["q_proj"][1][q].norm(),
+                "k": full["k_proj"][0][kv].norm() / full["k_proj"][1][kv].norm(),
+                "v": full["v_proj"][0][kv].norm() / full["v_proj"][1][kv].norm(),
+                "o": full["o_proj"][0][:, o].norm() / full["o_proj"][1][:, o].norm(),
+            }
+            for k, value in want.items():
+                assert t.loc[(layer, h), f"weight_{k}"] == pytest.approx(float(value), rel=1e-4), (layer, h, k)
+
+
+def test_padding_is_masked_batches_agree_with_single_prompts():
+    model, tokenizer, adapter = _planted(layer=0)
+    batched = head_effects(model, tokenizer, adapter, PROMPTS, batch_size=5).table
+    single = head_effects(model, tokenizer, adapter, PROMPTS, batch_size=1).table
+    for column in ("js", "output_change"):
+        assert torch.allclose(torch.tensor(batched[column].to_numpy()), torch.tensor(single[column].to_numpy()),
+                              rtol=1e-3, atol=1e-6), column
+
+
+def test_analysis_leaves_attention_setting_outputs_and_modules_unchanged():
+    model, tokenizer, adapter = _planted()
+    model.set_attn_implementation("sdpa")
+    adapter.merge()
+    model.train()
+    ids = tokenizer("The analysis must not change me", return_tensors="pt")["input_ids"]
+    model.eval()
+    before = model(ids).logits
+    model.train()
+    v_before = adapter.vector()
+    modules_before = dict(model.named_modules())
+    head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm="all")
+    attention_patterns(model, tokenizer, PROMPTS[0], 1, 2, adapter)
+    assert model.config._attn_implementation == "sdpa"
+    assert model.training and adapter.merged
+    assert dict(model.named_modules()).keys() == modules_before.keys()
+    assert all(modules_before[n] is m for n, m in model.named_modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(adapter.vector(), v_before)
+    assert all(v.grad is None for v in adapter.parameters())
+    model.eval()
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_eager_attention_is_switched_on_and_restored_after_an_error():
+    model, _ = tiny_model("llama")
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="inside"):
+        with eager_attention(model):
+            assert model.config._attn_implementation == "eager"
+            assert model.model.config._attn_implementation == "eager"
+            raise RuntimeError("inside")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_attention_patterns_base_vs_adapted():
+    model, tokenizer, adapter = _planted()
+    p = attention_patterns(model, tokenizer, PROMPTS[0], 1, 2, adapter)
+    T = len(p.tokens)
+    assert p.base.shape == p.adapted.shape == (T, T)
+    assert "".join(p.tokens) == tokenizer.apply_chat_template(PROMPTS[0], tokenize=False, add_generation_prompt=True)
+    assert torch.allclose(p.base.sum(-1), torch.ones(T)) and torch.allclose(p.adapted.sum(-1), torch.ones(T))
+    assert p.base.triu(1).abs().max() == 0  # causal
+    assert (p.base - p.adapted).abs().max() > 1e-3  # the planted head moved
+    other = attention_patterns(model, tokenizer, PROMPTS[0], 1, 1, adapter)
+    assert torch.equal(other.base, other.adapted)
+    bare = attention_patterns(model, tokenizer, "plain text", 0, 0)
+    assert bare.adapted is None and bare.base.shape == (len(bare.tokens),) * 2
+    with pytest.raises(ValueError, match="0..1"):
+        attention_patterns(model, tokenizer, "x", 2, 0, adapter)
+    with pytest.raises(ValueError, match="0..3"):
+        attention_patterns(model, tokenizer, "x", 0, 4, adapter)
+
+
+class _Example(NamedTuple):
+    prompt: object
+    answer: str
+
+
+class _ReplyLengthTask:
+    """A stand-in task: the reward is the reply length in characters / 100 (any change shows)."""
+
+    name = "reply_length"
+    max_new_tokens = 12
+
+    def reward(self, completions, answers):
+        return [len(c) / 100 for c in completions]
+
+
+def test_reward_mode_ablation_restores_the_base_reward():
+    model, tokenizer, adapter = _planted(scale=40.0)
+    examples = [_Example(p, a) for p, a in zip(PROMPTS, ANSWERS)]
+    effects = head_effects(model, tokenizer, adapter, examples, task=_ReplyLengthTask(), confirm=3)
+    t = effects.table
+    assert effects.metric == "reward" and effects.adapted != effects.base
+    assert effects.top("ablation", 1) == [(1, 2)]
+    assert t.loc[(1, 2), "ablation"] == pytest.approx(effects.adapted - effects.base)
+    assert t["ablation"].drop(index=(1, 2)).dropna().abs().max() == 0
+    joint = ablate_heads(model, tokenizer, adapter, examples, [(1, 2), (0, 0)], task=_ReplyLengthTask())
+    assert joint.ablated == pytest.approx(joint.base) and joint.share == pytest.approx(1.0)
+
+
+def test_bad_inputs_name_the_value_and_the_allowed_range():
+    model, tokenizer, adapter = _planted()
+    with pytest.raises(ValueError, match="confirm=-1"):
+        head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm=-1)
+    with pytest.raises(ValueError, match="2 answers for 5 prompts"):
+        head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS[:2])
+    with pytest.raises(TypeError, match="TinyLoRA"):
+        head_effects(model, tokenizer, None, PROMPTS)
+    with pytest.raises(ValueError, match="non-empty"):
+        head_effects(model, tokenizer, adapter, [])
+    with pytest.raises(ValueError, match="needs answers"):
+        ablate_heads(model, tokenizer, adapter, PROMPTS, [(0, 0)])
+    with pytest.raises(ValueError, match="head=9"):
+        ablate_heads(model, tokenizer, adapter, PROMPTS, [(0, 9)], answers=ANSWERS)
+    with pytest.raises(ValueError, match="column='nope'"):
+        head_effects(model, tokenizer, adapter, PROMPTS).top("nope")
