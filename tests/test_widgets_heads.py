@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 from plotly.callbacks import Points
+from tinylab.widgets.heads import HeadInspector
 
 from tinylab.adapter import apply_tinylora
 from tinylab.heads import attention_patterns, head_effects
 from tinylab.models import tiny_model
-from tinylab.widgets.heads import HeadInspector
 
 PROMPTS = ["The cat sat on the mat and the cat", [{"role": "user", "content": "What is 2 + 3?"}]]
 ANSWERS = [" slept", "5"]
