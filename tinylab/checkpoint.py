@@ -18,8 +18,9 @@ Layout (all integers little-endian):
     8+H     n*w   the values, w = 4 (float32) or 2 (bfloat16)
 
 The loader reads at most `MAX_FILE_BYTES`, checks every field before it allocates anything sized by
-the file, refuses NaN/inf values and a different base model, and raises `AdapterFileError` (a
-`ValueError`) for every malformed input.
+the file (the count the config gives on the model, and at most `MAX_PROJECTION_BYTES` of random
+projections P), refuses NaN/inf values and a different base model, and raises `AdapterFileError`
+(a `ValueError`) for every malformed input.
 """
 
 from __future__ import annotations
@@ -35,13 +36,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinylab.adapter import TinyLoRA, TinyLoRAConfig, _select, apply_tinylora, weight_fingerprint
+from tinylab.adapter import (
+    TinyLoRA,
+    TinyLoRAConfig,
+    _select,
+    apply_tinylora,
+    plan_modules,
+    weight_fingerprint,
+)
 
-__all__ = ["MAX_FILE_BYTES", "AdapterFileError", "base_fingerprint", "load_adapter", "read_adapter", "save_adapter"]
+__all__ = ["MAX_FILE_BYTES", "MAX_PROJECTION_BYTES", "AdapterFileError", "base_fingerprint", "load_adapter", "read_adapter", "save_adapter"]
 
 MAGIC = b"TLRA"
 VERSION = 1
 MAX_FILE_BYTES = 1 << 20
+MAX_PROJECTION_BYTES = 1 << 26
+"""Largest total size of the P tensors (modules x u x r x r fp32) a loaded file may ask for: 64 MiB."""
 _MAX_HEADER = 4096
 _DTYPES = {"fp32": 0, "bf16": 1}
 _WIDTH = {0: 4, 1: 2}
@@ -124,8 +134,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[TinyLoRAConfig, dict, torch.T
         raise AdapterFileError(f"cannot read adapter file {path}: {err}") from err
     if size > MAX_FILE_BYTES:
         raise AdapterFileError(f"{path} is {size} bytes; adapter files are at most {MAX_FILE_BYTES} bytes")
-    with open(path, "rb") as f:
-        blob = f.read(MAX_FILE_BYTES + 1)
+    try:
+        with open(path, "rb") as f:
+            blob = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:  # a folder, a file without read permission, ...
+        raise AdapterFileError(f"cannot read adapter file {path}: {err}") from err
     return _parse(blob, str(path))
 
 
@@ -143,8 +156,8 @@ def _parse(blob: bytes, where: str = "<bytes>") -> tuple[TinyLoRAConfig, dict, t
         raise AdapterFileError(f"{where}: header length {header_len} exceeds the file or the {_MAX_HEADER}-byte limit")
     try:
         header = json.loads(blob[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise AdapterFileError(f"{where}: header is not valid UTF-8 JSON ({err})") from err
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: "[[[[..." nested deeply
+        raise AdapterFileError(f"{where}: header is not valid UTF-8 JSON ({type(err).__name__}: {err})") from err
     if not isinstance(header, dict) or set(header) != {"n", "cfg", "arch", "fp"}:
         raise AdapterFileError(f"{where}: header must be an object with keys n, cfg, arch, fp")
     n, cfg, arch, fp = header["n"], header["cfg"], header["arch"], header["fp"]
@@ -158,6 +171,8 @@ def _parse(blob: bytes, where: str = "<bytes>") -> tuple[TinyLoRAConfig, dict, t
     if not isinstance(arch, str) or not isinstance(fp, str) or len(fp) != 16:
         raise AdapterFileError(f"{where}: arch must be a string and fp a 16-hex-digit string")
     config = _config_from_json(cfg, where)
+    if n % config.u:
+        raise AdapterFileError(f"{where}: n={n} values is not a whole number of vectors of u={config.u}")
     if dtype_code == 0:
         values = torch.from_numpy(np.frombuffer(payload, dtype="<f4").astype(np.float32))
     else:
@@ -197,9 +212,19 @@ def load_adapter(model, path: str | os.PathLike) -> TinyLoRA:
             f"{path} was trained on another base model (arch {header['arch']}, weights {header['fp']}); "
             f"this model is {_arch(model)} with weights {fp}. Load the model it was trained on."
         )
+    try:
+        planned = plan_modules(model, config)  # no allocation: names and tying groups only
+    except ValueError as err:
+        raise AdapterFileError(f"{path} does not fit this model ({_arch(model)}): {err}") from err
+    count = (max(m.group for m in planned) + 1) * config.u
+    if count != header["n"]:
+        raise AdapterFileError(f"{path} holds {header['n']} values but its config gives {count} on this model")
+    projection_bytes = len(planned) * config.u * config.r * config.r * 4
+    if projection_bytes > MAX_PROJECTION_BYTES:
+        raise AdapterFileError(
+            f"{path} asks for u={config.u}, r={config.r} on {len(planned)} modules: {projection_bytes} bytes of "
+            f"projections, more than the {MAX_PROJECTION_BYTES}-byte limit (u * r * r * modules * 4)"
+        )
     adapter = apply_tinylora(model, config)
-    if adapter.num_params != header["n"]:
-        adapter.remove()
-        raise AdapterFileError(f"{path} holds {header['n']} values but its config gives {adapter.num_params}")
     adapter.set_vector(values)
     return adapter
