@@ -207,3 +207,15 @@ def test_count_params_matches_attached(llama, cfg):
     adapter = apply_tinylora(model, config)
     assert count_params(model, config) == adapter.num_params
     assert planned == adapter.modules
+
+
+def test_explicit_group_sizes(llama):
+    model, _ = llama
+    adapter = apply_tinylora(model, TinyLoRAConfig(group_sizes=(1, 1, 5, 7)))
+    assert [m.group for m in adapter.modules] == [0, 1] + [2] * 5 + [3] * 7
+    assert adapter.num_params == 4
+    adapter.remove()
+    with pytest.raises(ValueError, match="group_sizes sum to 3 but 14 modules"):
+        apply_tinylora(model, TinyLoRAConfig(group_sizes=(1, 2)))
+    with pytest.raises(ValueError, match=r"group_sizes=\(0,\)"):
+        TinyLoRAConfig(group_sizes=(0,))

@@ -86,6 +86,9 @@ class TinyLoRAConfig:
     """Seed of the random projections P (with each module's name)."""
     svd: str = "exact"
     """"exact" (top-r singular triplets to fp32 precision) or "lowrank" (randomized, seeded)."""
+    group_sizes: tuple[int, ...] | None = None
+    """Explicit tiled groups: sizes of consecutive groups in model order, summing to the number of
+    adapted modules (e.g. the budget planner's "proportional" placement). Overrides n_tie and tie."""
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -117,6 +120,14 @@ class TinyLoRAConfig:
                 )
         if not _is_int(self.seed):
             raise ValueError(f"seed={self.seed!r} is not allowed: seed must be an integer")
+        if self.group_sizes is not None:
+            if not isinstance(self.group_sizes, tuple):
+                object.__setattr__(self, "group_sizes", tuple(self.group_sizes))
+            if not self.group_sizes or not all(_is_int(k) and k >= 1 for k in self.group_sizes):
+                raise ValueError(
+                    f"group_sizes={self.group_sizes!r} is not allowed: give None or positive integers "
+                    "summing to the number of adapted modules"
+                )
         if self.svd not in _SVD_METHODS:
             raise ValueError(f"svd={self.svd!r} is not allowed: choose one of {list(_SVD_METHODS)}")
 
@@ -176,16 +187,20 @@ def _exact_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, tor
     The top r + 8 eigenvectors of the smaller Gram matrix (fp32 `eigh`, e.g. 576 x 576) span the
     top singular subspace to fp32 precision; one fp64 subspace iteration and a Rayleigh-Ritz SVD on
     that subspace make the triplets exact. 3-5x faster than a full SVD on SmolLM2's matrices.
+
+    LAPACK returns column-major eigenvectors and Q factors; multiplying `W.T` by one of those takes
+    a slow non-BLAS path (10x slower), so every small basis is made contiguous first.
     """
     out_f, in_f = W.shape
     k = min(r + 8, out_f, in_f)
     W32 = W.float()
     if out_f <= in_f:
-        Q = torch.linalg.eigh(W32 @ W32.T).eigenvectors[:, -k:].double()  # (out, k)
-        Q = torch.linalg.qr(W.T @ Q).Q  # (in, k)
+        Q = torch.linalg.eigh(W32 @ W32.T).eigenvectors[:, -k:].double().contiguous()  # (out, k)
+        Q = torch.linalg.qr(W.T @ Q).Q.contiguous()  # (in, k)
     else:
-        Q = torch.linalg.eigh(W32.T @ W32).eigenvectors[:, -k:].double()  # (in, k)
-    Q = torch.linalg.qr(W.T @ torch.linalg.qr(W @ Q).Q).Q  # (in, k): one fp64 refinement
+        Q = torch.linalg.eigh(W32.T @ W32).eigenvectors[:, -k:].double().contiguous()  # (in, k)
+    Q_out = torch.linalg.qr(W @ Q).Q.contiguous()  # (out, k)
+    Q = torch.linalg.qr(W.T @ Q_out).Q.contiguous()  # (in, k): one fp64 refinement
     Ub, S, Vbh = torch.linalg.svd(W @ Q, full_matrices=False)  # (out, k), (k,), (k, k)
     return Ub[:, :r], S[:r], (Q @ Vbh.T).T[:r]  # (out, r), (r,), (r, in)
 
@@ -415,6 +430,12 @@ def _select(model: nn.Module, config: TinyLoRAConfig) -> list[tuple[str, nn.Line
 def _groups(chosen: Sequence[tuple[str, nn.Linear, int]], config: TinyLoRAConfig) -> list[int]:
     """Tying group of each chosen module, numbered in order of first appearance in the model."""
     n = len(chosen)
+    if config.group_sizes is not None:
+        if sum(config.group_sizes) != n:
+            raise ValueError(
+                f"group_sizes sum to {sum(config.group_sizes)} but {n} modules are adapted: they must sum to {n}"
+            )
+        return [g for g, size in enumerate(config.group_sizes) for _ in range(size)]
     n_tie = n if config.n_tie == "all" else config.n_tie
     if n_tie > n:
         raise ValueError(f"n_tie={config.n_tie} is out of range: allowed 1..{n} (or 'all') for {n} adapted modules")
