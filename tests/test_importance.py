@@ -1,0 +1,181 @@
+"""Gradient importance: exact per-prompt gradients, the dominant module first, the model untouched."""
+
+import pytest
+import torch
+
+from tinylab.adapter import TinyLoRAConfig, apply_tinylora, find_adapter
+from tinylab.budget import plan_budget
+from tinylab.importance import SCORES, module_importance, weight_importance
+from tinylab.models import tiny_model
+from tinylab.rollout import completion_logprobs
+from tinylab.tasks.base import Example
+
+
+class ToyTask:
+    """A tiny task following the Task protocol; its reward varies between samples (reply length)."""
+
+    name = "toy"
+    max_new_tokens = 6
+
+    def examples(self, split="train", n=None, seed=0):
+        n = 8 if n is None else n
+        return [Example([{"role": "user", "content": f"Say the number {i}."}], str(i), f"The number is {i}.")
+                for i in range(n)]
+
+    def reward(self, completions, answers=None, **kwargs):
+        return [float(len(c) % 5) for c in completions]
+
+
+class FlatTask(ToyTask):
+    def reward(self, completions, answers=None, **kwargs):
+        return [1.0] * len(completions)
+
+
+def _boost_top_directions(weight: torch.Tensor, factor: float, r: int = 2) -> None:
+    """Multiply the top-r singular values of `weight` (the directions TinyLoRA adapts) by `factor`.
+
+    Scaling a whole weight also scales the gradient reaching the module that feeds it (through W^T),
+    so a (v, o) or (up, down) pair rises together; boosting only the adapted directions makes this
+    module, and not its partner, dominate the objective's sensitivity.
+    """
+    U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    with torch.no_grad():
+        weight += ((factor - 1) * (U[:, :r] * S[:r]) @ Vh[:r]).to(weight.dtype)
+
+
+def _outputs(model, tokenizer):
+    ids = tokenizer(["The number is 3.", "Say hello"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+@pytest.fixture()
+def tiny():
+    return tiny_model("llama", seed=0)
+
+
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+def test_model_is_bit_identical_after_importance(tiny, objective):
+    model, tok = tiny
+    model.train()  # the mode must come back too
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a mixed state to restore
+    flags["model.layers.0.mlp.up_proj.weight"] = False
+    before = _outputs(model.eval(), tok)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    module_importance(model, tok, ToyTask(), n_prompts=3, objective=objective, n_samples=3)
+    weight_importance(model, tok, ToyTask(), n_prompts=3, objective=objective, n_samples=3)
+    assert model.training
+    assert not find_adapter(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(before, _outputs(model.eval(), tok))
+
+
+def test_table_layout_and_scores(tiny):
+    model, tok = tiny
+    imp = module_importance(model, tok, ToyTask(), n_prompts=4, objective="sft")
+    assert imp.table.index.names == ["layer", "module"] and len(imp.table) == 14
+    assert set(SCORES) <= set(imp.table.columns)
+    assert imp.gradients.shape == (4, 14, 2, 2)
+    assert imp.per_prompt.shape == (4, 14) and imp.informative == 4
+    assert (imp.table.consistency <= 1 + 1e-9).all() and (imp.table.fisher > 0).all()
+    norms = imp.gradients.flatten(2).norm(dim=2)  # [N, M]
+    assert torch.allclose(torch.tensor(imp.table.fisher.to_list(), dtype=torch.float64), (norms**2).mean(0))
+    assert imp.ranked("grad").grad.is_monotonic_decreasing
+    plan = plan_budget(model, 1, importance=imp, strategy="top")  # the planner takes it as is
+    layer, kind = imp.ranked().index[0]
+    assert len(plan.modules) == 1 and f".{layer}." in plan.modules[0] and plan.modules[0].endswith(kind)
+
+
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+def test_per_prompt_gradient_matches_autograd(tiny, objective):
+    """The hooks' per-prompt dJ/dR equals autograd of prompt 1 alone through an untied u = r*r probe."""
+    model, tok = tiny
+    task = ToyTask()
+    imp = module_importance(model, tok, task, n_prompts=3, objective=objective, n_samples=4, batch_size=5)
+    from tinylab.importance import _make_batch
+
+    batch = _make_batch(model, tok, task, objective, 3, 4, None, 1.0, 0)
+    rows = batch.prompt == 1
+    probe = apply_tinylora(model, TinyLoRAConfig(u=4, n_tie=1))
+    try:
+        keep = int((batch.attention_mask[rows].sum(0) > 0).nonzero()[0])
+        logp = completion_logprobs(model, batch.input_ids[rows][:, keep:], batch.attention_mask[rows][:, keep:],
+                                   batch.completion_mask[rows])
+        (logp.sum(1) * batch.weight[rows]).sum().backward()
+        for i, (name, mod) in enumerate(probe.named_modules()):
+            P = mod.P.reshape(4, 4).double()  # (u, r*r)
+            dR = torch.linalg.solve(P, mod.v.grad.double()).reshape(2, 2)  # v.grad = P vec(dR)
+            assert torch.allclose(imp.gradients[1, i], dR, rtol=1e-3, atol=1e-9), name
+    finally:
+        probe.remove()
+
+
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+@pytest.mark.parametrize("arch, module", [("llama", "model.layers.0.self_attn.o_proj"),
+                                          ("llama", "model.layers.0.mlp.up_proj"),
+                                          ("qwen2", "model.layers.0.self_attn.v_proj")])
+def test_the_dominant_module_ranks_first(arch, module, objective):
+    model, tok = tiny_model(arch, seed=1)
+    _boost_top_directions(model.get_submodule(module).weight, 30.0)
+    imp = module_importance(model, tok, ToyTask(), n_prompts=4, objective=objective)
+    layer, kind = int(module.split(".")[2]), module.rsplit(".", 1)[1]
+    assert imp.ranked("fisher").index[0] == (layer, kind)
+    assert imp.ranked("abs_mean").index[0] == (layer, kind)
+
+
+def test_equal_rewards_give_zero_gradients(tiny):
+    model, tok = tiny
+    imp = module_importance(model, tok, FlatTask(), n_prompts=2, objective="grpo")
+    assert imp.informative == 0 and float(imp.gradients.abs().sum()) == 0.0
+    assert imp.rewards == ((1.0,) * 4,) * 2
+
+
+def test_weight_importance_matches_autograd_and_splits_heads(tiny):
+    model, tok = tiny
+    task = ToyTask()
+    wi = weight_importance(model, tok, task, n_prompts=2, objective="sft")
+    from tinylab.importance import _make_batch
+
+    batch = _make_batch(model, tok, task, "sft", 2, 4, None, 1.0, 0)
+    W = model.model.layers[1].self_attn.o_proj.weight
+    expected = 0.0
+    for p in range(2):
+        W.requires_grad_(True)
+        rows = batch.prompt == p
+        logp = completion_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], batch.completion_mask[rows])
+        (g,) = torch.autograd.grad((logp.sum(1) * batch.weight[rows]).sum(), W)
+        expected += float((W.detach() * g).abs().sum()) / 2
+    W.requires_grad_(True)
+    assert wi.table.taylor[(1, "o_proj")] == pytest.approx(expected, rel=1e-4)
+    heads = wi.heads.taylor
+    for kind, n_heads in [("q_proj", 4), ("k_proj", 2), ("v_proj", 2), ("o_proj", 4)]:
+        assert len(heads.loc[(0, kind)]) == n_heads
+        assert heads.loc[(0, kind)].sum() == pytest.approx(wi.table.taylor[(0, kind)], rel=1e-6)
+    assert (0, "gate_proj") not in heads.index.droplevel("head")
+
+
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+def test_scaled_weight_ranks_first_in_taylor(tiny, objective):
+    model, tok = tiny
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight *= 30
+    wi = weight_importance(model, tok, ToyTask(), n_prompts=4, objective=objective)
+    assert wi.table.taylor.idxmax() == (0, "o_proj")
+
+
+def test_bad_input_is_named(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="objective='rl'"):
+        module_importance(model, tok, ToyTask(), objective="rl")
+    with pytest.raises(ValueError, match="n_prompts=0"):
+        module_importance(model, tok, ToyTask(), n_prompts=0)
+    adapter = apply_tinylora(model, TinyLoRAConfig())
+    try:
+        with pytest.raises(ValueError, match="adapter attached"):
+            module_importance(model, tok, ToyTask(), objective="sft")
+    finally:
+        adapter.remove()
