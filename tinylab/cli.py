@@ -82,28 +82,16 @@ def _attach(args) -> int:
 
     model, _ = _load(args.model)
     plan = plan_budget(model, args.params, strategy=args.strategy, u=args.u)
-    configs = getattr(plan, "configs", None) or [plan]
-    achieved = 0
-    for config in configs:
-        adapter = apply_tinylora(model, config)
-        achieved += adapter.num_params
-        adapter.remove()
-    result = {
-        "requested": args.params,
-        "achieved": achieved,
-        "reason": getattr(plan, "reason", None),
-        "configs": [
-            {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(c).items()} for c in configs
-        ],
-    }
+    config = plan.config or TinyLoRAConfig(u=plan.u, group_sizes=tuple(len(g) for g in plan.groups))
+    adapter = apply_tinylora(model, config)  # the count printed is the attached adapter's own
+    achieved = adapter.num_params
+    adapter.remove()
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+    result = {"requested": args.params, "achieved": achieved, "reason": plan.reason, "config": fields}
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        lines = [f"requested {args.params} params -> achieved {achieved}"]
-        if result["reason"]:
-            lines.append(f"note: {result['reason']}")
-        lines += [f"  {c}" for c in configs]
-        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.write(f"requested {args.params} params -> achieved {achieved} ({plan.reason})\n  {config}\n")
     return 0
 
 
