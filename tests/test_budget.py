@@ -49,8 +49,8 @@ def test_every_count_is_reached_exactly(model, strategy):
         assert plan.nbytes("bf16") == 2 * n and plan.nbytes("fp32") == 4 * n
 
 
-@pytest.mark.parametrize("strategy", ["tiled", "top"])
-@pytest.mark.parametrize("n", [1, 2, 7, 13, 17, 35, 36, 70, 139, 140])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("n", [1, 2, 6, 7, 13, 17, 35, 36, 70, 139, 140])
 def test_the_config_attaches_to_the_planned_placement(model, strategy, n):
     plan = plan_budget(model, n, importance=_importance(), strategy=strategy)
     adapter = apply_tinylora(model, plan.config)
@@ -97,7 +97,7 @@ def test_proportional_ties_less_where_importance_is_high(model):
     assert plan.achieved == 6
     assert ("model.layers.3.self_attn.v_proj",) in plan.groups  # the hot module has its own vector
     assert plan.modules == tuple(name for name, _, _ in adapted_modules(model))  # all, in model order
-    assert plan.config is None and "cannot express" in plan.reason
+    assert plan.config.group_sizes == tuple(len(g) for g in plan.groups)
     sizes = [len(g) for g in plan.groups]
     assert max(sizes) > 3 * min(sizes)
 

@@ -18,13 +18,10 @@ Strategies (M = number of adapted modules, all 7 types of every layer):
   summed importance. One config.
 - `proportional`: every module is adapted; consecutive modules (model order) are tied in groups
   whose summed importance is about equal, so important modules get a vector of their own and
-  unimportant ones share. Group sizes differ, which one `TinyLoRAConfig` (uniform `n_tie`) cannot
-  express: the plan gives the explicit `groups` and `config=None` (unless all groups happen to be
-  equal), and its `reason` says so.
+  unimportant ones share. Groups of different sizes go into `TinyLoRAConfig.group_sizes`.
 
-Why one record with one config rather than a list of configs: `apply_tinylora` attaches one
-adapter per model, so a list could not be attached either. Every plan lists its `groups`
-(module names sharing each vector), which is the full placement whatever the adapter supports.
+Every plan is one `TinyLoRAConfig` (`apply_tinylora` attaches one adapter per model, so a list of
+configs could not be attached anyway) plus its `groups`: the module names sharing each vector.
 
 The achieved count equals `n_params` whenever some placement of the strategy reaches it (with u
 free, tiled and top always can: one shared vector of u = n_params is a valid placement);
@@ -51,7 +48,7 @@ STRATEGIES = ("tiled", "top", "proportional")
 class BudgetPlan(NamedTuple):
     """Where `achieved` trained numbers go. Attach with `apply_tinylora(model, plan.config)`."""
 
-    config: TinyLoRAConfig | None  # the placement as one adapter config; None if it cannot express it
+    config: TinyLoRAConfig  # the placement as one adapter config
     requested: int  # n_params asked for
     achieved: int  # trained numbers of this placement: len(groups) * u
     strategy: str  # "tiled" | "top" | "proportional"
@@ -276,14 +273,12 @@ def _plan_proportional(modules, n_params, u_min, r, scores) -> BudgetPlan:
         reason = f"exact: {len(starts) - 1} vectors x u={u}, groups of equal summed importance"
     groups = tuple(tuple(m.name for m in modules[a:b]) for a, b in zip(starts, starts[1:]))
     achieved = len(groups) * u
-    sizes = {len(g) for g in groups}
-    config = None
-    if len(sizes) == 1 or (len(sizes) == 2 and len(groups[-1]) < len(groups[0]) and len(set(map(len, groups[:-1]))) == 1):
-        config = TinyLoRAConfig(r=r, u=u, n_tie=len(groups[0]), tie="tiled")
+    sizes = [len(g) for g in groups]
+    if all(k == sizes[0] for k in sizes[:-1]) and sizes[-1] <= sizes[0]:  # plain tiled tying
+        config = TinyLoRAConfig(r=r, u=u, n_tie=sizes[0], tie="tiled")
     else:
-        lo, hi = min(sizes), max(sizes)
-        reason += (f"; group sizes range {lo}..{hi}, which one TinyLoRAConfig (uniform n_tie) cannot express: "
-                   "config is None, the placement is in .groups")
+        config = TinyLoRAConfig(r=r, u=u, group_sizes=tuple(sizes))
+        reason += f" (group sizes {min(sizes)}..{max(sizes)})"
     return BudgetPlan(config, n_params, achieved, "proportional", u, groups, reason)
 
 
