@@ -203,3 +203,28 @@ def test_bad_inputs_name_the_value_and_the_allowed_range():
         ablate_heads(model, tokenizer, adapter, PROMPTS, [(0, 9)], answers=ANSWERS)
     with pytest.raises(ValueError, match="column='nope'"):
         head_effects(model, tokenizer, adapter, PROMPTS).top("nope")
+
+
+@pytest.mark.slow
+def test_embedded_model_grouped_query_attention(embedded):
+    """SmolLM2: 9 query heads share 3 KV heads (head_dim 64); a planted head 7 of layer 3 is found."""
+    model, tokenizer = embedded
+    adapter = apply_tinylora(model, targets=("q_proj",), layers=(3,))
+    try:
+        q = dict(adapter.named_modules())["model.layers.3.self_attn.q_proj"]
+        assert q.out_features == 9 * 64
+        with torch.no_grad():
+            q.U.zero_()
+            q.U[7 * 64:8 * 64] = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) / 8  # (d, r)
+            q.P.copy_(torch.eye(2)[None])
+            q.v.fill_(4.0)
+        effects = head_effects(model, tokenizer, adapter, PROMPTS[:2], answers=ANSWERS[:2], confirm=1)
+        t = effects.table
+        assert len(t) == 30 * 9 and t.loc[3, "kv_group"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        for column in EVIDENCE:
+            assert effects.top(column, 1) == [(3, 7)], column
+        assert t.loc[:2, ["weight", "js", "output_change", "gate_grad"]].abs().max().max() == 0  # upstream layers
+        assert t.loc[3].drop(index=7)[["weight", "js", "output_change", "gate_grad"]].abs().max().max() == 0
+        assert model.config._attn_implementation == "sdpa"
+    finally:
+        adapter.remove()
