@@ -388,31 +388,39 @@ class _Scorer:
                 cont[j, :len(c)], cmask[j, :len(c)] = torch.tensor(c), 1
             yield torch.cat([ids, cont], 1), torch.cat([mask, cmask], 1), cmask
 
-    def _token_means(self, answers: Sequence[str]) -> Iterator[torch.Tensor]:
-        for ids, mask, cmask in self._teacher_batches(answers):
-            lp = completion_logprobs(self.model, ids, mask, cmask)  # [B, L]
-            yield lp.sum(1) / cmask.sum(1)  # [B]
+    def _rollout_batches(self, rollout):
+        for i in range(0, len(rollout.completions), self.batch_size):
+            rows = slice(i, i + self.batch_size)
+            yield rollout.input_ids[rows], rollout.attention_mask[rows], rollout.completion_mask[rows]
 
-    def replies(self) -> list[str]:
+    def _token_means(self, batches) -> Iterator[torch.Tensor]:
+        for ids, mask, cmask in batches:
+            lp = completion_logprobs(self.model, ids, mask, cmask)  # [B, L]
+            yield lp.sum(1) / cmask.sum(1).clamp(min=1)  # [B]
+
+    def replies(self):
+        """Greedy replies (a Rollout) of the model as it is now."""
         return generate(self.model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
-                        temperature=0.0, seed=0, batch_size=self.batch_size).completions
+                        temperature=0.0, seed=0, batch_size=self.batch_size)
 
     @torch.no_grad()
-    def score(self) -> float:
+    def score(self, replies=None) -> float:
+        """The metric now; `replies`: greedy replies already generated with the model in this state."""
         if self.metric == "logprob":
-            return float(torch.cat(list(self._token_means(self.answers))).mean())
-        rewards = [r for r in self.task.reward(self.replies(), self.answers) if r is not None]
+            return float(torch.cat(list(self._token_means(self._teacher_batches(self.answers)))).mean())
+        replies = self.replies() if replies is None else replies
+        rewards = [r for r in self.task.reward(replies.completions, self.answers) if r is not None]
         return float(sum(rewards) / len(rewards)) if rewards else math.nan
 
-    def gate_gradients(self, adapter, blocks) -> tuple[dict, dict]:
+    def gate_gradients(self, adapter, blocks, replies=None) -> tuple[dict, dict]:
         """d(objective)/d(gates) at gates = 1. The objective is the mean token log-prob of the answers,
-        or with a task, of the adapted model's greedy replies weighted by their reward."""
+        or with a task, of the adapted model's greedy `replies` weighted by their reward."""
         if self.metric == "logprob":
-            texts, weights = self.answers, [1.0] * len(self.answers)
+            batches, weights = self._teacher_batches(self.answers), [1.0] * len(self.answers)
         else:
-            with torch.no_grad():
-                texts = self.replies()
-            weights = [r or 0.0 for r in self.task.reward(texts, self.answers)]
+            replies = self.replies() if replies is None else replies
+            batches = self._rollout_batches(replies)
+            weights = [r or 0.0 for r in self.task.reward(replies.completions, self.answers)]
         head = {b.layer: torch.ones(b.n_heads, requires_grad=True) for b in blocks}
         kv = {b.layer: torch.ones(b.n_kv, requires_grad=True) for b in blocks}
         gates = [*head.values(), *kv.values()]
@@ -420,7 +428,7 @@ class _Scorer:
         w = torch.tensor(weights) / len(weights)  # [N]
         with torch.enable_grad(), _gated(adapter, blocks, head, kv):
             start = 0
-            for means in self._token_means(texts):
+            for means in self._token_means(batches):
                 objective = (means * w[start:start + len(means)]).sum()
                 start += len(means)
                 if objective.requires_grad:
@@ -496,10 +504,11 @@ def head_effects(model: nn.Module, tokenizer, adapter: TinyLoRA, prompts: Sequen
             table.loc[(b.layer, slice(None)), "output_change"] = change[b.layer].numpy()
         if answers is not None:
             scorer = _Scorer(model, tokenizer, prompts, answers, task, max_new_tokens, batch_size)
-            metric, adapted = scorer.metric, scorer.score()
+            replies = scorer.replies() if scorer.metric == "reward" else None
+            metric, adapted = scorer.metric, scorer.score(replies)
             with adapter.disabled():
                 base = scorer.score()
-            head_grads, kv_grads = scorer.gate_gradients(adapter, blocks)
+            head_grads, kv_grads = scorer.gate_gradients(adapter, blocks, replies)
             for b in blocks:
                 est = head_grads[b.layer] + kv_grads[b.layer].repeat_interleave(b.n_heads // b.n_kv)  # [H]
                 table.loc[(b.layer, slice(None)), "gate_grad"] = est.numpy()
