@@ -179,3 +179,24 @@ def test_bad_input_is_named(tiny):
             module_importance(model, tok, ToyTask(), objective="sft")
     finally:
         adapter.remove()
+
+
+def test_token_attribution_is_complete_and_leaves_the_model_alone(tiny):
+    from tinylab.attribution import token_attribution
+    from tinylab.rollout import render_prompts
+
+    model, tok = tiny
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    before = _outputs(model, tok)
+    coarse = token_attribution(model, tok, prompt, "Paris is", n_steps=4)
+    fine = token_attribution(model, tok, prompt, "Paris is", n_steps=48)
+    assert fine.tokens == tok.convert_ids_to_tokens(tok.encode(render_prompts(tok, [prompt])[0]))
+    assert fine.answer_tokens and fine.per_answer_token.shape == (len(fine.answer_tokens), len(fine.tokens))
+    assert torch.allclose(fine.per_answer_token.sum(0), fine.scores)
+    assert fine.delta < coarse.delta and fine.delta < 0.05 * float(fine.scores.abs().sum())  # completeness
+    baseline = [i for i, t in enumerate(fine.tokens) if tok.convert_tokens_to_ids(t) == tok.pad_token_id]
+    assert baseline and all(float(fine.scores[i]) == 0.0 for i in baseline)  # the baseline token gets nothing
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(before, _outputs(model, tok))
+    with pytest.raises(ValueError, match="answer=''"):
+        token_attribution(model, tok, prompt, "")
