@@ -1,0 +1,243 @@
+"""GRPO on the adapter's trained vectors: one loop, read it top to bottom.
+
+How this departs from textbook GRPO (Shao et al. 2024), nanochat `chat_rl.py` style:
+
+- Only the TinyLoRA vectors train (fp32 Adam, no weight decay, no gradient clipping); every
+  other weight is frozen and stays bit-identical.
+- Token-level loss (DAPO / Dr. GRPO): the policy term is summed over all completion tokens of the
+  batch and divided by their total count, not averaged per sequence first.
+- `scale_rewards="none"` drops the division by the group's reward std (Dr. GRPO).
+- Default on-policy single update (`clip=None, inner_epochs=1`): the ratio is exactly 1, so the
+  loss is plain REINFORCE with group-mean baseline. With `clip`, PPO's clipped surrogate over
+  `inner_epochs` passes on the same batch; "old" log-probs are the first pass's, detached (no
+  extra forward pass). Generation log-probs are never used: sampling and training run the same
+  model, so there is no mismatch to correct.
+- KL (`kl > 0`): the k3 estimator against the reference = the same model with the adapter
+  disabled (`adapter.disabled()`), never a copy. Default 0, as in the TinyLoRA paper.
+- Groups whose rewards are all equal have zero advantage; with `kl = 0` their rows are left out
+  of forward/backward (their gradient is exactly zero; the token count still includes them, so
+  the update is the same as computing them).
+- Sampling is seeded per step from (config.seed, step): prompts by a seeded shuffle of the train
+  pool per epoch, completions by a private generator. A resumed run repeats an uninterrupted one.
+- A `None` reward counts as 0.0; a NaN/inf reward stops the run (`NonFiniteError`) with the last
+  finite state checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable
+
+import torch
+
+from tinylab.rollout import completion_logprobs, generate, render_prompts
+from tinylab.training import Run, derived_seed, step_indices, step_log
+
+__all__ = ["GRPOConfig", "train_grpo"]
+
+_SCALES = ("group", "none")
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """How GRPO trains the adapter. `dataclasses.replace(config, lr=3e-3)` is the sweep API."""
+
+    prompts_per_step: int = 4
+    """Distinct prompts sampled each step (>= 1)."""
+    group_size: int = 8
+    """Completions per prompt; advantages are computed within each group (>= 2)."""
+    max_new_tokens: int | None = None
+    """Longest completion in tokens (>= 1), None = the task's `max_new_tokens`; EOS also ends one."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0, at most 10); log-probabilities use the same temperature."""
+    lr: float = 1e-2
+    """Adam learning rate on the trained vectors (> 0, at most 10). A few scalars need large steps."""
+    steps: int = 20
+    """Optimizer steps in the whole run (>= 1); `resume` continues up to this number."""
+    seed: int = 0
+    """Seeds prompt order and sampling, per step; same seed, same run."""
+    scale_rewards: str = "group"
+    """"group": advantage = (r - group mean) / (group std + 1e-4); "none": r - group mean (Dr. GRPO)."""
+    clip: float | None = None
+    """None: no ratio clipping; else PPO's epsilon in (0, 1), e.g. 0.2."""
+    inner_epochs: int = 1
+    """Updates per batch of completions (>= 1); more than 1 needs `clip`."""
+    kl: float = 0.0
+    """Coefficient of the KL penalty to the adapter-disabled model (>= 0; 0 skips the reference pass)."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many steps (0 = only when the run ends or stops)."""
+    checkpoint_dir: str | None = None
+    """Checkpoint folder; None = a new folder under the tinylab cache (`runs/`)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens is not None and (not _int(self.max_new_tokens) or self.max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is not allowed: None (the task's) or an "
+                             "integer >= 1")
+        for name, low in (("prompts_per_step", 1), ("group_size", 2), ("steps", 1),
+                          ("inner_epochs", 1), ("checkpoint_every", 0)):
+            value = getattr(self, name)
+            if not _int(value) or value < low:
+                raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
+        if not _number(self.temperature) or not 0 < self.temperature <= 10:
+            raise ValueError(f"temperature={self.temperature!r} is not allowed: a number in (0, 10]")
+        if not _number(self.lr) or not 0 < self.lr <= 10:
+            raise ValueError(f"lr={self.lr!r} is not allowed: a number in (0, 10]")
+        if not _int(self.seed):
+            raise ValueError(f"seed={self.seed!r} is not allowed: an integer")
+        if self.scale_rewards not in _SCALES:
+            raise ValueError(f"scale_rewards={self.scale_rewards!r} is not allowed: choose one of {list(_SCALES)}")
+        if self.clip is not None and (not _number(self.clip) or not 0 < self.clip < 1):
+            raise ValueError(f"clip={self.clip!r} is not allowed: None or a number in (0, 1), e.g. 0.2")
+        if self.inner_epochs > 1 and self.clip is None:
+            raise ValueError(f"inner_epochs={self.inner_epochs} needs clip (e.g. clip=0.2): several unclipped "
+                             "updates on one batch diverge; allowed without clip: inner_epochs=1")
+        if not _number(self.kl) or self.kl < 0:
+            raise ValueError(f"kl={self.kl!r} is not allowed: a number >= 0")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
+            object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
+
+
+def train_pool(task, n: int, seed: int, split: str = "train") -> list:
+    """The examples a run draws its prompts from (a task may hold fewer than `n`)."""
+    pool = list(task.examples(split, n, seed))
+    if not pool:
+        raise ValueError(f"task {getattr(task, 'name', task)!r} gave no {split!r} examples; it needs at least one")
+    return pool
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    """(r - group mean), divided by (group std + 1e-4) when scale == "group". [B*G] -> [B*G]."""
+    r = rewards.view(-1, group_size)  # [B, G]
+    adv = r - r.mean(dim=1, keepdim=True)  # [B, G]
+    if scale == "group":
+        adv = adv / (r.std(dim=1, keepdim=True) + 1e-4)
+    return adv.reshape(-1)  # [B*G]
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, n_tokens, config):
+    """Token-level GRPO loss summed over `mask` and divided by `n_tokens`, with detached stats.
+
+    logp / old_logp / ref_logp (or None): [N, L]; advantages: [N]; mask: [N, L].
+    """
+    ratio = torch.exp(logp - old_logp)  # [N, L]
+    adv = advantages[:, None]  # [N, 1]
+    per_token = -ratio * adv  # [N, L]
+    clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    if config.clip is not None:
+        bounded = torch.clamp(ratio, 1 - config.clip, 1 + config.clip) * adv  # [N, L]
+        per_token = -torch.minimum(ratio * adv, bounded)
+        clipped = (ratio * adv) > bounded
+    kl = torch.zeros_like(per_token)
+    if ref_logp is not None:
+        delta = ref_logp - logp  # [N, L]
+        kl = torch.exp(delta) - delta - 1  # [N, L] k3 estimator, >= 0
+        per_token = per_token + config.kl * kl
+    m = mask.to(per_token.dtype)
+    loss = (per_token * m).sum() / n_tokens
+    count = m.sum().clamp(min=1)
+    stats = {"kl": float((kl.detach() * m).sum() / count) if ref_logp is not None else math.nan,
+             "clip_frac": float((clipped & mask.bool()).sum() / count) if config.clip is not None else math.nan}
+    return loss, stats
+
+
+def _rewards(task, completions, answers) -> torch.Tensor:
+    raw = task.reward(completions, answers)
+    if len(raw) != len(completions):
+        raise ValueError(f"task {task.name!r} returned {len(raw)} rewards for {len(completions)} completions")
+    return torch.tensor([0.0 if r is None else float(r) for r in raw], dtype=torch.float64)  # [B*G]
+
+
+def _score_rates(task, completions, answers) -> tuple[float, float]:
+    if not hasattr(task, "score"):
+        return math.nan, math.nan
+    scores = [task.score(c, a) for c, a in zip(completions, answers)]
+    return (sum(bool(s.formatted) for s in scores) / len(scores),
+            sum(bool(s.correct_strict) for s in scores) / len(scores))
+
+
+def train_grpo(model, tokenizer, adapter, task, config: GRPOConfig, *, callbacks: Iterable = (),
+               background: bool = False) -> Run:
+    """Train `adapter`'s vectors with GRPO on `task`; returns the Run (history, status, checkpoint).
+
+    `background=True` returns at once with training in a thread: call `run.stop()` from another
+    cell, `run.wait()` to join. Otherwise blocks; Ctrl-C / interrupting the kernel stops cleanly.
+    """
+    if not isinstance(config, GRPOConfig):
+        raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
+    if not getattr(adapter, "attached", False) or adapter.model is not model:
+        raise ValueError("adapter must be attached to model (adapter = apply_tinylora(model, ...))")
+    run = Run("grpo", config, adapter, task.name, callbacks=callbacks, checkpoint_dir=config.checkpoint_dir)
+    return run.execute(lambda: _grpo_body(run, model, tokenizer, adapter, task, config), background)
+
+
+def _grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> None:
+    pool = train_pool(task, config.prompts_per_step * config.steps, config.seed)
+    render_prompts(tokenizer, [pool[0].prompt])  # a missing chat template fails here, before step 1
+    G = config.group_size
+    max_new = config.max_new_tokens or getattr(task, "max_new_tokens", 64)
+    for step in run.steps():
+        t_step = time.perf_counter()
+        # 1. Prompts for this step, from (seed, step) alone.
+        batch = [pool[i] for i in step_indices(len(pool), config.prompts_per_step, step, config.seed)]
+        answers = [ex.answer for ex in batch for _ in range(G)]
+
+        # 2. A group of G completions per prompt, sampled with the adapter active.
+        t0 = time.perf_counter()
+        rollout = generate(model, tokenizer, [ex.prompt for ex in batch], n=G, max_new_tokens=max_new,
+                           temperature=config.temperature, seed=derived_seed(config.seed, step, "sample"))
+        gen_time = time.perf_counter() - t0
+
+        # 3. Rewards, and advantages relative to the group.
+        rewards = _rewards(task, rollout.completions, answers)  # [B*G]
+        run.check_finite("the reward", rewards)
+        advantages = group_advantages(rewards, G, config.scale_rewards).float()  # [B*G]
+        spread = rewards.view(-1, G).std(dim=1) > 0  # [B]
+
+        # 4. Token-level policy loss over completion tokens; backward into v only.
+        t0 = time.perf_counter()
+        mask = rollout.completion_mask  # [B*G, L]
+        n_tokens = mask.sum().clamp(min=1)
+        rows = torch.arange(len(advantages)) if config.kl > 0 else (advantages != 0).nonzero().squeeze(-1)
+        stats = {"kl": math.nan, "clip_frac": math.nan}
+        loss_value = 0.0
+        if len(rows) > 0:
+            ids, attn, cmask = rollout.input_ids[rows], rollout.attention_mask[rows], mask[rows]  # [N, P+L]
+            ref = None
+            if config.kl > 0:
+                with torch.no_grad(), adapter.disabled():
+                    ref = completion_logprobs(model, ids, attn, cmask, temperature=config.temperature)  # [N, L]
+            old = None
+            for _ in range(config.inner_epochs):
+                logp = completion_logprobs(model, ids, attn, cmask, temperature=config.temperature)  # [N, L]
+                old = logp.detach() if old is None else old
+                loss, stats = policy_loss(logp, old, ref, advantages[rows], cmask, n_tokens, config)
+                run.check_finite("the loss", loss.detach())
+                loss.backward()
+                loss_value = float(loss.detach())
+                grad_norm = run.optimizer_step()
+        else:
+            grad_norm = run.optimizer_step()  # zero gradient: Adam's momentum still moves v
+        fwd_bwd_time = time.perf_counter() - t0
+
+        # 5. Log the step; callbacks may stop the run.
+        lengths = mask.sum(1).float()  # [B*G]
+        format_rate, correct_rate = _score_rates(task, rollout.completions, answers)
+        picks = range(0, len(rewards), G)[:4]
+        run.record(step_log(
+            step + 1, "grpo", loss=loss_value, reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
+            zero_spread=float(1 - spread.float().mean()), format_rate=format_rate, correct_rate=correct_rate,
+            completion_len=float(lengths.mean()), completion_len_max=int(lengths.max()),
+            v_norm=float(adapter.vector().norm()), grad_norm=grad_norm, kl=stats["kl"], clip_frac=stats["clip_frac"],
+            gen_time=gen_time, fwd_bwd_time=fwd_bwd_time, step_time=time.perf_counter() - t_step,
+            samples=tuple((rollout.completions[i], float(rewards[i])) for i in picks),
+        ))

@@ -1,0 +1,130 @@
+"""SFT at the same parameter budget: next-token loss on the task's reference solutions.
+
+The baseline the TinyLoRA paper compares GRPO against. Same adapter, same Run (stop, checkpoint,
+resume), same StepLog stream, so RL and SFT curves share one plot at equal parameter counts.
+Each step takes `batch_size` examples by the same seeded per-epoch shuffle as GRPO, renders the
+prompt exactly as generation does (chat template + generation prompt), appends the solution and
+the end-of-sequence token, and minimises the mean negative log-likelihood of those tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable
+
+import torch
+
+from tinylab.grpo import GRPOConfig, train_pool
+from tinylab.rollout import _pad_id, _tokenize_left_padded, completion_logprobs
+from tinylab.training import Run, step_indices, step_log
+
+__all__ = ["SFTConfig", "train_sft"]
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """How SFT trains the adapter. `SFTConfig.from_grpo(grpo_config)` matches a GRPO run's budget."""
+
+    batch_size: int = 4
+    """Examples per step (>= 1)."""
+    lr: float = 1e-2
+    """Adam learning rate on the trained vectors (> 0, at most 10)."""
+    steps: int = 20
+    """Optimizer steps in the whole run (>= 1)."""
+    seed: int = 0
+    """Seeds the example order."""
+    max_tokens: int = 256
+    """Solution tokens kept per example (>= 1); longer solutions are cut."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many steps (0 = only when the run ends or stops)."""
+    checkpoint_dir: str | None = None
+    """Checkpoint folder; None = a new folder under the tinylab cache (`runs/`)."""
+
+    def __post_init__(self):
+        for name, low in (("batch_size", 1), ("steps", 1), ("max_tokens", 1), ("checkpoint_every", 0)):
+            value = getattr(self, name)
+            if not _int(value) or value < low:
+                raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or not 0 < self.lr <= 10:
+            raise ValueError(f"lr={self.lr!r} is not allowed: a number in (0, 10]")
+        if not _int(self.seed):
+            raise ValueError(f"seed={self.seed!r} is not allowed: an integer")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
+            object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
+
+    @classmethod
+    def from_grpo(cls, config: GRPOConfig, **overrides) -> SFTConfig:
+        """Same prompts per step, steps, lr, seed and checkpointing as a GRPO config."""
+        fields = dict(batch_size=config.prompts_per_step, lr=config.lr, steps=config.steps, seed=config.seed,
+                      checkpoint_every=config.checkpoint_every, checkpoint_dir=config.checkpoint_dir)
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _solution_batch(tokenizer, examples, max_tokens: int):
+    """Left-padded prompts and right-padded solution tokens (+ EOS): ids, attention mask, target mask."""
+    pad = _pad_id(tokenizer)
+    prompt_ids, prompt_mask = _tokenize_left_padded(tokenizer, [ex.prompt for ex in examples], pad)  # [B, P]
+    eos = tokenizer.eos_token_id
+    targets = []
+    for ex in examples:
+        ids = tokenizer(ex.solution, add_special_tokens=False)["input_ids"][:max_tokens]
+        targets.append(ids + ([eos] if eos is not None else []))
+    width = max(len(t) for t in targets)
+    target_ids = torch.full((len(targets), width), pad, dtype=torch.long)  # [B, L]
+    target_mask = torch.zeros((len(targets), width), dtype=torch.long)  # [B, L]
+    for i, t in enumerate(targets):
+        target_ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        target_mask[i, :len(t)] = 1
+    ids = torch.cat([prompt_ids, target_ids], dim=1)  # [B, P+L]
+    attn = torch.cat([prompt_mask, target_mask], dim=1)  # [B, P+L]
+    return ids, attn, target_mask
+
+
+def train_sft(model, tokenizer, adapter, task, config: SFTConfig | GRPOConfig, *, callbacks: Iterable = (),
+              background: bool = False) -> Run:
+    """Train `adapter`'s vectors on `task`'s reference solutions; returns the Run.
+
+    A GRPOConfig is accepted and converted with `SFTConfig.from_grpo`.
+    """
+    if isinstance(config, GRPOConfig):
+        config = SFTConfig.from_grpo(config)
+    if not isinstance(config, SFTConfig):
+        raise TypeError(f"config must be an SFTConfig (or a GRPOConfig), got {type(config).__name__}")
+    if not getattr(adapter, "attached", False) or adapter.model is not model:
+        raise ValueError("adapter must be attached to model (adapter = apply_tinylora(model, ...))")
+    run = Run("sft", config, adapter, task.name, callbacks=callbacks, checkpoint_dir=config.checkpoint_dir)
+    return run.execute(lambda: _sft_body(run, model, tokenizer, adapter, task, config), background)
+
+
+def _sft_body(run: Run, model, tokenizer, adapter, task, config: SFTConfig) -> None:
+    pool = train_pool(task, config.batch_size * config.steps, config.seed)
+    missing = [i for i, ex in enumerate(pool) if not getattr(ex, "solution", None)]
+    if missing:
+        raise ValueError(f"task {task.name!r} gives no reference solution for {len(missing)} of {len(pool)} "
+                         "train examples; SFT needs Example.solution")
+    for step in run.steps():
+        t_step = time.perf_counter()
+        batch = [pool[i] for i in step_indices(len(pool), config.batch_size, step, config.seed)]
+        ids, attn, target_mask = _solution_batch(tokenizer, batch, config.max_tokens)  # [B, P+L], [B, L]
+
+        t0 = time.perf_counter()
+        logp = completion_logprobs(model, ids, attn, target_mask)  # [B, L]
+        loss = -logp.sum() / target_mask.sum()
+        run.check_finite("the loss", loss.detach())
+        loss.backward()
+        grad_norm = run.optimizer_step()
+        fwd_bwd_time = time.perf_counter() - t0
+
+        lengths = target_mask.sum(1).float()  # [B]
+        run.record(step_log(
+            step + 1, "sft", loss=float(loss.detach()), completion_len=float(lengths.mean()),
+            completion_len_max=int(lengths.max()), v_norm=float(adapter.vector().norm()), grad_norm=grad_norm,
+            gen_time=0.0, fwd_bwd_time=fwd_bwd_time, step_time=time.perf_counter() - t_step,
+        ))
