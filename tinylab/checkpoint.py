@@ -207,7 +207,7 @@ def load_adapter(model, path: str | os.PathLike) -> TinyLoRA:
         fp = base_fingerprint(model, config)
     except ValueError as err:
         raise AdapterFileError(f"{path} does not fit this model ({_arch(model)}): {err}") from err
-    if fp != header["fp"]:
+    if fp != header["fp"] or header["arch"] != _arch(model):  # same weights in another architecture: refused too
         raise AdapterFileError(
             f"{path} was trained on another base model (arch {header['arch']}, weights {header['fp']}); "
             f"this model is {_arch(model)} with weights {fp}. Load the model it was trained on."
