@@ -458,15 +458,17 @@ def resume(folder: str | os.PathLike, model, tokenizer, task, *, adapter=None, c
         raise ValueError(f"this run was trained on task {meta['task']!r}, not {getattr(task, 'name', task)!r}")
     saved_cfg = meta["adapter_config"]
     adapter_config = TinyLoRAConfig(**{k: tuple(x) if isinstance(x, list) else x for k, x in saved_cfg.items()})
+    if adapter is None and find_adapter(model):
+        raise ValueError("the model already has an adapter: pass it as resume(..., adapter=adapter), "
+                         "or call adapter.remove() first")
+    if adapter is not None and (adapter.model is not model or adapter.config != adapter_config):
+        raise ValueError(f"adapter must be attached to model with the run's config {adapter_config}")
+    if adapter is not None and adapter.merged:
+        adapter.unmerge()
+    if base_fingerprint(model, adapter_config) != meta["base_fingerprint"]:
+        raise ValueError(f"{folder} was trained on other base weights; load the model it was trained on")
     if adapter is None:
-        if find_adapter(model):
-            raise ValueError("the model already has an adapter: pass it as resume(..., adapter=adapter), "
-                             "or call adapter.remove() first")
-        if base_fingerprint(model, adapter_config) != meta["base_fingerprint"]:
-            raise ValueError(f"{folder} was trained on other base weights; load the model it was trained on")
         adapter = apply_tinylora(model, adapter_config)
-    elif adapter.config != adapter_config:
-        raise ValueError(f"the adapter's config {adapter.config} differs from the run's {adapter_config}")
     if meta["kind"] == "grpo":
         from tinylab.grpo import GRPOConfig, _grpo_body
 
