@@ -127,6 +127,32 @@ def test_the_dominant_module_ranks_first(arch, module, objective):
     assert imp.ranked("abs_mean").index[0] == (layer, kind)
 
 
+def test_grpo_importance_is_minus_the_gradient_of_the_training_loss(tiny):
+    """Summed over prompts, the grpo gradients are -dLoss/dR of tinylab.grpo's first step."""
+    from tinylab.grpo import GRPOConfig, group_advantages, policy_loss
+    from tinylab.rollout import generate
+
+    model, tok = tiny
+    task = ToyTask()
+    imp = module_importance(model, tok, task, n_prompts=3, objective="grpo", n_samples=4, temperature=0.8, seed=3)
+    examples = task.examples("train", 3, 3)
+    rollout = generate(model, tok, [e.prompt for e in examples], n=4, max_new_tokens=6, temperature=0.8, seed=3)
+    rewards = torch.tensor(task.reward(rollout.completions, None), dtype=torch.float64)
+    advantages = group_advantages(rewards, 4, "group").float()
+    probe = apply_tinylora(model, TinyLoRAConfig(u=4, n_tie=1))
+    try:
+        logp = completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
+                                   temperature=0.8)
+        n_tokens = rollout.completion_mask.sum()
+        loss, _ = policy_loss(logp, logp.detach(), None, advantages, rollout.completion_mask, n_tokens, GRPOConfig())
+        loss.backward()
+        for i, (name, mod) in enumerate(probe.named_modules()):
+            dR = torch.linalg.solve(mod.P.reshape(4, 4).double(), mod.v.grad.double()).reshape(2, 2)
+            assert torch.allclose(imp.gradients[:, i].sum(0), -dR, rtol=1e-3, atol=1e-9), name
+    finally:
+        probe.remove()
+
+
 def test_equal_rewards_give_zero_gradients(tiny):
     model, tok = tiny
     imp = module_importance(model, tok, FlatTask(), n_prompts=2, objective="grpo")
@@ -153,8 +179,9 @@ def test_weight_importance_matches_autograd_and_splits_heads(tiny):
     assert wi.table.taylor[(1, "o_proj")] == pytest.approx(expected, rel=1e-4)
     heads = wi.heads.taylor
     for kind, n_heads in [("q_proj", 4), ("k_proj", 2), ("v_proj", 2), ("o_proj", 4)]:
-        assert len(heads.loc[(0, kind)]) == n_heads
-        assert heads.loc[(0, kind)].sum() == pytest.approx(wi.table.taylor[(0, kind)], rel=1e-6)
+        one = heads[(heads.index.get_level_values("layer") == 0) & (heads.index.get_level_values("module") == kind)]
+        assert list(one.index.get_level_values("head")) == list(range(n_heads))
+        assert one.sum() == pytest.approx(wi.table.taylor[(0, kind)], rel=1e-6)
     assert (0, "gate_proj") not in heads.index.droplevel("head")
 
 
@@ -171,6 +198,8 @@ def test_bad_input_is_named(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="objective='rl'"):
         module_importance(model, tok, ToyTask(), objective="rl")
+    with pytest.raises(ValueError, match="temperature=0"):
+        module_importance(model, tok, ToyTask(), temperature=0)
     with pytest.raises(ValueError, match="n_prompts=0"):
         module_importance(model, tok, ToyTask(), n_prompts=0)
     adapter = apply_tinylora(model, TinyLoRAConfig())

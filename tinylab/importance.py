@@ -13,9 +13,11 @@ Per-prompt gradients are the sums over each prompt's rows; they do not depend on
 random P (the probe's own `v.grad` equals their sum contracted with P, which the tests check).
 
 Objectives (gradients of quantities to *maximize*):
-- "grpo": sample `n_samples` completions per prompt, reward them with the task, group-normalise
-  the rewards (A = (r - mean) / (std + 1e-4), 0 when a group's rewards are all equal), and take the
-  policy-gradient surrogate  J_p = mean_i A_i * mean_t log pi(o_i,t)  (importance ratio 1 at v = 0).
+- "grpo": sample `n_samples` completions per prompt, reward them with the task (None counts as 0),
+  group-normalise the rewards (A = (r - mean) / (std + 1e-4); 0 when a group's rewards are all
+  equal) and take the token-level policy-gradient surrogate of `tinylab.grpo` (importance ratio 1
+  at v = 0):  J_p = sum_{i in p} A_i sum_t log pi(o_i,t) / (completion tokens of the whole batch),
+  so sum_p dJ_p/dR is exactly minus the gradient of GRPO's first-step loss.
 - "sft": J_p = mean_t log pi(y_t) of the reference solution (`Example.solution`, else `answer`),
   followed by the end-of-sequence token.
 
@@ -95,42 +97,40 @@ class _Batch(NamedTuple):
     weight: torch.Tensor  # [R] coefficient of the row's summed token log-probs in J_p
     prompt: torch.Tensor  # [R] long: index of the row's prompt
     rewards: tuple[tuple[float, ...], ...]
+    temperature: float = 1.0  # grpo: log-probs of the distribution the completions were sampled from
 
 
-def _check(objective, n_prompts, n_samples, batch_size):
+def _check(objective, n_prompts, n_samples, batch_size, temperature):
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not allowed: choose one of {list(OBJECTIVES)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature={temperature!r} is not allowed: a finite number > 0 (grpo samples from it)")
     for name, value, low in (("n_prompts", n_prompts, 1), ("n_samples", n_samples, 2), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
 
 
-def _advantages(rewards: Sequence[float | None]) -> list[float]:
-    """Group-normalised advantages; None rewards ("does not apply") get 0 and do not count."""
-    known = [r for r in rewards if r is not None]
-    if len(known) < 2:
-        return [0.0] * len(rewards)
-    mean = sum(known) / len(known)
-    std = math.sqrt(sum((r - mean) ** 2 for r in known) / (len(known) - 1))
-    if std == 0:
-        return [0.0] * len(rewards)
-    return [0.0 if r is None else (r - mean) / (std + 1e-4) for r in rewards]
+def _advantages(rewards: Sequence[float]) -> list[float]:
+    """(r - group mean) / (group std + 1e-4), as `tinylab.grpo` with scale_rewards="group"."""
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1))
+    return [0.0 if std == 0 else (r - mean) / (std + 1e-4) for r in rewards]
 
 
 def _grpo_batch(model, tokenizer, task, examples, n_samples, max_new_tokens, temperature, seed) -> _Batch:
     rollout = generate(model, tokenizer, [e.prompt for e in examples], n=n_samples,
                        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     answers = [e.answer for e in examples for _ in range(n_samples)]
-    rewards = list(task.reward(rollout.completions, answers))
-    weight, groups = [], []
-    lengths = rollout.completion_mask.sum(1).clamp(min=1)  # [R]
-    for p in range(len(examples)):
-        group = rewards[p * n_samples:(p + 1) * n_samples]
-        groups.append(tuple(float("nan") if r is None else float(r) for r in group))
-        for i, a in enumerate(_advantages(group)):
-            weight.append(a / (n_samples * float(lengths[p * n_samples + i])))
+    rewards = [0.0 if r is None else float(r) for r in task.reward(rollout.completions, answers)]
+    if len(rewards) != len(answers):
+        raise ValueError(f"task {getattr(task, 'name', task)!r} returned {len(rewards)} rewards for "
+                         f"{len(answers)} completions")
+    n_tokens = float(rollout.completion_mask.sum().clamp(min=1))
+    groups = [tuple(rewards[p * n_samples:(p + 1) * n_samples]) for p in range(len(examples))]
+    weight = [a / n_tokens for group in groups for a in _advantages(group)]
     return _Batch(rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
-                  torch.tensor(weight), torch.arange(len(examples)).repeat_interleave(n_samples), tuple(groups))
+                  torch.tensor(weight), torch.arange(len(examples)).repeat_interleave(n_samples), tuple(groups),
+                  float(temperature))
 
 
 def _sft_batch(tokenizer, examples) -> _Batch:
@@ -175,7 +175,8 @@ def _backward(model, batch: _Batch, batch_size: int, state: dict) -> None:
         ids, mask, cmask = batch.input_ids[idx], batch.attention_mask[idx], batch.completion_mask[idx]
         keep = int((mask.sum(0) > 0).nonzero()[0])  # drop all-padding columns on the left
         state["rows"] = batch.prompt[idx]
-        logp = completion_logprobs(model, ids[:, keep:], mask[:, keep:], cmask)  # [b, L]
+        logp = completion_logprobs(model, ids[:, keep:], mask[:, keep:], cmask,
+                                   temperature=batch.temperature)  # [b, L]
         (logp.sum(1) * batch.weight[idx]).sum().backward()
     state["rows"] = None
     if rows and not len(live):
@@ -212,7 +213,7 @@ def module_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 16,
     `n_samples` completions of up to `max_new_tokens` (default `task.max_new_tokens`) per prompt.
     `batch_size`: rows per forward/backward. The model is left exactly as it was.
     """
-    _check(objective, n_prompts, n_samples, batch_size)
+    _check(objective, n_prompts, n_samples, batch_size, temperature)
     if find_adapter(model):
         raise ValueError("this model has a TinyLoRA adapter attached: remove it (adapter.remove()) before "
                          "measuring importance, which probes the base model")
@@ -320,7 +321,7 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
     """
     import pandas as pd
 
-    _check(objective, n_prompts, n_samples, batch_size)
+    _check(objective, n_prompts, n_samples, batch_size, temperature)
     heads, kv, head_dim = _head_layout(model)
     was_training = model.training
     model.eval()
