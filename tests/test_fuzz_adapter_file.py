@@ -1,0 +1,572 @@
+"""Fuzzing the adapter-file loader: every input loads correctly or raises AdapterFileError, fast and small.
+
+Adapter files are shared between people, so `read_adapter` / `load_adapter` see untrusted bytes.
+Each strategy below feeds generated files through the loader and checks the contract on every one:
+
+- the call returns (and the result then agrees with the bytes) or raises `AdapterFileError`; any
+  other exception fails the test and hypothesis shrinks the input;
+- it takes less than a second of CPU time (the calling thread's; wall time is only checked against a
+  looser hang limit, since CI machines are shared and a busy neighbour stretches wall time);
+- its peak resident memory grows by less than a bound (Linux VmHWM, reset before each call through
+  /proc/self/clear_refs, so allocations made in C by torch and numpy count too);
+- when `load_adapter` refuses a file, nothing is attached to the model.
+
+Most inputs go through `read_adapter` on a file in a tmp folder (parse level); fewer go through
+`load_adapter` on a tiny llama. `BUDGET` is the number of generated inputs per strategy (hypothesis
+`max_examples`, derandomized so CI sees the same inputs every run), 10,000+ in total; each test
+asserts that it ran its share. `pytest tests/test_fuzz_adapter_file.py -s` prints counts, the
+slowest input and the largest memory peak per strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tinylab.adapter import DEFAULT_TARGETS, TinyLoRAConfig, apply_tinylora, count_params, find_adapter
+from tinylab.checkpoint import (
+    MAX_FILE_BYTES,
+    AdapterFileError,
+    base_fingerprint,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
+from tinylab.models import tiny_model
+
+BUDGET = {
+    "truncated": 700,  # every cut point of the 6 valid files: exhaustive
+    "wrong_length": 1000,
+    "huge_sizes": 1100,
+    "nan_inf": 1000,
+    "dtype_version": 600,
+    "random_bytes": 1000,
+    "random_bytes_after_magic": 1200,
+    "random_json_header": 1500,
+    "deep_json": 200,
+    "mutated": 1500,
+    "load_foreign_fingerprint": 150,
+    "load_random_config": 400,
+    "load_mutated": 300,
+}
+PARSE_PEAK_BYTES = 16 << 20  # a file is at most 1 MiB; parsing may copy it a few times
+LOAD_PEAK_BYTES = 96 << 20  # the loader allows at most 64 MiB of projections P, plus slack
+TIME_LIMIT_S = 1.0  # CPU seconds of the calling thread per input
+HANG_LIMIT_S = 10.0  # wall seconds per input
+
+COUNTS: Counter = Counter()  # inputs run per strategy in this session
+LOADED: Counter = Counter()  # of which loaded (the rest raised AdapterFileError)
+SLOWEST: dict[str, float] = defaultdict(float)  # CPU seconds of the slowest input
+PEAK: dict[str, int] = defaultdict(int)
+
+FUZZ = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,  # the loader call alone is timed, in _measured
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring one call
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> int:
+    """Set VmHWM (peak RSS) to the current RSS; return the RSS in kB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS")
+
+
+class _measured:
+    """Count one input; on exit assert the body took < 1 CPU second and raised peak RSS by < `limit` bytes."""
+
+    def __init__(self, strategy: str, limit: int):
+        self.strategy, self.limit = strategy, limit
+
+    def __enter__(self):
+        self.rss = _reset_peak()
+        self.start, self.cpu_start = time.perf_counter(), time.thread_time()
+
+    def __exit__(self, *exc):
+        elapsed = time.thread_time() - self.cpu_start
+        wall = time.perf_counter() - self.start
+        grown = (_status_kb("VmHWM") - self.rss) * 1024
+        COUNTS[self.strategy] += 1
+        SLOWEST[self.strategy] = max(SLOWEST[self.strategy], elapsed)
+        PEAK[self.strategy] = max(PEAK[self.strategy], grown)
+        assert elapsed < TIME_LIMIT_S, f"{self.strategy}: one input took {elapsed:.3f} s of CPU time"
+        assert wall < HANG_LIMIT_S, f"{self.strategy}: one input took {wall:.1f} s"
+        assert grown < self.limit, f"{self.strategy}: one input raised peak memory by {grown / 2**20:.1f} MiB"
+        return False
+
+
+def _parse_file(blob: bytes, path: Path, strategy: str):
+    """read_adapter on `blob`: (config, header, values), checked against the bytes, or the AdapterFileError."""
+    path.write_bytes(blob)
+    with _measured(strategy, PARSE_PEAK_BYTES):
+        try:
+            result = read_adapter(path)
+        except AdapterFileError as err:
+            return err
+    LOADED[strategy] += 1
+    config, header, values = result
+    assert isinstance(config, TinyLoRAConfig) and set(header) == {"n", "cfg", "arch", "fp"}
+    assert values.dtype == torch.float32 and values.shape == (header["n"],) and torch.isfinite(values).all()
+    assert header["n"] % config.u == 0
+    (header_len,) = struct.unpack("<H", blob[6:8])
+    assert len(blob) == 8 + header_len + header["n"] * (4 if blob[5] == 0 else 2)
+    return result
+
+
+def _load_file(model, blob: bytes, path: Path, strategy: str):
+    """load_adapter on `blob`: a success gives exactly the file's vector, a refusal attaches nothing."""
+    path.write_bytes(blob)
+    with _measured(strategy, LOAD_PEAK_BYTES):
+        try:
+            adapter = load_adapter(model, path)
+        except AdapterFileError as err:
+            assert not find_adapter(model), "a refused file left an adapter attached"
+            return err
+    LOADED[strategy] += 1
+    try:
+        config, header, values = read_adapter(path)
+        assert adapter.config == config and adapter.num_params == header["n"]
+        assert torch.equal(adapter.vector(), values)
+    finally:
+        adapter.remove()
+    return adapter
+
+
+def _fuzz(strategy: str, test, *args) -> None:
+    """Run the hypothesis `test` for BUDGET[strategy] inputs and check that they all ran."""
+    before = COUNTS[strategy]
+    settings(FUZZ, max_examples=BUDGET[strategy])(test)(*args)
+    ran = COUNTS[strategy] - before
+    assert ran >= BUDGET[strategy], f"{strategy}: ran {ran} < {BUDGET[strategy]} inputs"
+    print(f"\n{strategy:26s} {ran:6d} inputs, {LOADED[strategy]:5d} loaded, "
+          f"slowest {SLOWEST[strategy] * 1e3:7.2f} ms CPU, peak +{PEAK[strategy] / 2**20:5.1f} MiB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid files to start from
+
+
+def _blob(header, payload: bytes, *, dtype: int = 0, version: int = 1) -> bytes:
+    h = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    return b"TLRA" + struct.pack("<BBH", version, dtype, len(h)) + h + payload
+
+
+def _split(blob: bytes) -> tuple[dict, bytes]:
+    (header_len,) = struct.unpack("<H", blob[6:8])
+    return json.loads(blob[8 : 8 + header_len]), blob[8 + header_len :]
+
+
+CONFIGS = [
+    (TinyLoRAConfig(u=13, n_tie="all"), "fp32"),
+    (TinyLoRAConfig(u=13, n_tie="all"), "bf16"),
+    (TinyLoRAConfig(), "fp32"),
+    (TinyLoRAConfig(u=2, n_tie=2, tie="structured"), "bf16"),
+    (TinyLoRAConfig(r=4, u=3, layers=(1,), targets=("q_proj", "v_proj")), "fp32"),
+    (TinyLoRAConfig(u=1, n_tie=7, svd="lowrank", seed=5), "fp32"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama", seed=0)[0]
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny, tmp_path_factory) -> list[bytes]:
+    """Valid files for the tiny llama (seed 0): fp32 and bf16, tied and untied, both tying styles."""
+    folder = tmp_path_factory.mktemp("corpus")
+    blobs = []
+    for i, (config, dtype) in enumerate(CONFIGS):
+        adapter = apply_tinylora(tiny, config)
+        adapter.set_vector(torch.randn(adapter.num_params, generator=torch.Generator().manual_seed(i)))
+        blobs.append(save_adapter(adapter, folder / f"{i}.tlra", dtype=dtype).read_bytes())
+        adapter.remove()
+    return blobs
+
+
+@pytest.fixture(autouse=True)
+def _no_disk_svd_cache(monkeypatch):
+    monkeypatch.setenv("TINYLAB_SVD_DISK_CACHE", "0")  # loads must not write into the user's cache
+
+
+def test_budget_is_at_least_10000_inputs_and_the_bounds_catch_a_large_allocation():
+    assert sum(BUDGET.values()) >= 10_000
+    with pytest.raises(AssertionError, match="peak memory"):  # a C-side (torch) allocation is seen
+        with _measured("selftest", PARSE_PEAK_BYTES):
+            torch.ones(8 << 20)  # 32 MiB, touched
+    with pytest.raises(AssertionError, match="CPU time"):
+        with _measured("selftest", PARSE_PEAK_BYTES):
+            end = time.thread_time() + 1.05
+            while time.thread_time() < end:
+                pass
+    for table in (COUNTS, SLOWEST, PEAK):
+        table.pop("selftest")
+
+
+def test_valid_files_load(corpus, tiny, tmp_path):
+    for blob in corpus:
+        assert not isinstance(_parse_file(blob, tmp_path / "a.tlra", "valid"), AdapterFileError)
+        assert not isinstance(_load_file(tiny, blob, tmp_path / "a.tlra", "valid"), AdapterFileError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parse level: read_adapter
+
+
+def test_truncated_files_are_refused(corpus, tmp_path):
+    """Every truncation of every valid file (exhaustive: hypothesis would only find these same cuts)."""
+    for blob in corpus:
+        for cut in range(len(blob)):
+            assert isinstance(_parse_file(blob[:cut], tmp_path / "a.tlra", "truncated"), AdapterFileError)
+    assert COUNTS["truncated"] >= BUDGET["truncated"]
+
+
+@given(data=st.data())
+def _wrong_length(corpus, folder, data):
+    blob = data.draw(st.sampled_from(corpus))
+    header, payload = _split(blob)
+    if data.draw(st.booleans()):
+        header["n"] = data.draw(st.integers(-3, 4 * header["n"] + 3).filter(lambda n: n != header["n"]))
+    else:
+        extra = data.draw(st.binary(min_size=1, max_size=64))
+        payload = payload + extra if data.draw(st.booleans()) else payload[: -len(extra)]
+    result = _parse_file(_blob(header, payload, dtype=blob[5]), folder / "a.tlra", "wrong_length")
+    if header["n"] * (4 if blob[5] == 0 else 2) != len(payload):
+        assert isinstance(result, AdapterFileError)
+
+
+def test_wrong_lengths(corpus, tmp_path):
+    _fuzz("wrong_length", _wrong_length, corpus, tmp_path)
+
+
+@given(data=st.data())
+def _huge_sizes(corpus, folder, data):
+    blob = data.draw(st.sampled_from(corpus))
+    header, payload = _split(blob)
+    kind = data.draw(st.sampled_from(["n", "header_len", "u"]))
+    if kind == "n":
+        header["n"] = data.draw(st.sampled_from([2**31, 2**32 + 1, 2**63, 2**64, 10**100, -(2**63)])
+                                | st.integers(MAX_FILE_BYTES // 4, 10**30))
+        blob = _blob(header, payload, dtype=blob[5])
+    elif kind == "header_len":
+        declared = data.draw(st.integers(len(blob) - 7, 0xFFFF))
+        blob = blob[:6] + struct.pack("<H", declared) + blob[8:]
+    else:  # a config asking for huge vectors while the file holds a few numbers
+        header["cfg"] = dict(header["cfg"], u=data.draw(st.integers(2**16, 2**62)))
+        blob = _blob(header, payload, dtype=blob[5])
+    assert isinstance(_parse_file(blob, folder / "a.tlra", "huge_sizes"), AdapterFileError)
+
+
+def test_huge_declared_sizes(corpus, tmp_path):
+    _fuzz("huge_sizes", _huge_sizes, corpus, tmp_path)
+
+
+def test_huge_and_special_files_are_refused_without_reading_them(tmp_path):
+    sparse = tmp_path / "sparse.tlra"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 40)  # 1 TiB declared by the file system, nothing on disk
+    over = tmp_path / "over.tlra"
+    over.write_bytes(b"TLRA\x01\x00\x10\x00" + b"0" * MAX_FILE_BYTES)  # a few bytes over the limit
+    for target, message in ((sparse, "at most"), (over, "at most"), ("/dev/zero", "larger than"),
+                            ("/dev/urandom", "larger than"), (tmp_path, "cannot read"),
+                            (tmp_path / "missing.tlra", "cannot read")):
+        with _measured("special_files", PARSE_PEAK_BYTES), pytest.raises(AdapterFileError, match=message):
+            read_adapter(target)
+
+
+def _non_finite(draw, width: int) -> bytes:
+    """A NaN or +-inf bit pattern: all exponent bits set, any mantissa (0 gives inf)."""
+    sign = draw(st.integers(0, 1))
+    if width == 4:
+        return struct.pack("<I", (sign << 31) | (0xFF << 23) | draw(st.integers(0, (1 << 23) - 1)))
+    return struct.pack("<H", (sign << 15) | (0xFF << 7) | draw(st.integers(0, (1 << 7) - 1)))
+
+
+@given(data=st.data())
+def _nan_inf(corpus, folder, data):
+    blob = bytearray(data.draw(st.sampled_from(corpus)))
+    header, payload = _split(bytes(blob))
+    width = 4 if blob[5] == 0 else 2
+    start = len(blob) - len(payload)
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, header["n"] - 1))
+        blob[start + i * width : start + (i + 1) * width] = _non_finite(data.draw, width)
+    result = _parse_file(bytes(blob), folder / "a.tlra", "nan_inf")
+    assert isinstance(result, AdapterFileError) and "NaN or inf" in str(result)
+
+
+def test_nan_and_inf_values_are_refused(corpus, tmp_path):
+    _fuzz("nan_inf", _nan_inf, corpus, tmp_path)
+
+
+@given(data=st.data())
+def _dtype_version(corpus, folder, data):
+    blob = bytearray(data.draw(st.sampled_from(corpus)))
+    original = bytes(blob[4:6])
+    blob[4] = data.draw(st.sampled_from([0, 1, 2, 255]) | st.integers(0, 255))
+    blob[5] = data.draw(st.sampled_from([0, 1, 2, 3, 255]) | st.integers(0, 255))
+    result = _parse_file(bytes(blob), folder / "a.tlra", "dtype_version")
+    assert isinstance(result, AdapterFileError) == (bytes(blob[4:6]) != original)
+
+
+def test_wrong_dtype_codes_and_versions(corpus, tmp_path):
+    _fuzz("dtype_version", _dtype_version, corpus, tmp_path)
+
+
+@given(blob=st.binary(max_size=4096))
+@example(blob=b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94.")
+@example(blob=b"PK\x03\x04" + b"\x00" * 60)  # the start of a torch.save zip
+def _random_bytes(folder, blob):
+    result = _parse_file(blob, folder / "a.tlra", "random_bytes")
+    if not blob.startswith(b"TLRA"):
+        assert isinstance(result, AdapterFileError)
+
+
+def test_random_bytes(tmp_path):
+    _fuzz("random_bytes", _random_bytes, tmp_path)
+
+
+@given(prefix=st.sampled_from([b"TLRA", b"TLRA\x01", b"TLRA\x01\x00", b"TLRA\x01\x01"]), rest=st.binary(max_size=2048))
+def _random_bytes_after_magic(folder, prefix, rest):
+    _parse_file(prefix + rest, folder / "a.tlra", "random_bytes_after_magic")
+
+
+def test_random_bytes_after_the_magic(tmp_path):
+    _fuzz("random_bytes_after_magic", _random_bytes_after_magic, tmp_path)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_field_values = {
+    "r": st.integers(-2, 70) | _json,
+    "u": st.integers(-2, 40) | _json,
+    "n_tie": st.sampled_from(["all", "ALL", 0]) | st.integers(-1, 30) | _json,
+    "tie": st.sampled_from(["tiled", "structured", "other"]) | _json,
+    "targets": st.lists(st.sampled_from([*DEFAULT_TARGETS, "lm_head", "", "q"]), max_size=8) | _json,
+    "layers": st.none() | st.lists(st.integers(-2, 5), max_size=4) | st.integers(-1, 5) | _json,
+    "group_sizes": st.none() | st.lists(st.integers(-1, 15), max_size=5) | _json,
+    "seed": st.integers(-(2**64), 2**64) | _json,
+    "svd": st.sampled_from(["exact", "lowrank", "svd"]) | _json,
+}
+
+
+@st.composite
+def _cfg(draw):
+    """Some config fields with plausible or arbitrary JSON values, sometimes an unknown field."""
+    keys = draw(st.lists(st.sampled_from(sorted(_field_values)), unique=True, max_size=5))
+    cfg = {k: draw(_field_values[k]) for k in keys}
+    if draw(st.integers(0, 9)) == 0:
+        cfg[draw(st.text(min_size=1, max_size=8))] = draw(_json)
+    return cfg
+
+
+@st.composite
+def _header_and_payload(draw):
+    """A random header (the right keys with random values, or any JSON) and n finite values."""
+    n = draw(st.integers(1, 64))
+    dtype = draw(st.integers(0, 1))
+    values = np.asarray(draw(st.lists(st.floats(-1e4, 1e4, width=32), min_size=n, max_size=n)), "<f4")
+    payload = values.tobytes() if dtype == 0 else (values.view("<u4") >> 16).astype("<u2").tobytes()
+    shape = draw(st.integers(0, 3))
+    if shape == 0:
+        return draw(_json), payload, dtype
+    header = {"n": n if shape != 3 else draw(_json), "cfg": draw(_cfg()) if shape != 2 else draw(_json),
+              "arch": "llama/2", "fp": "0123456789abcdef"}
+    if draw(st.booleans()):
+        header["arch"] = draw(_json)
+    if draw(st.booleans()):
+        header["fp"] = draw(st.text(alphabet="0123456789abcdefXYZ", min_size=14, max_size=18))
+    if draw(st.integers(0, 4)) == 0:
+        key = draw(st.sampled_from(["n", "cfg", "arch", "fp", "extra"]))
+        header.pop(key) if key in header else header.update({key: 1})
+    return header, payload, dtype
+
+
+@given(hp=_header_and_payload())
+def _random_json_header(folder, hp):
+    header, payload, dtype = hp
+    text = json.dumps(header, separators=(",", ":")).encode()[:4096]  # NaN/Infinity literals included
+    _parse_file(_blob(text, payload, dtype=dtype), folder / "a.tlra", "random_json_header")
+
+
+def test_random_json_headers(tmp_path):
+    _fuzz("random_json_header", _random_json_header, tmp_path)
+
+
+@given(depth=st.integers(1, 4080), opener=st.sampled_from(["[", '{"a":', '{"cfg":[', "[{}"]))
+@example(depth=4000, opener="[")  # json.loads raised RecursionError here before the loader fix
+@example(depth=810, opener='{"a":')
+def _deep_json(folder, depth, opener):
+    text = (opener * depth).encode()[:4096]
+    assert isinstance(_parse_file(_blob(text, b"\x00" * 4), folder / "a.tlra", "deep_json"), AdapterFileError)
+
+
+def test_deeply_nested_json_headers(tmp_path):
+    _fuzz("deep_json", _deep_json, tmp_path)
+
+
+@st.composite
+def _mutated(draw, corpus):
+    """A valid file with 1-8 random bit flips, byte overwrites, insertions or deletions."""
+    blob = bytearray(draw(st.sampled_from(corpus)))
+    for _ in range(draw(st.integers(1, 8))):
+        op = draw(st.sampled_from(["flip", "set", "insert", "delete"]))
+        i = draw(st.integers(0, max(0, len(blob) - 1)))
+        if op == "insert":
+            blob[i:i] = draw(st.binary(min_size=1, max_size=4))
+        elif not blob:
+            continue
+        elif op == "flip":
+            blob[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set":
+            blob[i] = draw(st.integers(0, 255))
+        else:
+            del blob[i : i + draw(st.integers(1, 4))]
+    return bytes(blob)
+
+
+@given(data=st.data())
+def _mutated_parse(corpus, folder, data):
+    _parse_file(data.draw(_mutated(corpus)), folder / "a.tlra", "mutated")
+
+
+def test_mutated_valid_files(corpus, tmp_path):
+    _fuzz("mutated", _mutated_parse, corpus, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load level: load_adapter on the tiny llama
+
+
+@given(data=st.data())
+def _foreign_fingerprint(corpus, model, folder, data):
+    blob = data.draw(st.sampled_from(corpus))
+    header, payload = _split(blob)
+    header["fp"] = data.draw(st.text(alphabet="0123456789abcdef", min_size=16, max_size=16)
+                             .filter(lambda fp: fp != header["fp"]))
+    result = _load_file(model, _blob(header, payload, dtype=blob[5]), folder / "a.tlra", "load_foreign_fingerprint")
+    assert isinstance(result, AdapterFileError) and "another base model" in str(result)
+
+
+def test_valid_header_with_another_base_fingerprint(corpus, tiny, tmp_path):
+    _fuzz("load_foreign_fingerprint", _foreign_fingerprint, corpus, tiny, tmp_path)
+
+
+def test_files_of_another_base_model_are_refused(corpus, tmp_path):
+    for arch, seed in (("llama", 1), ("qwen2", 0), ("gemma", 0)):
+        other = tiny_model(arch, seed=seed)[0]
+        for blob in corpus:
+            assert isinstance(_load_file(other, blob, tmp_path / "a.tlra", "load_other_model"), AdapterFileError)
+        assert all(p.requires_grad for p in other.parameters())
+
+
+@st.composite
+def _plausible_cfg(draw):
+    """Config fields that pass TinyLoRAConfig's own checks more often than not, some far too large."""
+    cfg = {}
+    if draw(st.booleans()):
+        cfg["u"] = draw(st.integers(1, 16) | st.sampled_from([2**16, 2**18, 10**6, 2**62]))
+    if draw(st.booleans()):
+        cfg["r"] = draw(st.integers(1, 40))
+    if draw(st.booleans()):
+        cfg["n_tie"] = draw(st.sampled_from(["all", 2**40]) | st.integers(1, 20))
+    if draw(st.booleans()):
+        cfg["tie"] = draw(st.sampled_from(["tiled", "structured"]))
+    if draw(st.integers(0, 3)) == 0:
+        cfg["layers"] = draw(st.lists(st.integers(0, 3), min_size=1, max_size=3))
+    if draw(st.integers(0, 3)) == 0:
+        cfg["targets"] = draw(st.lists(st.sampled_from([*DEFAULT_TARGETS, "lm_head", "embed"]), min_size=1,
+                                       max_size=4, unique=True))
+    if draw(st.integers(0, 4)) == 0:
+        cfg["group_sizes"] = draw(st.lists(st.integers(1, 14), min_size=1, max_size=6))
+    if draw(st.integers(0, 4)) == 0:
+        cfg["svd"] = "lowrank"
+    if draw(st.booleans()):
+        cfg["seed"] = draw(st.integers(-(2**63), 2**63))
+    return cfg
+
+
+def _header_for(model, cfg: dict, n: int | None, pick) -> bytes:
+    """A file whose fingerprint matches `model` for `cfg` whenever cfg selects modules there."""
+    try:
+        config = TinyLoRAConfig(**cfg)
+        fp = base_fingerprint(model, config)  # depends on targets and layers only
+        planned = count_params(model, config)
+    except ValueError:
+        fp, planned = "0123456789abcdef", 13
+    if n is None:
+        n = pick([planned, planned, max(1, planned - 1), planned + cfg.get("u", 1)])
+    if not 1 <= n <= MAX_FILE_BYTES // 4:
+        n = 13
+    values = np.random.default_rng(n).standard_normal(n).astype("<f4")
+    return _blob({"n": n, "cfg": cfg, "arch": "llama/2", "fp": fp}, values.tobytes())
+
+
+@given(data=st.data())
+def _random_config(model, folder, data):
+    cfg = data.draw(_plausible_cfg())
+    blob = _header_for(model, cfg, None, lambda options: data.draw(st.sampled_from(options)))
+    _load_file(model, blob, folder / "a.tlra", "load_random_config")
+
+
+def test_random_configs_with_the_right_fingerprint(tiny, tmp_path):
+    """The header matches the model but the config asks for anything: a count that does not match,
+    n_tie out of range, huge u or r, layers or targets the model does not have."""
+    _fuzz("load_random_config", _random_config, tiny, tmp_path)
+
+
+@pytest.mark.parametrize("cfg, n", [
+    ({"u": 100_000, "r": 32, "n_tie": "all"}, 100_000),  # P: 14 x 100,000 x 32 x 32 fp32 = 5.7 GB
+    ({"u": 200_000, "r": 4, "n_tie": "all"}, 200_000),  # P: 179 MB
+    ({"u": 2, "n_tie": 999}, 2),  # a plain ValueError from apply_tinylora before the fix
+    ({"u": 2, "n_tie": 3}, 2),  # a count that does not match: refused before anything is allocated
+])
+def test_regressions_found_by_fuzzing(tiny, tmp_path, cfg, n):
+    result = _load_file(tiny, _header_for(tiny, cfg, n, None), tmp_path / "a.tlra", "regressions")
+    assert isinstance(result, AdapterFileError)
+
+
+@given(data=st.data())
+def _load_mutated(corpus, model, folder, data):
+    _load_file(model, data.draw(_mutated(corpus)), folder / "a.tlra", "load_mutated")
+
+
+def test_load_mutated_valid_files(corpus, tiny, tmp_path):
+    _fuzz("load_mutated", _load_mutated, corpus, tiny, tmp_path)
+
+
+def test_zz_session_total():
+    """Last in the file: prints the session's counts; with every strategy run, 10,000+ inputs in all."""
+    fuzzed = {s: COUNTS[s] for s in BUDGET}
+    others = {s: n for s, n in COUNTS.items() if s not in BUDGET}
+    print(f"\nadapter-file fuzzing: {sum(fuzzed.values())} generated inputs + {sum(others.values())} fixed ones "
+          f"{others}; {sum(LOADED.values())} loaded; slowest {max(SLOWEST.values(), default=0) * 1e3:.1f} ms CPU; "
+          f"largest peak +{max(PEAK.values(), default=0) / 2**20:.1f} MiB")
+    if all(n >= BUDGET[s] for s, n in fuzzed.items()):
+        assert sum(fuzzed.values()) >= 10_000
