@@ -1,1 +1,56 @@
-"""Built-in tasks."""
+"""Tasks: what a model is trained and judged on.
+
+Built-in tasks by name: `get("gsm8k")`, `get("compare")`, `get("arithmetic")`, `get("capitals")`;
+`names()` lists them. Keyword arguments go to the task's constructor
+(`get("gsm8k", source="my_problems.jsonl")`, `get("capitals", shape=RewardShape(flexible=0.2))`).
+Your own task is any object with the `Task` attributes; `register(name, factory)` makes it
+available by name too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tinylab.tasks.base import EXACT_MATCH, Example, RewardShape, Score, ScoredTask, Task, completion_text
+from tinylab.tasks.capitals import CapitalsTask
+from tinylab.tasks.gsm8k import GSM8K
+from tinylab.tasks.synthetic import ArithmeticTask, ComparisonTask, SyntheticTask
+
+__all__ = [
+    "EXACT_MATCH", "GSM8K", "ArithmeticTask", "CapitalsTask", "ComparisonTask", "Example", "RewardShape", "Score", "ScoredTask",
+    "SyntheticTask", "Task", "completion_text", "get", "names", "register",
+]
+
+_REGISTRY: dict[str, Callable[..., Task]] = {
+    "arithmetic": ArithmeticTask,
+    "capitals": CapitalsTask,
+    "compare": ComparisonTask,
+    "gsm8k": GSM8K,
+}
+
+
+def names() -> list[str]:
+    """The names `get` knows, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str | Task, **kwargs) -> Task:
+    """A new task by name (keyword arguments go to its constructor); a task object is returned as is."""
+    if not isinstance(name, str):
+        if kwargs:
+            raise TypeError("keyword arguments configure a task by name; got a task object")
+        if not isinstance(name, Task):
+            raise TypeError(f"{name!r} is not a task: it needs name, max_new_tokens, examples, reward and score")
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; choose one of {names()} or register your own")
+    return _REGISTRY[name](**kwargs)
+
+
+def register(name: str, factory: Callable[..., Task]) -> None:
+    """Make `get(name, **kwargs)` return `factory(**kwargs)`; replaces an earlier registration."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r} is not allowed: a non-empty string")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable (a task class or function), got {type(factory).__name__}")
+    _REGISTRY[name] = factory

@@ -1,0 +1,122 @@
+"""Capital cities: knowledge the embedded model has but buries in verbose replies.
+
+"What is the capital of France? Answer with the city name only." A log-probability probe ranks the
+right capital first before any training, yet the base model answers in sentences
+(docs/ecosystem.md), so this task measures whether a few scalars can surface knowledge.
+The split is by country: a held-out country is never asked about in training, in any phrasing.
+
+Reading a reply (case, accents, punctuation and quotes ignored):
+- strict: the first non-empty line is the city (or an accepted alias, e.g. Kiev for Kyiv);
+- formatted: the whole reply has at most 3 words;
+- flexible: the city appears anywhere in the reply as whole words.
+
+Reward options (`shape`): the default pays only a strict-correct reply; `RewardShape(flexible=0.2)`
+gives small credit for a reply that contains the city, which keeps groups from being all-zero.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from tinylab.tasks.base import EXACT_MATCH, Example, RewardShape, Score
+from tinylab.tasks.synthetic import SyntheticTask
+
+__all__ = ["CAPITALS", "TEMPLATES", "CapitalsTask"]
+
+# (country as it reads after "the capital of", capital, accepted aliases...)
+CAPITALS: tuple[tuple[str, ...], ...] = (
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"), ("the United Kingdom", "London"), ("Ireland", "Dublin"), ("Belgium", "Brussels"),
+    ("Austria", "Vienna"), ("Poland", "Warsaw"), ("the Czech Republic", "Prague"), ("Hungary", "Budapest"),
+    ("Greece", "Athens"), ("Sweden", "Stockholm"), ("Norway", "Oslo"), ("Denmark", "Copenhagen"),
+    ("Finland", "Helsinki"), ("Iceland", "Reykjavík"), ("Russia", "Moscow"), ("Ukraine", "Kyiv", "Kiev"),
+    ("Romania", "Bucharest"), ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"),
+    ("Slovakia", "Bratislava"), ("Slovenia", "Ljubljana"), ("Estonia", "Tallinn"), ("Latvia", "Riga"),
+    ("Lithuania", "Vilnius"), ("Belarus", "Minsk"), ("Albania", "Tirana"), ("Malta", "Valletta"),
+    ("Cyprus", "Nicosia"), ("Turkey", "Ankara"), ("Armenia", "Yerevan"), ("Azerbaijan", "Baku"),
+    ("Japan", "Tokyo"), ("China", "Beijing", "Peking"), ("South Korea", "Seoul"), ("North Korea", "Pyongyang"),
+    ("India", "New Delhi"), ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"), ("Nepal", "Kathmandu"),
+    ("Afghanistan", "Kabul"), ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Syria", "Damascus"),
+    ("Jordan", "Amman"), ("Lebanon", "Beirut"), ("Saudi Arabia", "Riyadh"), ("Qatar", "Doha"),
+    ("Oman", "Muscat"), ("the United Arab Emirates", "Abu Dhabi"), ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi", "Ha Noi"), ("Cambodia", "Phnom Penh"), ("Laos", "Vientiane"),
+    ("the Philippines", "Manila"), ("Uzbekistan", "Tashkent"), ("Kyrgyzstan", "Bishkek"),
+    ("Tajikistan", "Dushanbe"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Ethiopia", "Addis Ababa"),
+    ("Nigeria", "Abuja"), ("Ghana", "Accra"), ("Senegal", "Dakar"), ("Morocco", "Rabat"),
+    ("Algeria", "Algiers"), ("Tunisia", "Tunis"), ("Libya", "Tripoli"), ("Sudan", "Khartoum"),
+    ("Uganda", "Kampala"), ("Rwanda", "Kigali"), ("Zimbabwe", "Harare"), ("Zambia", "Lusaka"),
+    ("Angola", "Luanda"), ("Mozambique", "Maputo"), ("Madagascar", "Antananarivo"), ("Somalia", "Mogadishu"),
+    ("Mali", "Bamako"), ("Niger", "Niamey"), ("Namibia", "Windhoek"), ("Botswana", "Gaborone"),
+    ("the United States", "Washington, D.C.", "Washington", "Washington DC"), ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"), ("Cuba", "Havana"), ("Jamaica", "Kingston"), ("Argentina", "Buenos Aires"),
+    ("Brazil", "Brasília"), ("Chile", "Santiago"), ("Peru", "Lima"), ("Colombia", "Bogotá"),
+    ("Venezuela", "Caracas"), ("Ecuador", "Quito"), ("Uruguay", "Montevideo"), ("Paraguay", "Asunción"),
+    ("Costa Rica", "San José"), ("Nicaragua", "Managua"), ("Honduras", "Tegucigalpa"),
+    ("Haiti", "Port-au-Prince"), ("the Dominican Republic", "Santo Domingo"), ("Australia", "Canberra"),
+    ("New Zealand", "Wellington"), ("Fiji", "Suva"), ("Papua New Guinea", "Port Moresby"),
+)
+
+TEMPLATES = (
+    "What is the capital of {country}? Answer with the city name only.",
+    "Name the capital city of {country}. Answer with the city name only.",
+    "Which city is the capital of {country}? Answer with the city name only.",
+)
+_PUNCTUATION = re.compile(r"[^\w\s]|_")
+
+
+def _words(text: str) -> str:
+    """Lower case, accents and punctuation removed, single spaces: 'Washington, D.C.' -> 'washington d c'."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
+    return " ".join(_PUNCTUATION.sub(" ", text).split())
+
+
+def _key(text: str) -> str:
+    return _words(text).replace(" ", "")
+
+
+class CapitalsTask(SyntheticTask):
+    """Name a country's capital with the city name only; split by country (40% held out by default).
+
+    `templates`: how the question is phrased, each with `{country}`; every country is asked in every
+    phrasing. `CAPITALS` holds the countries with their aliases.
+
+    >>> task = CapitalsTask()
+    >>> task.reward(["Paris", "The capital of France is Paris.", "Lyon"], ["Paris", "Paris", "Paris"])
+    [1.0, 0.0, 0.0]
+    >>> CapitalsTask(shape=RewardShape(flexible=0.2)).reward(["'Paris.'", "It is Paris."], ["Paris", "Paris"])
+    [1.0, 0.2]
+    >>> task.score("**Kiev**", "Kyiv")
+    Score(formatted=True, correct_strict=True, correct_flexible=True, extracted='Kiev')
+    """
+
+    name = "capitals"
+    max_new_tokens = 16
+
+    def __init__(self, *, templates: tuple[str, ...] = TEMPLATES, split_seed: int = 0, test_fraction: float = 0.4,
+                 shape: RewardShape = EXACT_MATCH):
+        if isinstance(templates, str) or not templates or any("{country}" not in t for t in templates):
+            raise ValueError(f"templates={templates!r} is not allowed: a non-empty tuple of strings with '{{country}}'")
+        super().__init__(split_seed=split_seed, test_fraction=test_fraction, shape=shape)
+        self.templates = tuple(templates)
+        self._aliases = {_key(city): (city, *aliases) for _, city, *aliases in CAPITALS}
+
+    def _groups(self):
+        return [
+            (country, [Example([{"role": "user", "content": t.format(country=country)}], city, city)
+                       for t in self.templates])
+            for country, city, *_ in CAPITALS
+        ]
+
+    def score(self, completion: str, answer: str) -> Score:
+        names = self._aliases.get(_key(answer), (answer,))
+        lines = [line for line in completion.strip().splitlines() if line.strip()]
+        first = lines[0].strip().strip("\"'`*_.,;:!?()[]{} ") if lines else ""
+        reply_words = f" {_words(completion)} "
+        return Score(
+            formatted=1 <= len(completion.split()) <= 3,
+            correct_strict=bool(first) and _key(first) in {_key(name) for name in names},
+            correct_flexible=any(f" {_words(name)} " in reply_words for name in names),
+            extracted=first or None,
+        )
