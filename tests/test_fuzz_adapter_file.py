@@ -21,6 +21,7 @@ slowest input and the largest memory peak per strategy.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 from collections import Counter, defaultdict
@@ -290,9 +291,11 @@ def test_huge_and_special_files_are_refused_without_reading_them(tmp_path):
         f.truncate(1 << 40)  # 1 TiB declared by the file system, nothing on disk
     over = tmp_path / "over.tlra"
     over.write_bytes(b"TLRA\x01\x00\x10\x00" + b"0" * MAX_FILE_BYTES)  # a few bytes over the limit
-    for target, message in ((sparse, "at most"), (over, "at most"), ("/dev/zero", "larger than"),
-                            ("/dev/urandom", "larger than"), (tmp_path, "cannot read"),
-                            (tmp_path / "missing.tlra", "cannot read")):
+    fifo = tmp_path / "fifo.tlra"
+    os.mkfifo(fifo)  # opening it for reading would block until someone writes
+    for target, message in ((sparse, "at most"), (over, "at most"), ("/dev/zero", "not a regular file"),
+                            ("/dev/urandom", "not a regular file"), (tmp_path, "not a regular file"),
+                            (fifo, "not a regular file"), (tmp_path / "missing.tlra", "cannot read")):
         with _measured("special_files", PARSE_PEAK_BYTES), pytest.raises(AdapterFileError, match=message):
             read_adapter(target)
 

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -129,15 +130,18 @@ def read_adapter(path: str | os.PathLike) -> tuple[TinyLoRAConfig, dict, torch.T
     """Parse and validate a file without a model: (config, header, values fp32)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except OSError as err:
         raise AdapterFileError(f"cannot read adapter file {path}: {err}") from err
+    if not stat.S_ISREG(info.st_mode):  # a folder, a device, or a FIFO (whose open() would block)
+        raise AdapterFileError(f"cannot read adapter file {path}: not a regular file")
+    size = info.st_size
     if size > MAX_FILE_BYTES:
         raise AdapterFileError(f"{path} is {size} bytes; adapter files are at most {MAX_FILE_BYTES} bytes")
     try:
         with open(path, "rb") as f:
             blob = f.read(MAX_FILE_BYTES + 1)
-    except OSError as err:  # a folder, a file without read permission, ...
+    except OSError as err:  # no read permission, removed in between, ...
         raise AdapterFileError(f"cannot read adapter file {path}: {err}") from err
     return _parse(blob, str(path))
 
