@@ -38,7 +38,7 @@ class ToyTask:
     def examples(self, split, n, seed):
         words = self.WORDS[:6] if split == "train" else self.WORDS[6:]
         rng = random.Random(seed)
-        words = rng.sample(words, len(words))[:n]
+        words = rng.sample(words, len(words))[:n]  # n=None: all
         return [Example([{"role": "user", "content": f"Say {w}."}], w, f"{w}.") for w in words]
 
     def reward(self, completions, answers, **kwargs):

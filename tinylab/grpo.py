@@ -107,9 +107,9 @@ class GRPOConfig:
             object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
 
 
-def train_pool(task, n: int, seed: int, split: str = "train") -> list:
-    """The examples a run draws its prompts from (a task may hold fewer than `n`)."""
-    pool = list(task.examples(split, n, seed))
+def train_pool(task, seed: int, split: str = "train") -> list:
+    """All of `task`'s examples of `split` (seeded order): the pool a run draws its prompts from."""
+    pool = list(task.examples(split, None, seed))
     if not pool:
         raise ValueError(f"task {getattr(task, 'name', task)!r} gave no {split!r} examples; it needs at least one")
     return pool
@@ -181,7 +181,7 @@ def train_grpo(model, tokenizer, adapter, task, config: GRPOConfig, *, callbacks
 
 
 def _grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> None:
-    pool = train_pool(task, config.prompts_per_step * config.steps, config.seed)
+    pool = train_pool(task, config.seed)
     render_prompts(tokenizer, [pool[0].prompt])  # a missing chat template fails here, before step 1
     G = config.group_size
     max_new = config.max_new_tokens or getattr(task, "max_new_tokens", 64)

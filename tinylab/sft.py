@@ -104,7 +104,7 @@ def train_sft(model, tokenizer, adapter, task, config: SFTConfig | GRPOConfig, *
 
 
 def _sft_body(run: Run, model, tokenizer, adapter, task, config: SFTConfig) -> None:
-    pool = train_pool(task, config.batch_size * config.steps, config.seed)
+    pool = train_pool(task, config.seed)
     missing = [i for i, ex in enumerate(pool) if not getattr(ex, "solution", None)]
     if missing:
         raise ValueError(f"task {task.name!r} gives no reference solution for {len(missing)} of {len(pool)} "

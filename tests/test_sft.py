@@ -1,0 +1,85 @@
+import dataclasses
+
+import pytest
+import torch
+from test_grpo import Example, ToyTask
+
+from tinylab.adapter import apply_tinylora
+from tinylab.grpo import GRPOConfig
+from tinylab.models import tiny_model
+from tinylab.sft import SFTConfig, _solution_batch, train_sft
+from tinylab.training import StopTraining, resume
+
+
+def _fresh():
+    model, tok = tiny_model("llama", seed=0)
+    return model, tok, apply_tinylora(model, u=4, n_tie="all")
+
+
+class OneExample(ToyTask):
+    name = "one"
+
+    def examples(self, split, n, seed):
+        return [Example([{"role": "user", "content": "Say apple."}], "apple", "apple, apple, apple.")]
+
+
+def test_sft_lowers_the_loss_and_trains_only_v(tmp_path):
+    model, tok, adapter = _fresh()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    cfg = SFTConfig(batch_size=1, lr=0.1, steps=6, checkpoint_dir=str(tmp_path))
+    seen = []
+    run = train_sft(model, tok, adapter, OneExample(), cfg, callbacks=[seen.append])
+    assert run.status == "finished" and [s.kind for s in seen] == ["sft"] * 6
+    losses = run.history["loss"].tolist()
+    assert losses[-1] < losses[0]
+    assert adapter.vector().abs().sum() > 0
+    after = dict(model.named_parameters())
+    assert all(torch.equal(frozen[n], after[n]) for n in frozen)
+    assert seen[0].completion_len == len(tok("apple, apple, apple.", add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_solution_batch_targets_are_solution_plus_eos():
+    _, tok = tiny_model("llama", seed=0)
+    examples = ToyTask().examples("train", 2, 0)
+    ids, attn, target_mask = _solution_batch(tok, examples, max_tokens=256)
+    row = ids[0, -target_mask.shape[1]:][target_mask[0].bool()]
+    assert tok.decode(row[:-1]) == examples[0].solution and int(row[-1]) == tok.eos_token_id
+    assert attn[:, -target_mask.shape[1]:].equal(target_mask)
+
+
+def test_sft_accepts_a_grpo_config_and_resumes(tmp_path):
+    model, tok, adapter = _fresh()
+    full = train_sft(model, tok, adapter, ToyTask(),
+                     SFTConfig(batch_size=2, steps=3, lr=0.05, checkpoint_dir=str(tmp_path / "a"))).vector
+
+    def stop(log):
+        if log.step == 1:
+            raise StopTraining
+
+    model, tok, adapter = _fresh()
+    grpo_cfg = GRPOConfig(prompts_per_step=2, steps=3, lr=0.05, checkpoint_dir=str(tmp_path / "b"))
+    run = train_sft(model, tok, adapter, ToyTask(), grpo_cfg, callbacks=[stop])
+    assert run.step == 1 and run.config == SFTConfig.from_grpo(grpo_cfg)
+    model2, tok2 = tiny_model("llama", seed=0)
+    resumed = resume(tmp_path / "b", model2, tok2, ToyTask())
+    assert resumed.kind == "sft" and resumed.step == 3
+    torch.testing.assert_close(resumed.vector, full, atol=1e-6, rtol=0)
+
+
+def test_sft_needs_solutions(tmp_path):
+    class NoSolutions(ToyTask):
+        def examples(self, split, n, seed):
+            return [ex._replace(solution=None) for ex in super().examples(split, n, seed)]
+
+    model, tok, adapter = _fresh()
+    with pytest.raises(ValueError, match="no reference solution"):
+        train_sft(model, tok, adapter, NoSolutions(), SFTConfig(checkpoint_dir=str(tmp_path)))
+
+
+def test_sft_config_errors():
+    with pytest.raises(ValueError, match="batch_size=0 is not allowed: an integer >= 1"):
+        SFTConfig(batch_size=0)
+    with pytest.raises(ValueError, match="lr=0"):
+        SFTConfig(lr=0)
+    with pytest.raises(TypeError, match="SFTConfig"):
+        train_sft(*_fresh(), ToyTask(), dataclasses.asdict(SFTConfig()))

@@ -1,0 +1,175 @@
+"""TRL for scale: the same model, adapter, task and GRPOConfig as a TRL `GRPOTrainer`.
+
+`train_grpo` is the readable loop for a notebook on a CPU; TRL brings accelerate (DDP, FSDP,
+DeepSpeed) and vLLM generation. `grpo_trainer(...)` builds a `GRPOTrainer` whose only trainable
+parameters are the adapter's vectors (TRL sees a plain `PreTrainedModel`; every other weight
+has `requires_grad=False`), with CPU-safe defaults and the GRPOConfig fields translated:
+
+    prompts_per_step * group_size -> per_device_train_batch_size (one generation batch per step)
+    group_size -> num_generations        max_new_tokens -> max_completion_length
+    lr -> learning_rate (constant, Adam with weight_decay=0, no gradient clipping, like train_grpo)
+    clip -> epsilon (0.2 when None; with inner_epochs=1 the ratio is 1 and clipping never acts)
+    inner_epochs -> num_iterations       scale_rewards -> scale_rewards   loss_type = "dapo" (token-level)
+
+`kl > 0` is refused: TRL would load a second copy of the model as the reference, where
+`train_grpo` uses the adapter switched off. `TRLStepLogs` forwards TRL's logs as StepLogs to
+tinylab callbacks (a callback raising `StopTraining` ends training after that step).
+
+vLLM has no TinyLoRA kernels: to generate with vLLM, merge the update into the weights
+(`adapter.merge()`) before each generation, as the paper's authors did.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+
+from tinylab.grpo import GRPOConfig, train_pool
+from tinylab.training import StepLog, StopTraining, step_log
+
+__all__ = ["TRLStepLogs", "grpo_trainer", "trl_args"]
+
+
+def _generation_batch(per_device: int, steps_per_generation: int | None, generation_batch_size: int | None) -> int:
+    if generation_batch_size is not None:
+        return generation_batch_size
+    return per_device * (steps_per_generation or 1)
+
+
+def trl_args(config: GRPOConfig, output_dir: str, task=None, **overrides):
+    """A TRL `GRPOConfig` equivalent to `config`, CPU-safe. `overrides` are TRL GRPOConfig fields.
+
+    Checks before anything is built that the generation batch is a multiple of num_generations.
+    """
+    if not isinstance(config, GRPOConfig):
+        raise TypeError(f"config must be a tinylab GRPOConfig, got {type(config).__name__}")
+    if config.kl > 0:
+        raise ValueError(f"kl={config.kl} is not supported by the TRL bridge (TRL would load a second copy of the "
+                         "model as reference); allowed: kl=0, or use tinylab.train_grpo for kl > 0")
+    max_new = config.max_new_tokens or getattr(task, "max_new_tokens", 64)
+    args = dict(
+        output_dir=output_dir,
+        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        learning_rate=config.lr, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=0.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        per_device_train_batch_size=config.prompts_per_step * config.group_size, gradient_accumulation_steps=1,
+        num_generations=config.group_size, max_completion_length=max_new, temperature=config.temperature,
+        top_p=1.0, top_k=0, max_steps=config.steps, seed=config.seed, data_seed=config.seed,
+        beta=0.0, epsilon=config.clip if config.clip is not None else 0.2, num_iterations=config.inner_epochs,
+        scale_rewards=config.scale_rewards, loss_type="dapo",
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )
+    from trl import GRPOConfig as TRLGRPOConfig
+
+    if "activation_checkpointing" in TRLGRPOConfig.__dataclass_fields__:  # transformers >= 5.x name
+        args["activation_checkpointing"] = args.pop("gradient_checkpointing")
+    args.update(overrides)
+    n_gen = args["num_generations"]
+    if not isinstance(n_gen, int) or n_gen < 2:
+        raise ValueError(f"num_generations={n_gen!r} is not allowed: an integer >= 2 (GRPO compares completions "
+                         "within a group)")
+    batch = _generation_batch(args["per_device_train_batch_size"], args.get("steps_per_generation"),
+                              args.get("generation_batch_size"))
+    if batch % n_gen:
+        raise ValueError(
+            f"the generation batch ({batch} completions = per_device_train_batch_size x steps_per_generation, or "
+            f"generation_batch_size) is not divisible by num_generations={n_gen}; allowed: a multiple of {n_gen}, "
+            f"e.g. per_device_train_batch_size={max(n_gen, batch - batch % n_gen)}"
+        )
+    return TRLGRPOConfig(**args)
+
+
+def _first(logs: dict, *keys, default=math.nan) -> float:
+    for key in keys:
+        value = logs.get(key)
+        if value is not None:
+            return float(value)
+    return default
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class TRLStepLogs(_trainer_callback_base()):
+    """A `transformers.TrainerCallback` turning each TRL training log into a StepLog for tinylab callbacks."""
+
+    def __init__(self, adapter, callbacks: Iterable = ()):
+        self.adapter = adapter
+        self.callbacks = list(callbacks)
+        self.logs: list[StepLog] = []
+        self._t = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "reward" not in logs and "loss" not in logs:
+            return  # the end-of-training summary
+        entry = step_log(
+            int(state.global_step), "trl", loss=_first(logs, "loss"), reward_mean=_first(logs, "reward"),
+            reward_std=_first(logs, "reward_std"), zero_spread=_first(logs, "frac_reward_zero_std"),
+            completion_len=_first(logs, "completions/mean_length"),
+            completion_len_max=int(_first(logs, "completions/max_length", default=0)),
+            v_norm=float(self.adapter.vector().norm()), grad_norm=_first(logs, "grad_norm"), kl=_first(logs, "kl"),
+            clip_frac=_first(logs, "clip_ratio/region_mean"), step_time=time.perf_counter() - self._t,
+        )
+        self.logs.append(entry)
+        try:
+            for cb in self.callbacks:
+                cb(entry)
+        except StopTraining:
+            control.should_training_stop = True
+
+    @property
+    def history(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.logs, columns=StepLog._fields)
+
+
+def _reward_function(task):
+    from tinylab.tasks.base import completion_text
+
+    def reward(prompts=None, completions=None, answer=None, **kwargs):
+        texts = [completion_text(c) for c in completions]
+        return list(task.reward(texts, list(answer)))
+
+    reward.__name__ = f"{task.name}_reward"
+    return reward
+
+
+def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbacks: Iterable = (),
+                 output_dir: str | None = None, **trl_overrides):
+    """A TRL `GRPOTrainer` training only `adapter`'s vectors on `task`; call `.train()` on it.
+
+    `trl_overrides` are TRL GRPOConfig fields (e.g. `use_vllm=True` on a GPU machine). The
+    trainer's `tinylab_logs` attribute is the `TRLStepLogs` callback (`.history` DataFrame).
+    """
+    import tempfile
+
+    if not getattr(adapter, "attached", False) or adapter.model is not model:
+        raise ValueError("adapter must be attached to model (adapter = apply_tinylora(model, ...))")
+    output_dir = output_dir or config.checkpoint_dir or tempfile.mkdtemp(prefix="tinylab-trl-")
+    args = trl_args(config, output_dir, task, **trl_overrides)  # validates before anything loads
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    ours = {id(p) for p in adapter.parameters()}
+    strays = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
+    if strays or not trainable:
+        raise ValueError(f"only the adapter's vectors may require grad; also trainable: {strays[:5]}")
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    pool = train_pool(task, config.seed)
+    dataset = Dataset.from_list([{"prompt": ex.prompt, "answer": ex.answer} for ex in pool])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    forward = TRLStepLogs(adapter, callbacks)
+    trainer = GRPOTrainer(model=model, reward_funcs=[_reward_function(task)], args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[forward])
+    trainer.tinylab_logs = forward
+    return trainer
