@@ -339,12 +339,24 @@ class TinyLoRALinear(nn.Module):
         return (self.U.float() * self.S.float()) @ R.float() @ self.Vh.float()  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        """y = base(x) + (x Vh^T) (U diag(S) R)^T, the update added by one addmm on the base output.
+
+        U diag(S) R is (out, r) and rebuilt every call (3 tiny ops, so v changed by any optimizer,
+        fused or not, is always seen). Without grad and without hooks on `base`, the addmm runs in
+        place on base's fresh output: one pass over y and no temporary. At v = 0 it adds exact zeros.
+        """
+        y = self.base(x)  # (..., out)
         if not self.enabled or self.merged_R is not None:
             return y
-        M = (self.R().T * self.S.float()).to(x.dtype)  # (r, r): R^T diag(S)
+        P = self.P  # (u, r, r)
+        R = (self.v @ P.reshape(P.shape[0], -1)).view(P.shape[1], P.shape[2])  # (r, r) = sum_i v_i P_i
+        US_R = ((self.U.float() * self.S.float()) @ R.float()).to(y.dtype)  # (out, r): U diag(S) R
         h = F.linear(x, self.Vh)  # (..., r)
-        return y + F.linear(h @ M, self.U)  # (..., out)
+        y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])  # (N, out), (N, r)
+        if (torch.is_grad_enabled() or type(self.base) is not nn.Linear or not y.is_contiguous()
+                or self.base._forward_hooks or nn.modules.module._global_forward_hooks):
+            return torch.addmm(y2, h2, US_R.T).view(y.shape)  # (..., out)
+        return y2.addmm_(h2, US_R.T).view(y.shape)  # (..., out)
 
     @torch.no_grad()
     def merge(self) -> None:
