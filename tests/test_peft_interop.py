@@ -52,6 +52,7 @@ def _peft_vectors(peft_model):
         ("mistral", dict(u=2, n_tie=4), 14),  # groups 4,4,4,2: not PEFT's grouping -> untied copies
         ("gemma", dict(u=2, n_tie=2, tie="structured"), 14),  # structured -> untied copies
         ("llama", dict(u=2, targets=("q_proj", "down_proj"), layers=(1,)), 2),
+        ("qwen2", dict(u=2, group_sizes=(3, 3, 3, 5)), 4),  # PEFT's own shape of groups: kept tied
     ],
 )
 def test_export_loads_in_peft_with_same_logits(tmp_path, arch, fields, n_peft_vectors):
@@ -118,15 +119,15 @@ def _peft_checkpoint(tmp_path, arch="llama", **config):
 
 
 @pytest.mark.parametrize(
-    "weight_tying, save_projection, n_tie, num_params",
+    "weight_tying, save_projection, tying, num_params",
     [
-        (0.0, True, 1, 14 * 2),
-        (0.5, True, 2, 7 * 2),  # 7 groups of 2 = tiled n_tie=2
-        (1.0, False, "all", 2),  # P regenerated from PEFT's projection_seed
-        (0.7, True, 1, 14 * 2),  # groups of 3,3,3,5: untiled -> one copied v per module
+        (0.0, True, dict(n_tie=1, group_sizes=None), 14 * 2),
+        (0.5, True, dict(n_tie=2, group_sizes=None), 7 * 2),  # 7 groups of 2 = tiled n_tie=2
+        (1.0, False, dict(n_tie="all"), 2),  # P regenerated from PEFT's projection_seed
+        (0.7, True, dict(group_sizes=(3, 3, 3, 5)), 4 * 2),  # the last PEFT group absorbs the rest
     ],
 )
-def test_import_matches_peft(tmp_path, weight_tying, save_projection, n_tie, num_params):
+def test_import_matches_peft(tmp_path, weight_tying, save_projection, tying, num_params):
     folder, theirs = _peft_checkpoint(tmp_path, u=2, weight_tying=weight_tying, save_projection=save_projection)
     model, _ = tiny_model("llama", seed=0)
     base_logits = _logits(model, _ids())
@@ -134,7 +135,7 @@ def test_import_matches_peft(tmp_path, weight_tying, save_projection, n_tie, num
 
     adapter = import_peft(model, folder)
     assert adapter.source == "peft"
-    assert adapter.config.n_tie == n_tie and adapter.num_params == num_params
+    assert {k: getattr(adapter.config, k) for k in tying} == tying and adapter.num_params == num_params
     assert (_logits(model, _ids()) - theirs).abs().max() < TOL
 
     # The handle carries the checkpoint's factors and P, not tinylab's seeded ones.
@@ -209,6 +210,13 @@ def test_bad_checkpoints_are_refused_and_leave_the_model_untouched(tmp_path):
         import_peft(model, wrong_r)
     assert not find_adapter(model)
     assert all(p.requires_grad for p in model.parameters())
+
+    base, _ = tiny_model("llama", seed=0)
+    odd = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"]  # not a targets x layers set
+    peft.get_peft_model(base, peft.TinyLoraConfig(target_modules=odd, u=1)).save_pretrained(tmp_path / "odd")
+    with pytest.raises(ValueError, match="no TinyLoRAConfig"):
+        import_peft(model, tmp_path / "odd")
+    assert not find_adapter(model)
 
 
 def test_export_refuses_a_non_adapter(tmp_path):

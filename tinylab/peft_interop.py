@@ -13,15 +13,15 @@ loads exactly our update whatever signs its own SVD would have picked. Import go
 for each module, a = |rows of A|, b = |columns of B|, then U = B / b, Vh = A / a, S = a * b and
 P = diag(1/a) P' diag(a) (for PEFT's balanced factors a = b = sqrt S, i.e. P = S^-1/2 P' S^1/2).
 
-Tying. PEFT ties tiled groups by a ratio: with N modules, `num_groups = round(N * (1 - weight_tying))`,
-`group_size = N // num_groups`, module i in group `min(i // group_size, num_groups - 1)` (the last
-group absorbs the rest). Ours: group `i // n_tie` (the last group is the short one). When the two
-groupings coincide (untied, fully tied, or n_tie dividing N, e.g. N = 14, n_tie = 7), export
-writes one v per group with the matching `weight_tying`, and import attaches a tiled `n_tie`.
-Otherwise (e.g. N = 210, n_tie = 16, or structured tying) export writes an untied checkpoint
-(`weight_tying = 0`) where each module's v is a copy of its group's, and import attaches
-`n_tie = 1` with each module's v copied from its PEFT group: the same function, but training it
-further would untie the copies.
+Tying. PEFT ties consecutive modules by a ratio: with N modules,
+`num_groups = round(N * (1 - weight_tying))`, `group_size = N // num_groups`, module i in group
+`min(i // group_size, num_groups - 1)` (the last group absorbs the rest). Ours (tiled): group
+`i // n_tie` (the last group is the short one), or explicit `group_sizes`. Export keeps the groups
+when some `weight_tying` reproduces them (untied, fully tied, n_tie dividing N such as N = 14,
+n_tie = 7, ...); otherwise (e.g. N = 210, n_tie = 16, or structured tying) it writes an untied
+checkpoint (`weight_tying = 0`) in which each module's v is a copy of its group's: the same
+function, but training it in PEFT would untie the copies. Import always keeps PEFT's groups:
+`n_tie` when they are tiled n_tie groups, else `group_sizes` (e.g. 3, 3, 3, 5).
 
 An imported adapter carries the checkpoint's factors and P, not tinylab's seeded ones; it is
 marked `adapter.source == "peft"`, and `tinylab.checkpoint.save_adapter` refuses it (a tinylab
@@ -31,6 +31,7 @@ Only JSON and safetensors are read or written; a pickled `adapter_model.bin` is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +40,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tinylab.adapter import DEFAULT_TARGETS, TinyLoRA, TinyLoRAConfig, apply_tinylora, linear_modules
+from tinylab.adapter import (
+    DEFAULT_TARGETS,
+    TinyLoRA,
+    TinyLoRAConfig,
+    apply_tinylora,
+    linear_modules,
+    plan_modules,
+)
 
 __all__ = ["PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "export_peft", "import_peft", "peft_groups"]
 
@@ -244,6 +252,16 @@ def _load_into(adapter: TinyLoRA, state: dict[str, torch.Tensor], cfg: dict, v_k
         vec.copy_(values.float())
 
 
+def _our_tying(groups: list[int]) -> dict:
+    """TinyLoRAConfig fields giving exactly PEFT's consecutive `groups`: n_tie when tiled, else group_sizes."""
+    sizes = [groups.count(g) for g in range(max(groups) + 1)]
+    if len(sizes) == 1:
+        return {"n_tie": "all"}
+    if [i // sizes[0] for i in range(len(groups))] == groups:
+        return {"n_tie": sizes[0]}
+    return {"group_sizes": tuple(sizes)}
+
+
 def _our_targets(kinds: list[str]) -> tuple[str, ...]:
     return DEFAULT_TARGETS if set(kinds) == set(DEFAULT_TARGETS) else tuple(kinds)
 
@@ -281,29 +299,18 @@ def import_peft(model: nn.Module, folder: str | os.PathLike) -> TinyLoRA:
         raise ValueError(f"the checkpoint has {len(v_keys)} vectors but weight_tying={cfg.get('weight_tying')} "
                          f"over {n} modules gives {max(peft_group) + 1} groups")
 
-    if max(peft_group) == 0:
-        tiled, n_tie = True, "all"
-    else:
-        size = peft_group.count(0)
-        tiled = [i // size for i in range(n)] == peft_group
-        n_tie = size if tiled else 1
     kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
     layer_of = {name: layer for name, _, layer in linear_modules(model)}
     all_layers = sorted({lay for lay in layer_of.values() if lay is not None})
     used_layers = sorted({layer_of[name] for name in names if layer_of[name] is not None})
     layers = None if used_layers == all_layers else tuple(used_layers)
-    config = TinyLoRAConfig(r=r, u=u, n_tie=n_tie, tie="tiled", targets=_our_targets(kinds), layers=layers,
-                            seed=int(cfg.get("projection_seed", 0)))
-    adapter = apply_tinylora(model, config)
-    if [m.name for m in adapter.modules] != names:
-        adapter.remove()
+    selection = TinyLoRAConfig(r=r, u=u, targets=_our_targets(kinds), layers=layers,
+                               seed=int(cfg.get("projection_seed", 0)))
+    planned = [m.name for m in plan_modules(model, selection)]
+    if planned != names:
         raise ValueError(f"the checkpoint adapts {n} modules that no TinyLoRAConfig(targets, layers) selects "
-                         f"exactly (targets {kinds}, layers {used_layers}); tinylab would adapt "
-                         f"{len(adapter.modules)}")
-    if not tiled:
-        log.info("PEFT groups (weight_tying=%s) are not tiled n_tie groups: importing one copied v per module",
-                 cfg.get("weight_tying"))
-
+                         f"exactly (targets {kinds}, layers {used_layers}); tinylab would adapt {len(planned)}")
+    adapter = apply_tinylora(model, dataclasses.replace(selection, **_our_tying(peft_group)))
     try:
         _load_into(adapter, state, cfg, v_keys, peft_group)
     except BaseException:
