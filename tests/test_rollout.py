@@ -148,3 +148,29 @@ def test_bad_arguments_name_the_value(tiny):
         generate(model, tok, [], max_new_tokens=3)
     with pytest.raises(ValueError, match="context of 512 tokens"):
         generate(model, tok, ["word " * 600], max_new_tokens=3)
+
+
+def test_shared_prompt_logprobs_match_and_carry_gradients():
+    from tinylab.adapter import apply_tinylora
+
+    model, tok = tiny_model("llama", seed=0)
+    adapter = apply_tinylora(model, u=2, n_tie="all")
+    adapter.set_vector([0.3, -0.2])
+    r = generate(model, tok, PROMPTS, n=3, max_new_tokens=4, seed=0)
+    grads = []
+    values = []
+    for g in (1, 3):
+        lp = completion_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=g)
+        (v,) = torch.autograd.grad(lp.sum(), list(adapter.parameters()))
+        values.append(lp.detach())
+        grads.append(v)
+    torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+    assert grads[0].abs().sum() > 0
+    one = completion_logprobs(model, r.input_ids[:, :-3], r.attention_mask[:, :-3], r.completion_mask[:, :1],
+                              group_size=3)
+    torch.testing.assert_close(one, values[0][:, :1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="different prompts"):
+        completion_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=9)
+    with pytest.raises(ValueError, match="group_size=2"):
+        completion_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=2)

@@ -16,7 +16,8 @@ How this departs from textbook GRPO (Shao et al. 2024), nanochat `chat_rl.py` st
   disabled (`adapter.disabled()`), never a copy. Default 0, as in the TinyLoRA paper.
 - Groups whose rewards are all equal have zero advantage; with `kl = 0` their rows are left out
   of forward/backward (their gradient is exactly zero; the token count still includes them, so
-  the update is the same as computing them).
+  the update is the same as computing them). Each group's shared prompt runs through the model
+  once in the training forward too (`completion_logprobs(..., group_size=G)`).
 - Sampling is seeded per step from (config.seed, step): prompts by a seeded shuffle of the train
   pool per epoch, completions by a private generator. A resumed run repeats an uninterrupted one.
 - A `None` reward counts as 0.0; a NaN/inf reward stops the run (`NonFiniteError`) with the last
@@ -207,7 +208,8 @@ def _grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) ->
         t0 = time.perf_counter()
         mask = rollout.completion_mask  # [B*G, L]
         n_tokens = mask.sum().clamp(min=1)
-        rows = torch.arange(len(advantages)) if config.kl > 0 else (advantages != 0).nonzero().squeeze(-1)
+        keep = torch.ones_like(spread) if config.kl > 0 else spread  # [B] groups that carry gradient
+        rows = keep.repeat_interleave(G).nonzero().squeeze(-1)  # [N] their rows, whole groups
         stats = {"kl": math.nan, "clip_frac": math.nan}
         loss_value = 0.0
         if len(rows) > 0:
@@ -215,10 +217,12 @@ def _grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) ->
             ref = None
             if config.kl > 0:
                 with torch.no_grad(), adapter.disabled():
-                    ref = completion_logprobs(model, ids, attn, cmask, temperature=config.temperature)  # [N, L]
+                    ref = completion_logprobs(model, ids, attn, cmask, temperature=config.temperature,
+                                              group_size=G)  # [N, L]
             old = None
             for _ in range(config.inner_epochs):
-                logp = completion_logprobs(model, ids, attn, cmask, temperature=config.temperature)  # [N, L]
+                logp = completion_logprobs(model, ids, attn, cmask, temperature=config.temperature,
+                                           group_size=G)  # [N, L]
                 old = logp.detach() if old is None else old
                 loss, stats = policy_loss(logp, old, ref, advantages[rows], cmask, n_tokens, config)
                 run.check_finite("the loss", loss.detach())

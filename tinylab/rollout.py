@@ -214,12 +214,15 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_
 
 
 def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        completion_mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+                        completion_mask: torch.Tensor, *, temperature: float = 1.0, group_size: int = 1) -> torch.Tensor:
     """Log-probability of each completion token under `model` (differentiable), zero where masked.
 
     `input_ids` / `attention_mask`: [B, P+L] prompt then completion (as `Rollout.input_ids`);
     `completion_mask`: [B, L]. Returns [B, L]. Logits are divided by `temperature` (> 0), the
-    distribution the tokens were sampled from.
+    distribution the tokens were sampled from. `group_size` > 1: consecutive rows share their
+    prompt (as `generate(..., n=group_size)` returns them); each prompt then runs through the model
+    once and its KV cache (gradients included) is repeated for the group, which saves the
+    prompt's share of the compute G-1 times over. Same values up to float rounding.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
@@ -230,12 +233,41 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
                          f"{tuple(input_ids.shape)}: expected [B, L] with 0 < L < P+L")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} is not allowed: must be > 0 for log-probabilities")
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                use_cache=False, logits_to_keep=L + 1)
-    logits = out.logits[:, :-1].float()  # [B, L, V]: position t predicts completion token t
+    if not isinstance(group_size, int) or group_size < 1 or B % group_size:
+        raise ValueError(f"group_size={group_size!r} is not allowed: an integer >= 1 that divides the {B} rows")
+    positions = _positions(attention_mask)  # [B, P+L]
+    if group_size == 1:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                    logits_to_keep=L + 1)
+        logits = out.logits[:, :-1].float()  # [B, L, V]: position t predicts completion token t
+    else:
+        logits = _shared_prompt_logits(model, input_ids, attention_mask, positions, L, group_size)  # [B, L, V]
     if temperature != 1.0:
         logits = logits / temperature
     targets = input_ids[:, -L:]  # [B, L]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, L]
     logprobs = picked - torch.logsumexp(logits, dim=-1)  # [B, L]
     return logprobs * completion_mask.to(logprobs.dtype)
+
+
+def _shared_prompt_logits(model, input_ids, attention_mask, positions, L, g) -> torch.Tensor:
+    """Logits for the last L positions, running each group's shared prompt once."""
+    from transformers import DynamicCache
+
+    P = input_ids.shape[1] - L
+    prompt_ids, prompt_mask = input_ids[::g, :P], attention_mask[::g, :P]  # [B/G, P]
+    if not (torch.equal(input_ids[:, :P], prompt_ids.repeat_interleave(g, dim=0))
+            and torch.equal(attention_mask[:, :P], prompt_mask.repeat_interleave(g, dim=0))):
+        raise ValueError(f"group_size={g} but rows within a group have different prompts; "
+                         "pass group_size=1 or rows in prompt-major order")
+    cache = DynamicCache()
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[::g, :P],
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:].float().repeat_interleave(g, dim=0)  # [B, 1, V]: predicts completion token 0
+    if L == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(g)
+    out = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
+                position_ids=positions[:, P:-1], past_key_values=cache, use_cache=True)
+    return torch.cat([first, out.logits.float()], dim=1)  # [B, L, V]
