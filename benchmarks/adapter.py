@@ -1,0 +1,182 @@
+"""TinyLoRA adapter vs the base model and PEFT's TinyLoRA on the embedded SmolLM2-135M-Instruct.
+
+Prints ratios measured in this run (all 7 linear maps of every block adapted, 210 modules):
+
+- forward time, adapted / base: a prefill of B x L tokens (default 8 x 128) and, separately, a
+  1-token decode step on a KV cache of L tokens; goal <= 1.03. PEFT TinyLoRA / base and ours / PEFT
+  on the same inputs. Rounds are interleaved (base, ours, PEFT in rotating order) and the medians
+  of the per-round ratios are reported, so load from other processes hits all three alike.
+- first attach with a cold SVD cache (an empty TINYLAB_CACHE: SVDs computed and written), the
+  same with a warm disk cache (memory caches cleared), re-attach with another budget; PEFT's
+  `get_peft_model` with the same 7 targets. Goals: first attach <= 3 s, re-attach <= 0.5 s.
+- file size for 13 parameters: `save_adapter` (fp32 and bf16) vs PEFT's `save_pretrained`.
+
+Run: .venv/bin/python benchmarks/adapter.py [--rounds 12] [--decode-rounds 60] [--batch 8] [--seq 128]
+The load average is printed before and after: on a shared 2-core machine, compare runs with care.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+from peft import TinyLoraConfig, get_peft_model  # noqa: E402
+
+import tinylab.adapter as adapter_module  # noqa: E402
+from tinylab.adapter import DEFAULT_TARGETS, TinyLoRAConfig, apply_tinylora  # noqa: E402
+from tinylab.models import load_model  # noqa: E402
+
+THIRTEEN = TinyLoRAConfig(u=13, n_tie="all")  # 13 params: one u=13 vector shared by all 210 maps
+OTHER_BUDGET = TinyLoRAConfig(u=1, n_tie=1)  # 210 params: one scalar per module
+PEFT_THIRTEEN = dict(r=2, u=13, weight_tying=1.0, target_modules=list(DEFAULT_TARGETS))
+
+
+def _clock(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def _goal(value: float, goal: float) -> str:
+    return f"goal <= {goal:g}: {'met' if value <= goal else 'NOT MET'}"
+
+
+def bench_attach(ours, peft_model_copy) -> tuple[object, object, dict]:
+    """Attach timings; returns (our 13-param adapter, PEFT model, results)."""
+    res = {}
+    cold_cache = tempfile.mkdtemp(prefix="tinylab-bench-cache-")
+    os.environ["TINYLAB_CACHE"] = cold_cache  # the model is loaded already; only the SVD cache moves
+    adapter_module._SVD_CACHE.clear()
+    adapter_module._FINGERPRINTS.clear()
+    holder = {}
+    res["cold"] = _clock(lambda: holder.update(a=apply_tinylora(ours, THIRTEEN)))
+    holder["a"].remove()
+    adapter_module._SVD_CACHE.clear()
+    adapter_module._FINGERPRINTS.clear()
+    res["warm_disk"] = _clock(lambda: holder.update(a=apply_tinylora(ours, THIRTEEN)))
+    res["reattach"] = _clock(lambda: (holder["a"].remove(), holder.update(a=apply_tinylora(ours, OTHER_BUDGET))))
+    holder["a"].remove()
+    adapter = apply_tinylora(ours, THIRTEEN)
+    res["peft"] = _clock(lambda: holder.update(p=get_peft_model(peft_model_copy, TinyLoraConfig(**PEFT_THIRTEEN))))
+    return adapter, holder["p"], res
+
+
+@torch.inference_mode()
+def bench_prefill(models: dict, ids: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    for m in models.values():  # warm-up
+        m(ids)
+    times = {k: [] for k in models}
+    names = list(models)
+    for i in range(rounds):
+        for k in names[i % 3:] + names[: i % 3]:  # rotate who goes first
+            times[k].append(_clock(lambda m=models[k]: m(ids)))
+    return times
+
+
+@torch.inference_mode()
+def bench_decode(models: dict, ids: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    """One new token per sequence on a KV cache of ids.shape[1] tokens; the cache is cropped back each step."""
+    caches, step = {}, ids[:, -1:]  # [B, 1]
+    mask = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long)
+    for k, m in models.items():
+        caches[k] = m(ids, use_cache=True).past_key_values
+    times = {k: [] for k in models}
+    names = list(models)
+    for i in range(rounds + 3):
+        for k in names[i % 3:] + names[: i % 3]:
+            t = _clock(lambda m=models[k], c=caches[k]: m(step, past_key_values=c, attention_mask=mask,
+                                                           use_cache=True))
+            caches[k].crop(-1)  # back to the prompt: every step sees the same cache length
+            if i >= 3:  # the first rounds warm up
+                times[k].append(t)
+    return times
+
+
+def bench_files(adapter, peft_model) -> dict:
+    out = {}
+    folder = Path(tempfile.mkdtemp(prefix="tinylab-bench-files-"))
+    try:
+        from tinylab.checkpoint import save_adapter
+    except ImportError:  # TODO(benchmark): tinylab.checkpoint.save_adapter not available yet
+        save_adapter = None
+    if save_adapter is not None:
+        for dtype in ("fp32", "bf16"):
+            out[f"ours_{dtype}"] = save_adapter(adapter, folder / f"a13-{dtype}.tinylora", dtype=dtype).stat().st_size
+    peft_model.save_pretrained(folder / "peft")
+    out["peft_weights"] = (folder / "peft" / "adapter_model.safetensors").stat().st_size
+    out["peft_config"] = (folder / "peft" / "adapter_config.json").stat().st_size
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved prefill rounds")
+    parser.add_argument("--decode-rounds", type=int, default=60, help="interleaved decode-step rounds")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average before: {os.getloadavg()[0]:.2f}")
+    base, _ = load_model()
+    ours, _ = load_model()
+    theirs, _ = load_model()
+
+    adapter, peft_model, att = bench_attach(ours, theirs)
+    n_modules = len(adapter.modules)
+    print(f"\n[attach] SmolLM2, {n_modules} modules, r=2, 13 params")
+    print(f"  first attach, cold SVD cache : {att['cold']:.2f} s  ({_goal(att['cold'], 3)})")
+    print(f"  first attach, warm disk cache: {att['warm_disk']:.2f} s")
+    print(f"  re-attach, another budget    : {att['reattach']:.3f} s  ({_goal(att['reattach'], 0.5)})")
+    print(f"  PEFT get_peft_model          : {att['peft']:.2f} s")
+    print(f"  ratio PEFT / ours (cold)     : {att['peft'] / att['cold']:.1f}x")
+
+    g = torch.Generator().manual_seed(0)
+    adapter.set_vector(torch.randn(adapter.num_params, generator=g) * 0.05)
+    with torch.no_grad():
+        for v in peft_model.base_model.tinylora_v["default"].values():
+            v.copy_(torch.randn(v.shape, generator=g) * 0.05)
+    models = {"base": base, "ours": ours, "peft": peft_model}
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=g)  # [B, L]
+
+    for label, times in (
+        (f"prefill {args.batch} x {args.seq} tokens, {args.rounds} rounds", bench_prefill(models, ids, args.rounds)),
+        (f"decode step, 1 new token x {args.batch} on a {args.seq}-token cache, {args.decode_rounds} rounds",
+         bench_decode(models, ids, args.decode_rounds)),
+    ):
+        ours_base = _median_ratio(times["ours"], times["base"])
+        print(f"\n[forward] {label} (base median {statistics.median(times['base']) * 1000:.1f} ms)")
+        print(f"  adapted / base     : {ours_base:.3f}  ({_goal(ours_base, 1.03)})")
+        print(f"  PEFT TinyLoRA / base: {_median_ratio(times['peft'], times['base']):.3f}")
+        print(f"  ours / PEFT        : {_median_ratio(times['ours'], times['peft']):.3f}")
+
+    files = bench_files(adapter, peft_model)
+    peft_total = files["peft_weights"] + files["peft_config"]
+    print("\n[file size] 13 params")
+    if "ours_fp32" in files:
+        print(f"  save_adapter fp32: {files['ours_fp32']} bytes, bf16: {files['ours_bf16']} bytes")
+        print(f"  PEFT save_pretrained: {files['peft_weights']} + {files['peft_config']} (config) bytes"
+              f" = {peft_total / files['ours_fp32']:.0f}x our fp32 file")
+    else:
+        print("  TODO: tinylab.checkpoint.save_adapter is not available yet")
+        print(f"  PEFT save_pretrained: {files['peft_weights']} + {files['peft_config']} (config) bytes")
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
