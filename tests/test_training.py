@@ -256,3 +256,25 @@ def test_checkpoint_json_is_plain_data(tmp_path):
     state = json.loads(Path(tmp_path / "state.json").read_text())
     assert state["config"]["lr"] == 0.05 and state["adapter_config"]["u"] == 4
     assert isinstance(state["rng"]["python"][1], list) and len(state["rng"]["numpy"][1]) == 624
+
+
+def test_run_exists_before_training_and_continues_after_a_stop(tmp_path, reference):
+    model, tok, adapter = _fresh()
+    run = train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path), callbacks=[_stop_at(2)], start=False)
+    assert run.status == "created" and run.step == 0 and not run.logs
+    run.train()
+    assert run.status == "stopped" and run.step == 2
+    run.callbacks.clear()
+    run.train()  # continue in place, same Run
+    assert run.status == "finished" and run.step == 4
+    torch.testing.assert_close(run.vector, reference[0], atol=1e-6, rtol=0)
+    assert read_state(tmp_path)["step"] == 4
+
+
+def test_background_start_and_wait_reraises(tmp_path):
+    model, tok, adapter = _fresh()
+    run = train_grpo(model, tok, adapter, ToyTask(nan_on_call=2), _cfg(tmp_path), start=False)
+    run.start()
+    with pytest.raises(NonFiniteError):
+        run.wait(120)
+    assert run.status == "failed" and run.step == 1

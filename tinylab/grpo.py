@@ -167,18 +167,22 @@ def _score_rates(task, completions, answers) -> tuple[float, float]:
 
 
 def train_grpo(model, tokenizer, adapter, task, config: GRPOConfig, *, callbacks: Iterable = (),
-               background: bool = False) -> Run:
+               background: bool = False, start: bool = True) -> Run:
     """Train `adapter`'s vectors with GRPO on `task`; returns the Run (history, status, checkpoint).
 
-    `background=True` returns at once with training in a thread: call `run.stop()` from another
-    cell, `run.wait()` to join. Otherwise blocks; Ctrl-C / interrupting the kernel stops cleanly.
+    Blocks by default (interrupting the kernel stops cleanly). `background=True` returns at once
+    with training in a thread: `run.stop()` from another cell, `run.wait()` to join.
+    `start=False` returns the Run before training; then `run.train()` or `run.start()`.
     """
     if not isinstance(config, GRPOConfig):
         raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
     if not getattr(adapter, "attached", False) or adapter.model is not model:
         raise ValueError("adapter must be attached to model (adapter = apply_tinylora(model, ...))")
     run = Run("grpo", config, adapter, task.name, callbacks=callbacks, checkpoint_dir=config.checkpoint_dir)
-    return run.execute(lambda: _grpo_body(run, model, tokenizer, adapter, task, config), background)
+    run._body = lambda: _grpo_body(run, model, tokenizer, adapter, task, config)
+    if not start:
+        return run
+    return run.start() if background else run.train()
 
 
 def _grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> None:

@@ -88,7 +88,7 @@ def _solution_batch(tokenizer, examples, max_tokens: int):
 
 
 def train_sft(model, tokenizer, adapter, task, config: SFTConfig | GRPOConfig, *, callbacks: Iterable = (),
-              background: bool = False) -> Run:
+              background: bool = False, start: bool = True) -> Run:
     """Train `adapter`'s vectors on `task`'s reference solutions; returns the Run.
 
     A GRPOConfig is accepted and converted with `SFTConfig.from_grpo`.
@@ -100,7 +100,10 @@ def train_sft(model, tokenizer, adapter, task, config: SFTConfig | GRPOConfig, *
     if not getattr(adapter, "attached", False) or adapter.model is not model:
         raise ValueError("adapter must be attached to model (adapter = apply_tinylora(model, ...))")
     run = Run("sft", config, adapter, task.name, callbacks=callbacks, checkpoint_dir=config.checkpoint_dir)
-    return run.execute(lambda: _sft_body(run, model, tokenizer, adapter, task, config), background)
+    run._body = lambda: _sft_body(run, model, tokenizer, adapter, task, config)
+    if not start:
+        return run
+    return run.start() if background else run.train()
 
 
 def _sft_body(run: Run, model, tokenizer, adapter, task, config: SFTConfig) -> None:

@@ -165,8 +165,14 @@ def _unjson_float(value) -> float:
 class Run:
     """A training run: its config, progress, history, stop flag and checkpoint folder.
 
+    Three ways to drive one from a notebook:
+
+        run = train_grpo(...)                   # blocks; interrupt the kernel to stop cleanly
+        run = train_grpo(..., background=True)  # returns at once; run.stop() from another cell
+        run = train_grpo(..., start=False)      # exists before training: wire a Stop button to
+        run.train()  # or run.start()           #   run.stop, then train (or continue after a stop)
+
     `run.stop()` may be called from any thread; the loop reads the flag before each step.
-    With `background=True`, `train_grpo`/`train_sft` return at once and `run.wait()` joins.
     Callbacks are callables taking a StepLog; optional methods `on_start(run)` and `on_end(run)`.
     """
 
@@ -192,6 +198,7 @@ class Run:
         self._thread: threading.Thread | None = None
         self._snapshot = None
         self._bar = None
+        self._body: Callable[[], None] | None = None  # the loop, set by train_grpo / train_sft / resume
 
     # --- public
     def stop(self) -> None:
@@ -269,16 +276,35 @@ class Run:
         self.check_finite("v", self.adapter.vector())
         return grad_norm
 
-    def execute(self, body: Callable[[], None], background: bool = False) -> Run:
-        """Run `body` (the loop) with stop handling and checkpointing, here or in a thread."""
+    def train(self) -> Run:
+        """Run (or continue, after a stop) the training here, blocking; returns the Run.
+
+        KeyboardInterrupt (interrupting the kernel) stops cleanly; other exceptions are raised
+        after the checkpoint is written.
+        """
+        return self._launch(background=False)
+
+    def start(self) -> Run:
+        """Run (or continue) the training in a background thread; returns at once.
+
+        Stop it with `run.stop()` from any cell; `run.wait()` joins and re-raises a failure.
+        """
+        return self._launch(background=True)
+
+    def _launch(self, background: bool) -> Run:
+        if self._body is None:
+            raise RuntimeError("this Run has no training loop attached; make it with train_grpo/train_sft/resume")
+        if self.running:
+            raise RuntimeError("this run is already running; call run.stop() first")
         self._stop.clear()
+        self.error = None
         if background:
-            self._thread = threading.Thread(target=self._guarded, args=(body, False), daemon=True,
-                                            name=f"tinylab-{self.kind}")
             self.status = "running"
+            self._thread = threading.Thread(target=self._guarded, args=(self._body, False), daemon=True,
+                                            name=f"tinylab-{self.kind}")
             self._thread.start()
             return self
-        self._guarded(body, True)
+        self._guarded(self._body, True)
         return self
 
     # --- internals
@@ -481,4 +507,5 @@ def resume(folder: str | os.PathLike, model, tokenizer, task, *, adapter=None, c
         raise ValueError(f"{folder} holds a {meta['kind']!r} run; resume handles 'grpo' and 'sft'")
     run = Run(meta["kind"], config, adapter, task.name, callbacks=callbacks, checkpoint_dir=folder, resuming=True)
     run.load(folder)
-    return run.execute(lambda: body(run, model, tokenizer, adapter, task, config), background)
+    run._body = lambda: body(run, model, tokenizer, adapter, task, config)
+    return run.start() if background else run.train()

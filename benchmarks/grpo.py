@@ -1,0 +1,133 @@
+"""How fast is one GRPO step? Ratios against baselines measured in this same run.
+
+On the embedded SmolLM2-135M-Instruct with 13 scalars (u=13, one vector shared by all 210
+maps), 4 prompts x 8 completions, up to 16 new tokens, a reward that is random per completion
+(so every group has spread and no row is skipped):
+
+1. our step / (generate the same group with the base model + one forward/backward of the base
+   model on the full prompt+completion sequences, gradient w.r.t. the input embeddings, i.e.
+   the activation gradients any trainer of v needs)               goal <= 1.15
+2. our step / TRL GRPOTrainer step, same model, adapter, batch, token limit   goal <= 0.5
+3. generation with the adapter merged into the weights / unmerged (is merging worth it?)
+
+Usage: .venv/bin/python benchmarks/grpo.py [--steps 4] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from tinylab.adapter import apply_tinylora  # noqa: E402
+from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
+from tinylab.models import load_model  # noqa: E402
+from tinylab.rollout import _positions, generate  # noqa: E402
+from tinylab.tasks.base import completion_text  # noqa: E402
+from tinylab.tasks.capitals import CapitalsTask  # noqa: E402
+
+
+class RandomReward(CapitalsTask):
+    """Capitals prompts; reward = a hash of the reply in [0, 1): every group has spread."""
+
+    name = "capitals_random_reward"
+
+    def reward(self, completions, answers=None, **kwargs):
+        return [int(hashlib.md5(completion_text(c).encode()).hexdigest()[:8], 16) / 2**32 for c in completions]
+
+
+def base_step_time(model, tokenizer, adapter, prompts, config, seed) -> tuple[float, float, int]:
+    """Seconds to generate the group with the base model + one full fwd/bwd of the base model."""
+    with adapter.disabled():
+        t0 = time.perf_counter()
+        r = generate(model, tokenizer, prompts, n=config.group_size, max_new_tokens=config.max_new_tokens,
+                     temperature=config.temperature, seed=seed)
+        gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        embeds = model.get_input_embeddings()(r.input_ids).detach().requires_grad_(True)  # [B*G, P+L, d]
+        out = model(inputs_embeds=embeds, attention_mask=r.attention_mask, position_ids=_positions(r.attention_mask),
+                    use_cache=False)
+        logp = out.logits[:, -r.completion_ids.shape[1] - 1:-1].float().log_softmax(-1)  # [B*G, L, V]
+        loss = -(logp.gather(-1, r.completion_ids[..., None]).squeeze(-1) * r.completion_mask).sum()
+        loss.backward()
+        fwd_bwd = time.perf_counter() - t0
+    return gen, fwd_bwd, int(r.completion_mask.sum())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed run; the first is warm-up")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model()
+    adapter = apply_tinylora(model, u=13, n_tie="all")
+    task = RandomReward()
+    config = GRPOConfig(prompts_per_step=4, group_size=8, max_new_tokens=16, lr=1e-3, steps=args.steps, seed=0)
+    pool = task.examples("train", None, 0)
+    prompts = [e.prompt for e in pool[:4]]
+
+    # Our loop (steps after the first; the first includes one-off warm-up)
+    run = train_grpo(model, tokenizer, adapter, task,
+                     GRPOConfig(**{**config.__dict__, "checkpoint_dir": tempfile.mkdtemp(prefix="bench-grpo-")}))
+    logs = run.logs[1:]
+    ours = statistics.median(log.step_time for log in logs)
+    ours_gen = statistics.median(log.gen_time for log in logs)
+    ours_fb = statistics.median(log.fwd_bwd_time for log in logs)
+    ours_tokens = statistics.mean(log.completion_len for log in logs) * 32
+
+    # Baseline: base-model generation of the same group + one plain fwd/bwd, same number of repeats
+    base = [base_step_time(model, tokenizer, adapter, prompts, config, seed=s) for s in range(args.steps)][1:]
+    base_gen = statistics.median(b[0] for b in base)
+    base_fb = statistics.median(b[1] for b in base)
+    base_tokens = statistics.mean(b[2] for b in base)
+
+    # Merging for generation: same prompts, adapter active vs merged (in-place merge, timing only)
+    adapter.set_vector(torch.full((13,), 0.01))
+    times = {"active": [], "merged": []}
+    for s in range(3):
+        t0 = time.perf_counter()
+        generate(model, tokenizer, prompts, n=8, max_new_tokens=16, seed=s)
+        times["active"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        adapter.merge()
+        generate(model, tokenizer, prompts, n=8, max_new_tokens=16, seed=s)
+        adapter.unmerge()
+        times["merged"].append(time.perf_counter() - t0)
+    adapter.set_vector(torch.zeros(13))
+
+    # TRL GRPOTrainer on the same model, adapter, batch and token limit
+    from tinylab.trl import grpo_trainer
+
+    trainer = grpo_trainer(model, tokenizer, adapter, task, config, output_dir=tempfile.mkdtemp(prefix="bench-trl-"))
+    trainer.train()
+    trl_logs = trainer.tinylab_logs.logs[1:]
+    trl = statistics.median(log.step_time for log in trl_logs)
+    trl_tokens = statistics.mean(log.completion_len for log in trl_logs) * 32
+
+    print(f"SmolLM2-135M, 13 params, 4 prompts x 8 completions, <= 16 new tokens, {args.threads} threads, "
+          f"median of {args.steps - 1} steps after warm-up")
+    print(f"our step            {ours:7.2f} s  (generation {ours_gen:.2f} s, fwd/bwd {ours_fb:.2f} s, "
+          f"{ours_tokens:.0f} completion tokens)")
+    print(f"base gen + fwd/bwd  {base_gen + base_fb:7.2f} s  (generation {base_gen:.2f} s, fwd/bwd {base_fb:.2f} s, "
+          f"{base_tokens:.0f} completion tokens)")
+    print(f"TRL GRPOTrainer     {trl:7.2f} s  ({trl_tokens:.0f} completion tokens)")
+    print(f"ratio our step / (base gen + fwd/bwd) = {ours / (base_gen + base_fb):.2f}   (goal <= 1.15)")
+    print(f"ratio our step / TRL step             = {ours / trl:.2f}   (goal <= 0.5)")
+    print(f"ratio generation merged / unmerged    = "
+          f"{statistics.median(times['merged']) / statistics.median(times['active']):.2f}   "
+          f"(merge+unmerge included; < 1 means merging helps)")
+
+
+if __name__ == "__main__":
+    main()
