@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     attach.add_argument("--strategy", default="tiled", choices=["tiled", "top", "proportional"])
     attach.add_argument("--u", type=int, default=1)
     attach.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's own parser, so its usage line lists the allowed options
+        {"info": info, "attach": attach}[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
