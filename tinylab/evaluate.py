@@ -1,0 +1,227 @@
+"""Greedy evaluation of a model on a task, with format and correctness kept apart.
+
+`evaluate` generates one greedy reply per example (batched, left-padded, through
+`tinylab.rollout.generate`), scores it with the task, and returns an `EvalReport`: strict and
+flexible accuracy, format compliance, reply length, and one row per example in a DataFrame.
+Prompts are batched by length (fewer pad tokens) and the rows are put back in example order; the
+replies do not depend on `batch_size`.
+
+`compare` evaluates the same examples twice: the base model (inside `adapter.disabled()`, never a
+second copy) and the adapted one, and lines the replies up in one table.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tinylab import tasks as _tasks
+from tinylab.rollout import generate, render_prompts, stop_token_ids
+from tinylab.tasks.base import Example, Task
+
+__all__ = ["Comparison", "EvalReport", "compare", "evaluate"]
+
+
+class EvalReport(NamedTuple):
+    """Greedy-decoding results of one model on `n` examples of a task. Rates are fractions in [0, 1]."""
+
+    task: str  # task name
+    split: str  # "train" or "test"
+    n: int  # examples evaluated
+    strict: float  # share of replies correct under the strict reading
+    flexible: float  # share correct under the flexible reading
+    formatted: float  # share following the answer format
+    mean_length: float  # generated tokens per reply, the end-of-turn token not counted
+    truncated: float  # share of replies cut off at max_new_tokens
+    max_new_tokens: int
+    params: int | None  # trained parameters of the adapter in effect; None without an adapter
+    seconds: float  # wall-clock time of generation and scoring
+    table: pd.DataFrame  # one row per example: prompt, reply, extracted, gold, flags, length, reward
+
+    def summary(self) -> str:
+        """One line: `capitals/test n=129: strict 3.1% | flexible 55.0% | format 2.3% | 15.2 tok ...`."""
+        adapter = "" if self.params is None else f" [{self.params} params]"
+        return (f"{self.task}/{self.split} n={self.n}{adapter}: strict {self.strict:.1%} | flexible "
+                f"{self.flexible:.1%} | format {self.formatted:.1%} | {self.mean_length:.1f} tokens/reply, "
+                f"{self.truncated:.0%} cut at {self.max_new_tokens} | {self.seconds:.1f} s")
+
+
+class Comparison(NamedTuple):
+    """Base vs adapted model on the same examples."""
+
+    base: EvalReport  # adapter disabled
+    adapted: EvalReport  # adapter enabled
+    table: pd.DataFrame  # per example: prompt, gold, base_/adapted_ reply, extracted, flags; `change`
+
+    def summary(self) -> pd.DataFrame:
+        """Rates side by side: rows strict, flexible, formatted, mean_length, truncated; columns base,
+        adapted, delta."""
+        rows = ["strict", "flexible", "formatted", "mean_length", "truncated"]
+        frame = pd.DataFrame({
+            "base": [getattr(self.base, r) for r in rows],
+            "adapted": [getattr(self.adapted, r) for r in rows],
+        }, index=rows)
+        frame["delta"] = frame["adapted"] - frame["base"]
+        return frame
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
+
+
+def _prompt_text(prompt) -> str:
+    """The user's words of a prompt: the last user message of a chat, or the raw string."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+    return str(users[-1] if users else prompt[-1].get("content", ""))
+
+
+def _greedy(model: nn.Module, tokenizer, prompts: Sequence, *, batch_size: int, max_new_tokens: int,
+            task_name: str, progress: bool) -> tuple[list[str], list[int], list[bool]]:
+    """Greedy replies, token counts (end token excluded) and cut-off flags, in prompt order."""
+    texts = render_prompts(tokenizer, prompts)
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))  # similar lengths share a batch
+    stops = torch.tensor(stop_token_ids(model, tokenizer))
+    replies: list[str] = [""] * len(prompts)
+    counts, cut = [0] * len(prompts), [False] * len(prompts)
+    disable = not progress or bool(os.environ.get("TQDM_DISABLE"))
+    with tqdm(total=len(prompts), desc=f"evaluate {task_name}", unit="ex", disable=disable) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            out = generate(model, tokenizer, [prompts[i] for i in rows], n=1, max_new_tokens=max_new_tokens,
+                           temperature=0.0, seed=0)
+            kept = out.completion_mask.bool()  # [b, L]
+            ended = (torch.isin(out.completion_ids, stops) & kept).any(1)  # [b]
+            produced = kept.sum(1) - ended.long()  # [b] tokens before the end token
+            for j, i in enumerate(rows):
+                replies[i] = out.completions[j]
+                counts[i] = int(produced[j])
+                cut[i] = not bool(ended[j])
+            bar.update(len(rows))
+    return replies, counts, cut
+
+
+def _score_table(task: Task, examples: Sequence[Example], replies: list[str], counts: list[int],
+                 cut: list[bool]) -> pd.DataFrame:
+    scores = [task.score(reply, ex.answer) for reply, ex in zip(replies, examples)]
+    rewards = task.reward(replies, [ex.answer for ex in examples])
+    return pd.DataFrame({
+        "prompt": [_prompt_text(ex.prompt) for ex in examples],
+        "reply": replies,
+        "extracted": [s.extracted for s in scores],
+        "gold": [ex.answer for ex in examples],
+        "formatted": [bool(s.formatted) for s in scores],
+        "correct_strict": [bool(s.correct_strict) for s in scores],
+        "correct_flexible": [bool(s.correct_flexible) for s in scores],
+        "length": counts,
+        "truncated": cut,
+        "reward": [float("nan") if r is None else float(r) for r in rewards],
+    })
+
+
+def _resolve_adapter(model: nn.Module, adapter):
+    """(adapter handle or None, loaded_here): a path is loaded now and removed by the caller."""
+    if adapter is None:
+        return None, False
+    if isinstance(adapter, (str, os.PathLike)):
+        from tinylab.checkpoint import load_adapter
+
+        return load_adapter(model, adapter), True
+    from tinylab.adapter import TinyLoRA
+
+    if not isinstance(adapter, TinyLoRA):
+        raise TypeError(f"adapter must be a TinyLoRA handle or an adapter file path, got {type(adapter).__name__}")
+    if adapter.model is not model or not adapter.attached:
+        raise ValueError("this adapter is not attached to the model being evaluated; attach it with apply_tinylora")
+    return adapter, False
+
+
+def _run(model, tokenizer, task: Task, examples: list[Example], *, split: str, batch_size: int,
+         max_new_tokens: int, params: int | None, progress: bool) -> EvalReport:
+    began = time.perf_counter()
+    replies, counts, cut = _greedy(model, tokenizer, [ex.prompt for ex in examples], batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, task_name=task.name, progress=progress)
+    table = _score_table(task, examples, replies, counts, cut)
+    return EvalReport(
+        task=task.name, split=split, n=len(examples),
+        strict=float(table["correct_strict"].mean()), flexible=float(table["correct_flexible"].mean()),
+        formatted=float(table["formatted"].mean()), mean_length=float(table["length"].mean()),
+        truncated=float(table["truncated"].mean()), max_new_tokens=max_new_tokens, params=params,
+        seconds=time.perf_counter() - began, table=table,
+    )
+
+
+def _setup(task, n, split, seed, batch_size, max_new_tokens):
+    task = _tasks.get(task)
+    _check_int("n", n, 1)
+    _check_int("batch_size", batch_size, 1)
+    max_new_tokens = task.max_new_tokens if max_new_tokens is None else max_new_tokens
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    examples = task.examples(split=split, n=n, seed=seed)
+    if len(examples) == 0:
+        raise ValueError(f"task {task.name!r} gave no examples for split={split!r}")
+    return task, examples, max_new_tokens
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, task: str | Task, *, n: int, split: str = "test", seed: int | None = 0,
+             batch_size: int = 16, max_new_tokens: int | None = None, adapter=None,
+             progress: bool = True) -> EvalReport:
+    """Greedy replies to `n` examples of `task` (a name or a Task), scored; see `EvalReport`.
+
+    `seed` picks the examples (`task.examples(split, n, seed)`); `max_new_tokens` defaults to the
+    task's. `adapter`: a TinyLoRA handle attached to `model` (its parameter count goes in the report),
+    or the path of a saved adapter, loaded for this evaluation and removed afterwards.
+    """
+    task, examples, max_new_tokens = _setup(task, n, split, seed, batch_size, max_new_tokens)
+    handle, loaded_here = _resolve_adapter(model, adapter)
+    try:
+        return _run(model, tokenizer, task, examples, split=split, batch_size=batch_size,
+                    max_new_tokens=max_new_tokens, params=None if handle is None else handle.num_params,
+                    progress=progress)
+    finally:
+        if loaded_here:
+            handle.remove()
+
+
+@torch.no_grad()
+def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, split: str = "test",
+            seed: int | None = 0, batch_size: int = 16, max_new_tokens: int | None = None,
+            progress: bool = True) -> Comparison:
+    """The base model (adapter disabled) and the adapted one on the same examples.
+
+    `adapter`: a TinyLoRA handle attached to `model`, or a saved adapter's path (loaded, then removed).
+    The table's `change` column reads "gained" / "lost" (strict correctness), "kept" or "neither".
+    """
+    task, examples, max_new_tokens = _setup(task, n, split, seed, batch_size, max_new_tokens)
+    handle, loaded_here = _resolve_adapter(model, adapter)
+    if handle is None:
+        raise ValueError("compare needs an adapter (a TinyLoRA handle or an adapter file path), got None")
+    kwargs = dict(split=split, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    try:
+        with handle.disabled():
+            base = _run(model, tokenizer, task, examples, params=None, **kwargs)
+        adapted = _run(model, tokenizer, task, examples, params=handle.num_params, **kwargs)
+    finally:
+        if loaded_here:
+            handle.remove()
+    per_model = ["reply", "extracted", "formatted", "correct_strict", "correct_flexible", "length", "reward"]
+    table = base.table[["prompt", "gold"]].copy()
+    for column in per_model:
+        table[f"base_{column}"] = base.table[column]
+        table[f"adapted_{column}"] = adapted.table[column]
+    before, after = base.table["correct_strict"], adapted.table["correct_strict"]
+    table["change"] = [
+        "kept" if b and a else "lost" if b else "gained" if a else "neither" for b, a in zip(before, after)
+    ]
+    return Comparison(base=base, adapted=adapted, table=table)
