@@ -85,7 +85,7 @@ def test_report_is_well_formed(llama):
     examples = task.examples("test", 7, 0)
     assert list(table["prompt"]) == [e.prompt[-1]["content"] for e in examples]  # rows in example order
     assert list(table["gold"]) == [e.answer for e in examples]
-    for i, row in table.iterrows():
+    for _, row in table.iterrows():
         s = task.score(row["reply"], row["gold"])
         assert (row["formatted"], row["correct_strict"], row["correct_flexible"], row["extracted"]) == tuple(s)
     assert report.strict == table["correct_strict"].mean() and report.formatted == table["formatted"].mean()
