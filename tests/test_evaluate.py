@@ -1,6 +1,7 @@
 """evaluate / compare on tiny models: batch-size invariance, a well-formed report, base vs adapted."""
 
 import math
+import sys
 
 import pandas as pd
 import pytest
@@ -109,7 +110,8 @@ def test_lengths_and_cutoffs_count_generated_tokens(llama, monkeypatch):
         mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])[: len(prompts)]  # [b, L]
         return Rollout(["x"] * len(prompts), ids, ids, mask, torch.ones_like(ids))
 
-    monkeypatch.setattr("tinylab.evaluate.generate", fake_generate)
+    # the module object, not "tinylab.evaluate.generate": tinylab exports a function named evaluate
+    monkeypatch.setattr(sys.modules[evaluate.__module__], "generate", fake_generate)
     report = evaluate(model, tokenizer, Mixed(), n=3, batch_size=3, max_new_tokens=4, progress=False)
     assert sorted(zip(report.table["length"], report.table["truncated"])) == [(0, False), (2, False), (4, True)]
     assert report.mean_length == 2.0 and report.truncated == pytest.approx(1 / 3)

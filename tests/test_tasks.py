@@ -299,3 +299,16 @@ def test_reward_drives_trl_grpo_trainer(tmp_path):
     assert seen and {"answer", "completions", "prompts"} <= set(seen[0])
     logged = [h for h in trainer.state.log_history if "rewards/compare_reward/mean" in h]
     assert logged and 0.0 <= logged[0]["rewards/compare_reward/mean"] <= 1.0
+
+
+def test_doctests_of_the_reward_functions_hold():
+    import doctest
+
+    import tinylab.tasks.base
+    import tinylab.tasks.capitals
+    import tinylab.tasks.gsm8k
+    import tinylab.tasks.synthetic
+
+    for module in (tinylab.tasks.base, tinylab.tasks.capitals, tinylab.tasks.gsm8k, tinylab.tasks.synthetic):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
