@@ -339,24 +339,35 @@ class TinyLoRALinear(nn.Module):
         return (self.U.float() * self.S.float()) @ R.float() @ self.Vh.float()  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = base(x) + (x Vh^T) (U diag(S) R)^T, the update added by one addmm on the base output.
+        """y = base(x) + (x Vh^T) (U diag(S) R)^T, added onto the base output without a temporary.
 
-        U diag(S) R is (out, r) and rebuilt every call (3 tiny ops, so v changed by any optimizer,
-        fused or not, is always seen). Without grad and without hooks on `base`, the addmm runs in
-        place on base's fresh output: one pass over y and no temporary. At v = 0 it adds exact zeros.
+        U diag(S) R is (out, r), rebuilt every call (3 tiny ops), so a v changed by any optimizer,
+        fused or not, is always seen. Few rows (decoding): one addmm. Many rows: r addcmul passes,
+        because MKL's K = r gemm is up to 10x slower than that at some widths (e.g. 1536). Without
+        grad and without hooks on `base`, both run in place on base's fresh output. At v = 0 they
+        add exact zeros, so the output is bit-identical to the base model's.
         """
         y = self.base(x)  # (..., out)
         if not self.enabled or self.merged_R is not None:
             return y
         P = self.P  # (u, r, r)
-        R = (self.v @ P.reshape(P.shape[0], -1)).view(P.shape[1], P.shape[2])  # (r, r) = sum_i v_i P_i
+        r = P.shape[1]
+        R = (self.v @ P.reshape(P.shape[0], -1)).view(r, r)  # (r, r) = sum_i v_i P_i
         US_R = ((self.U.float() * self.S.float()) @ R.float()).to(y.dtype)  # (out, r): U diag(S) R
-        h = F.linear(x, self.Vh)  # (..., r)
-        y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])  # (N, out), (N, r)
-        if (torch.is_grad_enabled() or type(self.base) is not nn.Linear or not y.is_contiguous()
-                or self.base._forward_hooks or nn.modules.module._global_forward_hooks):
-            return torch.addmm(y2, h2, US_R.T).view(y.shape)  # (..., out)
-        return y2.addmm_(h2, US_R.T).view(y.shape)  # (..., out)
+        h = F.linear(x, self.Vh).reshape(-1, r)  # (N, r)
+        out = y.reshape(-1, y.shape[-1])  # (N, out)
+        in_place = not (torch.is_grad_enabled() or type(self.base) is not nn.Linear or not y.is_contiguous()
+                        or self.base._forward_hooks or nn.modules.module._global_forward_hooks)
+        if out.shape[0] <= 64:
+            out = out.addmm_(h, US_R.T) if in_place else torch.addmm(out, h, US_R.T)  # (N, out)
+            return out.view(y.shape)
+        rows = US_R.T.contiguous()  # (r, out)
+        first = 0
+        if not in_place:
+            out, first = torch.addcmul(out, h[:, :1], rows[0]), 1  # (N, out)
+        for i in range(first, r):
+            out.addcmul_(h[:, i : i + 1], rows[i])  # (N, out) += h_i (U diag(S) R)_i
+        return out.view(y.shape)
 
     @torch.no_grad()
     def merge(self) -> None:
