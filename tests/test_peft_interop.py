@@ -24,9 +24,9 @@ def _quiet():
         yield
 
 
-def _ids(seed=0):
+def _ids(seed=0, length=11):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2000, (2, 11), generator=g)  # [B, L]
+    return torch.randint(0, 2000, (2, length), generator=g)  # [B, L]
 
 
 @torch.no_grad()
@@ -68,6 +68,8 @@ def test_export_loads_in_peft_with_same_logits(tmp_path, arch, fields, n_peft_ve
     peft_model = _peft_load(arch, tmp_path / "exported")
     theirs = _logits(peft_model, ids)
     assert (ours - theirs).abs().max() < TOL
+    long_ids = _ids(length=48)  # 96 rows per linear call: the forward's many-rows path
+    assert (_logits(model, long_ids) - _logits(peft_model, long_ids)).abs().max() < TOL
 
     vectors = _peft_vectors(peft_model)
     assert len(vectors) == n_peft_vectors
