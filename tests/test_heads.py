@@ -185,6 +185,10 @@ def test_reward_mode_ablation_restores_the_base_reward():
     assert t["ablation"].drop(index=(1, 2)).dropna().abs().max() == 0
     joint = ablate_heads(model, tokenizer, adapter, examples, [(1, 2), (0, 0)], task=_ReplyLengthTask())
     assert joint.ablated == pytest.approx(joint.base) and joint.share == pytest.approx(1.0)
+    reused = ablate_heads(model, tokenizer, adapter, examples, [(1, 2)], task=_ReplyLengthTask(), reference=effects)
+    assert reused == ([(1, 2)], "reward", effects.base, effects.adapted, effects.base)
+    with pytest.raises(ValueError, match="reference.metric='reward'"):
+        ablate_heads(model, tokenizer, adapter, examples, [(1, 2)], reference=effects)
 
 
 def test_bad_inputs_name_the_value_and_the_allowed_range():

@@ -524,9 +524,14 @@ def head_effects(model: nn.Module, tokenizer, adapter: TinyLoRA, prompts: Sequen
 
 
 def ablate_heads(model: nn.Module, tokenizer, adapter: TinyLoRA, prompts: Sequence, heads: Sequence[tuple[int, int]],
-                 *, answers=None, task=None, max_new_tokens: int | None = None, batch_size: int = 8) -> Ablation:
+                 *, answers=None, task=None, max_new_tokens: int | None = None, batch_size: int = 8,
+                 reference: HeadEffects | None = None) -> Ablation:
     """The causal metric with the update removed from all of `heads` at once (same removal as
-    `head_effects`: q rows and o columns of each head, k/v rows of its KV group)."""
+    `head_effects`: q rows and o columns of each head, k/v rows of its KV group).
+
+    `reference`: a HeadEffects measured on the same prompts and metric; its adapted and base
+    values are reused instead of measured again.
+    """
     prompts, answers, task = _check(model, adapter, prompts, answers, task)
     if answers is None:
         raise ValueError("ablate_heads needs answers (or Examples) to score")
@@ -535,10 +540,15 @@ def ablate_heads(model: nn.Module, tokenizer, adapter: TinyLoRA, prompts: Sequen
     for layer, head in heads:
         _block(model, layer, head)
     scorer = _Scorer(model, tokenizer, prompts, answers, task, max_new_tokens, batch_size)
+    if reference is not None and reference.metric != scorer.metric:
+        raise ValueError(f"reference.metric={reference.metric!r} differs from this ablation's {scorer.metric!r}")
     with _measuring(model, adapter):
-        adapted = scorer.score()
-        with adapter.disabled():
-            base = scorer.score()
+        if reference is not None:
+            adapted, base = reference.adapted, reference.base
+        else:
+            adapted = scorer.score()
+            with adapter.disabled():
+                base = scorer.score()
         with _gated(adapter, blocks, *_ablation_gates(blocks, heads)):
             ablated = scorer.score()
     return Ablation(heads, scorer.metric, ablated, adapted, base)
