@@ -135,13 +135,14 @@ def export_peft(adapter: TinyLoRA, folder: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     for i, (name, module) in enumerate(adapter.named_modules()):
         dtype = module.base.weight.dtype
-        U, S, Vh = module.U.double().cpu(), module.S.double().cpu(), module.Vh.double().cpu()  # (out, r), (r,), (r, in)
-        root = S.sqrt()  # (r,)
+        U, Vh = module.U.double().cpu(), module.Vh.double().cpu()  # (out, r), (r, in)
+        root = module.S.double().cpu().sqrt()  # (r,)
         P = module.P.double().cpu()  # (u, r, r)
+        safe = torch.where(root > 0, root, 1.0)  # (r,): a zero singular value's direction adds nothing
         key = f"{_PREFIX}{name}"
         tensors[f"{key}.tinylora_A"] = (root[:, None] * Vh).to(dtype).contiguous()  # (r, in)
         tensors[f"{key}.tinylora_B"] = (U * root).to(dtype).contiguous()  # (out, r)
-        tensors[f"{key}.tinylora_P"] = (root[:, None] * P / root).float().contiguous()  # (u, r, r)
+        tensors[f"{key}.tinylora_P"] = (safe[:, None] * P / safe).float().contiguous()  # (u, r, r)
         if ratio is None:
             tensors[f"{_V_PREFIX}{i}"] = vectors[groups[i]].clone()  # (u,)
     if ratio is not None:
