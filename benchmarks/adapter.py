@@ -12,6 +12,7 @@ Prints ratios measured in this run (all 7 linear maps of every block adapted, 21
 - file size for 13 parameters: `save_adapter` (fp32 and bf16) vs PEFT's `save_pretrained`.
 
 Run: .venv/bin/python benchmarks/adapter.py [--rounds 12] [--decode-rounds 60] [--batch 8] [--seq 128]
+     [--threads N]
 The load average is printed before and after: on a shared 2-core machine, compare runs with care.
 """
 
@@ -137,7 +138,11 @@ def main() -> None:
     parser.add_argument("--decode-rounds", type=int, default=60, help="interleaved decode-step rounds")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 is steadier on a loaded machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average before: {os.getloadavg()[0]:.2f}")
