@@ -10,10 +10,10 @@ set-up plays no part. The screenshot lands in test-output/browser/ (gitignored).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -51,7 +51,12 @@ def jupyterlab(tmp_path):
     """A JupyterLab server on 127.0.0.1 with a token, serving a copy of the notebook; yields its base URL."""
     work = tmp_path / "notebooks"
     work.mkdir()
-    shutil.copy(NOTEBOOK, work)
+    # a copy without outputs: every execution count on the page then comes from this run
+    notebook = json.loads(NOTEBOOK.read_text())
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    (work / NOTEBOOK.name).write_text(json.dumps(notebook))
     # No first-run news prompt; all cells stay in the DOM (no windowing), so outputs can be found.
     _write_json(tmp_path / "config" / "labconfig" / "page_config.json",
                 '{"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": true}}')
@@ -95,20 +100,35 @@ def _cell_prompts(page) -> list[str]:
     return page.eval_on_selector_all(".jp-CodeCell .jp-InputArea-prompt", "els => els.map(e => e.textContent)")
 
 
+# The status bar reads "<kernel name> | Idle" once a kernel is up (the toolbar's indicator says idle before).
+_KERNEL_IDLE = """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+    .some(e => /\\| Idle$/.test(e.textContent.trim()) && !e.textContent.startsWith('No Kernel'))"""
+
+
+def _kernel_idle(page) -> bool:
+    return page.evaluate(_KERNEL_IDLE)
+
+
 def _run_all(page) -> None:
-    """Run > Run All Cells, then wait until every code cell has an execution count (or one fails)."""
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=SERVER_START_S * 1000)
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    """Run > Run All Cells once the kernel is up, then wait until every code cell has an execution count."""
+    page.wait_for_function(_KERNEL_IDLE, timeout=SERVER_START_S * 1000)
+    for _ in range(3):  # a click that lands while the page is still settling can be lost: check, retry
+        page.locator(".jp-Notebook .jp-Cell").first.click()
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        started = time.monotonic()
+        while time.monotonic() - started < 20 and all(p.strip() == "[ ]:" for p in _cell_prompts(page)):
+            page.wait_for_timeout(500)
+        if not all(p.strip() == "[ ]:" for p in _cell_prompts(page)):
+            break
     deadline = time.monotonic() + NOTEBOOK_RUN_S
     while time.monotonic() < deadline:
         prompts = _cell_prompts(page)
         if prompts and all(re.fullmatch(r"\[\d+\]:", p.strip()) for p in prompts):
             return
         # the kernel is idle but cells are left unrun: an earlier cell raised, and Run All stopped there
-        status = page.get_attribute(".jp-Notebook-ExecutionIndicator", "data-status")
-        if status == "idle" and "[*]:" not in prompts and any(re.fullmatch(r"\[\d+\]:", p.strip()) for p in prompts):
-            page.wait_for_timeout(2000)
+        if _kernel_idle(page) and "[*]:" not in prompts and any(re.fullmatch(r"\[\d+\]:", p.strip()) for p in prompts):
+            page.wait_for_timeout(5000)
             if _cell_prompts(page) == prompts:
                 errors = page.eval_on_selector_all(
                     ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
@@ -130,16 +150,20 @@ def test_budget_slider_moves_readout_and_heatmap_draws(jupyterlab):
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
             page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=SERVER_START_S * 1000)
-            _run_all(page)
+            try:
+                _run_all(page)
+            except BaseException:
+                page.screenshot(path=str(OUTPUT / "02_failure.png"))
+                raise
 
-            # the heatmap is a plotly FigureWidget (anywidget): drawn means an svg with a heatmap trace
-            heatmap = page.locator(".js-plotly-plot:has(.hm image)").first
-            heatmap.wait_for(timeout=30_000)
-            assert page.locator(".js-plotly-plot .hm image").count() >= 1
-
-            slider = page.locator(".widget-hslider:has(label:text-is('params'))").first
-            readout = page.locator(".widget-html-content", has_text=re.compile(r"params \((exact|nearest)")).first
-            readout.wait_for(timeout=30_000)
+            # the budget slider's output: slider, readout, and its heatmap (a plotly FigureWidget via anywidget)
+            widget = page.locator(".jp-OutputArea-output:has(.widget-hslider:has(label:text-is('params')))").first
+            widget.wait_for(timeout=30_000)
+            slider = widget.locator(".widget-hslider:has(label:text-is('params'))").first
+            readout = widget.locator(".widget-html-content", has_text=re.compile(r"params \((exact|nearest)")).first
+            heatmap = widget.locator(".js-plotly-plot:has(.hm image)").first
+            heatmap.wait_for(timeout=30_000)  # drawn: an svg with a heatmap trace
+            assert widget.locator(".js-plotly-plot .shapelayer path").count() > 0  # the planned modules' outlines
             before = readout.inner_text()
             shown_before = slider.locator(".widget-readout").inner_text()
 
@@ -160,9 +184,11 @@ def test_budget_slider_moves_readout_and_heatmap_draws(jupyterlab):
             count = lambda text: int(re.search(r"([\d,]+)\s+params", text).group(1).replace(",", ""))  # noqa: E731
             assert shown_after != shown_before, (shown_before, shown_after)
             assert count(after) > count(before), (before, after)
+            assert heatmap.locator(".hm image").count() == 1  # still drawn after the re-plan
 
-            heatmap.scroll_into_view_if_needed()
+            widget.scroll_into_view_if_needed()
             page.wait_for_timeout(500)
-            page.screenshot(path=str(OUTPUT / "02_where_to_spend.png"), full_page=False)
+            widget.screenshot(path=str(OUTPUT / "02_budget_slider.png"))
+            page.screenshot(path=str(OUTPUT / "02_where_to_spend.png"))
         finally:
             browser.close()
