@@ -341,20 +341,34 @@ class TinyLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = base(x) + (x Vh^T) (U diag(S) R)^T, added onto the base output without a temporary.
 
-        U diag(S) R is (out, r), rebuilt every call (3 tiny ops), so a v changed by any optimizer,
-        fused or not, is always seen. Few rows (decoding): one addmm. Many rows: r addcmul passes,
-        because MKL's K = r gemm is up to 10x slower than that at some widths (e.g. 1536). Without
-        grad and without hooks on `base`, both run in place on base's fresh output. At v = 0 they
-        add exact zeros, so the output is bit-identical to the base model's.
+        U diag(S) R (out, r) = sum_i v_i G_i with G_i = U diag(S) P_i: G depends only on the frozen
+        buffers and is kept (rebuilt if one is replaced or written in place), so each call costs one
+        small product with v, and a v changed by any optimizer, fused or not, is always seen. For
+        u > 16 only U diag(S) is kept (G would hold u copies of U). Few rows (decoding): one addmm.
+        Many rows: r addcmul passes, because MKL's K = r gemm is up to 10x slower at some widths
+        (e.g. 1536). Without grad and without hooks on `base`, both run in place on base's fresh
+        output. At v = 0 they add exact zeros, so the output is bit-identical to the base model's.
         """
         y = self.base(x)  # (..., out)
         if not self.enabled or self.merged_R is not None:
             return y
-        P = self.P  # (u, r, r)
-        r = P.shape[1]
-        R = (self.v @ P.reshape(P.shape[0], -1)).view(r, r)  # (r, r) = sum_i v_i P_i
-        US_R = ((self.U.float() * self.S.float()) @ R.float()).to(y.dtype)  # (out, r): U diag(S) R
-        h = F.linear(x, self.Vh).reshape(-1, r)  # (N, r)
+        buffers = self._buffers
+        U, S, Vh, P = buffers["U"], buffers["S"], buffers["Vh"], buffers["P"]  # (out, r), (r,), (r, in), (u, r, r)
+        u, r = P.shape[0], P.shape[1]
+        versions = (U._version, S._version, P._version)
+        kept = self.__dict__.get("_kept_basis")  # (U, S, P, versions, G)
+        if kept is None or kept[0] is not U or kept[1] is not S or kept[2] is not P or kept[3] != versions:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable under autograd
+                US = U.float() * S.float()  # (out, r)
+                G = torch.einsum("or,urs->uos", US, P.float()).reshape(u, -1) if u <= 16 else US  # (u, out*r)
+            kept = self.__dict__["_kept_basis"] = (U, S, P, versions, G)
+        v = self.v.float()  # (u,)
+        if u <= 16:
+            US_R = (v @ kept[4]).view(-1, r).to(y.dtype)  # (out, r): U diag(S) R
+        else:
+            R = (v @ P.float().reshape(u, -1)).view(r, r)  # (r, r) = sum_i v_i P_i
+            US_R = (kept[4] @ R).to(y.dtype)  # (out, r): U diag(S) R
+        h = F.linear(x.reshape(-1, x.shape[-1]), Vh)  # (N, r)
         out = y.reshape(-1, y.shape[-1])  # (N, out)
         in_place = not (torch.is_grad_enabled() or type(self.base) is not nn.Linear or not y.is_contiguous()
                         or self.base._forward_hooks or nn.modules.module._global_forward_hooks)
