@@ -58,8 +58,9 @@ notebooks: setup
 browser: setup browser-deps
 	$(QUICK) $(BIN)/python -m pytest -q -p no:cacheprovider -m browser tests/test_browser.py
 
+# progress bars on in the lab; root (a CI-like box) needs --allow-root
 lab: setup
-	env -u TQDM_DISABLE $(BIN)/jupyter lab --notebook-dir=notebooks
+	env -u TQDM_DISABLE $(BIN)/jupyter lab --notebook-dir=notebooks $(if $(SUDO),,--allow-root)
 
 bench: setup
 	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done

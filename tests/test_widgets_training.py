@@ -59,6 +59,7 @@ def test_panel_plots_every_step_of_a_grpo_run(tiny, tmp_path):
     assert panel.samples.value.count("<tr>") == 1 + len(shown)
     assert "step 3" in panel.samples.value
     assert "finished" in panel.status.value and panel.stop_button.disabled
+    assert panel.status.value.startswith("<b>toy</b>")  # the title heads the status line
 
 
 def test_stop_button_stops_the_run_after_the_current_step_and_resume_continues(tiny, tmp_path):

@@ -34,8 +34,8 @@ _TRACES = (
     (1, 1, "strict-correct", "correct_rate"),
     (1, 1, "formatted", "format_rate"),
     (1, 2, "zero spread", "zero_spread"),
-    (2, 1, "mean", "completion_len"),
-    (2, 1, "longest", "completion_len_max"),
+    (2, 1, "length (mean)", "completion_len"),
+    (2, 1, "length (longest)", "completion_len_max"),
     (2, 2, "|v|", "v_norm"),
 )
 
@@ -56,16 +56,19 @@ class TrainingPanel(widgets.VBox):
         self.run = None  # the run being watched (set by on_start)
         self.logs: list = []  # every StepLog shown, in step order
         base = make_subplots(rows=2, cols=2, subplot_titles=_TITLES, horizontal_spacing=0.1, vertical_spacing=0.16)
-        styles = {"strict-correct": dict(dash="dash"), "formatted": dict(dash="dot"), "longest": dict(dash="dot")}
+        styles = {"strict-correct": dict(dash="dash"), "formatted": dict(dash="dot"),
+                  "length (longest)": dict(dash="dot")}
         for row, col, name, _ in _TRACES:
             base.add_trace(go.Scatter(x=[], y=[], name=name, mode="lines+markers", line=styles.get(name, {}),
-                                      showlegend=row == 1 and col == 1), row=row, col=col)
-        base.update_layout(title=title or None, width=width, height=height, margin=dict(l=50, r=20, t=70, b=40),
-                           legend=dict(orientation="h", y=1.12, x=0))
+                                      showlegend=col == 1), row=row, col=col)
+        base.update_layout(width=width, height=height, margin=dict(l=50, r=20, t=60, b=40),
+                           legend=dict(orientation="h", y=1.1, x=0))
         base.update_xaxes(title_text="step", row=2)
+        base.update_xaxes(tick0=1, dtick=1)
         base.update_yaxes(rangemode="tozero")
         self.figure = go.FigureWidget(base)
-        self.status = widgets.HTML("waiting for a run")
+        self.heading = f"<b>{html.escape(title)}</b> &middot; " if title else ""
+        self.status = widgets.HTML(self.heading + "waiting for a run")
         self.samples = widgets.HTML()
         self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger", disabled=True,
                                           tooltip="end the run after the current step (it checkpoints)")
@@ -122,6 +125,7 @@ class TrainingPanel(widgets.VBox):
                                          visible=True, thickness=1)
                 trace.x, trace.y = steps, ys
             self.figure.layout.annotations[0].text = "loss (SFT)" if sft else _TITLES[0]
+            self.figure.update_xaxes(dtick=max(1, -(-len(steps) // 10)))  # whole steps, at most ~10 ticks
         self.samples.value = self._samples_table(logs[-1]) if logs else ""
 
     def _samples_table(self, entry) -> str:
@@ -152,7 +156,7 @@ class TrainingPanel(widgets.VBox):
             if math.isfinite(last.step_time):
                 parts.append(f"{last.step_time:.1f} s/step (generation {last.gen_time:.1f} s)"
                              if math.isfinite(last.gen_time) else f"{last.step_time:.1f} s/step")
-        self.status.value = " &middot; ".join(parts) or "waiting for a run"
+        self.status.value = self.heading + (" &middot; ".join(parts) or "waiting for a run")
 
 
 def _format_reward(reward) -> str:
