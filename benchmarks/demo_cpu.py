@@ -9,9 +9,11 @@ country, so held-out countries are never seen in training. Held-out scores use g
 
 The base model knows about half of the held-out capitals (flexible) but answers in a sentence
 ("The capital of Norway is Oslo."), so strict is 0. Exact-match reward never fires on sampled
-replies (0 of 128 samples in a probe), so training uses a shaped reward: 1 for a strict-correct
-reply, and for a reply that contains the right city somewhere a smaller reward that grows as the
-reply gets shorter (min(0.5, 1.5 / words)); wrong replies get 0. It never pays for format alone.
+replies often enough to learn from (about 1% of samples at temperature 1), so training uses a
+shaped reward: 1 for a strict-correct reply; for a reply that contains the right city, more the
+earlier the city comes: 0.6 / (1 + index of its first word), so "Kabul, capital city of ..." earns
+0.6 and "The capital of Afghanistan is Kabul." 0.1; replies without the right city get 0. It never
+pays for format alone.
 
 Usage: .venv/bin/python benchmarks/demo_cpu.py [--seeds 0 1 2] [--steps 40] [--budget-min 10]
 Prints per seed: base and trained held-out scores, steps, training wall time, the 13 numbers.
@@ -35,8 +37,11 @@ from tinylab.adapter import TinyLoRAConfig, apply_tinylora  # noqa: E402
 from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
 from tinylab.models import load_model  # noqa: E402
 from tinylab.rollout import generate  # noqa: E402
-from tinylab.tasks.base import completion_text  # noqa: E402
-from tinylab.tasks.capitals import CapitalsTask  # noqa: E402
+from tinylab.tasks.base import (
+    Example,  # noqa: E402
+    completion_text,  # noqa: E402
+)
+from tinylab.tasks.capitals import CAPITALS, CapitalsTask  # noqa: E402
 from tinylab.training import StopTraining  # noqa: E402
 
 
@@ -44,6 +49,14 @@ class ShapedCapitals(CapitalsTask):
     """Capitals with the training reward described in the module docstring (scoring unchanged)."""
 
     name = "capitals_shaped"
+
+    def __init__(self, starts: float = 0.5, short: float = 0.0, contains: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.starts, self.short, self.contains = starts, short, contains
+
+    def starts_with_city(self, text: str, answer: str) -> bool:
+        words = text.split()
+        return any(self.score(" ".join(words[:k]), answer).correct_strict for k in (1, 2, 3))
 
     def reward(self, completions, answers=None, **kwargs):
         answers = kwargs.get("answer") if answers is None else answers
@@ -53,11 +66,37 @@ class ShapedCapitals(CapitalsTask):
             score = self.score(text, answer)
             if score.correct_strict:
                 out.append(1.0)
+            elif self.starts_with_city(text, answer):
+                out.append(self.starts)
+            elif score.formatted:
+                out.append(self.short)
             elif score.correct_flexible:
-                out.append(min(0.5, 1.5 / max(1, len(text.split()))))
+                out.append(self.contains)
             else:
                 out.append(0.0)
         return out
+
+
+class CapitalChoices(ShapedCapitals):
+    """The capitals question with three cities to choose from (the right one and two other
+    countries' capitals, in a seeded order): "Which city is the capital of Norway: Lima, Oslo or
+    Madrid? Answer with the city name only." Same split by country, same scoring."""
+
+    name = "capitals_choice"
+
+    def _groups(self):
+        import random
+
+        cities = [city for _, city, *_ in CAPITALS]
+        groups = []
+        for country, city, *_ in CAPITALS:
+            rng = random.Random(f"choices/{country}")
+            options = [city, *rng.sample([c for c in cities if c != city], 2)]
+            rng.shuffle(options)
+            question = f"Which city is the capital of {country}: {options[0]}, {options[1]} or {options[2]}?"
+            groups.append((country, [Example([{"role": "user", "content": f"{question} Answer with the city name only."}],
+                                             city, city)]))
+        return groups
 
 
 def held_out(model, tokenizer, task, examples, batch_size=64):
@@ -71,20 +110,27 @@ def held_out(model, tokenizer, task, examples, batch_size=64):
 
 
 class TimeBudget:
-    """Stop training (cleanly, after a step) once the wall-time budget is used up."""
+    """Stop training (cleanly, after a step) once the wall-time budget is used up; optionally log
+    each step as a JSON line and probe greedy held-out scores every `probe_every` steps (probe
+    time is excluded from the budget)."""
 
-    def __init__(self, seconds: float, log_path: str | None = None):
+    def __init__(self, seconds: float, log_path: str | None = None, probe=None, probe_every: int = 0):
         self.seconds, self.start, self.log_path = seconds, time.perf_counter(), log_path
+        self.probe, self.probe_every, self.probe_time = probe, probe_every, 0.0
 
     def __call__(self, log):
+        entry = {"step": log.step, "reward": round(log.reward_mean, 3), "strict": round(log.correct_rate, 3),
+                 "format": round(log.format_rate, 3), "len": round(log.completion_len, 1),
+                 "v_norm": round(log.v_norm, 4), "gen": round(log.gen_time, 1), "fb": round(log.fwd_bwd_time, 1),
+                 "sample": log.samples[0][0][:50]}
+        if self.probe_every and log.step % self.probe_every == 0:
+            t0 = time.perf_counter()
+            entry["held_out"] = {k: round(v, 3) for k, v in self.probe().items()}
+            self.probe_time += time.perf_counter() - t0
         if self.log_path:
             with open(self.log_path, "a") as f:
-                f.write(json.dumps({"step": log.step, "reward": round(log.reward_mean, 3),
-                                    "strict": round(log.correct_rate, 3), "format": round(log.format_rate, 3),
-                                    "len": round(log.completion_len, 1), "v_norm": round(log.v_norm, 4),
-                                    "gen": round(log.gen_time, 1), "fb": round(log.fwd_bwd_time, 1),
-                                    "sample": log.samples[0][0][:60]}) + "\n")
-        if time.perf_counter() - self.start > self.seconds:
+                f.write(json.dumps(entry) + "\n")
+        if time.perf_counter() - self.start - self.probe_time > self.seconds:
             raise StopTraining(f"time budget of {self.seconds:.0f} s used")
 
 
@@ -100,16 +146,26 @@ def main():
     parser.add_argument("--u", type=int, default=13)
     parser.add_argument("--n-tie", default="all", help='"all" (one shared vector of u) or an integer')
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--task", choices=["choice", "open"], default="choice")
+    parser.add_argument("--starts", type=float, default=0.5, help="reward: starts with the city, goes on")
+    parser.add_argument("--short", type=float, default=0.0, help="reward: at most 3 words, wrong")
+    parser.add_argument("--contains", type=float, default=0.0, help="reward: contains the city later")
+    parser.add_argument("--probe-every", type=int, default=0, help="greedy probe on every 2nd held-out prompt")
+    parser.add_argument("--no-base", action="store_true", help="skip the base model's held-out evaluation")
     parser.add_argument("--log", default=None, help="append per-step JSON lines to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model()
-    task = ShapedCapitals()
+    kind = CapitalChoices if args.task == "choice" else ShapedCapitals
+    task = kind(starts=args.starts, short=args.short, contains=args.contains)
     test = task.examples("test", None, None)
     print(f"capitals: {len(task.examples('train', None, None))} train / {len(test)} held-out prompts "
-          f"({len(test) // len(task.templates)} held-out countries); greedy, {task.max_new_tokens} new tokens")
-    base, base_replies = held_out(model, tokenizer, task, test)
+          f"(by country); greedy, {task.max_new_tokens} new tokens")
+    if args.no_base:
+        base, base_replies = {"strict": 0.0, "format": 0.0, "flexible": 0.0}, ["(not measured)"]
+    else:
+        base, base_replies = held_out(model, tokenizer, task, test)
     print(f"base: strict {base['strict']:.1%}  format {base['format']:.1%}  flexible {base['flexible']:.1%}"
           f"  e.g. {base_replies[0]!r}")
     n_tie = args.n_tie if args.n_tie == "all" else int(args.n_tie)
@@ -121,9 +177,10 @@ def main():
                             checkpoint_dir=tempfile.mkdtemp(prefix=f"tinylab-demo-{seed}-"))
         start = time.perf_counter()
         cpu0 = time.process_time()
-        run = train_grpo(model, tokenizer, adapter, task, config,
-                         callbacks=[TimeBudget(args.budget_min * 60, args.log)])
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        budget = TimeBudget(args.budget_min * 60, args.log, lambda: held_out(model, tokenizer, task, test[::2])[0],
+                            args.probe_every)
+        run = train_grpo(model, tokenizer, adapter, task, config, callbacks=[budget])
+        wall, cpu = time.perf_counter() - start - budget.probe_time, time.process_time() - cpu0
         trained, replies = held_out(model, tokenizer, task, test)
         numbers = [round(x, 4) for x in adapter.vector().tolist()]
         rows.append((seed, trained, run.step, wall))

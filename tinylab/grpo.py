@@ -16,7 +16,8 @@ How this departs from textbook GRPO (Shao et al. 2024), nanochat `chat_rl.py` st
   disabled (`adapter.disabled()`), never a copy. Default 0, as in the TinyLoRA paper.
 - Groups whose rewards are all equal have zero advantage; with `kl = 0` their rows are left out
   of forward/backward (their gradient is exactly zero; the token count still includes them, so
-  the update is the same as computing them). Each group's shared prompt runs through the model
+  the update is the same as computing them). A step where no group has spread makes no update
+  at all (an Adam step on a zero gradient would still move v by momentum). Each group's shared prompt runs through the model
   once in the training forward too (`completion_logprobs(..., group_size=G)`).
 - Sampling is seeded per step from (config.seed, step): prompts by a seeded shuffle of the train
   pool per epoch, completions by a private generator. A resumed run repeats an uninterrupted one.
@@ -234,7 +235,7 @@ def _grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) ->
                 loss_value = float(loss.detach())
                 grad_norm = run.optimizer_step()
         else:
-            grad_norm = run.optimizer_step()  # zero gradient: Adam's momentum still moves v
+            grad_norm = 0.0  # no group carries information: no update (Adam's momentum would still move v)
         fwd_bwd_time = time.perf_counter() - t0
 
         # 5. Log the step; callbacks may stop the run.

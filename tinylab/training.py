@@ -410,8 +410,8 @@ class Run:
         }
         _write_atomic(folder / "state.safetensors",
                       lambda tmp: save_file(tensors, tmp, metadata={"step": str(self.step)}))
-        if torch.isfinite(v).all():
-            save_adapter(self.adapter, folder / "adapter.tlra")
+        if torch.isfinite(v).all() and getattr(self.adapter, "source", None) in (None, "tinylab"):
+            save_adapter(self.adapter, folder / "adapter.tlra")  # the shareable file (not for PEFT imports)
         _write_atomic(folder / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
         return folder
 
