@@ -155,7 +155,7 @@ class TrainingPanel(widgets.VBox):
             parts.append(f"|v| {last.v_norm:.3g}")
             if math.isfinite(last.step_time):
                 parts.append(f"{last.step_time:.1f} s/step (generation {last.gen_time:.1f} s)"
-                             if math.isfinite(last.gen_time) else f"{last.step_time:.1f} s/step")
+                             if math.isfinite(last.gen_time) and last.gen_time > 0 else f"{last.step_time:.1f} s/step")
         self.status.value = self.heading + (" &middot; ".join(parts) or "waiting for a run")
 
 
