@@ -43,7 +43,9 @@ def test_planted_query_head_is_ranked_first_by_every_measure():
     for column in EVIDENCE:
         assert effects.top(column, 1) == [(1, 2)], column
         assert abs(t.loc[(1, 2), column]) > 0, column
-        assert _others(t, column, (1, 2)).max() <= 1e-6 * abs(t.loc[(1, 2), column]), column
+        # ablation differences carry float rounding of the whole metric (~1e-7 relative to |logprob| ~ 10)
+        tolerance = 1e-3 if column == "ablation" else 1e-6
+        assert _others(t, column, (1, 2)).max() <= tolerance * abs(t.loc[(1, 2), column]), column
     # removing the planted head's update removes the whole update: ablation == adapted - base
     assert t.loc[(1, 2), "ablation"] == pytest.approx(effects.adapted - effects.base, rel=1e-3, abs=1e-7)
     assert t.loc[(1, 2), "ablation_share"] == pytest.approx(1.0, rel=1e-3)
@@ -57,7 +59,8 @@ def test_planted_value_group_marks_both_heads_of_the_group_and_moves_no_pattern(
     t = head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm="all").table
     for column in ("weight", "weight_v", "output_change", "ablation"):
         assert (t.loc[[(1, 2), (1, 3)], column].abs() > 0).all(), column
-        assert t.drop(index=[(1, 2), (1, 3)])[column].abs().max() == 0, column
+        others = t.drop(index=[(1, 2), (1, 3)])[column].abs().max()
+        assert others <= (1e-3 * abs(t.loc[(1, 2), column]) if column == "ablation" else 0), column  # float rounding
     assert t["js"].max() < 1e-6  # values do not change where a head looks
     assert t.loc[(1, 2), "ablation"] == pytest.approx(t.loc[(1, 3), "ablation"])
 
