@@ -280,9 +280,12 @@ def truncated_svd(weight: torch.Tensor, r: int, method: str = "exact", fingerpri
 
 def _svds(weights: list[tuple[torch.Tensor, str]], r: int, method: str) -> list[tuple]:
     """truncated_svd for many weights; uncached ones on two threads of one intra-op thread each
-    (1.6x faster than one LAPACK call at a time on 2 cores)."""
+    (1.6x faster than one LAPACK call at a time on 2 cores).
+
+    Only "exact" runs threaded: "lowrank" seeds and draws from torch's global RNG, which threads
+    would share (a race that gave different factors run to run); it is cheap enough serially."""
     todo = [(w, fp) for w, fp in weights if (fp, r, method) not in _SVD_CACHE]
-    if len(todo) > 8 and torch.get_num_threads() > 1:
+    if method == "exact" and len(todo) > 8 and torch.get_num_threads() > 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
