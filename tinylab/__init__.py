@@ -2,8 +2,12 @@
 
 The library returns data and reports through return values, callbacks and logging; plotting and
 widgets live in `tinylab.widgets`.
+
+Note: `tinylab.evaluate` is the function; its module is `tinylab.evaluate` in `sys.modules`, so
+`from tinylab.evaluate import EvalReport` works as usual.
 """
 
+from tinylab import tasks
 from tinylab.adapter import (
     DEFAULT_TARGETS,
     ModuleInfo,
@@ -13,20 +17,62 @@ from tinylab.adapter import (
     count_params,
     plan_modules,
 )
+from tinylab.attribution import TokenAttribution, token_attribution
+from tinylab.budget import BudgetPlan, lora_xs_size, plan_budget
 from tinylab.checkpoint import AdapterFileError, load_adapter, save_adapter
+from tinylab.evaluate import Comparison, EvalReport, compare, evaluate
+from tinylab.grpo import GRPOConfig, train_grpo
+from tinylab.heads import AttentionPatterns, HeadEffects, ablate_heads, attention_patterns, head_effects
+from tinylab.importance import Importance, WeightImportance, module_importance, weight_importance
 from tinylab.models import load_model, tiny_model
+from tinylab.peft_interop import export_peft, import_peft
+from tinylab.presets import Preset, preset
+from tinylab.sft import SFTConfig, train_sft
+from tinylab.training import NonFiniteError, Run, StepLog, StopTraining, resume
 
 __all__ = [
     "DEFAULT_TARGETS",
     "AdapterFileError",
+    "AttentionPatterns",
+    "BudgetPlan",
+    "Comparison",
+    "EvalReport",
+    "GRPOConfig",
+    "HeadEffects",
+    "Importance",
     "ModuleInfo",
+    "NonFiniteError",
+    "Preset",
+    "Run",
+    "SFTConfig",
+    "StepLog",
+    "StopTraining",
     "TinyLoRA",
     "TinyLoRAConfig",
+    "TokenAttribution",
+    "WeightImportance",
+    "ablate_heads",
     "apply_tinylora",
+    "attention_patterns",
+    "compare",
     "count_params",
+    "evaluate",
+    "export_peft",
+    "head_effects",
+    "import_peft",
     "load_adapter",
     "load_model",
+    "lora_xs_size",
+    "module_importance",
+    "plan_budget",
     "plan_modules",
+    "preset",
+    "resume",
     "save_adapter",
+    "tasks",
     "tiny_model",
+    "token_attribution",
+    "train_grpo",
+    "train_sft",
+    "weight_importance",
 ]
