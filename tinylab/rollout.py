@@ -180,6 +180,11 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_
     ids, mask = _tokenize_left_padded(tokenizer, prompts, pad_id)  # [B, P]
     context = _context_length(model)
     longest = int(mask.sum(1).max())
+    if context is not None and longest >= context:
+        raise ValueError(
+            f"a prompt of {longest} tokens leaves no room in the model's context of {context} tokens; allowed: "
+            f"prompts of at most {context - 1} tokens (shorten the prompt)"
+        )
     if context is not None and longest + max_new_tokens > context:
         raise ValueError(
             f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "

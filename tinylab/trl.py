@@ -64,6 +64,16 @@ def trl_args(config: GRPOConfig, output_dir: str, task=None, **overrides):
 
     if "activation_checkpointing" in TRLGRPOConfig.__dataclass_fields__:  # transformers >= 5.x name
         args["activation_checkpointing"] = args.pop("gradient_checkpointing")
+    fields = TRLGRPOConfig.__dataclass_fields__
+    unknown = [key for key in overrides if key not in fields]
+    if unknown:
+        import difflib
+
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(fields), n=3)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise TypeError(f"{key!r} is not a field of TRL's GRPOConfig; {hint}allowed: the fields of "
+                        "trl.GRPOConfig (see its documentation)")
     args.update(overrides)
     n_gen = args["num_generations"]
     if not isinstance(n_gen, int) or n_gen < 2:
