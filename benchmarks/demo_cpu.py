@@ -22,6 +22,7 @@ Prints per seed: base and trained held-out scores, steps, training wall time, th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -34,7 +35,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tinylab.adapter import TinyLoRAConfig, apply_tinylora  # noqa: E402
+from tinylab.budget import plan_budget  # noqa: E402
+from tinylab.checkpoint import save_adapter  # noqa: E402
 from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
+from tinylab.importance import module_importance  # noqa: E402
 from tinylab.models import load_model  # noqa: E402
 from tinylab.rollout import generate  # noqa: E402
 from tinylab.tasks.base import (
@@ -50,9 +54,25 @@ class ShapedCapitals(CapitalsTask):
 
     name = "capitals_shaped"
 
-    def __init__(self, starts: float = 0.5, short: float = 0.0, contains: float = 0.0, **kwargs):
+    def __init__(self, starts: float = 0.5, short: float = 0.0, contains: float = 0.0, position: float = 0.0,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.starts, self.short, self.contains = starts, short, contains
+        self.starts, self.short, self.contains, self.position = starts, short, contains, position
+
+    def city_index(self, text: str, answer: str) -> int | None:
+        """Index of the first word where the right city (or an alias) starts in the reply, or None."""
+        words = text.split()
+        for k in range(len(words)):
+            if any(self.score(" ".join(words[k:k + n]), answer).correct_strict for n in (1, 2, 3)):
+                return k
+        return None
+
+    def placed(self, text: str, answer: str) -> float:
+        """`position` / (1 + index of the city's first word): the earlier the city, the more credit."""
+        if not self.position:
+            return 0.0
+        k = self.city_index(text, answer)
+        return 0.0 if k is None else self.position / (1 + k)
 
     def starts_with_city(self, text: str, answer: str) -> bool:
         words = text.split()
@@ -67,11 +87,11 @@ class ShapedCapitals(CapitalsTask):
             if score.correct_strict:
                 out.append(1.0)
             elif self.starts_with_city(text, answer):
-                out.append(self.starts)
+                out.append(max(self.starts, self.placed(text, answer)))
             elif score.formatted:
                 out.append(self.short)
             elif score.correct_flexible:
-                out.append(self.contains)
+                out.append(max(self.contains, self.placed(text, answer)))
             else:
                 out.append(0.0)
         return out
@@ -80,7 +100,9 @@ class ShapedCapitals(CapitalsTask):
 class CapitalChoices(ShapedCapitals):
     """The capitals question with three cities to choose from (the right one and two other
     countries' capitals, in a seeded order): "Which city is the capital of Norway: Lima, Oslo or
-    Madrid? Answer with the city name only." Same split by country, same scoring."""
+    Madrid? Answer with the city name only." Same split by country, same scoring. Shaped reward:
+    1 strict-correct; `short` for a reply that is exactly one of the wrong options; `starts` for a
+    reply that starts with the right city and goes on; else 0."""
 
     name = "capitals_choice"
 
@@ -88,15 +110,33 @@ class CapitalChoices(ShapedCapitals):
         import random
 
         cities = [city for _, city, *_ in CAPITALS]
-        groups = []
+        groups, self.options = [], {}
         for country, city, *_ in CAPITALS:
             rng = random.Random(f"choices/{country}")
             options = [city, *rng.sample([c for c in cities if c != city], 2)]
             rng.shuffle(options)
+            self.options[city] = options
             question = f"Which city is the capital of {country}: {options[0]}, {options[1]} or {options[2]}?"
-            groups.append((country, [Example([{"role": "user", "content": f"{question} Answer with the city name only."}],
-                                             city, city)]))
+            prompt = [{"role": "user", "content": f"{question} Answer with the city name only."}]
+            groups.append((country, [Example(prompt, city, city)]))
         return groups
+
+    def reward(self, completions, answers=None, **kwargs):
+        answers = kwargs.get("answer") if answers is None else answers
+        if not hasattr(self, "options"):
+            self._split()
+        out = []
+        for completion, answer in zip(completions, answers):
+            text = completion_text(completion)
+            if self.score(text, answer).correct_strict:
+                out.append(1.0)
+            elif any(self.score(text, o).correct_strict for o in self.options.get(answer, ()) if o != answer):
+                out.append(self.short)
+            elif self.starts_with_city(text, answer):
+                out.append(max(self.starts, self.placed(text, answer)))
+            else:
+                out.append(self.placed(text, answer))
+        return out
 
 
 def held_out(model, tokenizer, task, examples, batch_size=64):
@@ -143,22 +183,30 @@ def main():
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max-new", type=int, default=None, help="tokens per sampled reply (default: task's)")
     parser.add_argument("--u", type=int, default=13)
     parser.add_argument("--n-tie", default="all", help='"all" (one shared vector of u) or an integer')
+    parser.add_argument("--placement", choices=["config", "tiled", "top"], default="config",
+                        help="config: --u/--n-tie as given; tiled / top: tinylab.plan_budget(model, --params, "
+                             "strategy=...) with u=1 (top ranks modules by module_importance on the training task)")
+    parser.add_argument("--params", type=int, default=13, help="budget for --placement tiled / top")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--task", choices=["choice", "open"], default="choice")
     parser.add_argument("--starts", type=float, default=0.5, help="reward: starts with the city, goes on")
     parser.add_argument("--short", type=float, default=0.0, help="reward: at most 3 words, wrong")
     parser.add_argument("--contains", type=float, default=0.0, help="reward: contains the city later")
+    parser.add_argument("--position", type=float, default=0.0,
+                        help="reward for a reply containing the city: position / (1 + index of its first word)")
     parser.add_argument("--probe-every", type=int, default=0, help="greedy probe on every 2nd held-out prompt")
     parser.add_argument("--no-base", action="store_true", help="skip the base model's held-out evaluation")
     parser.add_argument("--log", default=None, help="append per-step JSON lines to this file")
+    parser.add_argument("--save", default=None, help="folder: write each seed's adapter as seed<k>.tlra")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model()
     kind = CapitalChoices if args.task == "choice" else ShapedCapitals
-    task = kind(starts=args.starts, short=args.short, contains=args.contains)
+    task = kind(starts=args.starts, short=args.short, contains=args.contains, position=args.position)
     test = task.examples("test", None, None)
     print(f"capitals: {len(task.examples('train', None, None))} train / {len(test)} held-out prompts "
           f"(by country); greedy, {task.max_new_tokens} new tokens")
@@ -170,10 +218,23 @@ def main():
           f"  e.g. {base_replies[0]!r}")
     n_tie = args.n_tie if args.n_tie == "all" else int(args.n_tie)
     rows = []
+    if args.placement == "config":
+        placement = TinyLoRAConfig(u=args.u, n_tie=n_tie)
+    else:
+        importance = None
+        if args.placement == "top":
+            t0 = time.perf_counter()
+            importance = module_importance(model, tokenizer, task, n_prompts=16, objective="grpo", seed=0)
+            print(f"importance: {time.perf_counter() - t0:.0f} s; {importance.informative} informative prompts; top by fisher: "
+                  f"{list(importance.scores().nlargest(8).index)}")
+        plan = plan_budget(model, args.params, importance=importance, strategy=args.placement)
+        placement = plan.config
+        print(f"placement {args.placement}: {plan.achieved} numbers, {len(plan.groups)} vectors of u={plan.u} "
+              f"over {len(plan.modules)} modules ({plan.reason})")
     for seed in args.seeds:
-        adapter = apply_tinylora(model, TinyLoRAConfig(u=args.u, n_tie=n_tie, seed=seed))
+        adapter = apply_tinylora(model, dataclasses.replace(placement, seed=seed))
         config = GRPOConfig(prompts_per_step=args.prompts, group_size=args.group, lr=args.lr, steps=args.steps,
-                            temperature=args.temperature, seed=seed,
+                            temperature=args.temperature, seed=seed, max_new_tokens=args.max_new,
                             checkpoint_dir=tempfile.mkdtemp(prefix=f"tinylab-demo-{seed}-"))
         start = time.perf_counter()
         cpu0 = time.process_time()
@@ -183,6 +244,9 @@ def main():
         wall, cpu = time.perf_counter() - start - budget.probe_time, time.process_time() - cpu0
         trained, replies = held_out(model, tokenizer, task, test)
         numbers = [round(x, 4) for x in adapter.vector().tolist()]
+        if args.save:
+            os.makedirs(args.save, exist_ok=True)
+            save_adapter(adapter, os.path.join(args.save, f"seed{seed}.tlra"))
         rows.append((seed, trained, run.step, wall))
         print(f"seed {seed}: {adapter.num_params} params, {run.step} steps ({run.status}), train wall {wall:.0f} s "
               f"(cpu {cpu:.0f} s)\n  trained: strict {trained['strict']:.1%}  format {trained['format']:.1%}  "

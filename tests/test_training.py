@@ -186,7 +186,7 @@ def test_nan_v_after_update_is_rolled_back(tmp_path, monkeypatch):
     assert torch.equal(adapter.vector(), v0)
 
 
-def test_exception_in_callback_is_raised_after_checkpoint(tmp_path):
+def test_exception_in_callback_is_raised_after_checkpoint(tmp_path, reference):
     model, tok, adapter = _fresh()
     def broken(log):
         raise RuntimeError("plot broke")
@@ -195,6 +195,7 @@ def test_exception_in_callback_is_raised_after_checkpoint(tmp_path):
         train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path), callbacks=[broken])
     state = read_state(tmp_path)
     assert state["step"] == 1 and state["status"] == "failed"
+    _resume_and_compare(tmp_path, reference)  # the failed run's checkpoint continues to the same v
 
 
 def test_periodic_checkpoints(tmp_path):
