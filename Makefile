@@ -63,7 +63,9 @@ lab: setup
 	env -u TQDM_DISABLE $(BIN)/jupyter lab --notebook-dir=notebooks $(if $(SUDO),,--allow-root)
 
 bench: setup
-	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
+	for f in adapter evaluate grpo importance base_rates; do $(BIN)/python benchmarks/$$f.py || exit 1; done
+	$(BIN)/python benchmarks/demo_cpu.py --save test-output/demo
+	$(BIN)/python benchmarks/heads.py test-output/demo/seed0.tlra
 
 clean:
 	rm -rf $(VENV) test-output

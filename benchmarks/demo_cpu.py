@@ -101,8 +101,8 @@ class CapitalChoices(ShapedCapitals):
     """The capitals question with three cities to choose from (the right one and two other
     countries' capitals, in a seeded order): "Which city is the capital of Norway: Lima, Oslo or
     Madrid? Answer with the city name only." Same split by country, same scoring. Shaped reward:
-    1 strict-correct; `short` for a reply that is exactly one of the wrong options; `starts` for a
-    reply that starts with the right city and goes on; else 0."""
+    1 strict-correct; `starts` for a reply that starts with the right city and goes on; `short`
+    for a reply that starts with one of the wrong options (the form of an answer, wrong); else 0."""
 
     name = "capitals_choice"
 
@@ -130,7 +130,7 @@ class CapitalChoices(ShapedCapitals):
             text = completion_text(completion)
             if self.score(text, answer).correct_strict:
                 out.append(1.0)
-            elif any(self.score(text, o).correct_strict for o in self.options.get(answer, ()) if o != answer):
+            elif any(self.starts_with_city(text, o) for o in self.options.get(answer, ()) if o != answer):
                 out.append(self.short)
             elif self.starts_with_city(text, answer):
                 out.append(max(self.starts, self.placed(text, answer)))
