@@ -1,21 +1,29 @@
 """The CPU demonstration: 13 scalars, GRPO, the embedded SmolLM2-135M-Instruct, 3 seeds.
 
-Task: capitals ("What is the capital of Norway? Answer with the city name only."), split by
-country, so held-out countries are never seen in training. Held-out scores use greedy decoding:
+Default task (`--task choice`): "Which city is the capital of Norway: Lima, Oslo or Madrid? Answer
+with the city name only.", split by country (65 train / 43 held-out countries), so held-out
+countries are never seen in training. `--task open` asks without options. Held-out scores use
+greedy decoding, 16 new tokens:
 
-    strict    the reply's first line is the right city (the headline number)
+    strict    the reply's first line is the right city (format and correctness together)
     format    the reply has at most 3 words
-    flexible  the right city appears anywhere in the reply (knowledge, whatever the format)
+    flexible  the right city appears anywhere in the reply (for `choice` the options are in the
+              prompt, so this one is inflated by replies that repeat them)
+    capitals named per reply: how many capitals a reply names (a guard against listing)
 
-The base model knows about half of the held-out capitals (flexible) but answers in a sentence
-("The capital of Norway is Oslo."), so strict is 0. Exact-match reward never fires on sampled
-replies often enough to learn from (about 1% of samples at temperature 1), so training uses a
-shaped reward: 1 for a strict-correct reply; for a reply that contains the right city, more the
-earlier the city comes: 0.6 / (1 + index of its first word), so "Kabul, capital city of ..." earns
-0.6 and "The capital of Afghanistan is Kabul." 0.1; replies without the right city get 0. It never
-pays for format alone.
+The base model answers in sentences ("The capital of Fiji is Suva, not Doha."): strict 0.
+Exact-match reward never fires on sampled replies often enough to learn from, so training uses a
+shaped reward (defaults): 1 for a strict-correct reply; 0.3 (`--short`) for a reply that is
+exactly one of the wrong options; 0.5 (`--starts`) for a reply that starts with the right city
+and goes on; optional credit for the city later in the reply (`--contains`, `--position`).
+Training: one u=13 vector shared by all 210 modules (r=2), 4 prompts x 8 samples, temperature
+0.8, Adam lr 1e-2, up to 60 steps, stopped before a step would take the seed past `--budget-min`.
 
-Usage: .venv/bin/python benchmarks/demo_cpu.py [--seeds 0 1 2] [--steps 40] [--budget-min 10]
+What it measured (2026-11-30, see the issue's closing note): no configuration tried here raised
+held-out strict accuracy by the +30 points the issue asks for; the scalars learned to start the
+reply with a city and keep talking, which the strict reading does not credit.
+
+Usage: .venv/bin/python benchmarks/demo_cpu.py [--seeds 0 1 2] [--threads 2] [--save DIR] [--log F]
 Prints per seed: base and trained held-out scores, steps, training wall time, the 13 numbers.
 """
 
@@ -101,8 +109,8 @@ class CapitalChoices(ShapedCapitals):
     """The capitals question with three cities to choose from (the right one and two other
     countries' capitals, in a seeded order): "Which city is the capital of Norway: Lima, Oslo or
     Madrid? Answer with the city name only." Same split by country, same scoring. Shaped reward:
-    1 strict-correct; `starts` for a reply that starts with the right city and goes on; `short`
-    for a reply that starts with one of the wrong options (the form of an answer, wrong); else 0."""
+    1 strict-correct; `short` for a reply that is one of the wrong options (the form of an answer,
+    wrong); `starts` for a reply that starts with the right city and goes on; else 0."""
 
     name = "capitals_choice"
 
@@ -130,7 +138,7 @@ class CapitalChoices(ShapedCapitals):
             text = completion_text(completion)
             if self.score(text, answer).correct_strict:
                 out.append(1.0)
-            elif any(self.starts_with_city(text, o) for o in self.options.get(answer, ()) if o != answer):
+            elif any(self.score(text, o).correct_strict for o in self.options.get(answer, ()) if o != answer):
                 out.append(self.short)
             elif self.starts_with_city(text, answer):
                 out.append(max(self.starts, self.placed(text, answer)))
@@ -145,8 +153,10 @@ def held_out(model, tokenizer, task, examples, batch_size=64):
                  temperature=0, batch_size=batch_size)
     scores = [task.score(c, e.answer) for c, e in zip(r.completions, examples)]
     n = len(scores)
+    # a reply naming many capitals could pass `flexible` by listing: count the capitals each one names
+    named = [sum(task.score(c, city).correct_flexible for _, city, *_ in CAPITALS) for c in r.completions]
     return {"strict": sum(s.correct_strict for s in scores) / n, "format": sum(s.formatted for s in scores) / n,
-            "flexible": sum(s.correct_flexible for s in scores) / n}, r.completions
+            "flexible": sum(s.correct_flexible for s in scores) / n, "cities_named": sum(named) / n}, r.completions
 
 
 class TimeBudget:
@@ -157,6 +167,7 @@ class TimeBudget:
     def __init__(self, seconds: float, log_path: str | None = None, probe=None, probe_every: int = 0):
         self.seconds, self.start, self.log_path = seconds, time.perf_counter(), log_path
         self.probe, self.probe_every, self.probe_time = probe, probe_every, 0.0
+        self.used = self.longest = 0.0  # training seconds so far; the longest step
 
     def __call__(self, log):
         entry = {"step": log.step, "reward": round(log.reward_mean, 3), "strict": round(log.correct_rate, 3),
@@ -170,19 +181,22 @@ class TimeBudget:
         if self.log_path:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
-        if time.perf_counter() - self.start - self.probe_time > self.seconds:
-            raise StopTraining(f"time budget of {self.seconds:.0f} s used")
+        used = time.perf_counter() - self.start - self.probe_time
+        self.longest, self.used = max(self.longest, used - self.used), used
+        if used + self.longest > self.seconds:  # another step would overrun the budget
+            raise StopTraining(f"time budget of {self.seconds:.0f} s: {used:.0f} s used, a step takes up to "
+                               f"{self.longest:.0f} s")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--budget-min", type=float, default=10.0, help="wall-time cap per seed's training")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--max-new", type=int, default=None, help="tokens per sampled reply (default: task's)")
     parser.add_argument("--u", type=int, default=13)
     parser.add_argument("--n-tie", default="all", help='"all" (one shared vector of u) or an integer')
@@ -193,7 +207,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--task", choices=["choice", "open"], default="choice")
     parser.add_argument("--starts", type=float, default=0.5, help="reward: starts with the city, goes on")
-    parser.add_argument("--short", type=float, default=0.0, help="reward: at most 3 words, wrong")
+    parser.add_argument("--short", type=float, default=0.3, help="reward: at most 3 words, wrong")
     parser.add_argument("--contains", type=float, default=0.0, help="reward: contains the city later")
     parser.add_argument("--position", type=float, default=0.0,
                         help="reward for a reply containing the city: position / (1 + index of its first word)")
@@ -211,11 +225,11 @@ def main():
     print(f"capitals: {len(task.examples('train', None, None))} train / {len(test)} held-out prompts "
           f"(by country); greedy, {task.max_new_tokens} new tokens")
     if args.no_base:
-        base, base_replies = {"strict": 0.0, "format": 0.0, "flexible": 0.0}, ["(not measured)"]
+        base, base_replies = {"strict": 0.0, "format": 0.0, "flexible": 0.0, "cities_named": 0.0}, ["(not measured)"]
     else:
         base, base_replies = held_out(model, tokenizer, task, test)
-    print(f"base: strict {base['strict']:.1%}  format {base['format']:.1%}  flexible {base['flexible']:.1%}"
-          f"  e.g. {base_replies[0]!r}")
+    print(f"base: strict {base['strict']:.1%}  format {base['format']:.1%}  flexible {base['flexible']:.1%}  "
+          f"capitals named per reply {base['cities_named']:.2f}  e.g. {base_replies[0]!r}")
     n_tie = args.n_tie if args.n_tie == "all" else int(args.n_tie)
     rows = []
     if args.placement == "config":
@@ -250,13 +264,16 @@ def main():
         rows.append((seed, trained, run.step, wall))
         print(f"seed {seed}: {adapter.num_params} params, {run.step} steps ({run.status}), train wall {wall:.0f} s "
               f"(cpu {cpu:.0f} s)\n  trained: strict {trained['strict']:.1%}  format {trained['format']:.1%}  "
-              f"flexible {trained['flexible']:.1%}   (base {base['strict']:.1%} / {base['format']:.1%} / "
-              f"{base['flexible']:.1%})\n  v = {numbers}\n  e.g. {replies[:4]}", flush=True)
+              f"flexible {trained['flexible']:.1%}  capitals named per reply {trained['cities_named']:.2f}   (base "
+              f"{base['strict']:.1%} / {base['format']:.1%} / {base['flexible']:.1%} / {base['cities_named']:.2f})"
+              f"\n  v = {numbers}\n  e.g. {replies[:4]}", flush=True)
         adapter.remove()
-    mean = {k: sum(r[1][k] for r in rows) / len(rows) for k in ("strict", "format", "flexible")}
+    mean = {k: sum(r[1][k] for r in rows) / len(rows) for k in ("strict", "format", "flexible", "cities_named")}
     print(f"mean over {len(rows)} seeds: strict {base['strict']:.1%} -> {mean['strict']:.1%} "
           f"({100 * (mean['strict'] - base['strict']):+.1f} points), format {base['format']:.1%} -> "
-          f"{mean['format']:.1%}, flexible {base['flexible']:.1%} -> {mean['flexible']:.1%}; "
+          f"{mean['format']:.1%}, flexible {base['flexible']:.1%} -> {mean['flexible']:.1%} "
+          f"({100 * (mean['flexible'] - base['flexible']):+.1f} points), capitals named per reply "
+          f"{base['cities_named']:.2f} -> {mean['cities_named']:.2f}; "
           f"max train wall {max(r[3] for r in rows):.0f} s")
 
 

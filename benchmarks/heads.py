@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/demo_cpu.py --save /tmp/demo-adapters      # trains, writes seed<k>.tlra
     .venv/bin/python benchmarks/heads.py /tmp/demo-adapters/seed0.tlra [--task choice] [--prompts 43]
 
-On held-out prompts of the demonstration's task, with the exact-match reward (1 when the reply's
-first line is the right city, else 0) as the causal metric, prints:
+On held-out prompts of the demonstration's task, with a reward on greedy replies as the causal
+metric (`--reward exact`: 1 when the reply's first line is the right city, else 0; `--reward
+training`: demo_cpu.py's shaped training reward), prints:
 - the top 5 heads by each measure of `tinylab.head_effects` (weight, js, output_change,
   gate_grad, ablation) and the pairwise overlap of those top-5 sets;
 - the share of the reward gain (adapted - base) that removing the update from the top 5 heads
@@ -38,6 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", help="an adapter file written by demo_cpu.py --save")
     parser.add_argument("--task", choices=["choice", "open"], default="choice")
+    parser.add_argument("--reward", choices=["exact", "training"], default="exact",
+                        help="causal metric: exact match (strict accuracy) or demo_cpu.py's default training reward")
     parser.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: all)")
     parser.add_argument("--confirm", type=int, default=15, help="heads confirmed by real ablation")
     parser.add_argument("--top", type=int, default=5)
@@ -48,13 +51,14 @@ def main() -> None:
 
     model, tokenizer = load_model()
     adapter = load_adapter(model, args.adapter)
-    task = (CapitalChoices if args.task == "choice" else ShapedCapitals)(starts=0.0)  # exact-match reward
+    shape = dict(starts=0.0, short=0.0) if args.reward == "exact" else dict(starts=0.5, short=0.3)
+    task = (CapitalChoices if args.task == "choice" else ShapedCapitals)(**shape)
     prompts = task.examples("test", None, None)[: args.prompts]
     start = time.perf_counter()
     effects = head_effects(model, tokenizer, adapter, prompts, task=task, confirm=args.confirm)
     print(f"{args.adapter}: {adapter.num_params} params; {len(prompts)} held-out prompts; head_effects "
           f"{time.perf_counter() - start:.0f} s")
-    print(f"exact-match reward (strict accuracy): adapted {effects.adapted:.3f}, base {effects.base:.3f}, "
+    print(f"{args.reward} reward on greedy replies: adapted {effects.adapted:.3f}, base {effects.base:.3f}, "
           f"gain {effects.adapted - effects.base:+.3f}")
     tops = {column: effects.top(column, args.top) for column in EVIDENCE}
     for column, heads in tops.items():

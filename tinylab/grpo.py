@@ -35,7 +35,7 @@ from collections.abc import Iterable
 import torch
 
 from tinylab.rollout import completion_logprobs, generate, render_prompts
-from tinylab.training import Run, derived_seed, step_indices, step_log
+from tinylab.training import Run, derived_seed, launch, step_indices, step_log
 
 __all__ = ["GRPOConfig", "train_grpo"]
 
@@ -177,13 +177,8 @@ def train_grpo(model, tokenizer, adapter, task, config: GRPOConfig, *, callbacks
     """
     if not isinstance(config, GRPOConfig):
         raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
-    if not getattr(adapter, "attached", False) or adapter.model is not model:
-        raise ValueError("adapter must be attached to model (adapter = apply_tinylora(model, ...))")
-    run = Run("grpo", config, adapter, task.name, callbacks=callbacks, checkpoint_dir=config.checkpoint_dir)
-    run._body = lambda: _grpo_body(run, model, tokenizer, adapter, task, config)
-    if not start:
-        return run
-    return run.start() if background else run.train()
+    return launch("grpo", _grpo_body, model, tokenizer, adapter, task, config, callbacks=callbacks,
+                  background=background, start=start)
 
 
 def _grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> None:

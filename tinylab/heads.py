@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylab.adapter import TinyLoRA, TinyLoRALinear
-from tinylab.rollout import completion_logprobs, generate, render_prompts
+from tinylab.rollout import _pad_id, completion_logprobs, generate, left_pad, prompt_rows
 
 __all__ = [
     "EVIDENCE",
@@ -205,29 +205,9 @@ def _observed(blocks: Sequence[_Block]):
 # Tokens
 
 
-def _prompt_rows(tokenizer, prompts: Sequence) -> list[list[int]]:
-    texts = render_prompts(tokenizer, prompts)
-    return [tokenizer(t, add_special_tokens=isinstance(p, str))["input_ids"] for t, p in zip(texts, prompts)]
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, P]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, P]
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad or 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,11 +259,11 @@ def _js_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _activation_shift(model, tokenizer, adapter, blocks, prompts, batch_size) -> tuple[dict, dict]:
     """layer -> mean JS divergence per head [H], and relative output change per head [H]."""
-    rows = _prompt_rows(tokenizer, prompts)
+    rows = prompt_rows(tokenizer, prompts)
     sums = {b.layer: torch.zeros(4, b.n_heads, dtype=torch.float64) for b in blocks}  # js, rows, diff^2, base^2
     with eager_attention(model), _observed(blocks) as (patterns, outputs):
         for i in range(0, len(rows), batch_size):
-            ids, mask = _left_pad(rows[i:i + batch_size], _pad_id(tokenizer))  # [B, T]
+            ids, mask = left_pad(rows[i:i + batch_size], _pad_id(tokenizer))  # [B, T]
             with adapter.disabled():
                 _forward(model, ids, mask)
             base = {k: (patterns[k], outputs[k]) for k in patterns}
@@ -375,11 +355,11 @@ class _Scorer:
         self.max_new_tokens = max_new_tokens or getattr(task, "max_new_tokens", None) or 64
 
     def _teacher_batches(self, answers: Sequence[str]):
-        rows = _prompt_rows(self.tokenizer, self.prompts)
+        rows = prompt_rows(self.tokenizer, self.prompts)
         conts = [self.tokenizer(a, add_special_tokens=False)["input_ids"] or [_pad_id(self.tokenizer)]
                  for a in answers]
         for i in range(0, len(rows), self.batch_size):
-            ids, mask = _left_pad(rows[i:i + self.batch_size], _pad_id(self.tokenizer))  # [B, P]
+            ids, mask = left_pad(rows[i:i + self.batch_size], _pad_id(self.tokenizer))  # [B, P]
             chunk = conts[i:i + self.batch_size]
             width = max(len(c) for c in chunk)
             cont = torch.full((len(chunk), width), _pad_id(self.tokenizer), dtype=torch.long)  # [B, L]
@@ -564,7 +544,7 @@ def attention_patterns(model: nn.Module, tokenizer, prompt, layer: int, head: in
     if hasattr(prompt, "prompt"):
         prompt = prompt.prompt
     block = _block(model, layer, head)
-    ids, mask = _left_pad(_prompt_rows(tokenizer, [prompt]), _pad_id(tokenizer))  # [1, T]
+    ids, mask = left_pad(prompt_rows(tokenizer, [prompt]), _pad_id(tokenizer))  # [1, T]
     tokens = [tokenizer.decode([t]) for t in ids[0].tolist()]
     with _measuring(model, adapter), eager_attention(model), _observed([block]) as (patterns, _):
         if adapter is None:

@@ -87,13 +87,23 @@ def _pad_id(tokenizer) -> int:
     return int(pad if pad is not None else 0)
 
 
-def _tokenize_left_padded(tokenizer, prompts: Sequence, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_rows(tokenizer, prompts: Sequence) -> list[list[int]]:
+    """Token ids of each rendered prompt (chat template for message lists; special tokens for strings)."""
     texts = render_prompts(tokenizer, prompts)
     rows = [
         tokenizer(text, add_special_tokens=not _is_chat(prompt))["input_ids"] for text, prompt in zip(texts, prompts)
     ]
     if any(len(r) == 0 for r in rows):
         raise ValueError("a prompt renders to zero tokens; give every prompt some text")
+    return rows
+
+
+def _tokenize_left_padded(tokenizer, prompts: Sequence, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return left_pad(prompt_rows(tokenizer, prompts), pad_id)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids, padded on the left to one width: (ids, attention mask), both [B, P]."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, P]
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, P]

@@ -18,7 +18,7 @@ import torch
 
 from tinylab.grpo import GRPOConfig, train_pool
 from tinylab.rollout import _pad_id, _tokenize_left_padded, completion_logprobs
-from tinylab.training import Run, step_indices, step_log
+from tinylab.training import Run, launch, step_indices, step_log
 
 __all__ = ["SFTConfig", "train_sft"]
 
@@ -97,13 +97,8 @@ def train_sft(model, tokenizer, adapter, task, config: SFTConfig | GRPOConfig, *
         config = SFTConfig.from_grpo(config)
     if not isinstance(config, SFTConfig):
         raise TypeError(f"config must be an SFTConfig (or a GRPOConfig), got {type(config).__name__}")
-    if not getattr(adapter, "attached", False) or adapter.model is not model:
-        raise ValueError("adapter must be attached to model (adapter = apply_tinylora(model, ...))")
-    run = Run("sft", config, adapter, task.name, callbacks=callbacks, checkpoint_dir=config.checkpoint_dir)
-    run._body = lambda: _sft_body(run, model, tokenizer, adapter, task, config)
-    if not start:
-        return run
-    return run.start() if background else run.train()
+    return launch("sft", _sft_body, model, tokenizer, adapter, task, config, callbacks=callbacks,
+                  background=background, start=start)
 
 
 def _sft_body(run: Run, model, tokenizer, adapter, task, config: SFTConfig) -> None:

@@ -447,6 +447,20 @@ class Run:
         return meta
 
 
+def launch(kind: str, body: Callable, model, tokenizer, adapter, task, config, *, callbacks: Iterable = (),
+           background: bool = False, start: bool = True) -> Run:
+    """The Run for `body(run, model, tokenizer, adapter, task, config)` (train_grpo / train_sft):
+    checks the adapter is attached to `model`, then trains (blocking, or in a thread with
+    `background=True`), or with `start=False` returns the Run before training."""
+    if not getattr(adapter, "attached", False) or adapter.model is not model:
+        raise ValueError("adapter must be attached to model (adapter = apply_tinylora(model, ...))")
+    run = Run(kind, config, adapter, task.name, callbacks=callbacks, checkpoint_dir=config.checkpoint_dir)
+    run._body = lambda: body(run, model, tokenizer, adapter, task, config)
+    if not start:
+        return run
+    return run.start() if background else run.train()
+
+
 def _log_from_json(entry: dict) -> StepLog:
     fields = dict(entry)
     for name in StepLog._fields:
