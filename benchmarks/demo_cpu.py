@@ -225,7 +225,8 @@ def main():
     print(f"capitals: {len(task.examples('train', None, None))} train / {len(test)} held-out prompts "
           f"(by country); greedy, {task.max_new_tokens} new tokens")
     if args.no_base:
-        base, base_replies = {"strict": 0.0, "format": 0.0, "flexible": 0.0, "cities_named": 0.0}, ["(not measured)"]
+        nan = float("nan")
+        base, base_replies = {"strict": nan, "format": nan, "flexible": nan, "cities_named": nan}, ["(not measured)"]
     else:
         base, base_replies = held_out(model, tokenizer, task, test)
     print(f"base: strict {base['strict']:.1%}  format {base['format']:.1%}  flexible {base['flexible']:.1%}  "
