@@ -15,7 +15,7 @@ The base model answers in sentences ("The capital of Fiji is Suva, not Doha."): 
 Exact-match reward never fires on sampled replies often enough to learn from, so training uses a
 shaped reward (defaults): 1 for a strict-correct reply; 0.3 (`--short`) for a reply that is
 exactly one of the wrong options; 0.5 (`--starts`) for a reply that starts with the right city
-and goes on; optional credit for the city later in the reply (`--contains`, `--position`).
+and goes on; optional credit for the city later in the reply (`--contains`).
 Training: one u=13 vector shared by all 210 modules (r=2), 4 prompts x 8 samples, temperature
 0.8, Adam lr 1e-2, up to 60 steps, stopped before a step would take the seed past `--budget-min`.
 
@@ -47,10 +47,10 @@ import torch  # noqa: E402
 from tinylab.adapter import TinyLoRAConfig, apply_tinylora  # noqa: E402
 from tinylab.budget import plan_budget  # noqa: E402
 from tinylab.checkpoint import save_adapter  # noqa: E402
+from tinylab.evaluate import evaluate  # noqa: E402
 from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
 from tinylab.importance import module_importance  # noqa: E402
 from tinylab.models import load_model  # noqa: E402
-from tinylab.rollout import generate  # noqa: E402
 from tinylab.tasks.base import (
     Example,  # noqa: E402
     completion_text,  # noqa: E402
@@ -64,25 +64,9 @@ class ShapedCapitals(CapitalsTask):
 
     name = "capitals_shaped"
 
-    def __init__(self, starts: float = 0.5, short: float = 0.0, contains: float = 0.0, position: float = 0.0,
-                 **kwargs):
+    def __init__(self, starts: float = 0.5, short: float = 0.0, contains: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        self.starts, self.short, self.contains, self.position = starts, short, contains, position
-
-    def city_index(self, text: str, answer: str) -> int | None:
-        """Index of the first word where the right city (or an alias) starts in the reply, or None."""
-        words = text.split()
-        for k in range(len(words)):
-            if any(self.score(" ".join(words[k:k + n]), answer).correct_strict for n in (1, 2, 3)):
-                return k
-        return None
-
-    def placed(self, text: str, answer: str) -> float:
-        """`position` / (1 + index of the city's first word): the earlier the city, the more credit."""
-        if not self.position:
-            return 0.0
-        k = self.city_index(text, answer)
-        return 0.0 if k is None else self.position / (1 + k)
+        self.starts, self.short, self.contains = starts, short, contains
 
     def starts_with_city(self, text: str, answer: str) -> bool:
         words = text.split()
@@ -97,11 +81,11 @@ class ShapedCapitals(CapitalsTask):
             if score.correct_strict:
                 out.append(1.0)
             elif self.starts_with_city(text, answer):
-                out.append(max(self.starts, self.placed(text, answer)))
+                out.append(self.starts)
             elif score.formatted:
                 out.append(self.short)
             elif score.correct_flexible:
-                out.append(max(self.contains, self.placed(text, answer)))
+                out.append(self.contains)
             else:
                 out.append(0.0)
         return out
@@ -143,22 +127,21 @@ class CapitalChoices(ShapedCapitals):
             elif any(self.score(text, o).correct_strict for o in self.options.get(answer, ()) if o != answer):
                 out.append(self.short)
             elif self.starts_with_city(text, answer):
-                out.append(max(self.starts, self.placed(text, answer)))
+                out.append(self.starts)
             else:
-                out.append(self.placed(text, answer))
+                out.append(0.0)
         return out
 
 
-def held_out(model, tokenizer, task, examples, batch_size=64):
-    """Greedy held-out scores (fractions) and the replies."""
-    r = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=task.max_new_tokens,
-                 temperature=0, batch_size=batch_size)
-    scores = [task.score(c, e.answer) for c, e in zip(r.completions, examples)]
-    n = len(scores)
+def held_out(model, tokenizer, task, n: int, seed: int | None = None):
+    """Greedy held-out scores (fractions) and the replies, through `tinylab.evaluate`: `n` held-out
+    prompts (seed None: the first n in a fixed order)."""
+    report = evaluate(model, tokenizer, task, n=n, split="test", seed=seed, batch_size=64, progress=False)
+    replies = list(report.table["reply"])
     # a reply naming many capitals could pass `flexible` by listing: count the capitals each one names
-    named = [sum(task.score(c, city).correct_flexible for _, city, *_ in CAPITALS) for c in r.completions]
-    return {"strict": sum(s.correct_strict for s in scores) / n, "format": sum(s.formatted for s in scores) / n,
-            "flexible": sum(s.correct_flexible for s in scores) / n, "cities_named": sum(named) / n}, r.completions
+    named = [sum(task.score(c, city).correct_flexible for _, city, *_ in CAPITALS) for c in replies]
+    return {"strict": report.strict, "format": report.formatted, "flexible": report.flexible,
+            "cities_named": sum(named) / len(replies)}, replies
 
 
 class TimeBudget:
@@ -211,9 +194,7 @@ def main():
     parser.add_argument("--starts", type=float, default=0.5, help="reward: starts with the city, goes on")
     parser.add_argument("--short", type=float, default=0.3, help="reward: at most 3 words, wrong")
     parser.add_argument("--contains", type=float, default=0.0, help="reward: contains the city later")
-    parser.add_argument("--position", type=float, default=0.0,
-                        help="reward for a reply containing the city: position / (1 + index of its first word)")
-    parser.add_argument("--probe-every", type=int, default=0, help="greedy probe on every 2nd held-out prompt")
+    parser.add_argument("--probe-every", type=int, default=0, help="greedy probe on a fixed random half of the held-out prompts")
     parser.add_argument("--no-base", action="store_true", help="skip the base model's held-out evaluation")
     parser.add_argument("--log", default=None, help="append per-step JSON lines to this file")
     parser.add_argument("--save", default=None, help="folder: write each seed's adapter as seed<k>.tlra")
@@ -222,7 +203,7 @@ def main():
 
     model, tokenizer = load_model()
     kind = CapitalChoices if args.task == "choice" else ShapedCapitals
-    task = kind(starts=args.starts, short=args.short, contains=args.contains, position=args.position)
+    task = kind(starts=args.starts, short=args.short, contains=args.contains)
     test = task.examples("test", None, None)
     print(f"capitals: {len(task.examples('train', None, None))} train / {len(test)} held-out prompts "
           f"(by country); greedy, {task.max_new_tokens} new tokens")
@@ -230,7 +211,7 @@ def main():
         nan = float("nan")
         base, base_replies = {"strict": nan, "format": nan, "flexible": nan, "cities_named": nan}, ["(not measured)"]
     else:
-        base, base_replies = held_out(model, tokenizer, task, test)
+        base, base_replies = held_out(model, tokenizer, task, len(test))
     print(f"base: strict {base['strict']:.1%}  format {base['format']:.1%}  flexible {base['flexible']:.1%}  "
           f"capitals named per reply {base['cities_named']:.2f}  e.g. {base_replies[0]!r}")
     n_tie = args.n_tie if args.n_tie == "all" else int(args.n_tie)
@@ -255,11 +236,11 @@ def main():
                             checkpoint_dir=tempfile.mkdtemp(prefix=f"tinylab-demo-{seed}-"))
         start = time.perf_counter()
         cpu0 = time.process_time()
-        budget = TimeBudget(args.budget_min * 60, args.log, lambda: held_out(model, tokenizer, task, test[::2])[0],
+        budget = TimeBudget(args.budget_min * 60, args.log, lambda: held_out(model, tokenizer, task, len(test) // 2, seed=0)[0],
                             args.probe_every)
         run = train_grpo(model, tokenizer, adapter, task, config, callbacks=[budget])
         wall, cpu = time.perf_counter() - start - budget.probe_time, time.process_time() - cpu0
-        trained, replies = held_out(model, tokenizer, task, test)
+        trained, replies = held_out(model, tokenizer, task, len(test))
         numbers = [round(x, 4) for x in adapter.vector().tolist()]
         if args.save:
             os.makedirs(args.save, exist_ok=True)

@@ -256,7 +256,8 @@ def test_unknown_command_line_option_lists_the_commands_options(capsys):
 def test_unknown_config_key_in_trl_overrides():
     from tinylab.trl import trl_args
 
-    with pytest.raises(TypeError, match=r"learning_rat.*(did you mean 'learning_rate'|allowed)"):
+    with pytest.raises(TypeError, match=r"unknown field of TRL's GRPOConfig 'learning_rat' \(did you mean "
+                                        r"'learning_rate'\?\); allowed: .*\bbeta\b.*\bnum_generations\b"):
         trl_args(GRPOConfig(), tempfile.mkdtemp(), learning_rat=1e-3)
 
 

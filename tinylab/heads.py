@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylab.adapter import TinyLoRA, TinyLoRALinear
-from tinylab.rollout import _pad_id, completion_logprobs, generate, left_pad, prompt_rows
+from tinylab.rollout import completion_logprobs, generate, left_pad, pad_token_id, prompt_rows
 
 __all__ = [
     "EVIDENCE",
@@ -263,7 +263,7 @@ def _activation_shift(model, tokenizer, adapter, blocks, prompts, batch_size) ->
     sums = {b.layer: torch.zeros(4, b.n_heads, dtype=torch.float64) for b in blocks}  # js, rows, diff^2, base^2
     with eager_attention(model), _observed(blocks) as (patterns, outputs):
         for i in range(0, len(rows), batch_size):
-            ids, mask = left_pad(rows[i:i + batch_size], _pad_id(tokenizer))  # [B, T]
+            ids, mask = left_pad(rows[i:i + batch_size], pad_token_id(tokenizer))  # [B, T]
             with adapter.disabled():
                 _forward(model, ids, mask)
             base = {k: (patterns[k], outputs[k]) for k in patterns}
@@ -356,13 +356,13 @@ class _Scorer:
 
     def _teacher_batches(self, answers: Sequence[str]):
         rows = prompt_rows(self.tokenizer, self.prompts)
-        conts = [self.tokenizer(a, add_special_tokens=False)["input_ids"] or [_pad_id(self.tokenizer)]
+        conts = [self.tokenizer(a, add_special_tokens=False)["input_ids"] or [pad_token_id(self.tokenizer)]
                  for a in answers]
         for i in range(0, len(rows), self.batch_size):
-            ids, mask = left_pad(rows[i:i + self.batch_size], _pad_id(self.tokenizer))  # [B, P]
+            ids, mask = left_pad(rows[i:i + self.batch_size], pad_token_id(self.tokenizer))  # [B, P]
             chunk = conts[i:i + self.batch_size]
             width = max(len(c) for c in chunk)
-            cont = torch.full((len(chunk), width), _pad_id(self.tokenizer), dtype=torch.long)  # [B, L]
+            cont = torch.full((len(chunk), width), pad_token_id(self.tokenizer), dtype=torch.long)  # [B, L]
             cmask = torch.zeros((len(chunk), width), dtype=torch.long)  # [B, L]
             for j, c in enumerate(chunk):
                 cont[j, :len(c)], cmask[j, :len(c)] = torch.tensor(c), 1
@@ -544,7 +544,7 @@ def attention_patterns(model: nn.Module, tokenizer, prompt, layer: int, head: in
     if hasattr(prompt, "prompt"):
         prompt = prompt.prompt
     block = _block(model, layer, head)
-    ids, mask = left_pad(prompt_rows(tokenizer, [prompt]), _pad_id(tokenizer))  # [1, T]
+    ids, mask = left_pad(prompt_rows(tokenizer, [prompt]), pad_token_id(tokenizer))  # [1, T]
     tokens = [tokenizer.decode([t]) for t in ids[0].tolist()]
     with _measuring(model, adapter), eager_attention(model), _observed([block]) as (patterns, _):
         if adapter is None:

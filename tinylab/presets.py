@@ -129,7 +129,8 @@ def override_keys() -> list[str]:
     return sorted({*_ADAPTER_FIELDS, *_TRAINING_FIELDS, *_PRESET_FIELDS})
 
 
-def _unknown(kind: str, bad: str, allowed: Sequence[str]) -> str:
+def unknown_message(kind: str, bad: str, allowed: Sequence[str]) -> str:
+    """`unknown KIND 'bad' (did you mean ...?); allowed: a, b, ...` for a name that is not one of `allowed`."""
     close = difflib.get_close_matches(bad, allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown {kind} {bad!r}{hint}; allowed: {', '.join(allowed)}"
@@ -142,10 +143,10 @@ def preset(name: str, **overrides) -> Preset:
     exists), and the configs' own ValueError for a value out of range.
     """
     if not isinstance(name, str) or name not in PRESETS:
-        raise ValueError(_unknown("preset", str(name), names()))
+        raise ValueError(unknown_message("preset", str(name), names()))
     unknown = [k for k in overrides if k not in override_keys()]
     if unknown:
-        raise TypeError(_unknown("preset override", unknown[0], override_keys()))
+        raise TypeError(unknown_message("preset override", unknown[0], override_keys()))
     base = PRESETS[name]
     adapter = {_ADAPTER_FIELDS[k]: v for k, v in overrides.items() if k in _ADAPTER_FIELDS}
     training = {k: v for k, v in overrides.items() if k in _TRAINING_FIELDS}
@@ -192,6 +193,6 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"override {pair!r} is not key=value (e.g. lr=3e-3); allowed keys: "
                              f"{', '.join(override_keys())}")
         if key not in override_keys():
-            raise ValueError(_unknown("override key", key, override_keys()))
+            raise ValueError(unknown_message("override key", key, override_keys()))
         out[key] = _value(text.strip())
     return out

@@ -82,7 +82,8 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its end-of-sequence token, else 0."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return int(pad if pad is not None else 0)
 
@@ -96,10 +97,6 @@ def prompt_rows(tokenizer, prompts: Sequence) -> list[list[int]]:
     if any(len(r) == 0 for r in rows):
         raise ValueError("a prompt renders to zero tokens; give every prompt some text")
     return rows
-
-
-def _tokenize_left_padded(tokenizer, prompts: Sequence, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return left_pad(prompt_rows(tokenizer, prompts), pad_id)
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +183,8 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_
     prompts = list(prompts) if not isinstance(prompts, str) else prompts
     if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one prompt")
-    pad_id = _pad_id(tokenizer)
-    ids, mask = _tokenize_left_padded(tokenizer, prompts, pad_id)  # [B, P]
+    pad_id = pad_token_id(tokenizer)
+    ids, mask = left_pad(prompt_rows(tokenizer, prompts), pad_id)  # [B, P]
     context = _context_length(model)
     longest = int(mask.sum(1).max())
     if context is not None and longest >= context:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 
 from tinylab.grpo import GRPOConfig, train_pool
-from tinylab.rollout import _pad_id, _tokenize_left_padded, completion_logprobs
+from tinylab.rollout import completion_logprobs, left_pad, pad_token_id, prompt_rows
 from tinylab.training import Run, launch, step_indices, step_log
 
 __all__ = ["SFTConfig", "train_sft"]
@@ -69,8 +69,8 @@ class SFTConfig:
 
 def _solution_batch(tokenizer, examples, max_tokens: int):
     """Left-padded prompts and right-padded solution tokens (+ EOS): ids, attention mask, target mask."""
-    pad = _pad_id(tokenizer)
-    prompt_ids, prompt_mask = _tokenize_left_padded(tokenizer, [ex.prompt for ex in examples], pad)  # [B, P]
+    pad = pad_token_id(tokenizer)
+    prompt_ids, prompt_mask = left_pad(prompt_rows(tokenizer, [ex.prompt for ex in examples]), pad)  # [B, P]
     eos = tokenizer.eos_token_id
     targets = []
     for ex in examples:

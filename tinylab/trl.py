@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable
 
 from tinylab.grpo import GRPOConfig, train_pool
+from tinylab.presets import unknown_message
 from tinylab.training import StepLog, StopTraining, step_log
 
 __all__ = ["TRLStepLogs", "grpo_trainer", "trl_args"]
@@ -64,16 +65,10 @@ def trl_args(config: GRPOConfig, output_dir: str, task=None, **overrides):
 
     if "activation_checkpointing" in TRLGRPOConfig.__dataclass_fields__:  # transformers >= 5.x name
         args["activation_checkpointing"] = args.pop("gradient_checkpointing")
-    fields = TRLGRPOConfig.__dataclass_fields__
-    unknown = [key for key in overrides if key not in fields]
+    unknown = [key for key in overrides if key not in TRLGRPOConfig.__dataclass_fields__]
     if unknown:
-        import difflib
-
-        key = unknown[0]
-        close = difflib.get_close_matches(key, list(fields), n=3)
-        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-        raise TypeError(f"{key!r} is not a field of TRL's GRPOConfig; {hint}allowed: the fields of "
-                        "trl.GRPOConfig (see its documentation)")
+        allowed = sorted(TRLGRPOConfig.__dataclass_fields__)
+        raise TypeError(unknown_message("field of TRL's GRPOConfig", unknown[0], allowed))
     args.update(overrides)
     n_gen = args["num_generations"]
     if not isinstance(n_gen, int) or n_gen < 2:
