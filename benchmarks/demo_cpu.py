@@ -51,11 +51,13 @@ from tinylab.evaluate import evaluate  # noqa: E402
 from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
 from tinylab.importance import module_importance  # noqa: E402
 from tinylab.models import load_model  # noqa: E402
+from tinylab.rollout import render_prompts  # noqa: E402
 from tinylab.tasks.base import (
     Example,  # noqa: E402
+    RewardShape,  # noqa: E402
     completion_text,  # noqa: E402
 )
-from tinylab.tasks.capitals import CAPITALS, CapitalsTask  # noqa: E402
+from tinylab.tasks.capitals import CAPITALS, CapitalAnswerTask, CapitalsTask  # noqa: E402
 from tinylab.training import StopTraining  # noqa: E402
 
 
@@ -133,6 +135,30 @@ class CapitalChoices(ShapedCapitals):
         return out
 
 
+@torch.no_grad()
+def knowledge_probe(model, tokenizer) -> dict[str, float]:
+    """Where the base model's knowledge of capitals is reachable: for each held-out country, is the
+    right capital's first token the highest-ranked among the first tokens of all the capitals, (a) at
+    the start of the reply, (b) after "The capital of X is", (c) after "The capital of X is **"?"""
+    task = CapitalsTask(templates=("What is the capital of {country}? Answer with the city name only.",))
+    country_of = {city: country for country, city, *_ in CAPITALS}
+    cities = list(country_of)
+    first = {c: tokenizer(c, add_special_tokens=False).input_ids[0] for c in cities}
+    first_spaced = {c: tokenizer(" " + c, add_special_tokens=False).input_ids[0] for c in cities}
+    contexts = {"reply start": ("", first), "after 'The capital of X is'": ("The capital of {c} is", first_spaced),
+                "after 'The capital of X is **'": ("The capital of {c} is **", first)}
+    hits = dict.fromkeys(contexts, 0)
+    examples = task.examples("test", None, None)
+    for ex in examples:
+        rendered = render_prompts(tokenizer, [ex.prompt])[0]
+        for label, (suffix, table) in contexts.items():
+            ids = tokenizer(rendered + suffix.format(c=country_of[ex.answer]), add_special_tokens=False).input_ids
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            best = max(cities, key=lambda c: logits[table[c]].item())
+            hits[label] += table[best] == table[ex.answer]
+    return {label: hit / len(examples) for label, hit in hits.items()}
+
+
 def held_out(model, tokenizer, task, n: int, seed: int | None = None):
     """Greedy held-out scores (fractions) and the replies, through `tinylab.evaluate`: `n` held-out
     prompts (seed None: the first n in a fixed order)."""
@@ -190,10 +216,17 @@ def main():
                              "strategy=...) with u=1 (top ranks modules by module_importance on the training task)")
     parser.add_argument("--params", type=int, default=13, help="budget for --placement tiled / top")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--task", choices=["choice", "open"], default="choice")
-    parser.add_argument("--starts", type=float, default=0.5, help="reward: starts with the city, goes on")
-    parser.add_argument("--short", type=float, default=0.3, help="reward: at most 3 words, wrong")
-    parser.add_argument("--contains", type=float, default=0.0, help="reward: contains the city later")
+    parser.add_argument("--task", choices=["answer", "choice", "open"], default="answer",
+                        help='answer: the capitals_answer task (final "Answer: <city>" line); choice / open: the '
+                             "city first (the 2026-11-30 attempts)")
+    parser.add_argument("--format-credit", type=float, default=0.2,
+                        help="answer task: reward for an answer line with the wrong city")
+    parser.add_argument("--kl", type=float, default=0.0, help="KL coefficient to the adapter-disabled model")
+    parser.add_argument("--starts", type=float, default=0.5, help="choice / open: reward for starting with the city")
+    parser.add_argument("--short", type=float, default=0.3, help="choice / open: reward for a wrong short reply")
+    parser.add_argument("--contains", type=float, default=0.0, help="open: reward for the city later in the reply")
+    parser.add_argument("--probe-knowledge", action="store_true",
+                        help="print where the base model's knowledge of capitals is reachable, then exit")
     parser.add_argument("--probe-every", type=int, default=0, help="greedy probe on a fixed random half of the held-out prompts")
     parser.add_argument("--no-base", action="store_true", help="skip the base model's held-out evaluation")
     parser.add_argument("--log", default=None, help="append per-step JSON lines to this file")
@@ -202,11 +235,18 @@ def main():
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model()
-    kind = CapitalChoices if args.task == "choice" else ShapedCapitals
-    task = kind(starts=args.starts, short=args.short, contains=args.contains)
+    if args.probe_knowledge:
+        for label, share in knowledge_probe(model, tokenizer).items():
+            print(f"right capital ranked first among {len(CAPITALS)} capitals' first tokens, {label}: {share:.0%}")
+        return
+    if args.task == "answer":
+        task = CapitalAnswerTask(shape=RewardShape(formatted=args.format_credit))
+    else:
+        kind = CapitalChoices if args.task == "choice" else ShapedCapitals
+        task = kind(starts=args.starts, short=args.short, contains=args.contains)
     test = task.examples("test", None, None)
-    print(f"capitals: {len(task.examples('train', None, None))} train / {len(test)} held-out prompts "
-          f"(by country); greedy, {task.max_new_tokens} new tokens")
+    print(f"{task.name}: {len(task.examples('train', None, None))} train / {len(test)} held-out prompts "
+          f"(by country); greedy, {task.max_new_tokens} new tokens; e.g. {test[0].prompt[-1]['content']!r}")
     if args.no_base:
         nan = float("nan")
         base, base_replies = {"strict": nan, "format": nan, "flexible": nan, "cities_named": nan}, ["(not measured)"]
@@ -232,7 +272,7 @@ def main():
     for seed in args.seeds:
         adapter = apply_tinylora(model, dataclasses.replace(placement, seed=seed))
         config = GRPOConfig(prompts_per_step=args.prompts, group_size=args.group, lr=args.lr, steps=args.steps,
-                            temperature=args.temperature, seed=seed, max_new_tokens=args.max_new,
+                            temperature=args.temperature, seed=seed, max_new_tokens=args.max_new, kl=args.kl,
                             checkpoint_dir=tempfile.mkdtemp(prefix=f"tinylab-demo-{seed}-"))
         start = time.perf_counter()
         cpu0 = time.process_time()

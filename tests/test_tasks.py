@@ -7,10 +7,10 @@ import pytest
 from tinylab import tasks
 from tinylab.tasks import RewardShape, Score
 from tinylab.tasks.base import Example, Task, completion_text
-from tinylab.tasks.capitals import CAPITALS, CapitalsTask
+from tinylab.tasks.capitals import CAPITALS, CapitalAnswerTask, CapitalsTask
 from tinylab.tasks.synthetic import ArithmeticTask, ComparisonTask
 
-SYNTHETIC = ["arithmetic", "capitals", "compare"]
+SYNTHETIC = ["arithmetic", "capitals", "capitals_answer", "compare"]
 
 
 def _content(example):
@@ -21,7 +21,7 @@ def _content(example):
 
 
 def test_names_and_get():
-    assert tasks.names() == ["arithmetic", "capitals", "compare", "gsm8k"]
+    assert tasks.names() == ["arithmetic", "capitals", "capitals_answer", "compare", "gsm8k"]
     for name in tasks.names():
         task = tasks.get(name)
         assert isinstance(task, Task) and task.name == name
@@ -207,6 +207,38 @@ def test_arithmetic_score(reply, gold, expected):
 def test_capitals_score(reply, gold, expected):
     s = CapitalsTask().score(reply, gold)
     assert (s.formatted, s.correct_strict, s.correct_flexible) == expected
+
+
+@pytest.mark.parametrize("reply, gold, expected", [
+    ("The capital of France is Paris.\nAnswer: Paris", "Paris", (True, True, True)),
+    ("The capital of France is Paris. Answer: **Paris**.", "Paris", (True, True, True)),
+    ("The capital of France is Paris.", "Paris", (False, False, True)),  # the base model's reply: no answer line
+    ("Paris", "Paris", (False, False, True)),
+    ("The capital of Vietnam is Hanoi. Answer: Vietnam.", "Hanoi", (True, False, True)),  # copies the wrong name
+    ("Answer: Lyon\nAnswer: Paris", "Paris", (True, True, True)),  # the last answer line counts
+    ("Answer: Paris\nAnswer: Lyon", "Paris", (True, False, True)),
+    ("Answer: Answer: Answer: Answer: Answer: Answer:", "Paris", (False, False, False)),
+    ("Answer:\nParis", "Paris", (False, False, True)),  # the answer belongs on the answer line
+    ("Answer: The capital of France is Paris", "Paris", (False, False, True)),  # more than 4 words
+    ('answer: "Washington DC"', "Washington, D.C.", (True, True, True)),
+    ("Answer: Kiev", "Kyiv", (True, True, True)),
+    ("", "Paris", (False, False, False)),
+])
+def test_capital_answer_score(reply, gold, expected):
+    s = CapitalAnswerTask().score(reply, gold)
+    assert (s.formatted, s.correct_strict, s.correct_flexible) == expected
+
+
+def test_capital_answer_prompts_ask_for_the_line_and_solutions_score_strict():
+    task = CapitalAnswerTask()
+    train, test = task.examples("train", None, None), task.examples("test", None, None)
+    assert {e.answer for e in train}.isdisjoint({e.answer for e in test})
+    assert len(train) + len(test) == len(CAPITALS) * len(task.templates)
+    for e in train + test:
+        assert _content(e).endswith('End your reply with "Answer: <city>".')
+        assert task.score(e.solution, e.answer).correct_strict, e.solution
+    # the same split by country as the capitals task
+    assert {e.answer for e in test} == {e.answer for e in CapitalsTask().examples("test", None, None)}
 
 
 # --- rewards

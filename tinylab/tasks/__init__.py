@@ -1,6 +1,7 @@
 """Tasks: what a model is trained and judged on.
 
-Built-in tasks by name: `get("gsm8k")`, `get("compare")`, `get("arithmetic")`, `get("capitals")`;
+Built-in tasks by name: `get("gsm8k")`, `get("compare")`, `get("arithmetic")`, `get("capitals")`,
+`get("capitals_answer")`;
 `names()` lists them. Keyword arguments go to the task's constructor
 (`get("gsm8k", source="my_problems.jsonl")`, `get("capitals", shape=RewardShape(flexible=0.2))`).
 Your own task is any object with the `Task` attributes; `register(name, factory)` makes it
@@ -12,18 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tinylab.tasks.base import EXACT_MATCH, Example, RewardShape, Score, ScoredTask, Task, completion_text
-from tinylab.tasks.capitals import CapitalsTask
+from tinylab.tasks.capitals import CapitalAnswerTask, CapitalsTask
 from tinylab.tasks.gsm8k import GSM8K
 from tinylab.tasks.synthetic import ArithmeticTask, ComparisonTask, SyntheticTask
 
 __all__ = [
-    "EXACT_MATCH", "GSM8K", "ArithmeticTask", "CapitalsTask", "ComparisonTask", "Example", "RewardShape", "Score", "ScoredTask",
+    "EXACT_MATCH", "GSM8K", "ArithmeticTask", "CapitalAnswerTask", "CapitalsTask", "ComparisonTask", "Example", "RewardShape", "Score", "ScoredTask",
     "SyntheticTask", "Task", "completion_text", "get", "names", "register",
 ]
 
 _REGISTRY: dict[str, Callable[..., Task]] = {
     "arithmetic": ArithmeticTask,
     "capitals": CapitalsTask,
+    "capitals_answer": CapitalAnswerTask,
     "compare": ComparisonTask,
     "gsm8k": GSM8K,
 }

@@ -22,7 +22,7 @@ import unicodedata
 from tinylab.tasks.base import EXACT_MATCH, Example, RewardShape, Score
 from tinylab.tasks.synthetic import SyntheticTask
 
-__all__ = ["CAPITALS", "TEMPLATES", "CapitalsTask"]
+__all__ = ["ANSWER_TEMPLATES", "CAPITALS", "TEMPLATES", "CapitalAnswerTask", "CapitalsTask"]
 
 # (country as it reads after "the capital of", capital, accepted aliases...)
 CAPITALS: tuple[tuple[str, ...], ...] = (
@@ -62,7 +62,11 @@ TEMPLATES = (
     "Name the capital city of {country}. Answer with the city name only.",
     "Which city is the capital of {country}? Answer with the city name only.",
 )
+ANSWER_TEMPLATES = tuple(t.replace("Answer with the city name only.", 'End your reply with "Answer: <city>".')
+                         for t in TEMPLATES)
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
+_ANSWER_LINE = re.compile(r"answer\s*:[ \t]*(.*)", re.IGNORECASE)
+_STRIP = "\"'`*_.,;:!?()[]{}<> "
 
 
 def _words(text: str) -> str:
@@ -119,4 +123,57 @@ class CapitalsTask(SyntheticTask):
             correct_strict=bool(first) and _key(first) in {_key(name) for name in names},
             correct_flexible=any(f" {_words(name)} " in reply_words for name in names),
             extracted=first or None,
+        )
+
+
+class CapitalAnswerTask(CapitalsTask):
+    """Capitals with the answer on a final "Answer: <city>" line, as GSM8K ends with "#### <number>".
+
+    'What is the capital of Norway? End your reply with "Answer: <city>".' The base model replies
+    "The capital of Norway is Oslo." and stops: right city, no answer line. Its knowledge is
+    reachable there and nowhere earlier: over the 108 capitals, the first token it ranks highest
+    is the right one for 81% of held-out countries right after "The capital of X is", but for 7%
+    at the start of the reply and 26% after "The capital of X is **" (measured with
+    `benchmarks/demo_cpu.py --probe-knowledge`). So a format asking for the city first (as
+    `CapitalsTask` does) buries the knowledge; this one lets the sentence come first.
+
+    Reading a reply (case, accents, punctuation, quotes and markdown around the city ignored):
+    - formatted: an "Answer:" line whose text after the last "Answer:" has 1 to 4 words;
+    - strict: formatted, and that text is the city (or an accepted alias);
+    - flexible: the city appears anywhere in the reply as whole words.
+
+    >>> task = CapitalAnswerTask()
+    >>> task.reward(["The capital of France is Paris.\\nAnswer: Paris", "The capital of France is Paris."], ["Paris"] * 2)
+    [1.0, 0.0]
+    >>> task.score("It is Lyon. Answer: **Lyon**.", "Paris")
+    Score(formatted=True, correct_strict=False, correct_flexible=False, extracted='Lyon')
+    """
+
+    name = "capitals_answer"
+    split_name = "capitals"  # the same held-out countries as `CapitalsTask`
+    max_new_tokens = 24
+
+    def __init__(self, *, templates: tuple[str, ...] = ANSWER_TEMPLATES, split_seed: int = 0,
+                 test_fraction: float = 0.4, shape: RewardShape = EXACT_MATCH):
+        super().__init__(templates=templates, split_seed=split_seed, test_fraction=test_fraction, shape=shape)
+
+    def _groups(self):
+        """As `CapitalsTask`, with a reference reply for SFT: 'The capital of X is Y.' then 'Answer: Y'."""
+        return [
+            (country, [Example([{"role": "user", "content": t.format(country=country)}], city,
+                               f"The capital of {country} is {city}.\nAnswer: {city}") for t in self.templates])
+            for country, city, *_ in CAPITALS
+        ]
+
+    def score(self, completion: str, answer: str) -> Score:
+        names = self._aliases.get(_key(answer), (answer,))
+        found = _ANSWER_LINE.findall(completion)
+        last = found[-1].strip(_STRIP) if found else ""
+        formatted = 1 <= len(last.split()) <= 4
+        reply_words = f" {_words(completion)} "
+        return Score(
+            formatted=formatted,
+            correct_strict=formatted and _key(last) in {_key(name) for name in names},
+            correct_flexible=any(f" {_words(name)} " in reply_words for name in names),
+            extracted=last or None,
         )

@@ -24,6 +24,8 @@ class SyntheticTask(ScoredTask):
     """
 
     max_new_tokens = 16
+    split_name: str | None = None
+    """Seeds the train/test partition with `name` when None; tasks sharing a split_name split alike."""
 
     def __init__(self, *, split_seed: int = 0, test_fraction: float = 0.2, shape: RewardShape = EXACT_MATCH):
         if not isinstance(shape, RewardShape):
@@ -41,7 +43,7 @@ class SyntheticTask(ScoredTask):
     def _split(self) -> dict[str, list[Example]]:
         if self._parts is None:
             groups = sorted(self._groups(), key=lambda g: repr(g[0]))
-            random.Random(f"{self.name}/{self.split_seed}").shuffle(groups)
+            random.Random(f"{self.split_name or self.name}/{self.split_seed}").shuffle(groups)
             n_test = max(1, round(len(groups) * self.test_fraction))
             self._parts = {
                 "test": [e for _, examples in groups[:n_test] for e in examples],
