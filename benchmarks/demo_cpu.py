@@ -1,29 +1,29 @@
 """The CPU demonstration: 13 scalars, GRPO, the embedded SmolLM2-135M-Instruct, 3 seeds.
 
-Default task (`--task choice`): "Which city is the capital of Norway: Lima, Oslo or Madrid? Answer
-with the city name only.", split by country (65 train / 43 held-out countries), so held-out
-countries are never seen in training. `--task open` asks without options. Held-out scores use
-greedy decoding, 16 new tokens:
+Default task (`--task answer`, `tinylab.tasks.get("capitals_answer")`): 'What is the capital of
+Norway? End your reply with "Answer: <city>".' in three phrasings, split by country (65 train /
+43 held-out countries, 195 / 129 prompts), so held-out countries are never seen in training.
+Held-out scores use greedy decoding, 24 new tokens, on all 129 held-out prompts:
 
-    strict    the reply's first line is the right city (format and correctness together)
-    format    the reply has at most 3 words
-    flexible  the right city appears anywhere in the reply (for `choice` the options are in the
-              prompt, so this one is inflated by replies that repeat them)
+    strict    the text after the last "Answer:" is the right city (format and correctness together)
+    format    there is an "Answer:" line with 1 to 4 words after it
+    flexible  the right city appears anywhere in the reply
     capitals named per reply: how many capitals a reply names (a guard against listing)
 
-The base model answers in sentences ("The capital of Fiji is Suva, not Doha."): strict 0.
-Exact-match reward never fires on sampled replies often enough to learn from, so training uses a
-shaped reward (defaults): 1 for a strict-correct reply; 0.3 (`--short`) for a reply that is
-exactly one of the wrong options; 0.5 (`--starts`) for a reply that starts with the right city
-and goes on; optional credit for the city later in the reply (`--contains`).
-Training: one u=13 vector shared by all 210 modules (r=2), 4 prompts x 8 samples, temperature
-0.8, Adam lr 1e-2, up to 60 steps, stopped before a step would take the seed past `--budget-min`.
+Why this task: the base model replies "The capital of Norway is Oslo." and stops (strict 0), and
+its knowledge is only reachable in that sentence (`--probe-knowledge`: the right capital's first
+token ranks first among the 108 capitals' for 81% of held-out countries after "The capital of X
+is", 7% at the start of a reply, 26% after "The capital of X is **"). Asking for the city first,
+as the 2026-11-30 attempts did (`--task choice | open`: best mean +6.2 points), makes the model
+guess; an answer line after the sentence is a format it can learn and fill by copying.
 
-Measured with the defaults on 2026-11-30 (one thread per seed, two seeds side by side, 50-57 steps
-in the 10-minute budget): held-out strict 0% -> 0.0 / 0.0 / 18.6% (mean +6.2 points, the issue
-asks for +30); format 2.3% -> 37.2 / 0.0 / 69.8%; flexible 72.1% -> 65.1 / 44.2 / 41.9%. What the
-scalars changed is format (shorter replies that start with a city), at a cost in knowledge; about
-twenty other reward / temperature / lr / placement settings tried in short probes did no better.
+Training: the paper's exact-match reward (1 for strict-correct, else 0; `--format-credit` pays
+an answer line with the wrong city), one u=13 vector shared by all 210 modules (r=2), 4 prompts
+x 8 samples, temperature 0.7, Adam lr 5e-3, at most 30 steps, stopped before a step would take
+the seed past `--budget-min` (10). Every `--select-every` (3) steps the greedy strict score on 32
+training prompts is measured and the best v so far is kept (early stopping on the train split;
+that time counts in the budget): single-seed probes rose to 23-30% held-out strict by step
+10-15, then fell as sampled replies drifted.
 
 Usage: .venv/bin/python benchmarks/demo_cpu.py [--seeds 0 1 2] [--threads 2] [--save DIR] [--log F]
 Prints per seed: base and trained held-out scores, steps, training wall time, the 13 numbers.
@@ -170,6 +170,32 @@ def held_out(model, tokenizer, task, n: int, seed: int | None = None):
             "cities_named": sum(named) / len(replies)}, replies
 
 
+class SelectOnTrain:
+    """Early stopping on the train split (held-out prompts never choose anything): every `every`
+    steps, greedy strict accuracy on a fixed sample of training prompts; the best v so far is kept
+    and restored by `restore()`. Its time counts in the training budget."""
+
+    def __init__(self, model, tokenizer, adapter, task, every: int, n: int = 32):
+        self.model, self.tokenizer, self.adapter, self.task = model, tokenizer, adapter, task
+        self.every, self.n = every, n
+        self.best, self.best_step, self.best_v = self.score(), 0, adapter.vector()
+        self.trace = [(0, self.best)]
+
+    def score(self) -> float:
+        return evaluate(self.model, self.tokenizer, self.task, n=self.n, split="train", seed=0, batch_size=64,
+                        progress=False).strict
+
+    def __call__(self, log):
+        if self.every and log.step % self.every == 0:
+            value = self.score()
+            self.trace.append((log.step, value))
+            if value > self.best:
+                self.best, self.best_step, self.best_v = value, log.step, self.adapter.vector()
+
+    def restore(self) -> None:
+        self.adapter.set_vector(self.best_v)
+
+
 class TimeBudget:
     """Stop training (cleanly, after a step) once the wall-time budget is used up; optionally log
     each step as a JSON line and probe greedy held-out scores every `probe_every` steps (probe
@@ -202,12 +228,12 @@ class TimeBudget:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--budget-min", type=float, default=10.0, help="wall-time cap per seed's training")
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-new", type=int, default=None, help="tokens per sampled reply (default: task's)")
     parser.add_argument("--u", type=int, default=13)
     parser.add_argument("--n-tie", default="all", help='"all" (one shared vector of u) or an integer')
@@ -219,9 +245,12 @@ def main():
     parser.add_argument("--task", choices=["answer", "choice", "open"], default="answer",
                         help='answer: the capitals_answer task (final "Answer: <city>" line); choice / open: the '
                              "city first (the 2026-11-30 attempts)")
-    parser.add_argument("--format-credit", type=float, default=0.2,
+    parser.add_argument("--format-credit", type=float, default=0.0,
                         help="answer task: reward for an answer line with the wrong city")
     parser.add_argument("--kl", type=float, default=0.0, help="KL coefficient to the adapter-disabled model")
+    parser.add_argument("--select-every", type=int, default=3,
+                        help="keep the v with the best greedy strict score on 32 training prompts, measured every "
+                             "this many steps (0: keep the last v)")
     parser.add_argument("--starts", type=float, default=0.5, help="choice / open: reward for starting with the city")
     parser.add_argument("--short", type=float, default=0.3, help="choice / open: reward for a wrong short reply")
     parser.add_argument("--contains", type=float, default=0.0, help="open: reward for the city later in the reply")
@@ -278,7 +307,10 @@ def main():
         cpu0 = time.process_time()
         budget = TimeBudget(args.budget_min * 60, args.log, lambda: held_out(model, tokenizer, task, len(test) // 2, seed=0)[0],
                             args.probe_every)
-        run = train_grpo(model, tokenizer, adapter, task, config, callbacks=[budget])
+        select = SelectOnTrain(model, tokenizer, adapter, task, args.select_every)
+        run = train_grpo(model, tokenizer, adapter, task, config, callbacks=[select, budget])
+        if args.select_every:
+            select.restore()
         wall, cpu = time.perf_counter() - start - budget.probe_time, time.process_time() - cpu0
         trained, replies = held_out(model, tokenizer, task, len(test))
         numbers = [round(x, 4) for x in adapter.vector().tolist()]
@@ -286,8 +318,10 @@ def main():
             os.makedirs(args.save, exist_ok=True)
             save_adapter(adapter, os.path.join(args.save, f"seed{seed}.tlra"))
         rows.append((seed, trained, run.step, wall))
+        chosen = (f"v of step {select.best_step}, chosen on training prompts (greedy strict by step: "
+                  f"{', '.join(f'{k}: {x:.0%}' for k, x in select.trace)})" if args.select_every else "last v")
         print(f"seed {seed}: {adapter.num_params} params, {run.step} steps ({run.status}), train wall {wall:.0f} s "
-              f"(cpu {cpu:.0f} s)\n  trained: strict {trained['strict']:.1%}  format {trained['format']:.1%}  "
+              f"(cpu {cpu:.0f} s); {chosen}\n  trained: strict {trained['strict']:.1%}  format {trained['format']:.1%}  "
               f"flexible {trained['flexible']:.1%}  capitals named per reply {trained['cities_named']:.2f}   (base "
               f"{base['strict']:.1%} / {base['format']:.1%} / {base['flexible']:.1%} / {base['cities_named']:.2f})"
               f"\n  v = {numbers}\n  e.g. {replies[:4]}", flush=True)

@@ -1,11 +1,12 @@
 """Which heads did the CPU demonstration's scalars switch? Measured facts for a trained adapter.
 
     .venv/bin/python benchmarks/demo_cpu.py --save /tmp/demo-adapters      # trains, writes seed<k>.tlra
-    .venv/bin/python benchmarks/heads.py /tmp/demo-adapters/seed0.tlra [--task choice] [--prompts 43]
+    .venv/bin/python benchmarks/heads.py /tmp/demo-adapters/seed0.tlra [--task answer] [--prompts 43]
 
 On held-out prompts of the demonstration's task, with a reward on greedy replies as the causal
-metric (`--reward exact`: 1 when the reply's first line is the right city, else 0; `--reward
-training`: demo_cpu.py's shaped training reward), prints:
+metric (`--reward exact`: 1 for a strict-correct reply, else 0 (for `--task answer` the right city
+after "Answer:", for choice / open the reply's first line); `--reward training`: demo_cpu.py's
+shaped training reward of the choice / open tasks; the answer task trains on exact match), prints:
 - the top 5 heads by each measure of `tinylab.head_effects` (weight, js, output_change,
   gate_grad, ablation) and the pairwise overlap of those top-5 sets;
 - the share of the reward gain (adapted - base) that removing the update from the top 5 heads
@@ -29,6 +30,7 @@ from demo_cpu import CapitalChoices, ShapedCapitals  # noqa: E402
 from tinylab.checkpoint import load_adapter  # noqa: E402
 from tinylab.heads import EVIDENCE, ablate_heads, head_effects  # noqa: E402
 from tinylab.models import load_model  # noqa: E402
+from tinylab.tasks.capitals import CapitalAnswerTask  # noqa: E402
 
 
 def _names(heads) -> str:
@@ -38,7 +40,7 @@ def _names(heads) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", help="an adapter file written by demo_cpu.py --save")
-    parser.add_argument("--task", choices=["choice", "open"], default="choice")
+    parser.add_argument("--task", choices=["answer", "choice", "open"], default="answer")
     parser.add_argument("--reward", choices=["exact", "training"], default="exact",
                         help="causal metric: exact match (strict accuracy) or demo_cpu.py's default training reward")
     parser.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: all)")
@@ -52,7 +54,10 @@ def main() -> None:
     model, tokenizer = load_model()
     adapter = load_adapter(model, args.adapter)
     shape = dict(starts=0.0, short=0.0) if args.reward == "exact" else dict(starts=0.5, short=0.3)
-    task = (CapitalChoices if args.task == "choice" else ShapedCapitals)(**shape)
+    if args.task == "answer":
+        task = CapitalAnswerTask()
+    else:
+        task = (CapitalChoices if args.task == "choice" else ShapedCapitals)(**shape)
     prompts = task.examples("test", None, None)[: args.prompts]
     start = time.perf_counter()
     effects = head_effects(model, tokenizer, adapter, prompts, task=task, confirm=args.confirm)

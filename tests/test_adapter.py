@@ -52,6 +52,28 @@ def test_update_matches_hand_computed_svd(llama):
     torch.testing.assert_close(mod.delta_weight().double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (64, 64)])
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_exact_svd_on_a_flat_spectrum_matches_a_full_svd(shape, r):
+    """Trained weights have flat tops (SmolLM2's up_proj: sigma_3 / sigma_2 = 0.99): the subset
+    eigen-solver and the fp64 refinement must still give the full SVD's triplets."""
+    from tinylab.adapter import _canonical_signs, _exact_svd
+
+    g = torch.Generator().manual_seed(sum(shape) + r)
+    m, n = shape
+    Q1 = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64)).Q
+    spectrum = torch.linspace(10.0, 9.0, min(m, n), dtype=torch.float64)  # neighbours 0.1-3% apart
+    W = Q1 @ torch.diag(spectrum) @ Q2.T
+    U, S, Vh = _exact_svd(W, r)
+    U, Vh = _canonical_signs(U, Vh)
+    U0, S0, Vh0 = torch.linalg.svd(W, full_matrices=False)
+    U0, Vh0 = _canonical_signs(U0[:, :r], Vh0[:r])
+    torch.testing.assert_close(S, S0[:r], rtol=1e-9, atol=0)
+    torch.testing.assert_close(U, U0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(Vh, Vh0, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("u,n_tie,tie", [(1, 1, "tiled"), (4, 3, "tiled"), (1, 5, "tiled"), (2, 2, "structured"),
                                          (1, "all", "tiled"), (13, "all", "structured")])

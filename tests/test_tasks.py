@@ -219,6 +219,7 @@ def test_capitals_score(reply, gold, expected):
     ("Answer: Paris\nAnswer: Lyon", "Paris", (True, False, True)),
     ("Answer: Answer: Answer: Answer: Answer: Answer:", "Paris", (False, False, False)),
     ("Answer:\nParis", "Paris", (False, False, True)),  # the answer belongs on the answer line
+    ("Answer:   ", "Paris", (False, False, False)),
     ("Answer: The capital of France is Paris", "Paris", (False, False, True)),  # more than 4 words
     ('answer: "Washington DC"', "Washington, D.C.", (True, True, True)),
     ("Answer: Kiev", "Kyiv", (True, True, True)),
