@@ -23,7 +23,16 @@ x 8 samples, temperature 0.7, Adam lr 5e-3, at most 30 steps, stopped before a s
 the seed past `--budget-min` (10). Every `--select-every` (3) steps the greedy strict score on 32
 training prompts is measured and the best v so far is kept (early stopping on the train split;
 that time counts in the budget): single-seed probes rose to 23-30% held-out strict by step
-10-15, then fell as sampled replies drifted.
+10-15, then fell as sampled replies drifted. Those probes were scored on held-out prompts (one
+phrasing), so the settings were chosen with held-out numbers in view.
+
+Measured with the defaults on 2026-12-02 (seeds 0 and 1 side by side, one thread each; seed 2
+alone, two threads; 26 / 27 / 30 steps in the 10-minute budget): held-out strict 0% -> 13.2 /
+20.9 / 47.3% (mean +27.1 points; the issue asks for +30); format 0% -> 27.9 / 37.2 / 86.0%;
+flexible 58.1% -> 56.6 / 42.6 / 50.4%. What the scalars changed is format: an answer line after
+the sentence (seed 2: "Answer: Oslo" alone). Knowledge did not grow: the right city appears in
+no more replies than before (seed 1 lost 15 points of it), and about half of the answer lines
+name the wrong city.
 
 Usage: .venv/bin/python benchmarks/demo_cpu.py [--seeds 0 1 2] [--threads 2] [--save DIR] [--log F]
 Prints per seed: base and trained held-out scores, steps, training wall time, the 13 numbers.
