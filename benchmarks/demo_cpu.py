@@ -13,7 +13,7 @@ Held-out scores use greedy decoding, 24 new tokens, on all 129 held-out prompts:
 Why this task: the base model replies "The capital of Norway is Oslo." and stops (strict 0), and
 its knowledge is only reachable in that sentence (`--probe-knowledge`: the right capital's first
 token ranks first among the 108 capitals' for 81% of held-out countries after "The capital of X
-is", 7% at the start of a reply, 26% after "The capital of X is **"). Asking for the city first,
+is", 7% at the start of a reply, 28% after "The capital of X is **"). Asking for the city first,
 as the 2026-11-30 attempts did (`--task choice | open`: best mean +6.2 points), makes the model
 guess; an answer line after the sentence is a format it can learn and fill by copying.
 

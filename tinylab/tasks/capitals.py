@@ -133,7 +133,7 @@ class CapitalAnswerTask(CapitalsTask):
     "The capital of Norway is Oslo." and stops: right city, no answer line. Its knowledge is
     reachable there and nowhere earlier: over the 108 capitals, the first token it ranks highest
     is the right one for 81% of held-out countries right after "The capital of X is", but for 7%
-    at the start of the reply and 26% after "The capital of X is **" (measured with
+    at the start of the reply and 28% after "The capital of X is **" (measured with
     `benchmarks/demo_cpu.py --probe-knowledge`). So a format asking for the city first (as
     `CapitalsTask` does) buries the knowledge; this one lets the sentence come first.
 
