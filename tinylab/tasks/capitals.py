@@ -131,7 +131,7 @@ class CapitalAnswerTask(CapitalsTask):
 
     'What is the capital of Norway? End your reply with "Answer: <city>".' The base model replies
     "The capital of Norway is Oslo." and stops: right city, no answer line. Its knowledge is
-    reachable there and nowhere earlier: over the 108 capitals, the first token it ranks highest
+    reachable there and hardly earlier: over the 108 capitals, the first token it ranks highest
     is the right one for 81% of held-out countries right after "The capital of X is", but for 7%
     at the start of the reply and 28% after "The capital of X is **" (measured with
     `benchmarks/demo_cpu.py --probe-knowledge`). So a format asking for the city first (as
