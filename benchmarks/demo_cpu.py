@@ -187,7 +187,7 @@ class SelectOnTrain:
     def __init__(self, model, tokenizer, adapter, task, every: int, n: int = 32):
         self.model, self.tokenizer, self.adapter, self.task = model, tokenizer, adapter, task
         self.every, self.n = every, n
-        self.best, self.best_step, self.best_v = self.score(), 0, adapter.vector()
+        self.best, self.best_step, self.best_v = (self.score() if every else 0.0), 0, adapter.vector()
         self.trace = [(0, self.best)]
 
     def score(self) -> float:

@@ -83,8 +83,8 @@ def _key(text: str) -> str:
 class CapitalsTask(SyntheticTask):
     """Name a country's capital with the city name only; split by country (40% held out by default).
 
-    `templates`: how the question is phrased, each with `{country}`; every country is asked in every
-    phrasing. `CAPITALS` holds the countries with their aliases.
+    `templates`: how the question is phrased, each with `{country}` (None: `default_templates`); every
+    country is asked in every phrasing. `CAPITALS` holds the countries with their aliases.
 
     >>> task = CapitalsTask()
     >>> task.reward(["Paris", "The capital of France is Paris.", "Lyon"], ["Paris", "Paris", "Paris"])
@@ -97,9 +97,11 @@ class CapitalsTask(SyntheticTask):
 
     name = "capitals"
     max_new_tokens = 16
+    default_templates = TEMPLATES
 
-    def __init__(self, *, templates: tuple[str, ...] = TEMPLATES, split_seed: int = 0, test_fraction: float = 0.4,
+    def __init__(self, *, templates: tuple[str, ...] | None = None, split_seed: int = 0, test_fraction: float = 0.4,
                  shape: RewardShape = EXACT_MATCH):
+        templates = self.default_templates if templates is None else templates
         if isinstance(templates, str) or not templates or any("{country}" not in t for t in templates):
             raise ValueError(f"templates={templates!r} is not allowed: a non-empty tuple of strings with '{{country}}'")
         super().__init__(split_seed=split_seed, test_fraction=test_fraction, shape=shape)
@@ -108,20 +110,31 @@ class CapitalsTask(SyntheticTask):
 
     def _groups(self):
         return [
-            (country, [Example([{"role": "user", "content": t.format(country=country)}], city, city)
-                       for t in self.templates])
+            (country, [Example([{"role": "user", "content": t.format(country=country)}], city,
+                               self._solution(country, city)) for t in self.templates])
             for country, city, *_ in CAPITALS
         ]
 
+    def _solution(self, country: str, city: str) -> str:
+        """The reference reply for SFT: the city alone."""
+        return city
+
+    def _is_city(self, text: str, answer: str) -> bool:
+        """`text` is the gold city or one of its accepted aliases (case, accents, punctuation ignored)."""
+        return bool(text) and _key(text) in {_key(name) for name in self._aliases.get(_key(answer), (answer,))}
+
+    def _mentions(self, completion: str, answer: str) -> bool:
+        """The gold city (or an alias) appears in `completion` as whole words."""
+        reply_words = f" {_words(completion)} "
+        return any(f" {_words(name)} " in reply_words for name in self._aliases.get(_key(answer), (answer,)))
+
     def score(self, completion: str, answer: str) -> Score:
-        names = self._aliases.get(_key(answer), (answer,))
         lines = [line for line in completion.strip().splitlines() if line.strip()]
         first = lines[0].strip().strip("\"'`*_.,;:!?()[]{} ") if lines else ""
-        reply_words = f" {_words(completion)} "
         return Score(
             formatted=1 <= len(completion.split()) <= 3,
-            correct_strict=bool(first) and _key(first) in {_key(name) for name in names},
-            correct_flexible=any(f" {_words(name)} " in reply_words for name in names),
+            correct_strict=self._is_city(first, answer),
+            correct_flexible=self._mentions(completion, answer),
             extracted=first or None,
         )
 
@@ -152,28 +165,19 @@ class CapitalAnswerTask(CapitalsTask):
     name = "capitals_answer"
     split_name = "capitals"  # the same held-out countries as `CapitalsTask`
     max_new_tokens = 24
+    default_templates = ANSWER_TEMPLATES
 
-    def __init__(self, *, templates: tuple[str, ...] = ANSWER_TEMPLATES, split_seed: int = 0,
-                 test_fraction: float = 0.4, shape: RewardShape = EXACT_MATCH):
-        super().__init__(templates=templates, split_seed=split_seed, test_fraction=test_fraction, shape=shape)
-
-    def _groups(self):
-        """As `CapitalsTask`, with a reference reply for SFT: 'The capital of X is Y.' then 'Answer: Y'."""
-        return [
-            (country, [Example([{"role": "user", "content": t.format(country=country)}], city,
-                               f"The capital of {country} is {city}.\nAnswer: {city}") for t in self.templates])
-            for country, city, *_ in CAPITALS
-        ]
+    def _solution(self, country: str, city: str) -> str:
+        """The reference reply for SFT: 'The capital of X is Y.' then 'Answer: Y'."""
+        return f"The capital of {country} is {city}.\nAnswer: {city}"
 
     def score(self, completion: str, answer: str) -> Score:
-        names = self._aliases.get(_key(answer), (answer,))
         found = _ANSWER_LINE.findall(completion)
         last = found[-1].strip(_STRIP) if found else ""
         formatted = 1 <= len(last.split()) <= 4
-        reply_words = f" {_words(completion)} "
         return Score(
             formatted=formatted,
-            correct_strict=formatted and _key(last) in {_key(name) for name in names},
-            correct_flexible=any(f" {_words(name)} " in reply_words for name in names),
+            correct_strict=formatted and self._is_city(last, answer),
+            correct_flexible=self._mentions(completion, answer),
             extracted=last or None,
         )
