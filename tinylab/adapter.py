@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _modules
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -61,6 +62,11 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 _TIE_STYLES = ("tiled", "structured")
 _SVD_METHODS = ("exact", "lowrank")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place version counter; inference tensors have none and count as never changed."""
+    return -1 if t.is_inference() else t._version
 
 
 def _is_int(x) -> bool:
@@ -147,21 +153,28 @@ class ModuleInfo(NamedTuple):
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:
-    """A 16-hex-digit fingerprint of a weight: shape, dtype, a strided sample and two float64 sums.
+    """A 16-hex-digit fingerprint of a weight: shape, dtype, a strided sample and exact integer sums.
 
-    Cached per tensor and in-place version, so re-attaching to the same model costs nothing.
+    The sums add the values' bit patterns as int64 (all of them, and row sums weighted by the row
+    index, which sees swapped rows): integer addition does not depend on the order, so the
+    fingerprint is the same on any machine and thread count (float64 sums were not: torch's
+    reduction order follows the thread count). Cached per tensor and in-place version, so
+    re-attaching to the same model costs nothing.
     """
     w = weight.detach()
     flat = w.reshape(-1)
     stride = max(1, flat.numel() // 4096)
     sample = flat[::stride].to(torch.float32).cpu().numpy().tobytes()
-    key = (w.data_ptr(), weight._version, tuple(w.shape), w.dtype, hash(sample))
+    key = (w.data_ptr(), _version(weight), tuple(w.shape), w.dtype, hash(sample))
     if key in _FINGERPRINTS:
         return _FINGERPRINTS[key]
     h = hashlib.blake2b(digest_size=8)
     h.update(f"{tuple(w.shape)}|{w.dtype}".encode())
     h.update(sample)
-    sums = torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
+    bits = _BIT_VIEWS.get(w.element_size(), torch.uint8)
+    rows = w.contiguous().view(bits).reshape(w.shape[0] if w.dim() else 1, -1).sum(1, dtype=torch.int64)  # (out,)
+    weights = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=rows.device)  # (out,)
+    sums = torch.stack([rows.sum(), (rows * weights).sum()])  # int64, wrapping: exact and order-free
     h.update(sums.cpu().numpy().tobytes())
     if len(_FINGERPRINTS) >= _SVD_CACHE_MAX:
         _FINGERPRINTS.pop(next(iter(_FINGERPRINTS)))
@@ -169,6 +182,7 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
     return _FINGERPRINTS[key]
 
 
+_BIT_VIEWS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 _FINGERPRINTS: dict[tuple, str] = {}
 _SVD_CACHE: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _SVD_CACHE_MAX = 8192
@@ -182,43 +196,123 @@ def _canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, t
     return U * signs, Vh * signs[:, None]
 
 
+class _Syevr:
+    """LAPACK's ssyevr (the eigenvectors of the k largest eigenvalues only) from scipy's public
+    Cython LAPACK (`scipy.linalg.cython_lapack`, declared `nogil`), called through ctypes, which
+    releases the GIL for the call: two threads then solve two matrices at once. scipy's own
+    `eigh` holds the GIL, so threads around it waited on each other. None when unavailable."""
+
+    def __init__(self):
+        import ctypes
+
+        from scipy.linalg import cython_lapack
+
+        api = ctypes.pythonapi
+        api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = ctypes.c_char_p, [ctypes.py_object]
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        capsule = cython_lapack.__pyx_capi__["ssyevr"]
+        address = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+        i, f, c = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float), ctypes.c_char_p
+        # jobz range uplo n a lda vl vu il iu abstol m w z ldz isuppz work lwork iwork liwork info
+        self._call = ctypes.CFUNCTYPE(None, c, c, c, i, f, i, f, f, i, i, f, i, f, f, i, i, f, i, i, i, i)(address)
+        self._ctypes = ctypes
+        self._lwork: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, a: np.ndarray, k: int) -> np.ndarray:
+        """Eigenvectors (n, k) of the k largest eigenvalues of symmetric fp32 `a` (overwritten)."""
+        n = a.shape[0]
+        a = np.require(a, np.float32, ["C", "W"])
+        if n not in self._lwork:  # workspace query, once per size (LAPACK's optimal block size)
+            work, iwork = np.zeros(1, np.float32), np.zeros(1, np.int32)
+            self._run(a.copy(), n, k, np.zeros(n, np.float32), np.zeros((k, n), np.float32), work, -1, iwork, -1)
+            self._lwork[n] = (max(int(work[0]), 26 * n), max(int(iwork[0]), 10 * n))
+        lwork, liwork = self._lwork[n]
+        z = np.zeros((k, n), np.float32)  # column-major (n, k): row j is eigenvector j
+        m = self._run(a, n, k, np.zeros(n, np.float32), z, np.zeros(lwork, np.float32), lwork,
+                      np.zeros(liwork, np.int32), liwork)
+        if m != k:
+            raise np.linalg.LinAlgError(f"ssyevr found {m} of the top {k} eigenvectors")
+        return z.T  # (n, k), ascending eigenvalues
+
+    def _run(self, a, n, k, w, z, work, lwork, iwork, liwork) -> int:
+        ct = self._ctypes
+        f = ct.POINTER(ct.c_float)
+        ptr = lambda x: x.ctypes.data_as(ct.POINTER(ct.c_int) if x.dtype == np.int32 else f)  # noqa: E731
+        m, info, isuppz = ct.c_int(0), ct.c_int(0), np.zeros(2 * k, np.int32)
+        zero = ct.c_float(0.0)
+        self._call(b"V", b"I", b"L", ct.byref(ct.c_int(n)), ptr(a), ct.byref(ct.c_int(n)), ct.byref(zero),
+                   ct.byref(zero), ct.byref(ct.c_int(n - k + 1)), ct.byref(ct.c_int(n)), ct.byref(zero), ct.byref(m),
+                   ptr(w), ptr(z), ct.byref(ct.c_int(n)), ptr(isuppz), ptr(work), ct.byref(ct.c_int(lwork)), ptr(iwork),
+                   ct.byref(ct.c_int(liwork)), ct.byref(info))
+        if info.value != 0:
+            raise np.linalg.LinAlgError(f"ssyevr failed (info={info.value})")
+        return m.value
+
+
+def _syevr() -> _Syevr | None:
+    global _SYEVR
+    if _SYEVR is None:
+        try:
+            _SYEVR = _Syevr()
+        except Exception as err:  # an unusual scipy build: scipy.linalg.eigh (holds the GIL) instead
+            log.debug("no GIL-free ssyevr (%s): using scipy.linalg.eigh", err)
+            _SYEVR = False
+    return _SYEVR or None
+
+
+_SYEVR: _Syevr | bool | None = None
+
+
 def _top_eigenvectors(gram: np.ndarray, k: int) -> torch.Tensor:
-    """Eigenvectors of the k largest eigenvalues of a symmetric fp32 matrix, as contiguous fp64 (n, k).
+    """An fp64 orthonormal basis (n, k) of the eigenvectors of the k largest eigenvalues of a
+    symmetric fp32 matrix (overwritten).
 
-    LAPACK's syevr on that subset only (scipy): on a 576 x 576 Gram matrix 12 ms here against 43 ms
-    for torch's `eigh`, which computes all eigenvectors.
+    LAPACK's syevr on that subset only: on a 576 x 576 Gram matrix 8-12 ms here against 30 ms
+    for torch's `eigh`, which computes all eigenvectors. The fp32 vectors are orthonormal to
+    ~1e-7 only; a fp64 QR makes them exactly so, which the Rayleigh-Ritz step needs (without it the
+    singular values were off by 1e-7 relative).
     """
-    from scipy.linalg import eigh
+    solver = _syevr()
+    if solver is not None:
+        vectors = solver(gram, k)
+    else:
+        from scipy.linalg import eigh
 
-    n = gram.shape[0]
-    vectors = eigh(gram, subset_by_index=[n - k, n - 1], driver="evr", check_finite=False, overwrite_a=True)[1]
-    return torch.from_numpy(np.ascontiguousarray(vectors)).double()
+        n = gram.shape[0]
+        vectors = eigh(gram, subset_by_index=[n - k, n - 1], driver="evr", check_finite=False, overwrite_a=True)[1]
+    return torch.linalg.qr(torch.from_numpy(np.ascontiguousarray(vectors)).double()).Q.contiguous()  # (n, k)
 
 
-def _exact_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r singular triplets of W (fp64 in, fp64 out), exact to fp64 rounding of a Rayleigh-Ritz step.
+def _gram(W: torch.Tensor) -> np.ndarray:
+    """The smaller Gram matrix of W (out, in) in fp32, as numpy: W W^T (out <= in) or W^T W.
 
-    The top r + 8 eigenvectors of the smaller Gram matrix (fp32, e.g. 576 x 576) span the top
-    singular subspace to fp32 precision; one fp64 subspace iteration and a Rayleigh-Ritz SVD on
-    that subspace make the triplets exact. The spectra of trained weights are too flat at the top
-    for iterative solvers (SmolLM2's up_proj: sigma_3 / sigma_2 = 0.99), so the Gram matrix is
-    reduced densely.
+    numpy sees `A @ A.T` and calls BLAS syrk (half a gemm's work: 5.9 ms against torch's 10.7 ms
+    for SmolLM2's 1536 x 576 up_proj on one thread), and releases the GIL while it runs."""
+    W32 = W.float().numpy()  # (out, in)
+    return W32 @ W32.T if W.shape[0] <= W.shape[1] else W32.T @ W32  # (n, n)
 
-    LAPACK returns column-major eigenvectors and Q factors; multiplying `W.T` by one of those takes
-    a slow non-BLAS path (10x slower), so every small basis is made contiguous first.
+
+def _exact_svd(W: torch.Tensor, r: int, gram: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets of W (any float dtype in, fp64 out), exact to fp64 rounding of a
+    Rayleigh-Ritz step. `gram`: `_gram(W)` when already computed.
+
+    The top k = r + 8 eigenvectors of the smaller Gram matrix (fp32, e.g. 576 x 576) span the top
+    singular subspace to fp32 precision: their error is set by the gap from sigma_r to sigma_(k+1),
+    not by the gap to sigma_(r+1). The SVD of W projected on that subspace, in fp64, then separates
+    the top r exactly. The spectra of trained weights are too flat at the top for iterative
+    solvers (SmolLM2's up_proj: sigma_3 / sigma_2 = 0.99), so the Gram matrix is reduced densely;
+    a subspace iteration on top of it would gain only (sigma_(k+1) / sigma_r)^2 ~ 0.9 a pass.
     """
     out_f, in_f = W.shape
     k = min(r + 8, out_f, in_f)
-    W32 = W.float().numpy()
-    if out_f <= in_f:
-        Q = _top_eigenvectors(W32 @ W32.T, k)  # (out, k)
-        Q = torch.linalg.qr(W.T @ Q).Q.contiguous()  # (in, k)
-    else:
-        Q = _top_eigenvectors(W32.T @ W32, k)  # (in, k)
-    Q_out = torch.linalg.qr(W @ Q).Q.contiguous()  # (out, k)
-    Q = torch.linalg.qr(W.T @ Q_out).Q.contiguous()  # (in, k): one fp64 refinement
-    Ub, S, Vbh = torch.linalg.svd(W @ Q, full_matrices=False)  # (out, k), (k,), (k, k)
-    return Ub[:, :r], S[:r], (Q @ Vbh.T).T[:r]  # (out, r), (r,), (r, in)
+    Q = _top_eigenvectors(_gram(W) if gram is None else gram, k)  # (n, k), n = min(out, in)
+    W64 = W.double()  # (out, in)
+    if out_f <= in_f:  # Q spans the top left singular vectors
+        Ub, S, Vh = torch.linalg.svd(Q.T @ W64, full_matrices=False)  # (k, k), (k,), (k, in)
+        return (Q @ Ub)[:, :r], S[:r], Vh[:r]  # (out, r), (r,), (r, in)
+    U, S, Vbh = torch.linalg.svd(W64 @ Q, full_matrices=False)  # (out, k), (k,), (k, k)
+    return U[:, :r], S[:r], (Vbh @ Q.T)[:r]  # (out, r), (r,), (r, in)
 
 
 def _lowrank_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,49 +367,85 @@ def _save_svd_to_disk(path: str | None, U, S, Vh) -> None:
             os.remove(tmp)
 
 
-def truncated_svd(weight: torch.Tensor, r: int, method: str = "exact", fingerprint: str | None = None):
-    """(U, S, Vh) in fp32 with canonical signs, cached by the weight's fingerprint."""
-    fp = fingerprint or weight_fingerprint(weight)
-    key = (fp, r, method)
+def _cached_svd(key: tuple[str, int, str], shape) -> tuple | None:
+    """The factors for `key` from memory, else from the disk cache (then kept in memory too)."""
     if key in _SVD_CACHE:
         return _SVD_CACHE[key]
-    out_f, in_f = weight.shape
-    path = _svd_disk_path(key)
-    found = _load_svd_from_disk(path, r, out_f, in_f)
-    if found is None:
-        W = weight.detach().to(device="cpu", dtype=torch.float64)
-        U, S, Vh = _exact_svd(W, r) if method == "exact" else _lowrank_svd(W, r)
-        U, Vh = _canonical_signs(U, Vh)
-        found = (U.float().contiguous(), S.float().contiguous(), Vh.float().contiguous())
-        _save_svd_to_disk(path, *found)
-    if len(_SVD_CACHE) >= _SVD_CACHE_MAX:
-        _SVD_CACHE.pop(next(iter(_SVD_CACHE)))
-    _SVD_CACHE[key] = found
+    found = _load_svd_from_disk(_svd_disk_path(key), key[1], *shape)
+    if found is not None:
+        _keep(key, found)
     return found
 
 
-def _svds(weights: list[tuple[torch.Tensor, str]], r: int, method: str) -> list[tuple]:
-    """truncated_svd for many weights; uncached ones on two threads of one BLAS / intra-op thread
-    each (SmolLM2's 210: 5.1 s against 7.6 s one at a time on 2 cores; scipy's syevr holds the GIL,
-    the products around it do not).
+def _keep(key: tuple[str, int, str], factors: tuple) -> None:
+    if len(_SVD_CACHE) >= _SVD_CACHE_MAX:
+        _SVD_CACHE.pop(next(iter(_SVD_CACHE)))
+    _SVD_CACHE[key] = factors
 
-    Only "exact" runs threaded: "lowrank" seeds and draws from torch's global RNG, which threads
-    would share (a race that gave different factors run to run); it is cheap enough serially."""
+
+def _compute_svd(weight: torch.Tensor, r: int, method: str, gram: np.ndarray | None = None) -> tuple:
+    """(U, S, Vh) in fp32 with canonical signs, computed (no cache)."""
+    W = weight.detach().to(device="cpu")  # (out, in)
+    U, S, Vh = _exact_svd(W, r, gram) if method == "exact" else _lowrank_svd(W.double(), r)
+    U, Vh = _canonical_signs(U, Vh)
+    return U.float().contiguous(), S.float().contiguous(), Vh.float().contiguous()
+
+
+def truncated_svd(weight: torch.Tensor, r: int, method: str = "exact", fingerprint: str | None = None):
+    """(U, S, Vh) in fp32 with canonical signs, cached by the weight's fingerprint (memory, then disk)."""
+    key = (fingerprint or weight_fingerprint(weight), r, method)
+    found = _cached_svd(key, weight.shape)
+    if found is None:
+        found = _compute_svd(weight, r, method)
+        _save_svd_to_disk(_svd_disk_path(key), *found)
+        _keep(key, found)
+    return found
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _svds(weights: list[tuple[torch.Tensor, str]], r: int, method: str) -> list[tuple]:
+    """truncated_svd for many (weight, fingerprint) pairs; uncached "exact" ones on one thread per
+    core, each with one torch / BLAS thread (SmolLM2's 210 maps on 2 cores: 1.45 s wall, 2.9 s serial).
+
+    Every step of a worker releases the GIL (numpy's syrk, ctypes' ssyevr, torch's products), and
+    each factor is computed by the same single-threaded code whichever thread runs it, so the bits
+    do not depend on the thread count. "lowrank" draws from torch's global RNG, which threads would
+    share, and stays serial.
+    """
     from threadpoolctl import threadpool_limits
 
-    todo = [(w, fp) for w, fp in weights if (fp, r, method) not in _SVD_CACHE]
+    keys = [(fp, r, method) for _, fp in weights]
+    found = [_cached_svd(key, w.shape) for key, (w, _) in zip(keys, weights)]
+    todo = [i for i, f in enumerate(found) if f is None]
+    if not todo:
+        return found
     threads = torch.get_num_threads()
-    threaded = method == "exact" and len(todo) > 8 and threads > 1
-    # scipy's BLAS follows torch's thread count (its own default, all cores, oversubscribes a busy machine)
-    with threadpool_limits(1 if threaded else threads, user_api="blas"):
-        if threaded:
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(min(threads, 4)) as pool:
-                    list(pool.map(lambda wf: truncated_svd(wf[0], r, method, wf[1]), todo))
-            finally:
-                torch.set_num_threads(threads)
-        return [truncated_svd(w, r, method, fp) for w, fp in weights]
+
+    def compute(i: int) -> None:
+        found[i] = _compute_svd(weights[i][0], r, method)
+        _save_svd_to_disk(_svd_disk_path(keys[i]), *found[i])
+
+    parallel = method == "exact" and len(todo) > 4 and threads > 1 and _syevr() is not None
+    # scipy's BLAS default (all cores) oversubscribes; torch at one thread for "exact" in both paths
+    with threadpool_limits(1, user_api="blas"), _torch_threads(1 if method == "exact" else threads):
+        if parallel:
+            with ThreadPoolExecutor(min(threads, 8)) as pool:
+                list(pool.map(compute, todo))
+        else:
+            for i in todo:
+                compute(i)
+    for i in todo:
+        _keep(keys[i], found[i])
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,44 +493,84 @@ class TinyLoRALinear(nn.Module):
         R = self.R() if R is None else R
         return (self.U.float() * self.S.float()) @ R.float() @ self.Vh.float()  # (out, in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = base(x) + (x Vh^T) (U diag(S) R)^T, added onto the base output without a temporary.
-
-        U diag(S) R (out, r) = sum_i v_i G_i with G_i = U diag(S) P_i: G depends only on the frozen
-        buffers and is kept (rebuilt if one is replaced or written in place), so each call costs one
-        small product with v, and a v changed by any optimizer, fused or not, is always seen. For
-        u > 16 only U diag(S) is kept (G would hold u copies of U). Few rows (decoding): one addmm.
-        Many rows: r addcmul passes, because MKL's K = r gemm is up to 10x slower at some widths
-        (e.g. 1536). Without grad and without hooks on `base`, both run in place on base's fresh
-        output. At v = 0 they add exact zeros, so the output is bit-identical to the base model's.
-        """
-        y = self.base(x)  # (..., out)
-        if not self.enabled or self.merged_R is not None:
-            return y
+    def _basis(self) -> torch.Tensor:
+        """G, kept until a frozen buffer is replaced or written in place: (u, out*r) with
+        G_i = U diag(S) P_i when u <= 16, else U diag(S) (out, r) (G would hold u copies of U)."""
         buffers = self._buffers
-        U, S, Vh, P = buffers["U"], buffers["S"], buffers["Vh"], buffers["P"]  # (out, r), (r,), (r, in), (u, r, r)
-        u, r = P.shape[0], P.shape[1]
-        versions = (U._version, S._version, P._version)
+        U, S, P = buffers["U"], buffers["S"], buffers["P"]  # (out, r), (r,), (u, r, r)
+        versions = (_version(U), _version(S), _version(P))
         kept = self.__dict__.get("_kept_basis")  # (U, S, P, versions, G)
         if kept is None or kept[0] is not U or kept[1] is not S or kept[2] is not P or kept[3] != versions:
+            u = P.shape[0]
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable under autograd
                 US = U.float() * S.float()  # (out, r)
                 G = torch.einsum("or,urs->uos", US, P.float()).reshape(u, -1) if u <= 16 else US  # (u, out*r)
             kept = self.__dict__["_kept_basis"] = (U, S, P, versions, G)
-        v = self.v.float()  # (u,)
+        return kept[4]
+
+    def _update(self) -> torch.Tensor:
+        """U diag(S) R (out, r) in fp32, built from v (with v's graph under autograd): one small product."""
+        P, G, v = self.P, self._basis(), self.v.float()  # (u, r, r), see _basis, (u,)
+        u, r = P.shape[0], P.shape[1]
         if u <= 16:
-            US_R = (v @ kept[4]).view(-1, r).to(y.dtype)  # (out, r): U diag(S) R
+            return (v @ G).view(-1, r)  # (out, r)
+        R = (v @ P.float().reshape(u, -1)).view(r, r)  # (r, r) = sum_i v_i P_i
+        return G @ R  # (out, r)
+
+    def _kept_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """(U diag(S) R)^T as contiguous (r, out) rows in `dtype`, for forwards without grad: kept
+        until v (any optimizer step, `set_vector`, a `.data` swap) or a frozen buffer changes. The
+        hot path reads `_parameters` / `_buffers` directly: `nn.Module.__getattr__` costs ~1 us a
+        name, and decoding calls 210 adapted modules per token."""
+        v, buffers = self._parameters["v"], self._buffers
+        U, S, P = buffers["U"], buffers["S"], buffers["P"]  # (out, r), (r,), (u, r, r)
+        try:
+            key = (v._version, v.data_ptr(), dtype, U._version, S._version, P._version)
+        except RuntimeError:  # an inference tensor (replaced under inference_mode) has no version: no keeping
+            key = None
+        kept = self.__dict__.get("_rows_cache")  # (key, U, S, P, rows)
+        if key is not None and kept is not None and kept[0] == key and kept[1] is U and kept[2] is S and kept[3] is P:
+            return kept[4]
+        with torch.inference_mode(False), torch.no_grad():
+            rows = self._update().T.to(dtype).contiguous()  # (r, out)
+        self.__dict__["_rows_cache"] = (key, U, S, P, rows)
+        return rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = base(x) + (x Vh^T) (U diag(S) R)^T; the (out, in) update is never built.
+
+        U diag(S) R (out, r) = sum_i v_i G_i with G_i = U diag(S) P_i: G depends only on the frozen
+        buffers and is kept (rebuilt if one is replaced or written in place). Under autograd each
+        call rebuilds U diag(S) R from v (one small product), so a v changed by any optimizer, fused
+        or not, is always seen. Without grad (generation, evaluation) its rows are kept until v
+        changes, and a plain `nn.Linear` base without hooks is called as `F.linear`: a decode step
+        calls 210 adapted modules, and Python overhead is most of the adapter's cost there.
+        Few rows (decoding): one addmm. Many rows: r addcmul passes, because MKL's K = r gemm is
+        slower at some widths (1.5x at 1536 here). Without grad and without hooks on `base`, both
+        run in place on base's fresh output. At v = 0 they add exact zeros, so the output is
+        bit-identical to the base model's.
+        """
+        base = self._modules["base"]
+        if not self.enabled or self.merged_R is not None:
+            return base(x)
+        grad = torch.is_grad_enabled()
+        plain = not grad and type(base) is nn.Linear and "forward" not in base.__dict__ and not (
+            base._forward_hooks or base._forward_pre_hooks or _modules._global_forward_hooks
+            or _modules._global_forward_pre_hooks)
+        if plain:
+            y = F.linear(x, base._parameters["weight"], base._parameters["bias"])  # (..., out)
         else:
-            R = (v @ P.float().reshape(u, -1)).view(r, r)  # (r, r) = sum_i v_i P_i
-            US_R = (kept[4] @ R).to(y.dtype)  # (out, r): U diag(S) R
-        h = F.linear(x.reshape(-1, x.shape[-1]), Vh)  # (N, r)
-        out = y.reshape(-1, y.shape[-1])  # (N, out)
-        in_place = not (torch.is_grad_enabled() or type(self.base) is not nn.Linear or not y.is_contiguous()
-                        or self.base._forward_hooks or nn.modules.module._global_forward_hooks)
+            y = base(x)  # (..., out)
+        rows = self._update().T.to(y.dtype) if grad else self._kept_rows(y.dtype)  # (r, out)
+        r = rows.shape[0]
+        h = F.linear(x, self._buffers["Vh"]).view(-1, r)  # (N, r)
+        contiguous = y.is_contiguous()
+        out = y.view(-1, y.shape[-1]) if contiguous else y.reshape(-1, y.shape[-1])  # (N, out)
+        in_place = plain and contiguous
         if out.shape[0] <= 64:
-            out = out.addmm_(h, US_R.T) if in_place else torch.addmm(out, h, US_R.T)  # (N, out)
+            out = out.addmm_(h, rows) if in_place else torch.addmm(out, h, rows)  # (N, out)
             return out.view(y.shape)
-        rows = US_R.T.contiguous()  # (r, out)
+        rows = rows.contiguous()
         first = 0
         if not in_place:
             out, first = torch.addcmul(out, h[:, :1], rows[0]), 1  # (N, out)
