@@ -3,9 +3,11 @@
 Prints ratios measured in this run (all 7 linear maps of every block adapted, 210 modules):
 
 - forward time, adapted / base: a prefill of B x L tokens (default 8 x 128) and, separately, a
-  1-token decode step on a KV cache of L tokens; goal <= 1.03. PEFT TinyLoRA / base and ours / PEFT
-  on the same inputs. Rounds are interleaved (base, ours, PEFT in rotating order) and the medians
-  of the per-round ratios are reported, so load from other processes hits all three alike.
+  1-token decode step on a KV cache of L tokens; goal <= 1.03. "base" and "ours" are one model
+  object, timed with the adapter removed and attached again (the same weights in the same memory:
+  separate copies of the model differed by a few percent on their own), PEFT TinyLoRA on its own
+  copy. Rounds are interleaved (base, ours, PEFT in rotating order) and the medians of the
+  per-round ratios are reported, so load from other processes hits all three alike.
 - first attach with a cold SVD cache (an empty TINYLAB_CACHE: SVDs computed and written), the
   same with a warm disk cache (memory caches cleared), re-attach with another budget; PEFT's
   `get_peft_model` with the same 7 targets. Goals: first attach <= 3 s, re-attach <= 0.5 s.
@@ -85,34 +87,59 @@ def bench_attach(ours, peft_model_copy) -> tuple[object, object, dict]:
     return adapter, holder["p"], res
 
 
-@torch.inference_mode()
+class Switch:
+    """One model timed as "base" (adapter removed) or "ours" (the same 13-param adapter attached)."""
+
+    def __init__(self, model, adapter):
+        self.model, self.adapter, self.v = model, adapter, adapter.vector()
+
+    def as_base(self):
+        self.adapter.remove()
+        return self.model
+
+    def as_ours(self):
+        if not self.adapter.attached:
+            self.adapter = apply_tinylora(self.model, THIRTEEN)  # factors from the memory cache
+            self.adapter.set_vector(self.v)
+        return self.model
+
+
+def _order(names: list[str], i: int) -> list[str]:
+    return names[i % 3:] + names[: i % 3]  # rotate who goes first
+
+
 def bench_prefill(models: dict, ids: torch.Tensor, rounds: int) -> dict[str, list[float]]:
-    for m in models.values():  # warm-up
-        m(ids)
+    """models: name -> function returning the model ready to time (switching the adapter if needed)."""
     times = {k: [] for k in models}
-    names = list(models)
-    for i in range(rounds):
-        for k in names[i % 3:] + names[: i % 3]:  # rotate who goes first
-            times[k].append(_clock(lambda m=models[k]: m(ids)))
+    for i in range(rounds + 1):
+        for k in _order(list(models), i):
+            m = models[k]()
+            with torch.inference_mode():
+                t = _clock(lambda m=m: m(ids))
+            if i >= 1:  # the first round warms up
+                times[k].append(t)
     return times
 
 
-@torch.inference_mode()
-def bench_decode(models: dict, ids: torch.Tensor, rounds: int) -> dict[str, list[float]]:
-    """One new token per sequence on a KV cache of ids.shape[1] tokens; the cache is cropped back each step."""
-    caches, step = {}, ids[:, -1:]  # [B, 1]
+def bench_decode(models: dict, ids: torch.Tensor, rounds: int, per_switch: int = 5) -> dict[str, list[float]]:
+    """One new token per sequence on a KV cache of ids.shape[1] tokens; the cache is cropped back each
+    step. Each round times `per_switch` steps per model (the adapter switches between them)."""
+    step = ids[:, -1:]  # [B, 1]
     mask = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long)
-    for k, m in models.items():
-        caches[k] = m(ids, use_cache=True).past_key_values
+    caches = {}
+    for k, get in models.items():
+        with torch.inference_mode():
+            caches[k] = get()(ids, use_cache=True).past_key_values
     times = {k: [] for k in models}
-    names = list(models)
-    for i in range(rounds + 3):
-        for k in names[i % 3:] + names[: i % 3]:
-            t = _clock(lambda m=models[k], c=caches[k]: m(step, past_key_values=c, attention_mask=mask,
-                                                           use_cache=True))
-            caches[k].crop(-1)  # back to the prompt: every step sees the same cache length
-            if i >= 3:  # the first rounds warm up
-                times[k].append(t)
+    for i in range(rounds // per_switch + 1):
+        for k in _order(list(models), i):
+            m, c = models[k](), caches[k]
+            with torch.inference_mode():
+                for j in range(per_switch + 1):
+                    t = _clock(lambda m=m, c=c: m(step, past_key_values=c, attention_mask=mask, use_cache=True))
+                    c.crop(-1)  # back to the prompt: every step sees the same cache length
+                    if i >= 1 and j >= 1:  # the first round and the first step after a switch warm up
+                        times[k].append(t)
     return times
 
 
@@ -146,7 +173,6 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average before: {os.getloadavg()[0]:.2f}")
-    base, _ = load_model()
     ours, _ = load_model()
     theirs, _ = load_model()
 
@@ -167,8 +193,9 @@ def main() -> None:
     with torch.no_grad():
         for v in peft_model.base_model.tinylora_v["default"].values():
             v.copy_(torch.randn(v.shape, generator=g) * 0.05)
-    models = {"base": base, "ours": ours, "peft": peft_model}
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=g)  # [B, L]
+    switch = Switch(ours, adapter)
+    models = {"base": switch.as_base, "ours": switch.as_ours, "peft": lambda: peft_model}
+    ids = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq), generator=g)  # [B, L]
 
     for label, times in (
         (f"prefill {args.batch} x {args.seq} tokens, {args.rounds} rounds", bench_prefill(models, ids, args.rounds)),
@@ -186,7 +213,8 @@ def main() -> None:
         print(f"  ours / PEFT         : {_median_ratio(times['ours'], times['peft']):.3f} | "
               f"{fastest['ours'] / fastest['peft']:.3f}")
 
-    files = bench_files(adapter, peft_model)
+    switch.as_ours()
+    files = bench_files(switch.adapter, peft_model)
     peft_total = files["peft_weights"] + files["peft_config"]
     print("\n[file size] 13 params")
     if "ours_fp32" in files:

@@ -241,3 +241,100 @@ def test_explicit_group_sizes(llama):
         apply_tinylora(model, TinyLoRAConfig(group_sizes=(1, 2)))
     with pytest.raises(ValueError, match=r"group_sizes=\(0,\)"):
         TinyLoRAConfig(group_sizes=(0,))
+
+
+def test_forward_without_grad_sees_every_change_of_v_and_of_the_frozen_factors(llama):
+    """Without grad the rows U diag(S) R are kept between calls: each way of changing v or a frozen
+    buffer must show in the very next forward, equal to the autograd path's output."""
+    model, tok = llama
+    ids = _ids(tok)
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=3, n_tie=4))
+    opt = torch.optim.Adam(adapter.parameters(), lr=0.1)
+    mod = dict(adapter.named_modules())["model.layers.1.mlp.up_proj"]
+    g = torch.Generator().manual_seed(0)
+
+    def check():
+        with torch.no_grad():
+            kept = model(ids).logits
+        with torch.inference_mode():
+            inference = model(ids).logits
+        graph = model(ids).logits.detach()  # autograd path: U diag(S) R rebuilt from v
+        torch.testing.assert_close(kept, graph, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(inference, graph, rtol=1e-5, atol=1e-5)
+        return kept
+
+    seen = [check()]
+    model(ids, labels=ids).loss.backward()
+    opt.step()  # in place, fused or not
+    seen.append(check())
+    adapter.set_vector(torch.randn(adapter.num_params, generator=g))
+    seen.append(check())
+    adapter.vectors[0].data = torch.randn(3, generator=g)  # a .data swap
+    seen.append(check())
+    with torch.no_grad():
+        mod.U.mul_(2.0)  # a frozen buffer written in place
+    seen.append(check())
+    mod.P = torch.randn_like(mod.P)  # a frozen buffer replaced
+    seen.append(check())
+    assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))
+
+
+def test_fingerprint_is_exact_and_the_same_on_any_thread_count():
+    """float64 sums changed with torch's thread count (1 thread: ...678, 8 threads: ...694 on one
+    weight); the fingerprint must not, and one changed value anywhere must change it."""
+    import tinylab.adapter as adapter_module
+
+    g = torch.Generator().manual_seed(0)
+    n = 1536 * 1024
+    W = (torch.randn(n, generator=g) * torch.logspace(-8, 0, n)[torch.randperm(n, generator=g)]).view(1536, 1024)
+    before = torch.get_num_threads()
+    prints = set()
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            adapter_module._FINGERPRINTS.clear()
+            prints.add(adapter_module.weight_fingerprint(W))
+    finally:
+        torch.set_num_threads(before)
+    assert len(prints) == 1
+    changed = W.clone()
+    changed[7, 5] = torch.nextafter(changed[7, 5], torch.tensor(1.0))  # one ulp, off the strided sample
+    swapped = W.clone()
+    swapped[[3, 4]] = W[[4, 3]]
+    others = {adapter_module.weight_fingerprint(changed), adapter_module.weight_fingerprint(swapped)}
+    assert len(others) == 2 and not others & prints
+
+
+@pytest.mark.parametrize("n, k", [(1, 1), (7, 3), (64, 10), (300, 10)])
+def test_gil_free_syevr_matches_scipy(n, k):
+    from scipy.linalg import eigh
+
+    from tinylab.adapter import _syevr
+
+    solver = _syevr()
+    assert solver is not None  # scipy's Cython LAPACK is there on every supported scipy
+    a = torch.randn(n + 5, n, generator=torch.Generator().manual_seed(n)).numpy()
+    gram = a.T @ a  # (n, n) fp32
+    expected = eigh(gram.copy(), subset_by_index=[n - k, n - 1], driver="evr")[1]
+    assert (solver(gram.copy(), k) == expected).all()
+
+
+def test_threaded_and_serial_svds_give_the_same_bits(monkeypatch):
+    """Many uncached weights run on one thread per core; the factors must not depend on it."""
+    import tinylab.adapter as adapter_module
+
+    monkeypatch.setenv("TINYLAB_SVD_DISK_CACHE", "0")
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(shape, generator=g) for shape in [(96, 40), (40, 96), (64, 64)] * 4]
+    results = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            adapter_module._SVD_CACHE.clear()
+            results[threads] = adapter_module._svds(
+                [(w, adapter_module.weight_fingerprint(w)) for w in weights], 2, "exact")
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(results[1], results[2]):
+        assert all(torch.equal(a, b) for a, b in zip(one, two))
