@@ -338,3 +338,18 @@ def test_threaded_and_serial_svds_give_the_same_bits(monkeypatch):
         torch.set_num_threads(before)
     for one, two in zip(results[1], results[2]):
         assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_editing_one_adapters_factors_leaves_the_svd_cache_alone(llama):
+    """Module buffers are copies: an in-place edit (as tests and head studies do) must not reach the
+    cached factors that the next attach gets (it once made an unrelated later test see no update)."""
+    model, _ = llama
+    first = apply_tinylora(model, TinyLoRAConfig())
+    name, mod = next(iter(first.named_modules()))
+    U = mod.U.clone()
+    with torch.no_grad():
+        mod.U.zero_()
+        mod.Vh.zero_()
+    first.remove()
+    again = dict(apply_tinylora(model, TinyLoRAConfig()).named_modules())[name]
+    assert torch.equal(again.U, U) and again.Vh.abs().sum() > 0

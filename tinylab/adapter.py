@@ -459,9 +459,9 @@ class TinyLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         dtype, device = base.weight.dtype, base.weight.device
-        self.register_buffer("U", U.to(device=device, dtype=dtype), persistent=False)  # (out, r)
-        self.register_buffer("S", S.to(device=device, dtype=dtype), persistent=False)  # (r,)
-        self.register_buffer("Vh", Vh.to(device=device, dtype=dtype), persistent=False)  # (r, in)
+        self.register_buffer("U", U.to(device=device, dtype=dtype, copy=True), persistent=False)  # (out, r)
+        self.register_buffer("S", S.to(device=device, dtype=dtype, copy=True), persistent=False)  # (r,)
+        self.register_buffer("Vh", Vh.to(device=device, dtype=dtype, copy=True), persistent=False)  # (r, in)
         self.register_buffer("P", P.to(device=device), persistent=False)  # (u, r, r) fp32
         self.v = v  # (u,) fp32, trained
         self.enabled = True
