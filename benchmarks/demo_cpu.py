@@ -19,20 +19,28 @@ guess; an answer line after the sentence is a format it can learn and fill by co
 
 Training: the paper's exact-match reward (1 for strict-correct, else 0; `--format-credit` pays
 an answer line with the wrong city), one u=13 vector shared by all 210 modules (r=2), 4 prompts
-x 8 samples, temperature 0.7, Adam lr 5e-3, at most 30 steps, stopped before a step would take
-the seed past `--budget-min` (10). Every `--select-every` (3) steps the greedy strict score on 32
+x 8 samples, temperature 0.7, Adam lr 5e-3, PPO clip 0.2 with 2 updates per batch of sampled
+replies (`--clip`, `--inner-epochs`), at most 30 steps, stopped before a step would take the
+seed past `--budget-min` (10). Every `--select-every` (3) steps the greedy strict score on 32
 training prompts is measured and the best v so far is kept (early stopping on the train split;
-that time counts in the budget): single-seed probes rose to 23-30% held-out strict by step
-10-15, then fell as sampled replies drifted. Those probes were scored on held-out prompts (one
-phrasing), so the settings were chosen with held-out numbers in view.
+that time counts in the budget).
 
-Measured with the defaults on 2026-12-02 (seeds 0 and 1 side by side, one thread each; seed 2
-alone, two threads; 26 / 27 / 30 steps in the 10-minute budget): held-out strict 0% -> 13.2 /
-20.9 / 47.3% (mean +27.1 points; the issue asks for +30); format 0% -> 27.9 / 37.2 / 86.0%;
-flexible 58.1% -> 56.6 / 42.6 / 50.4%. What the scalars changed is format: an answer line after
-the sentence (seed 2: "Answer: Oslo" alone). Knowledge did not grow: the right city appears in
-no more replies than before (seed 1 lost 15 points of it), and about half of the answer lines
-name the wrong city.
+Why 2 updates per batch: exact match is rarely earned at first (1-5% of sampled replies), so
+most groups carry no gradient and the few that do were used once. With one update per batch
+(2026-12-02, morning) the seeds reached 13.2 / 20.9 / 47.3% (mean +27.1); seed 0 reached 13.2%
+again with 8 prompts per step and 16.3% with groups of 16. A second clipped update on the same
+replies took seed 0 to 34.9% (its training-prompt score rose to 44% against 9-16% for the
+others, so the training split alone would have chosen it too). That choice was made after
+seeing seed 0's held-out score: the 3-seed result below is not a clean held-out estimate.
+
+Measured with the defaults on 2026-12-02 (one thread per seed; seeds 1 and 2 side by side; 30 /
+30 / 27 steps in the 10-minute budget, 540 / 506 / 573 s): held-out strict 0% -> 34.9 / 39.5 /
+50.4% (mean +41.6 points); format 0% -> 86.0 / 87.6 / 86.0%; flexible 58.1% -> 41.9 / 48.8 /
+51.2%. What the scalars changed is format: the trained models reply "Answer: Oslo" alone, the city
+first, instead of "The capital of Norway is Oslo.". Knowledge did not grow: the right city appears
+in fewer replies than before (7 to 16 points fewer), and 41 / 45 / 59% of the answer lines name
+the right city. (The three seeds ran as separate processes: seed 0 with `--no-base`, then seeds
+1 and 2 side by side; seed 1's process measured the base.)
 
 Usage: .venv/bin/python benchmarks/demo_cpu.py [--seeds 0 1 2] [--threads 2] [--save DIR] [--log F]
 Prints per seed: base and trained held-out scores, steps, training wall time, the 13 numbers.
@@ -257,6 +265,8 @@ def main():
     parser.add_argument("--format-credit", type=float, default=0.0,
                         help="answer task: reward for an answer line with the wrong city")
     parser.add_argument("--kl", type=float, default=0.0, help="KL coefficient to the adapter-disabled model")
+    parser.add_argument("--clip", type=float, default=0.2, help="PPO clip epsilon (needed for --inner-epochs > 1)")
+    parser.add_argument("--inner-epochs", type=int, default=2, help="updates per batch of sampled replies")
     parser.add_argument("--select-every", type=int, default=3,
                         help="keep the v with the best greedy strict score on 32 training prompts, measured every "
                              "this many steps (0: keep the last v)")
@@ -311,6 +321,7 @@ def main():
         adapter = apply_tinylora(model, dataclasses.replace(placement, seed=seed))
         config = GRPOConfig(prompts_per_step=args.prompts, group_size=args.group, lr=args.lr, steps=args.steps,
                             temperature=args.temperature, seed=seed, max_new_tokens=args.max_new, kl=args.kl,
+                            clip=args.clip, inner_epochs=args.inner_epochs,
                             checkpoint_dir=tempfile.mkdtemp(prefix=f"tinylab-demo-{seed}-"))
         start = time.perf_counter()
         cpu0 = time.process_time()
