@@ -353,3 +353,23 @@ def test_editing_one_adapters_factors_leaves_the_svd_cache_alone(llama):
     first.remove()
     again = dict(apply_tinylora(model, TinyLoRAConfig()).named_modules())[name]
     assert torch.equal(again.U, U) and again.Vh.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_many_rows_without_grad_match_the_autograd_path_and_are_exact_at_zero(arch):
+    """Prefill-sized inputs (> 64 rows) take the path where the base product accumulates onto the
+    update; it must agree with the autograd path (biases included: qwen2's q/k/v have them) and be
+    bit-identical to the base model at v = 0."""
+    model, _ = tiny_model(arch, seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=4, n_tie=3))
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, base)  # v = 0
+    adapter.set_vector(torch.randn(adapter.num_params, generator=torch.Generator().manual_seed(1)) * 0.3)
+    with torch.inference_mode():
+        fast = model(ids).logits
+    graph = model(ids).logits.detach()
+    assert not torch.allclose(graph, base, atol=1e-3)
+    torch.testing.assert_close(fast, graph, rtol=1e-5, atol=1e-5)
