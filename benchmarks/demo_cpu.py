@@ -33,14 +33,15 @@ replies took seed 0 to 34.9% (its training-prompt score rose to 44% against 9-16
 others, so the training split alone would have chosen it too). That choice was made after
 seeing seed 0's held-out score: the 3-seed result below is not a clean held-out estimate.
 
-Measured with the defaults on 2026-12-02 (one thread per seed; seeds 1 and 2 side by side; 30 /
-30 / 27 steps in the 10-minute budget, 540 / 506 / 573 s): held-out strict 0% -> 34.9 / 39.5 /
-50.4% (mean +41.6 points); format 0% -> 86.0 / 87.6 / 86.0%; flexible 58.1% -> 41.9 / 48.8 /
+Measured with the defaults on 2026-12-02 (30 / 30 / 27 steps in the 10-minute budget,
+539 / 522 / 578 s of training): held-out strict 0% -> 34.9 / 39.5 / 50.4%
+(mean +41.6 points); format 0% -> 86.0 / 87.6 / 86.0%; flexible 58.1% -> 41.9 / 48.8 /
 51.2%. What the scalars changed is format: the trained models reply "Answer: Oslo" alone, the city
 first, instead of "The capital of Norway is Oslo.". Knowledge did not grow: the right city appears
 in fewer replies than before (7 to 16 points fewer), and 41 / 45 / 59% of the answer lines name
-the right city. (The three seeds ran as separate processes: seed 0 with `--no-base`, then seeds
-1 and 2 side by side; seed 1's process measured the base.)
+the right city. (One process and one thread per seed, measured twice with the same steps,
+scores and v to 4 decimals: at 33ffccd with the flags given, seed 0 alone then seeds 1 and 2 side
+by side; at 208268d, seeds 0 and 1 side by side then seed 2 alone.)
 
 Usage: .venv/bin/python benchmarks/demo_cpu.py [--seeds 0 1 2] [--threads 2] [--save DIR] [--log F]
 Prints per seed: base and trained held-out scores, steps, training wall time, the 13 numbers.
