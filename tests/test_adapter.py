@@ -373,3 +373,19 @@ def test_many_rows_without_grad_match_the_autograd_path_and_are_exact_at_zero(ar
     graph = model(ids).logits.detach()
     assert not torch.allclose(graph, base, atol=1e-3)
     torch.testing.assert_close(fast, graph, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_without_grad_under_cpu_autocast(llama):
+    """Autocast casts F.linear's output but not an in-place addmm_'s operands: the fast paths must
+    step aside (decode- and prefill-sized inputs)."""
+    model, _ = llama
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=2))
+    adapter.set_vector(torch.full((adapter.num_params,), 0.3))
+    for shape in [(1, 5), (3, 40)]:
+        ids = torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            reference = model(ids).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                cast = model(ids).logits
+        assert torch.isfinite(cast).all()
+        torch.testing.assert_close(cast.float(), reference, rtol=0.1, atol=0.1)

@@ -539,12 +539,13 @@ class TinyLoRALinear(nn.Module):
         return rows
 
     def _plain_base(self) -> bool:
-        """The base is a plain `nn.Linear` with no hooks and no patched forward (e.g. accelerate's):
-        it may be called as `F.linear`, and its fresh output may be written in place."""
+        """The base is a plain `nn.Linear` with no hooks and no patched forward (e.g. accelerate's),
+        outside autocast: it may be called as `F.linear`, and its fresh output written in place."""
         base = self._modules["base"]
         return type(base) is nn.Linear and "forward" not in base.__dict__ and not (
             base._forward_hooks or base._forward_pre_hooks or _modules._global_forward_hooks
-            or _modules._global_forward_pre_hooks)
+            or _modules._global_forward_pre_hooks or torch.is_autocast_enabled("cpu")
+            or torch.is_autocast_enabled("cuda"))  # autocast casts F.linear's output, not addmm_'s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = base(x) + (x Vh^T) (U diag(S) R)^T; the (out, in) update is never built.
