@@ -391,17 +391,6 @@ def _compute_svd(weight: torch.Tensor, r: int, method: str, gram: np.ndarray | N
     return U.float().contiguous(), S.float().contiguous(), Vh.float().contiguous()
 
 
-def truncated_svd(weight: torch.Tensor, r: int, method: str = "exact", fingerprint: str | None = None):
-    """(U, S, Vh) in fp32 with canonical signs, cached by the weight's fingerprint (memory, then disk)."""
-    key = (fingerprint or weight_fingerprint(weight), r, method)
-    found = _cached_svd(key, weight.shape)
-    if found is None:
-        found = _compute_svd(weight, r, method)
-        _save_svd_to_disk(_svd_disk_path(key), *found)
-        _keep(key, found)
-    return found
-
-
 @contextlib.contextmanager
 def _torch_threads(n: int):
     before = torch.get_num_threads()
@@ -413,7 +402,8 @@ def _torch_threads(n: int):
 
 
 def _svds(weights: list[tuple[torch.Tensor, str]], r: int, method: str) -> list[tuple]:
-    """truncated_svd for many (weight, fingerprint) pairs; uncached "exact" ones on one thread per
+    """(U, S, Vh) in fp32 with canonical signs for many (weight, fingerprint) pairs, cached by
+    fingerprint (memory, then disk); uncached "exact" ones on one thread per
     core, each with one torch / BLAS thread (SmolLM2's 210 maps on 2 cores: 1.45 s wall, 2.9 s serial).
 
     Every step of a worker releases the GIL (numpy's syrk, ctypes' ssyevr, torch's products), and
