@@ -508,7 +508,7 @@ class TinyLoRALinear(nn.Module):
         return G @ R  # (out, r)
 
     def _kept_rows(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """(U diag(S) R)^T as contiguous (r, out) rows in `dtype`, or None when they are all zero
+        """(U diag(S) R)^T as contiguous (r, out) rows in `dtype`, or None when R is exactly zero
         (v = 0: the module is the base exactly), for forwards without grad. Kept until v (any
         optimizer step, `set_vector`, a `.data` swap) or a frozen buffer changes. The hot path
         reads `_parameters` / `_buffers` directly: `nn.Module.__getattr__` costs ~1 us a name, and
@@ -522,9 +522,14 @@ class TinyLoRALinear(nn.Module):
         kept = self.__dict__.get("_rows_cache")  # (key, U, S, P, rows)
         if key is not None and kept is not None and kept[0] == key and kept[1] is U and kept[2] is S and kept[3] is P:
             return kept[4]
-        with torch.inference_mode(False), torch.no_grad():
-            rows = self._update().T.to(dtype).contiguous()  # (r, out)
-            rows = rows if bool(rows.any()) else None
+        with torch.inference_mode(False), torch.no_grad():  # ~20 us: built on the first call after v changes
+            u, r = P.shape[0], P.shape[1]
+            R = v.detach().float() @ P.float().reshape(u, r * r)  # (r*r,) = sum_i v_i P_i, row-major
+            if R.any():  # R = 0 exactly: the update is exactly zero
+                US = U.float() * S.float()  # (out, r)
+                rows = torch.mm(R.view(r, r).T, US.T).to(dtype)  # (r, out) = (U diag(S) R)^T, contiguous
+            else:
+                rows = None
         self.__dict__["_rows_cache"] = (key, U, S, P, rows)
         return rows
 
