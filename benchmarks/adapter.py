@@ -4,13 +4,13 @@ Prints ratios measured in this run (all 7 linear maps of every block adapted, 21
 
 - forward time, adapted / base: a prefill of B x L tokens (default 8 x 128) and, separately, a
   1-token decode step on a KV cache of L tokens; goal <= 1.03. "base" and "ours" are one model
-  object, timed with the adapter removed and attached again (the same weights in the same memory:
-  two copies of the base model differed on their own, median ratios 0.972 prefill and 1.006 decode
-  in a 2026-12-02 control run), PEFT TinyLoRA on its own copy. Rounds are interleaved (base, ours,
-  PEFT in rotating order) and the medians of the per-round ratios are reported, so load from other
-  processes hits all three alike. A 2-token forward after each switch, untimed, builds what a
-  re-attached adapter keeps (its update rows, rebuilt once whenever v changes); that one-off cost
-  is printed on its own.
+  object, timed with the adapter removed and attached again (the same weights in the same memory),
+  PEFT TinyLoRA on its own copy. Rounds are interleaved (base, ours, PEFT, and the base timed again
+  as a control, in a seeded random order each round) and the medians of the per-round ratios are
+  reported, so load from other processes hits all alike; the control's ratio to the base shows how
+  far this run's noise alone moves a ratio. An untimed 2-token forward after each switch builds
+  what a re-attached adapter keeps (its update rows, rebuilt once whenever v changes); that
+  one-off cost is printed on its own.
 - first attach with a cold SVD cache (an empty TINYLAB_CACHE: SVDs computed and written), the
   same with a warm disk cache (memory caches cleared), re-attach with another budget; PEFT's
   `get_peft_model` with the same 7 targets. Goals: first attach <= 3 s, re-attach <= 0.5 s.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -109,7 +110,11 @@ class Switch:
 
 
 def _order(names: list[str], i: int) -> list[str]:
-    return names[i % 3:] + names[: i % 3]  # rotate who goes first
+    """A seeded random order per round: a fixed rotation would always put the same arm after the same
+    neighbour (and after the same adapter switch)."""
+    order = list(names)
+    random.Random(i).shuffle(order)
+    return order
 
 
 def bench_prefill(models: dict, ids: torch.Tensor, rounds: int) -> dict[str, list[float]]:
@@ -207,7 +212,8 @@ def main() -> None:
         for v in peft_model.base_model.tinylora_v["default"].values():
             v.copy_(torch.randn(v.shape, generator=g) * 0.05)
     switch = Switch(ours, adapter)
-    models = {"base": switch.as_base, "ours": switch.as_ours, "peft": lambda: peft_model}
+    # "base again" is the base timed as a fourth arm: its ratio to "base" is this run's noise floor
+    models = {"base": switch.as_base, "ours": switch.as_ours, "peft": lambda: peft_model, "base again": switch.as_base}
     ids = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq), generator=g)  # [B, L]
 
     for label, times in (
@@ -225,6 +231,8 @@ def main() -> None:
               f"{fastest['peft'] / fastest['base']:.3f}")
         print(f"  ours / PEFT         : {_median_ratio(times['ours'], times['peft']):.3f} | "
               f"{fastest['ours'] / fastest['peft']:.3f}")
+        print(f"  base again / base   : {_median_ratio(times['base again'], times['base']):.3f} | "
+              f"{fastest['base again'] / fastest['base']:.3f}  (the same model twice: this run's noise)")
 
     extra = bench_first_forward(switch, ids)
     print(f"\n[forward] first no-grad forward after v changes (kept rows built once): +{extra * 1000:.1f} ms"

@@ -244,8 +244,9 @@ def test_explicit_group_sizes(llama):
 
 
 def test_forward_without_grad_sees_every_change_of_v_and_of_the_frozen_factors(llama):
-    """Without grad the rows U diag(S) R are kept between calls: each way of changing v or a frozen
-    buffer must show in the very next forward, equal to the autograd path's output."""
+    """Without grad the rows U diag(S) R and views of Vh and the base weight are kept between calls:
+    each way of changing v, a frozen buffer or the base weight must show in the very next forward,
+    equal to the autograd path's output."""
     model, tok = llama
     ids = _ids(tok)
     adapter = apply_tinylora(model, TinyLoRAConfig(u=3, n_tie=4))
@@ -275,6 +276,16 @@ def test_forward_without_grad_sees_every_change_of_v_and_of_the_frozen_factors(l
         mod.U.mul_(2.0)  # a frozen buffer written in place
     seen.append(check())
     mod.P = torch.randn_like(mod.P)  # a frozen buffer replaced
+    seen.append(check())
+    with torch.no_grad():
+        mod.Vh.mul_(-1.0)  # the kept path reads Vh and the base weight through views
+    seen.append(check())
+    mod.Vh = torch.randn_like(mod.Vh)
+    seen.append(check())
+    with torch.no_grad():
+        mod.base.weight.mul_(0.5)
+    seen.append(check())
+    mod.base.weight.data = torch.randn_like(mod.base.weight)  # new storage, same Parameter
     seen.append(check())
     assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))
 
