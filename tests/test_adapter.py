@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from tinylab.adapter import DEFAULT_TARGETS, TinyLoRAConfig, TinyLoRALinear, apply_tinylora, find_adapter
 from tinylab.models import TINY_ARCHS, tiny_model
@@ -400,3 +401,31 @@ def test_forward_without_grad_under_cpu_autocast(llama):
                 cast = model(ids).logits
         assert torch.isfinite(cast).all()
         torch.testing.assert_close(cast.float(), reference, rtol=0.1, atol=0.1)
+
+
+def test_forward_without_grad_when_the_base_is_not_a_plain_linear(llama):
+    """A Linear subclass, or a base with a forward hook, takes the general path (the base called as
+    a module, hooks seeing its output); without grad it must still agree with the autograd path,
+    and follow a change of v."""
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 1.5
+
+    model, tok = llama
+    ids = _ids(tok)
+    mlp = model.model.layers[0].mlp
+    old = mlp.up_proj
+    mlp.up_proj = ScaledLinear(old.in_features, old.out_features, bias=False)
+    mlp.up_proj.weight.data.copy_(old.weight.data)
+    seen = []
+    hook = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(1) or o * 0.5)
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=2, n_tie="all"))
+    for values in ([0.4, -0.3], [-0.2, 0.6]):
+        adapter.set_vector(torch.tensor(values))
+        with torch.inference_mode():
+            kept = model(ids).logits
+        graph = model(ids).logits.detach()
+        torch.testing.assert_close(kept, graph, rtol=1e-5, atol=1e-5)
+    assert seen  # the hook ran on the wrapped base
+    hook.remove()

@@ -517,10 +517,11 @@ class TinyLoRALinear(nn.Module):
         decoding calls 210 adapted modules per token, and there dispatch is most of their cost."""
         v, buffers = self._parameters["v"], self._buffers
         U, S, P, Vh = buffers["U"], buffers["S"], buffers["P"], buffers["Vh"]  # (out, r), (r,), (u, r, r), (r, in)
-        weight = self._modules["base"]._parameters["weight"]  # (out, in)
+        base = self._modules["base"]
+        weight = base._parameters["weight"] if type(base) is nn.Linear else None  # (out, in): for the fast path
         try:
-            key = (v._version, v.data_ptr(), dtype, U._version, S._version, P._version, weight.data_ptr(),
-                   Vh.data_ptr())
+            key = (v._version, v.data_ptr(), dtype, U._version, S._version, P._version,
+                   None if weight is None else weight.data_ptr(), Vh.data_ptr())
         except RuntimeError:  # an inference tensor (replaced under inference_mode) has no version: no keeping
             key = None
         kept = self.__dict__.get("_kept_cache")  # (key, U, S, P, weight, Vh, value)
@@ -533,7 +534,7 @@ class TinyLoRALinear(nn.Module):
             if R.any():  # R = 0 exactly: the update is exactly zero
                 US = U.float() * S.float()  # (out, r)
                 rows = torch.mm(R.view(r, r).T, US.T).to(dtype)  # (r, out) = (U diag(S) R)^T, contiguous
-                value = (rows, weight.t(), Vh.t())  # (r, out), (in, out), (in, r)
+                value = (rows, None if weight is None else weight.t(), Vh.t())  # (r, out), (in, out), (in, r)
             else:
                 value = None
         self.__dict__["_kept_cache"] = (key, U, S, P, weight, Vh, value)
