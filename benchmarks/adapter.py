@@ -9,7 +9,7 @@ Prints ratios measured in this run (all 7 linear maps of every block adapted, 21
   as a control, in a seeded random order each round) and the medians of the per-round ratios are
   reported, so load from other processes hits all alike; the control's ratio to the base shows how
   far this run's noise alone moves a ratio. An untimed 2-token forward after each switch builds
-  what a re-attached adapter keeps (its update rows, rebuilt once whenever v changes); that
+  what a re-attached adapter keeps (its update rows, built again after each change of v); that
   one-off cost is printed on its own.
 - first attach with a cold SVD cache (an empty TINYLAB_CACHE: SVDs computed and written), the
   same with a warm disk cache (memory caches cleared), re-attach with another budget; PEFT's
@@ -154,8 +154,8 @@ def bench_decode(models: dict, ids: torch.Tensor, rounds: int, per_switch: int =
 
 
 def bench_first_forward(switch: Switch, ids: torch.Tensor, reps: int = 7) -> float:
-    """Extra seconds of the first no-grad forward after v changes (or the adapter is attached): each
-    module builds its kept rows once. A 2-token forward, timed first and again, medians."""
+    """Extra seconds of the first no-grad forward after attaching: each module builds its kept rows
+    (as it does again after each change of v). A 2-token forward, timed first and again, medians."""
     first, again = [], []
     for _ in range(reps):
         switch.as_base()
@@ -235,7 +235,7 @@ def main() -> None:
               f"{fastest['base again'] / fastest['base']:.3f}  (the same model twice: this run's noise)")
 
     extra = bench_first_forward(switch, ids)
-    print(f"\n[forward] first no-grad forward after v changes (kept rows built once): +{extra * 1000:.1f} ms"
+    print(f"\n[forward] first no-grad forward after attaching (kept rows built): +{extra * 1000:.1f} ms"
           f" (the timed forwards above come after it)")
 
     switch.as_ours()

@@ -507,38 +507,28 @@ class TinyLoRALinear(nn.Module):
         R = (v @ P.float().reshape(u, -1)).view(r, r)  # (r, r) = sum_i v_i P_i
         return G @ R  # (out, r)
 
-    def _kept(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """For forwards without grad: ((U diag(S) R)^T as contiguous (r, out) rows in `dtype`,
-        W^T and Vh^T as views), or None when R is exactly zero (v = 0: the module is the base
-        exactly). Kept until v (any optimizer step, `set_vector`, a `.data` swap), a frozen buffer
-        or the base weight's storage changes; the views see in-place writes. The hot path reads
-        `_parameters` / `_buffers` directly (`nn.Module.__getattr__` costs ~1 us a name) and calls
-        `torch.mm` on the kept views (F.linear dispatches through linear, matmul and t first):
-        decoding calls 210 adapted modules per token, and there dispatch is most of their cost."""
+    def _kept_rows(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """(U diag(S) R)^T as contiguous (r, out) rows in `dtype`, or None when R is exactly zero
+        (v = 0: the module is the base exactly), for forwards without grad. Kept until v (any
+        optimizer step, `set_vector`, a `.data` swap) or a frozen buffer changes. The hot path
+        reads `_parameters` / `_buffers` directly: `nn.Module.__getattr__` costs ~1 us a name, and
+        decoding calls 210 adapted modules per token."""
         v, buffers = self._parameters["v"], self._buffers
-        U, S, P, Vh = buffers["U"], buffers["S"], buffers["P"], buffers["Vh"]  # (out, r), (r,), (u, r, r), (r, in)
-        base = self._modules["base"]
-        weight = base._parameters["weight"] if type(base) is nn.Linear else None  # (out, in): for the fast path
+        U, S, P = buffers["U"], buffers["S"], buffers["P"]  # (out, r), (r,), (u, r, r)
         try:
-            key = (v._version, v.data_ptr(), dtype, U._version, S._version, P._version,
-                   None if weight is None else weight.data_ptr(), Vh.data_ptr())
+            key = (v._version, v.data_ptr(), dtype, U._version, S._version, P._version)
         except RuntimeError:  # an inference tensor (replaced under inference_mode) has no version: no keeping
             key = None
-        kept = self.__dict__.get("_kept_cache")  # (key, U, S, P, weight, Vh, value)
-        if (key is not None and kept is not None and kept[0] == key and kept[1] is U and kept[2] is S
-                and kept[3] is P and kept[4] is weight and kept[5] is Vh):
-            return kept[6]
-        with torch.inference_mode(False), torch.no_grad():  # ~20 us: built on the first call after v changes
-            u, r = P.shape[0], P.shape[1]
-            R = v.detach().float() @ P.float().reshape(u, r * r)  # (r*r,) = sum_i v_i P_i, row-major
-            if R.any():  # R = 0 exactly: the update is exactly zero
-                US = U.float() * S.float()  # (out, r)
-                rows = torch.mm(R.view(r, r).T, US.T).to(dtype)  # (r, out) = (U diag(S) R)^T, contiguous
-                value = (rows, None if weight is None else weight.t(), Vh.t())  # (r, out), (in, out), (in, r)
-            else:
-                value = None
-        self.__dict__["_kept_cache"] = (key, U, S, P, weight, Vh, value)
-        return value
+        kept = self.__dict__.get("_rows_cache")  # (key, U, S, P, rows)
+        if key is not None and kept is not None and kept[0] == key and kept[1] is U and kept[2] is S and kept[3] is P:
+            return kept[4]
+        # Built on the first call after attaching or after v changes, straight from R: the autograd
+        # path's (u, out*r) basis (_basis) would cost ~0.1 ms a module to build after each attach.
+        with torch.inference_mode(False), torch.no_grad():
+            R = self.R().float()  # (r, r)
+            rows = torch.mm(R.T, (U.float() * S.float()).T).to(dtype) if R.any() else None  # (r, out), contiguous
+        self.__dict__["_rows_cache"] = (key, U, S, P, rows)
+        return rows
 
     def _plain_base(self) -> bool:
         """The base is a plain `nn.Linear` with no hooks and no patched forward (e.g. accelerate's),
@@ -557,7 +547,7 @@ class TinyLoRALinear(nn.Module):
         call rebuilds U diag(S) R from v (one small product), so a v changed by any optimizer, fused
         or not, is always seen; the update is then added with r addcmul passes (MKL's K = r gemm
         is slower at some widths, 1.5x at 1536 here). Without grad (generation, evaluation) the
-        rows are kept until v changes, and a plain `nn.Linear` base is called as `torch.mm`:
+        rows are kept until v changes, and a plain `nn.Linear` base is called as `F.linear`:
         - v = 0: the base's own `F.linear`, so the output is bit-identical to the base model's;
         - few rows (decoding, where Python overhead is most of the cost): base, then one addmm;
         - many rows (prefill): the rank-r update is written first and the base product accumulates
@@ -568,27 +558,22 @@ class TinyLoRALinear(nn.Module):
         if not self.enabled or self.merged_R is not None:
             return base(x)
         if not torch.is_grad_enabled() and self._plain_base():
-            kept, bias = self._kept(x.dtype), base._parameters["bias"]  # see _kept, (out,) or None
-            if kept is None:
-                return F.linear(x, base._parameters["weight"], bias)
-            rows, weight_t, vh_t = kept  # (r, out), (in, out), (in, r)
-            x2 = x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])  # (N, in)
-            h = torch.mm(x2, vh_t)  # (N, r)
+            weight, bias = base._parameters["weight"], base._parameters["bias"]  # (out, in), (out,)
+            rows = self._kept_rows(x.dtype)  # (r, out) or None
+            if rows is None:
+                return F.linear(x, weight, bias)
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+            h = F.linear(x2, self._buffers["Vh"])  # (N, r)
             if x2.shape[0] <= 64:
-                out = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias, x2, weight_t)  # (N, out)
-                out.addmm_(h, rows)  # (N, out) += the update
+                out = F.linear(x2, weight, bias).addmm_(h, rows)  # (N, out)
             else:
                 out = torch.mm(h, rows) if bias is None else torch.addmm(bias, h, rows)  # (N, out): the update
-                out.addmm_(x2, weight_t)  # (N, out) += x W^T, inside the gemm
+                out.addmm_(x2, weight.T)  # (N, out) += x W^T, inside the gemm
             return out.view(*x.shape[:-1], out.shape[-1])
         y = base(x)  # (..., out): hooks see it unchanged, autograd keeps it
-        if torch.is_grad_enabled():
-            rows = self._update().T.to(y.dtype)  # (r, out)
-        else:
-            kept = self._kept(y.dtype)
-            if kept is None:
-                return y
-            rows = kept[0]
+        rows = self._update().T.to(y.dtype) if torch.is_grad_enabled() else self._kept_rows(y.dtype)  # (r, out)
+        if rows is None:
+            return y
         r = rows.shape[0]
         h = F.linear(x, self._buffers["Vh"]).reshape(-1, r)  # (N, r)
         out = y.reshape(-1, y.shape[-1])  # (N, out)
