@@ -367,8 +367,9 @@ def test_editing_one_adapters_factors_leaves_the_svd_cache_alone(llama):
     assert torch.equal(again.U, U) and again.Vh.abs().sum() > 0
 
 
+@pytest.mark.parametrize("r", [2, 6])  # the update is written by r elementwise passes (r <= 4) or a gemm
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_many_rows_without_grad_match_the_autograd_path_and_are_exact_at_zero(arch):
+def test_many_rows_without_grad_match_the_autograd_path_and_are_exact_at_zero(arch, r):
     """Prefill-sized inputs (> 64 rows) take the path where the base product accumulates onto the
     update; it must agree with the autograd path (biases included: qwen2's q/k/v have them) and be
     bit-identical to the base model at v = 0."""
@@ -376,7 +377,7 @@ def test_many_rows_without_grad_match_the_autograd_path_and_are_exact_at_zero(ar
     ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = model(ids).logits
-    adapter = apply_tinylora(model, TinyLoRAConfig(u=4, n_tie=3))
+    adapter = apply_tinylora(model, TinyLoRAConfig(r=r, u=4, n_tie=3))
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, base)  # v = 0
     adapter.set_vector(torch.randn(adapter.num_params, generator=torch.Generator().manual_seed(1)) * 0.3)
