@@ -80,14 +80,15 @@ def test_exact_svd_on_a_flat_spectrum_matches_a_full_svd(shape, r):
                                          (1, "all", "tiled"), (13, "all", "structured")])
 def test_exact_counts(arch, u, n_tie, tie):
     model, _ = tiny_model(arch)
-    n_modules = model.config.num_hidden_layers * 7
+    per_layer = sum(isinstance(m, nn.Linear) for m in model.model.layers[0].modules())  # 7; phi3's fused: 4
+    n_modules = model.config.num_hidden_layers * per_layer
     adapter = apply_tinylora(model, TinyLoRAConfig(u=u, n_tie=n_tie, tie=tie))
     assert len(adapter.modules) == n_modules
     k = n_modules if n_tie == "all" else n_tie
     if tie == "tiled":
         expected = math.ceil(n_modules / k) * u
     else:  # each module type is tied across chunks of k consecutive layers
-        expected = 7 * math.ceil(model.config.num_hidden_layers / k) * u
+        expected = per_layer * math.ceil(model.config.num_hidden_layers / k) * u
     assert adapter.num_params == expected
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     assert sum(v.numel() for v in adapter.parameters()) == expected
@@ -104,6 +105,49 @@ def test_tiled_and_structured_grouping(llama):
     assert len(groups) == 7
     for names in groups.values():  # one module type, both layers
         assert len({n.rsplit(".", 1)[-1] for n in names}) == 1 and len(names) == 2
+
+
+def _other_architecture(name: str):
+    import transformers
+
+    small = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    config = {
+        "opt": lambda: transformers.OPTConfig(**small, ffn_dim=64, word_embed_proj_dim=32),
+        "phi": lambda: transformers.PhiConfig(**small, intermediate_size=64),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(**small, intermediate_size=64),
+        "starcoder2": lambda: transformers.Starcoder2Config(**small, intermediate_size=64, num_key_value_heads=2),
+    }[name]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("name", ["opt", "phi", "gpt_neox", "starcoder2"])
+def test_default_targets_adapt_every_block_linear_under_other_names(name, recwarn):
+    """OPT's out_proj/fc1/fc2, Phi's dense, GPT-NeoX's fused query_key_value...: the default targets
+    take each architecture's names for the 7 maps, so no linear map of a block is silently left out."""
+    model = _other_architecture(name)
+    in_blocks = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=2))
+    assert [m.name for m in adapter.modules] == in_blocks and len(in_blocks) >= 8
+    assert not [w for w in recwarn if "left frozen" in str(w.message)]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)  # v = 0
+        adapter.set_vector(torch.full((adapter.num_params,), 0.5))
+        assert not torch.allclose(model(ids).logits, base, atol=1e-4)
+
+
+def test_default_targets_warn_about_block_linears_left_frozen(llama):
+    model, _ = llama
+    model.model.layers[0].mlp.router = nn.Linear(64, 4)  # an in-block linear map with no default role
+    with pytest.warns(UserWarning, match=r"\['router'\], left frozen"):
+        adapter = apply_tinylora(model, TinyLoRAConfig())
+    assert len(adapter.modules) == 14 and "router" not in {m.kind for m in adapter.modules}
+    adapter.remove()
+    adapter = apply_tinylora(model, TinyLoRAConfig(targets=("router", "q_proj")))  # named: adapted
+    assert [m.kind for m in adapter.modules].count("router") == 1
 
 
 def test_only_adapter_requires_grad_and_step_changes_only_v(llama):

@@ -78,6 +78,15 @@ def test_layer_indexes_out_of_range(model):
         TinyLoRAConfig(layers=(-1,))
 
 
+def test_gpt2_conv1d_layers_are_refused_by_name():
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4))
+    with pytest.raises(ValueError, match=r"match no linear module.*its 8 transformers Conv1D layers.*only nn.Linear"):
+        apply_tinylora(gpt2, TinyLoRAConfig())
+    assert not find_adapter(gpt2)
+
+
 def test_n_tie_out_of_range(model):
     with pytest.raises(ValueError, match=r"n_tie=99 is out of range: allowed 1\.\.14 \(or 'all'\) for 14 adapted"):
         apply_tinylora(model, TinyLoRAConfig(n_tie=99))

