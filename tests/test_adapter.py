@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -116,17 +117,18 @@ def _other_architecture(name: str):
         "phi": lambda: transformers.PhiConfig(**small, intermediate_size=64),
         "gpt_neox": lambda: transformers.GPTNeoXConfig(**small, intermediate_size=64),
         "starcoder2": lambda: transformers.Starcoder2Config(**small, intermediate_size=64, num_key_value_heads=2),
+        "gptj": lambda: transformers.GPTJConfig(vocab_size=96, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
     }[name]()
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("name", ["opt", "phi", "gpt_neox", "starcoder2"])
+@pytest.mark.parametrize("name", ["opt", "phi", "gpt_neox", "starcoder2", "gptj"])
 def test_default_targets_adapt_every_block_linear_under_other_names(name, recwarn):
     """OPT's out_proj/fc1/fc2, Phi's dense, GPT-NeoX's fused query_key_value...: the default targets
     take each architecture's names for the 7 maps, so no linear map of a block is silently left out."""
     model = _other_architecture(name)
-    in_blocks = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    in_blocks = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(r"\.(layers|h)\.\d+\.", n)]
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = model(ids).logits

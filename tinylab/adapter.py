@@ -61,16 +61,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # What the default targets are called elsewhere, per role, first present name wins: fused maps
-# (phi3's qkv_proj and gate_up_proj) take several roles; OPT/BART, Phi, GPT-NeoX/Falcon, StarCoder2
-# and GPT-BigCode, and old Mixtral experts name the same maps otherwise.
+# (phi3's qkv_proj and gate_up_proj) take several roles; OPT/BART, Phi, GPT-J/CodeGen, GPT-NeoX/Falcon,
+# StarCoder2 and GPT-BigCode, and old Mixtral experts name the same maps otherwise.
 _DEFAULT_ALIASES = {
     "q_proj": ("q_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
     "k_proj": ("k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
     "v_proj": ("v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
     "o_proj": ("o_proj", "out_proj", "dense"),
     "gate_proj": ("gate_proj", "gate_up_proj", "w1"),
-    "up_proj": ("up_proj", "gate_up_proj", "fc1", "c_fc", "dense_h_to_4h", "w3"),
-    "down_proj": ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2"),
+    "up_proj": ("up_proj", "gate_up_proj", "fc1", "fc_in", "c_fc", "dense_h_to_4h", "w3"),
+    "down_proj": ("down_proj", "fc2", "fc_out", "c_proj", "dense_4h_to_h", "w2"),
 }
 _TIE_STYLES = ("tiled", "structured")
 _SVD_METHODS = ("exact", "lowrank")
