@@ -418,7 +418,8 @@ def test_editing_one_adapters_factors_leaves_the_svd_cache_alone(llama):
 def test_many_rows_without_grad_match_the_autograd_path_and_are_exact_at_zero(arch, r):
     """Prefill-sized inputs (> 64 rows) take the path where the base product accumulates onto the
     update; it must agree with the autograd path (biases included: qwen2's q/k/v have them) and be
-    bit-identical to the base model at v = 0."""
+    bit-identical to the base model at v = 0. Both paths write the update with `_low_rank`, so both
+    are also checked against the merged weight W + U diag(S) R Vh, built without it."""
     model, _ = tiny_model(arch, seed=0)
     ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -432,6 +433,11 @@ def test_many_rows_without_grad_match_the_autograd_path_and_are_exact_at_zero(ar
     graph = model(ids).logits.detach()
     assert not torch.allclose(graph, base, atol=1e-3)
     torch.testing.assert_close(fast, graph, rtol=1e-5, atol=1e-5)
+    adapter.merge()
+    with torch.no_grad():
+        merged = model(ids).logits
+    adapter.unmerge()
+    torch.testing.assert_close(graph, merged, rtol=1e-4, atol=1e-4)
 
 
 def test_forward_without_grad_under_cpu_autocast(llama):

@@ -457,16 +457,17 @@ def _svds(weights: list[tuple[torch.Tensor, str]], r: int, method: str) -> list[
 # The adapted module
 
 
-def _low_rank(h: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """h @ rows (+ bias) as a new (N, out) tensor, h (N, r), rows (r, out) contiguous. For r <= 4,
-    r elementwise passes: MKL's K = r gemm is 4-7x slower than them at widths such as 512, 1024,
-    1536, 2048 (1024 x 2 @ 2 x 1536: 327 us vs 74 us here), and no faster at the others."""
+def _low_rank(h: torch.Tensor, rows: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+    """start + h @ rows as a new (N, out) tensor: h (N, r), rows (r, out) contiguous, start a bias
+    (out,), a base output (N, out) or None. For r <= 4, r elementwise passes: MKL's K = r gemm is
+    4-7x slower than them at widths such as 512, 1024, 1536, 2048 (1024 x 2 @ 2 x 1536: 327 us vs
+    74 us here) and only a little faster at others (576: 37 vs 43 us); from r = 8 the gemm wins."""
     r = rows.shape[0]
     if r > 4:
-        return torch.mm(h, rows) if bias is None else torch.addmm(bias, h, rows)
-    out = torch.mul(h[:, :1], rows[0]) if bias is None else torch.addcmul(bias, h[:, :1], rows[0])
+        return torch.mm(h, rows) if start is None else torch.addmm(start, h, rows)
+    out = torch.mul(h[:, :1], rows[0]) if start is None else torch.addcmul(start, h[:, :1], rows[0])
     for i in range(1, r):
-        out.addcmul_(h[:, i : i + 1], rows[i])
+        out.addcmul_(h[:, i : i + 1], rows[i])  # (N, out) += h_i (U diag(S) R)_i
     return out
 
 
@@ -573,9 +574,9 @@ class TinyLoRALinear(nn.Module):
         U diag(S) R (out, r) = sum_i v_i G_i with G_i = U diag(S) P_i: G depends only on the frozen
         buffers and is kept (rebuilt if one is replaced or written in place). Under autograd each
         call rebuilds U diag(S) R from v (one small product), so a v changed by any optimizer, fused
-        or not, is always seen; the update is then added with r addcmul passes (MKL's K = r gemm
-        is slower at some widths, 1.5x at 1536 here). Without grad (generation, evaluation) the
-        rows are kept until v changes, and a plain `nn.Linear` base is called as `F.linear`:
+        or not, is always seen; the update is added out of place, so y stays as hooks saw it
+        (`_low_rank` for many rows). Without grad (generation, evaluation) the rows are kept until
+        v changes, and a plain `nn.Linear` base is called as `F.linear`:
         - v = 0: the base's own `F.linear`, so the output is bit-identical to the base model's;
         - few rows (decoding, where Python overhead is most of the cost): base, then one addmm;
         - many rows (prefill): the rank-r update is written first (`_low_rank`) and the base
@@ -606,11 +607,7 @@ class TinyLoRALinear(nn.Module):
         out = y.reshape(-1, y.shape[-1])  # (N, out)
         if out.shape[0] <= 64:
             return torch.addmm(out, h, rows).view(y.shape)
-        rows = rows.contiguous()
-        out = torch.addcmul(out, h[:, :1], rows[0])  # (N, out), a new tensor
-        for i in range(1, r):
-            out.addcmul_(h[:, i : i + 1], rows[i])  # (N, out) += h_i (U diag(S) R)_i
-        return out.view(y.shape)
+        return _low_rank(h, rows.contiguous(), out).view(y.shape)  # a new tensor: y stays as hooks saw it
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -671,8 +668,8 @@ def _select(model: nn.Module, config: TinyLoRAConfig) -> list[tuple[str, nn.Line
             f"targets {missing or list(config.targets)} match no linear module in this model; its linear module "
             f"types are {kinds} (e.g. {[n for n, _, _ in in_blocks[:3]]})" + _unsupported_hint(model)
         )
-    if config.targets == DEFAULT_TARGETS and set(kinds) - set(targets):
-        left = sorted(set(kinds) - set(targets))
+    left = sorted(set(kinds) - set(targets)) if config.targets == DEFAULT_TARGETS else []
+    if left:
         warnings.warn(f"default targets adapt {list(targets)}; this model's blocks also have linear maps {left}, "
                       "left frozen: pass targets=... to include them", stacklevel=3)
     n_layers = _num_layers(model, linears)
@@ -707,9 +704,8 @@ def _resolve_targets(targets: tuple[str, ...], kinds: list[str]) -> tuple[str, .
 
 
 def _unsupported_hint(model: nn.Module) -> str:
-    conv1d = [type(m).__name__ for m in model.modules() if type(m).__name__ == "Conv1D"]
-    return (f"; its {len(conv1d)} transformers Conv1D layers (GPT-2 style) cannot be adapted: only nn.Linear"
-            if conv1d else "")
+    n = sum(type(m).__name__ == "Conv1D" for m in model.modules())
+    return f"; its {n} transformers Conv1D layers (GPT-2 style) cannot be adapted: only nn.Linear" if n else ""
 
 
 def _groups(chosen: Sequence[tuple[str, nn.Linear, int]], config: TinyLoRAConfig) -> list[int]:
