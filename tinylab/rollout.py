@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from tinylab.batch import left_pad, pad_token_id, prompt_rows, render_prompts
+
 __all__ = ["Rollout", "completion_logprobs", "generate", "render_prompts", "stop_token_ids"]
 
 
@@ -44,31 +46,6 @@ class Rollout(NamedTuple):
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # [B*G, P+L]
 
 
-def _is_chat(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt)
-
-
-def render_prompts(tokenizer, prompts: Sequence) -> list[str]:
-    """Each prompt as the text the model sees: chat messages through the chat template (with the
-    generation prompt), strings unchanged."""
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict)):
-        raise TypeError("prompts must be a list of prompts (each a string or a list of chat messages)")
-    texts = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
-            texts.append(prompt)
-        elif _is_chat(prompt):
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(
-                    f"prompt {i} is a list of chat messages but the tokenizer has no chat template; "
-                    "pass plain strings or set tokenizer.chat_template"
-                )
-            texts.append(tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True))
-        else:
-            raise TypeError(f"prompt {i} is a {type(prompt).__name__}; allowed: a string or a list of chat messages")
-    return texts
-
-
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     """The token ids that end a completion: the tokenizer's EOS and the model's generation EOS ids."""
     ids = set()
@@ -80,34 +57,6 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("neither the tokenizer nor the model defines an end-of-sequence token")
     return sorted(ids)
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id used for padding: the tokenizer's pad token, else its end-of-sequence token, else 0."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad if pad is not None else 0)
-
-
-def prompt_rows(tokenizer, prompts: Sequence) -> list[list[int]]:
-    """Token ids of each rendered prompt (chat template for message lists; special tokens for strings)."""
-    texts = render_prompts(tokenizer, prompts)
-    rows = [
-        tokenizer(text, add_special_tokens=not _is_chat(prompt))["input_ids"] for text, prompt in zip(texts, prompts)
-    ]
-    if any(len(r) == 0 for r in rows):
-        raise ValueError("a prompt renders to zero tokens; give every prompt some text")
-    return rows
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of token ids, padded on the left to one width: (ids, attention mask), both [B, P]."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, P]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, P]
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
