@@ -17,3 +17,27 @@ def embedded():
     from tinylab.models import load_model
 
     return load_model()
+
+
+@pytest.fixture
+def gpu_stand_in():
+    """The stand-in for a GPU model on these CPU-only machines: a context manager making torch's
+    default device "meta" while the model stays on the CPU. A tensor made without an explicit
+    device then lands on meta and the step fails, as a CPU tensor would beside a CUDA model.
+
+        def test_x(gpu_stand_in):
+            model, tok = tiny_model("llama", dtype=torch.bfloat16)
+            with gpu_stand_in():
+                evaluate(model, tok, task, n=4)
+    """
+    return lambda: torch.device("meta")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run the same steps on CUDA: skipped where there is none (run them with `pytest -m gpu`)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device on this machine (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -162,10 +162,11 @@ def _load_tiny_tokenizer():
     return tokenizer
 
 
-def tiny_model(arch: str = "llama", *, seed: int = 0):
+def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised tiny model (2 layers, hidden 64) with a real offline tokenizer.
 
-    `arch` is one of `TINY_ARCHS`; the same seed gives bit-identical weights. For tests and demos:
+    `arch` is one of `TINY_ARCHS`; the same seed gives bit-identical weights (initialised in fp32,
+    then cast to `dtype`: bf16 and fp16 stand in for what GPUs run). For tests and demos:
     it has the same module names as the real architecture, so adapters and analyses apply as is.
     """
     import transformers
@@ -197,5 +198,5 @@ def tiny_model(arch: str = "llama", *, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval()
+    model.to(dtype).eval()
     return model, tokenizer
