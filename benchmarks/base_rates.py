@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tinylab import tasks  # noqa: E402
-from tinylab.evaluate import evaluate  # noqa: E402
+from tinylab.evaluation import evaluate  # noqa: E402
 from tinylab.models import load_model  # noqa: E402
 
 

@@ -129,7 +129,7 @@ class _Long(_Empty):
 
 
 def test_task_with_no_examples(tiny, tmp_path):
-    from tinylab.evaluate import evaluate
+    from tinylab.evaluation import evaluate
 
     model, tokenizer = tiny
     with pytest.raises(ValueError, match=r"task 'empty' gave no examples for split='test'"):
@@ -143,7 +143,7 @@ def test_task_with_no_examples(tiny, tmp_path):
 
 
 def test_prompt_longer_than_the_context(tiny):
-    from tinylab.evaluate import evaluate
+    from tinylab.evaluation import evaluate
     from tinylab.rollout import generate
 
     model, tokenizer = tiny
@@ -164,7 +164,7 @@ def test_prompt_alone_longer_than_the_context_gives_no_negative_advice(tiny):
 
 
 def test_tokenizer_without_a_chat_template(tiny, tmp_path):
-    from tinylab.evaluate import evaluate
+    from tinylab.evaluation import evaluate
     from tinylab.rollout import render_prompts
     from tinylab.tasks import get
 

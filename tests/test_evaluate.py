@@ -1,14 +1,13 @@
 """evaluate / compare on tiny models: batch-size invariance, a well-formed report, base vs adapted."""
 
 import math
-import sys
 
 import pandas as pd
 import pytest
 import torch
 
 from tinylab.adapter import apply_tinylora, find_adapter
-from tinylab.evaluate import Comparison, EvalReport, compare, evaluate
+from tinylab.evaluation import Comparison, EvalReport, compare, evaluate
 from tinylab.models import tiny_model
 from tinylab.rollout import render_prompts
 from tinylab.tasks import get
@@ -16,6 +15,16 @@ from tinylab.tasks.base import Example, Score
 
 COLUMNS = ["prompt", "reply", "extracted", "gold", "formatted", "correct_strict", "correct_flexible", "length",
            "truncated", "reward"]
+
+
+def test_the_functions_do_not_shadow_their_module():
+    """`tinylab.evaluate` is the function and the module is `tinylab.evaluation` (notebook 05 calls
+    `tinylab.compare`; `tinylab.evaluate.compare` raised AttributeError when the two shared a name)."""
+    import tinylab
+    import tinylab.evaluation
+
+    assert tinylab.evaluate is tinylab.evaluation.evaluate and tinylab.compare is tinylab.evaluation.compare
+    assert evaluate.__module__ == compare.__module__ == "tinylab.evaluation"
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +119,7 @@ def test_lengths_and_cutoffs_count_generated_tokens(llama, monkeypatch):
         mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])[: len(prompts)]  # [b, L]
         return Rollout(["x"] * len(prompts), ids, ids, mask, torch.ones_like(ids))
 
-    # the module object, not "tinylab.evaluate.generate": tinylab exports a function named evaluate
-    monkeypatch.setattr(sys.modules[evaluate.__module__], "generate", fake_generate)
+    monkeypatch.setattr("tinylab.evaluation.generate", fake_generate)
     report = evaluate(model, tokenizer, Mixed(), n=3, batch_size=3, max_new_tokens=4, progress=False)
     assert sorted(zip(report.table["length"], report.table["truncated"])) == [(0, False), (2, False), (4, True)]
     assert report.mean_length == 2.0 and report.truncated == pytest.approx(1 / 3)

@@ -3,8 +3,7 @@
 The library returns data and reports through return values, callbacks and logging; plotting and
 widgets live in `tinylab.widgets`.
 
-Note: `tinylab.evaluate` is the function; its module is `tinylab.evaluate` in `sys.modules`, so
-`from tinylab.evaluate import EvalReport` works as usual.
+`tinylab.evaluate` and `tinylab.compare` are functions; their module is `tinylab.evaluation`.
 """
 
 from tinylab import tasks
@@ -20,7 +19,7 @@ from tinylab.adapter import (
 from tinylab.attribution import TokenAttribution, token_attribution
 from tinylab.budget import BudgetPlan, lora_xs_size, plan_budget
 from tinylab.checkpoint import AdapterFileError, load_adapter, save_adapter
-from tinylab.evaluate import Comparison, EvalReport, compare, evaluate
+from tinylab.evaluation import Comparison, EvalReport, compare, evaluate
 from tinylab.grpo import GRPOConfig, train_grpo
 from tinylab.heads import AttentionPatterns, HeadEffects, ablate_heads, attention_patterns, head_effects
 from tinylab.importance import Importance, WeightImportance, module_importance, weight_importance
