@@ -112,10 +112,11 @@ def test_kl_and_clip_with_inner_epochs(tmp_path):
 def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0], dtype=torch.float64)
     none = group_advantages(r, 3, "none")
-    torch.testing.assert_close(none, torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0], dtype=torch.float64))
-    group = group_advantages(r, 3, "group")
+    assert none.dtype == torch.float32  # advantages are fp32 whatever the rewards' dtype
+    torch.testing.assert_close(none, torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0]))
+    group = group_advantages(r.bfloat16(), 3, "group")
     std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
-    assert math.isclose(float(group[0]), (2 / 3) / (std + 1e-4), rel_tol=1e-9)
+    assert group.dtype == torch.float32 and math.isclose(float(group[0]), (2 / 3) / (std + 1e-4), rel_tol=1e-6)
     assert (group[3:] == 0).all()
 
 
@@ -151,31 +152,24 @@ def test_dropping_zero_advantage_rows_gives_the_same_gradient():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("prompts_per_step", 0, "prompts_per_step=0 is not allowed: an integer >= 1"),
-    ("group_size", 1, "group_size=1 is not allowed: an integer >= 2"),
-    ("max_new_tokens", 0, "max_new_tokens=0"),
-    ("temperature", 0.0, r"temperature=0.0 is not allowed: a number in \(0, 10\]"),
-    ("lr", -1.0, "lr=-1.0"),
-    ("lr", float("nan"), "lr=nan"),
-    ("steps", 2.5, "steps=2.5"),
-    ("scale_rewards", "batch", r"scale_rewards='batch' is not allowed: choose one of \['group', 'none'\]"),
-    ("clip", 1.5, r"clip=1.5 is not allowed: None or a number in \(0, 1\)"),
+    ("prompts_per_step", 0, "prompts_per_step=0: must be an integer >= 1"),
+    ("group_size", 1, "group_size=1: must be an integer >= 2"),
+    ("max_new_tokens", 0, "max_new_tokens=0: must be an integer >= 1, or None"),
+    ("temperature", 0.0, "temperature=0.0: must be a finite number > 0 and <= 10"),
+    ("lr", -1.0, "lr=-1.0: must be a finite number > 0 and <= 10"),
+    ("lr", float("nan"), "lr=nan: must be a finite number"),
+    ("steps", 2.5, "steps=2.5: must be an integer >= 1"),
+    ("steps", True, "steps=True: must be an integer"),
+    ("scale_rewards", "batch", "scale_rewards='batch': allowed values are 'group', 'none'"),
+    ("clip", 1.5, "clip=1.5: must be a finite number > 0 and < 1, or None"),
     ("inner_epochs", 2, "inner_epochs=2 needs clip"),
-    ("kl", -0.1, "kl=-0.1 is not allowed: a number >= 0"),
-    ("checkpoint_every", -1, "checkpoint_every=-1"),
-    ("seed", "x", "seed='x'"),
+    ("kl", -0.1, "kl=-0.1: must be a finite number >= 0"),
+    ("checkpoint_every", -1, "checkpoint_every=-1: must be an integer >= 0"),
+    ("seed", "x", "seed='x': must be an integer"),
 ])
 def test_config_errors_name_value_and_range(field, value, message):
     with pytest.raises(ValueError, match=message):
         GRPOConfig(**{field: value})
-
-
-def test_config_is_frozen_and_replace_validates():
-    cfg = GRPOConfig()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.lr = 1.0
-    with pytest.raises(ValueError, match="group_size=0"):
-        dataclasses.replace(cfg, group_size=0)
 
 
 def test_wrong_arguments(tmp_path):

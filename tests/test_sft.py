@@ -7,8 +7,9 @@ from test_grpo import Example, ToyTask
 from tinylab.adapter import apply_tinylora
 from tinylab.grpo import GRPOConfig
 from tinylab.models import tiny_model
+from tinylab.resumption import resume
+from tinylab.run import StopTraining
 from tinylab.sft import SFTConfig, _solution_batch, train_sft
-from tinylab.training import StopTraining, resume
 
 
 def _fresh():
@@ -77,9 +78,11 @@ def test_sft_needs_solutions(tmp_path):
 
 
 def test_sft_config_errors():
-    with pytest.raises(ValueError, match="batch_size=0 is not allowed: an integer >= 1"):
+    with pytest.raises(ValueError, match="batch_size=0: must be an integer >= 1"):
         SFTConfig(batch_size=0)
-    with pytest.raises(ValueError, match="lr=0"):
+    with pytest.raises(ValueError, match=r"lr=0: must be a finite number > 0 and <= 10"):
         SFTConfig(lr=0)
+    with pytest.raises(ValueError, match="max_tokens=0: must be an integer >= 1"):
+        SFTConfig(max_tokens=0)
     with pytest.raises(TypeError, match="SFTConfig"):
         train_sft(*_fresh(), ToyTask(), dataclasses.asdict(SFTConfig()))

@@ -15,7 +15,9 @@ import tinylab.grpo
 from tinylab.adapter import apply_tinylora
 from tinylab.grpo import GRPOConfig, train_grpo
 from tinylab.models import tiny_model
-from tinylab.training import NonFiniteError, StopTraining, read_state, resume
+from tinylab.resumption import resume
+from tinylab.run import NonFiniteError, StopTraining
+from tinylab.run_folder import read_state
 
 CONFIG = GRPOConfig(prompts_per_step=2, group_size=3, max_new_tokens=4, lr=0.05, steps=4, seed=3)
 
@@ -67,7 +69,7 @@ def test_stop_from_callback_checkpoints_and_resumes_exactly(tmp_path, reference)
     tensors = load_file(str(tmp_path / "state.safetensors"))
     assert tensors["rng.torch"].dtype == torch.uint8
     assert set(tensors) == {"v", "rng.torch", "adam.exp_avg", "adam.exp_avg_sq"}
-    from tinylab.checkpoint import load_adapter
+    from tinylab.adapter_file import load_adapter
 
     loaded = load_adapter(tiny_model("llama", seed=0)[0], tmp_path / "adapter.tlra")
     assert torch.equal(loaded.vector(), run.vector)

@@ -10,9 +10,10 @@ from tinylab.widgets.training import TrainingPanel
 from tinylab.adapter import apply_tinylora
 from tinylab.grpo import GRPOConfig, train_grpo
 from tinylab.models import tiny_model
+from tinylab.resumption import resume
+from tinylab.run import step_log
 from tinylab.sft import SFTConfig, train_sft
 from tinylab.tasks.base import Example, Score
-from tinylab.training import resume, step_log
 
 
 class ToyTask:

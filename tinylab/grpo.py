@@ -34,20 +34,15 @@ from collections.abc import Iterable
 
 import torch
 
-from tinylab.rollout import completion_logprobs, generate, render_prompts
-from tinylab.training import Run, derived_seed, launch, step_indices, step_log
+from tinylab.batch import render_prompts
+from tinylab.checks import check_choice, check_int, check_number
+from tinylab.rollout import completion_logprobs, generate
+from tinylab.run import Run, launch, step_indices, step_log
+from tinylab.seeds import derived_seed
 
-__all__ = ["GRPOConfig", "train_grpo"]
+__all__ = ["GRPOConfig", "group_advantages", "policy_loss", "train_grpo", "train_pool"]
 
 _SCALES = ("group", "none")
-
-
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,31 +77,31 @@ class GRPOConfig:
     """Checkpoint folder; None = a new folder under the tinylab cache (`runs/`)."""
 
     def __post_init__(self):
-        if self.max_new_tokens is not None and (not _int(self.max_new_tokens) or self.max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is not allowed: None (the task's) or an "
-                             "integer >= 1")
+        if self.max_new_tokens is not None:
+            _or_none(check_int, "max_new_tokens", self.max_new_tokens, low=1)
         for name, low in (("prompts_per_step", 1), ("group_size", 2), ("steps", 1),
                           ("inner_epochs", 1), ("checkpoint_every", 0)):
-            value = getattr(self, name)
-            if not _int(value) or value < low:
-                raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
-        if not _number(self.temperature) or not 0 < self.temperature <= 10:
-            raise ValueError(f"temperature={self.temperature!r} is not allowed: a number in (0, 10]")
-        if not _number(self.lr) or not 0 < self.lr <= 10:
-            raise ValueError(f"lr={self.lr!r} is not allowed: a number in (0, 10]")
-        if not _int(self.seed):
-            raise ValueError(f"seed={self.seed!r} is not allowed: an integer")
-        if self.scale_rewards not in _SCALES:
-            raise ValueError(f"scale_rewards={self.scale_rewards!r} is not allowed: choose one of {list(_SCALES)}")
-        if self.clip is not None and (not _number(self.clip) or not 0 < self.clip < 1):
-            raise ValueError(f"clip={self.clip!r} is not allowed: None or a number in (0, 1), e.g. 0.2")
+            check_int(name, getattr(self, name), low=low)
+        check_number("temperature", self.temperature, low=0, low_open=True, high=10)
+        check_number("lr", self.lr, low=0, low_open=True, high=10)
+        check_int("seed", self.seed)
+        check_choice("scale_rewards", self.scale_rewards, _SCALES)
+        if self.clip is not None:
+            _or_none(check_number, "clip", self.clip, low=0, high=1, low_open=True, high_open=True)
         if self.inner_epochs > 1 and self.clip is None:
             raise ValueError(f"inner_epochs={self.inner_epochs} needs clip (e.g. clip=0.2): several unclipped "
                              "updates on one batch diverge; allowed without clip: inner_epochs=1")
-        if not _number(self.kl) or self.kl < 0:
-            raise ValueError(f"kl={self.kl!r} is not allowed: a number >= 0")
+        check_number("kl", self.kl, low=0)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
             object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
+
+
+def _or_none(check, name: str, value, **bounds) -> None:
+    """`check(name, value, **bounds)` whose error also says that None is allowed."""
+    try:
+        check(name, value, **bounds)
+    except ValueError as err:
+        raise ValueError(f"{err}, or None") from None
 
 
 def train_pool(task, seed: int, split: str = "train") -> list:
@@ -118,8 +113,9 @@ def train_pool(task, seed: int, split: str = "train") -> list:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
-    """(r - group mean), divided by (group std + 1e-4) when scale == "group". [B*G] -> [B*G]."""
-    r = rewards.view(-1, group_size)  # [B, G]
+    """(r - group mean), divided by (group std + 1e-4) when scale == "group". [B*G] -> [B*G] fp32,
+    on the rewards' device."""
+    r = rewards.to(torch.float32).view(-1, group_size)  # [B, G]
     adv = r - r.mean(dim=1, keepdim=True)  # [B, G]
     if scale == "group":
         adv = adv / (r.std(dim=1, keepdim=True) + 1e-4)
@@ -129,22 +125,26 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torc
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, n_tokens, config):
     """Token-level GRPO loss summed over `mask` and divided by `n_tokens`, with detached stats.
 
-    logp / old_logp / ref_logp (or None): [N, L]; advantages: [N]; mask: [N, L].
+    logp / old_logp / ref_logp (or None): [N, L]; advantages: [N]; mask: [N, L]. Computed in fp32
+    whatever the dtype of the inputs. With `config.clip`, PPO's pessimistic bound: a token whose
+    ratio left [1 - clip, 1 + clip] in the direction its advantage pushes (above for A > 0, below for
+    A < 0) contributes a constant, so no gradient; `clip_frac` is the share of such tokens.
     """
+    logp, old_logp = logp.float(), old_logp.float()  # [N, L]
     ratio = torch.exp(logp - old_logp)  # [N, L]
-    adv = advantages[:, None]  # [N, 1]
+    adv = advantages.float()[:, None]  # [N, 1]
     per_token = -ratio * adv  # [N, L]
-    clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    clipped = torch.zeros_like(ratio, dtype=torch.bool)  # [N, L]
     if config.clip is not None:
         bounded = torch.clamp(ratio, 1 - config.clip, 1 + config.clip) * adv  # [N, L]
-        per_token = -torch.minimum(ratio * adv, bounded)
-        clipped = (ratio * adv) > bounded
-    kl = torch.zeros_like(per_token)
+        per_token = -torch.minimum(ratio * adv, bounded)  # [N, L]
+        clipped = (ratio * adv) > bounded  # [N, L]
+    kl = torch.zeros_like(per_token)  # [N, L]
     if ref_logp is not None:
-        delta = ref_logp - logp  # [N, L]
+        delta = ref_logp.float() - logp  # [N, L]
         kl = torch.exp(delta) - delta - 1  # [N, L] k3 estimator, >= 0
         per_token = per_token + config.kl * kl
-    m = mask.to(per_token.dtype)
+    m = mask.to(torch.float32)  # [N, L]
     loss = (per_token * m).sum() / n_tokens
     count = m.sum().clamp(min=1)
     stats = {"kl": float((kl.detach() * m).sum() / count) if ref_logp is not None else math.nan,
@@ -152,11 +152,11 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, n_tokens, config):
     return loss, stats
 
 
-def _rewards(task, completions, answers) -> torch.Tensor:
+def _rewards(task, completions, answers, device: torch.device) -> torch.Tensor:
     raw = task.reward(completions, answers)
     if len(raw) != len(completions):
         raise ValueError(f"task {task.name!r} returned {len(raw)} rewards for {len(completions)} completions")
-    return torch.tensor([0.0 if r is None else float(r) for r in raw], dtype=torch.float64)  # [B*G]
+    return torch.tensor([0.0 if r is None else float(r) for r in raw], dtype=torch.float32, device=device)  # [B*G]
 
 
 def _score_rates(task, completions, answers) -> tuple[float, float]:
@@ -174,16 +174,19 @@ def train_grpo(model, tokenizer, adapter, task, config: GRPOConfig, *, callbacks
     Blocks by default (interrupting the kernel stops cleanly). `background=True` returns at once
     with training in a thread: `run.stop()` from another cell, `run.wait()` to join.
     `start=False` returns the Run before training; then `run.train()` or `run.start()`.
+    A vector that is already NaN/inf (e.g. set by hand) is a ValueError before the first step.
     """
     if not isinstance(config, GRPOConfig):
         raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
-    return launch("grpo", _grpo_body, model, tokenizer, adapter, task, config, callbacks=callbacks,
+    return launch("grpo", grpo_body, model, tokenizer, adapter, task, config, callbacks=callbacks,
                   background=background, start=start)
 
 
-def _grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> None:
+def grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> None:
+    """The GRPO loop for `run` (started by `train_grpo`, continued by `resume`)."""
     pool = train_pool(task, config.seed)
     render_prompts(tokenizer, [pool[0].prompt])  # a missing chat template fails here, before step 1
+    device = next(model.parameters()).device
     G = config.group_size
     max_new = config.max_new_tokens or getattr(task, "max_new_tokens", 64)
     for step in run.steps():
@@ -198,10 +201,10 @@ def _grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) ->
                            temperature=config.temperature, seed=derived_seed(config.seed, step, "sample"))
         gen_time = time.perf_counter() - t0
 
-        # 3. Rewards, and advantages relative to the group.
-        rewards = _rewards(task, rollout.completions, answers)  # [B*G]
+        # 3. Rewards, and advantages relative to the group (fp32, on the model's device).
+        rewards = _rewards(task, rollout.completions, answers, device)  # [B*G]
         run.check_finite("the reward", rewards)
-        advantages = group_advantages(rewards, G, config.scale_rewards).float()  # [B*G]
+        advantages = group_advantages(rewards, G, config.scale_rewards)  # [B*G]
         spread = rewards.view(-1, G).std(dim=1) > 0  # [B]
 
         # 4. Token-level policy loss over completion tokens; backward into v only.

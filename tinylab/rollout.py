@@ -6,6 +6,14 @@ and samples the `n` completions token by token from a seeded `torch.Generator` (
 the same completions in any process and leaves the global RNG alone). A completion stops at the
 first end-of-sequence token, which it keeps (the policy has to learn to stop, too).
 
+Where the randomness lives: the generator is always a CPU generator, and each token is drawn on
+the CPU from the fp32 probabilities copied there (`torch.multinomial`). A seed therefore gives
+the same random stream whatever the model's device and whatever torch's default device; the
+completions agree across devices as far as the models' logits agree (a GPU's bf16 logits differ
+from a CPU's fp32 ones in the last bits, and a token can flip where two are nearly tied). The
+price on a GPU is one [rows, vocab] fp32 copy to the host per generated token; everything else
+(the model calls, the cache, the masks) stays on the model's device.
+
 `completion_logprobs` scores completion tokens under the model with the positions generation
 used, so the two agree up to float rounding.
 
@@ -16,7 +24,6 @@ prompt 1's, ...
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -24,8 +31,10 @@ import torch
 from torch import nn
 
 from tinylab.batch import left_pad, pad_token_id, prompt_rows, render_prompts
+from tinylab.checks import check_int, check_number
+from tinylab.eval_mode import eval_mode
 
-__all__ = ["Rollout", "completion_logprobs", "generate", "render_prompts", "stop_token_ids"]
+__all__ = ["Rollout", "completion_logprobs", "generate", "render_prompts", "stop_token_ids"]  # render_prompts: batch's
 
 
 class Rollout(NamedTuple):
@@ -68,10 +77,12 @@ def _context_length(model: nn.Module) -> int | None:
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row, on the logits' device: argmax at temperature 0, else drawn on the CPU from
+    the CPU `generator` (see the module docstring)."""
     if temperature == 0:
         return logits.argmax(-1)  # [B]
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()  # [B, V] fp32 on the CPU
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)  # [B]
 
 
 @torch.no_grad()
@@ -90,8 +101,8 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
     logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # [b*n, V]
     mask = mask.repeat_interleave(n, dim=0)  # [b*n, p]
     position = _positions(mask)[:, -1:]  # [b*n, 1]
-    stops = torch.tensor(stops, dtype=torch.long)
-    done = torch.zeros(mask.shape[0], dtype=torch.bool)  # [b*n]
+    stops = torch.tensor(stops, dtype=torch.long, device=ids.device)  # [s]
+    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=ids.device)  # [b*n]
     tokens = []
     for t in range(max_new_tokens):
         token = _sample(logits, temperature, generator)  # [b*n]
@@ -121,19 +132,17 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_
     (None draws one from the global RNG). `batch_size`: completions decoded together, rounded
     down to whole groups of `n` (at least one group); None decodes everything at once.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n={n!r} is not allowed: n must be an integer >= 1")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: an integer >= 1")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature={temperature!r} is not allowed: a finite number >= 0 (0 = greedy)")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size={batch_size!r} is not allowed: None or an integer >= 1")
+    check_int("n", n, low=1)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    check_number("temperature", temperature, low=0)  # 0 = greedy
+    if batch_size is not None:
+        check_int("batch_size", batch_size, low=1)
     prompts = list(prompts) if not isinstance(prompts, str) else prompts
     if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one prompt")
     pad_id = pad_token_id(tokenizer)
-    ids, mask = left_pad(prompt_rows(tokenizer, prompts), pad_id)  # [B, P]
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompt_rows(tokenizer, prompts), pad_id, device)  # [B, P] on the model's device
     context = _context_length(model)
     longest = int(mask.sum(1).max())
     if context is not None and longest >= context:
@@ -147,20 +156,16 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_
             f"{context} tokens; shorten the prompt or lower max_new_tokens to at most {context - longest}"
         )
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    generator = torch.Generator().manual_seed(int(seed))
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))  # CPU, whatever the model's device
     stops = stop_token_ids(model, tokenizer)
     per_chunk = len(prompts) if batch_size is None else max(1, batch_size // n)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         parts = [
             _generate_chunk(model, ids[i:i + per_chunk], mask[i:i + per_chunk], n, max_new_tokens, temperature,
                             generator, stops, pad_id)
             for i in range(0, len(prompts), per_chunk)
         ]
-    finally:
-        model.train(was_training)
     width = max(c.shape[1] for c, _ in parts)
     completion_ids = torch.cat([nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c, _ in parts])
     completion_mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1]), value=0) for _, m in parts])
@@ -192,10 +197,10 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     if B != input_ids.shape[0] or not 0 < L < input_ids.shape[1]:
         raise ValueError(f"completion_mask {tuple(completion_mask.shape)} does not fit input_ids "
                          f"{tuple(input_ids.shape)}: expected [B, L] with 0 < L < P+L")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} is not allowed: must be > 0 for log-probabilities")
-    if not isinstance(group_size, int) or group_size < 1 or B % group_size:
-        raise ValueError(f"group_size={group_size!r} is not allowed: an integer >= 1 that divides the {B} rows")
+    check_number("temperature", temperature, low=0, low_open=True)  # log-probabilities need > 0
+    check_int("group_size", group_size, low=1)
+    if B % group_size:
+        raise ValueError(f"group_size={group_size!r}: must divide the {B} rows (consecutive rows share a prompt)")
     positions = _positions(attention_mask)  # [B, P+L]
     if group_size == 1:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,

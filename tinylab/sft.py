@@ -10,21 +10,16 @@ the end-of-sequence token, and minimises the mean negative log-likelihood of tho
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Iterable
 
-import torch
-
+from tinylab.batch import TeacherBatch, teacher_forced_batch
+from tinylab.checks import check_int, check_number
 from tinylab.grpo import GRPOConfig, train_pool
-from tinylab.rollout import completion_logprobs, left_pad, pad_token_id, prompt_rows
-from tinylab.training import Run, launch, step_indices, step_log
+from tinylab.rollout import completion_logprobs
+from tinylab.run import Run, launch, step_indices, step_log
 
 __all__ = ["SFTConfig", "train_sft"]
-
-
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +43,9 @@ class SFTConfig:
 
     def __post_init__(self):
         for name, low in (("batch_size", 1), ("steps", 1), ("max_tokens", 1), ("checkpoint_every", 0)):
-            value = getattr(self, name)
-            if not _int(value) or value < low:
-                raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or not 0 < self.lr <= 10:
-            raise ValueError(f"lr={self.lr!r} is not allowed: a number in (0, 10]")
-        if not _int(self.seed):
-            raise ValueError(f"seed={self.seed!r} is not allowed: an integer")
+            check_int(name, getattr(self, name), low=low)
+        check_number("lr", self.lr, low=0, low_open=True, high=10)
+        check_int("seed", self.seed)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
             object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
 
@@ -67,41 +58,33 @@ class SFTConfig:
         return cls(**fields)
 
 
-def _solution_batch(tokenizer, examples, max_tokens: int):
-    """Left-padded prompts and right-padded solution tokens (+ EOS): ids, attention mask, target mask."""
-    pad = pad_token_id(tokenizer)
-    prompt_ids, prompt_mask = left_pad(prompt_rows(tokenizer, [ex.prompt for ex in examples]), pad)  # [B, P]
+def _solution_batch(tokenizer, examples, max_tokens: int, device="cpu") -> TeacherBatch:
+    """Prompts rendered as generation renders them, then each solution's first `max_tokens` tokens
+    and the end-of-sequence token as the continuation to learn, on `device`."""
     eos = tokenizer.eos_token_id
-    targets = []
-    for ex in examples:
-        ids = tokenizer(ex.solution, add_special_tokens=False)["input_ids"][:max_tokens]
-        targets.append(ids + ([eos] if eos is not None else []))
-    width = max(len(t) for t in targets)
-    target_ids = torch.full((len(targets), width), pad, dtype=torch.long)  # [B, L]
-    target_mask = torch.zeros((len(targets), width), dtype=torch.long)  # [B, L]
-    for i, t in enumerate(targets):
-        target_ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        target_mask[i, :len(t)] = 1
-    ids = torch.cat([prompt_ids, target_ids], dim=1)  # [B, P+L]
-    attn = torch.cat([prompt_mask, target_mask], dim=1)  # [B, P+L]
-    return ids, attn, target_mask
+    targets = [tokenizer(ex.solution, add_special_tokens=False)["input_ids"][:max_tokens]
+               + ([eos] if eos is not None else []) for ex in examples]
+    return teacher_forced_batch(tokenizer, [ex.prompt for ex in examples], targets, device)
 
 
 def train_sft(model, tokenizer, adapter, task, config: SFTConfig | GRPOConfig, *, callbacks: Iterable = (),
               background: bool = False, start: bool = True) -> Run:
     """Train `adapter`'s vectors on `task`'s reference solutions; returns the Run.
 
-    A GRPOConfig is accepted and converted with `SFTConfig.from_grpo`.
+    A GRPOConfig is accepted and converted with `SFTConfig.from_grpo`. A vector that is already
+    NaN/inf (e.g. set by hand) is a ValueError before the first step.
     """
     if isinstance(config, GRPOConfig):
         config = SFTConfig.from_grpo(config)
     if not isinstance(config, SFTConfig):
         raise TypeError(f"config must be an SFTConfig (or a GRPOConfig), got {type(config).__name__}")
-    return launch("sft", _sft_body, model, tokenizer, adapter, task, config, callbacks=callbacks,
+    return launch("sft", sft_body, model, tokenizer, adapter, task, config, callbacks=callbacks,
                   background=background, start=start)
 
 
-def _sft_body(run: Run, model, tokenizer, adapter, task, config: SFTConfig) -> None:
+def sft_body(run: Run, model, tokenizer, adapter, task, config: SFTConfig) -> None:
+    """The SFT loop for `run` (started by `train_sft`, continued by `resume`)."""
+    device = next(model.parameters()).device
     pool = train_pool(task, config.seed)
     missing = [i for i, ex in enumerate(pool) if not getattr(ex, "solution", None)]
     if missing:
@@ -110,11 +93,11 @@ def _sft_body(run: Run, model, tokenizer, adapter, task, config: SFTConfig) -> N
     for step in run.steps():
         t_step = time.perf_counter()
         batch = [pool[i] for i in step_indices(len(pool), config.batch_size, step, config.seed)]
-        ids, attn, target_mask = _solution_batch(tokenizer, batch, config.max_tokens)  # [B, P+L], [B, L]
+        ids, attn, target_mask = _solution_batch(tokenizer, batch, config.max_tokens, device)  # [B, P+L], [B, L]
 
         t0 = time.perf_counter()
-        logp = completion_logprobs(model, ids, attn, target_mask)  # [B, L]
-        loss = -logp.sum() / target_mask.sum()
+        logp = completion_logprobs(model, ids, attn, target_mask)  # [B, L] fp32
+        loss = -logp.sum() / target_mask.sum()  # fp32 mean negative log-likelihood per solution token
         run.check_finite("the loss", loss.detach())
         loss.backward()
         grad_norm = run.optimizer_step()

@@ -11,7 +11,7 @@ The panel is a callback: `train_grpo(..., callbacks=[panel])` (or `train_sft`, `
 - the table: a few sampled completions of the last step with their rewards.
 
 Stop asks the run to end after the current step (`run.stop()`; the run checkpoints, and
-`tinylab.training.resume` continues it). A cell that blocks in training handles the click only on
+`tinylab.resume` continues it). A cell that blocks in training handles the click only on
 JupyterLab >= 4.4 with ipykernel >= 7 (comms over subshells); elsewhere train with
 `background=True` (the cell returns at once) or interrupt the kernel, which also stops cleanly.
 """
@@ -75,7 +75,7 @@ class TrainingPanel(widgets.VBox):
         self.stop_button.on_click(lambda _: self.stop())
         super().__init__([widgets.HBox([self.stop_button, self.status]), self.figure, self.samples])
 
-    # --- the callback protocol of tinylab.training.Run
+    # --- the callback protocol of tinylab.run.Run
     def on_start(self, run) -> None:
         """A run starts (or resumes): show the steps it already has, enable Stop."""
         self.run = run
