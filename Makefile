@@ -14,6 +14,8 @@ export TQDM_DISABLE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# GSM8K from the local copy beside the repository when there is one (else tinylab loads openai/gsm8k from the hub)
+export TINYLAB_GSM8K ?= $(abspath $(wildcard ../shared/data/gsm8k))
 # Notebook and browser tests run the tutorials in quick mode (same code, fewer steps and examples),
 # with one torch thread unless OMP_NUM_THREADS says otherwise: on a busy 2-core machine a notebook cell
 # evaluating 16 prompts took 130 s with two threads (spinning OpenMP threads) and 8 s with one.

@@ -10,7 +10,7 @@ from tinylab.adapter import apply_tinylora, find_adapter
 from tinylab.evaluation import Comparison, EvalReport, compare, evaluate
 from tinylab.models import tiny_model
 from tinylab.rollout import render_prompts
-from tinylab.tasks import get
+from tinylab.tasks import GSM8K, get
 from tinylab.tasks.base import Example, Score
 
 COLUMNS = ["prompt", "reply", "extracted", "gold", "formatted", "correct_strict", "correct_flexible", "length",
@@ -54,6 +54,14 @@ class Mixed:
         return [None if i % 2 else 0.5 for i, _ in enumerate(completions)]
 
 
+def _gsm8k(n=12):
+    """GSM8K with made-up problems of very different lengths (no data files, no network)."""
+    words = "a farmer has some apples and sells part of them at the market every single day of the week".split()
+    rows = [{"question": f"{' '.join(words[: 2 + (5 * i) % len(words)])}: how many are {i} + {i}?",
+             "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(n)]
+    return GSM8K(source={"train": rows, "test": rows})
+
+
 def _lively(model, seed=0):
     """Re-draw the weights with std 0.2: at the default 0.02 a tied-embedding tiny model just repeats
     its last input token, the same reply for every prompt, which would make the comparison vacuous."""
@@ -70,7 +78,7 @@ def test_replies_do_not_depend_on_batch_size(arch):
     """Greedy fp32 replies with left padding must be identical in batches of 1, 3 and 16."""
     model, tokenizer = tiny_model(arch, seed=1)
     _lively(model)
-    task = get("gsm8k")
+    task = _gsm8k()
     reports = {bs: evaluate(model, tokenizer, task, n=12, batch_size=bs, max_new_tokens=8, progress=False)
                for bs in (1, 3, 16)}
     texts = render_prompts(tokenizer, [e.prompt for e in task.examples("test", 12, 0)])
@@ -155,11 +163,12 @@ def _adapted(seed=0):
 
 def test_compare_lines_up_base_and_adapted():
     model, tokenizer, adapter = _adapted()
-    result = compare(model, tokenizer, "gsm8k", adapter, n=6, batch_size=4, max_new_tokens=6, progress=False)
+    task = _gsm8k()
+    result = compare(model, tokenizer, task, adapter, n=6, batch_size=4, max_new_tokens=6, progress=False)
     assert isinstance(result, Comparison)
-    base_alone = evaluate(model, tokenizer, "gsm8k", n=6, max_new_tokens=6, progress=False, adapter=None)
+    base_alone = evaluate(model, tokenizer, task, n=6, max_new_tokens=6, progress=False, adapter=None)
     with adapter.disabled():
-        disabled = evaluate(model, tokenizer, "gsm8k", n=6, max_new_tokens=6, progress=False)
+        disabled = evaluate(model, tokenizer, task, n=6, max_new_tokens=6, progress=False)
     assert list(result.base.table["reply"]) == list(disabled.table["reply"])
     assert list(result.adapted.table["reply"]) == list(base_alone.table["reply"])  # adapter on after compare
     assert list(result.base.table["reply"]) != list(result.adapted.table["reply"])
@@ -176,7 +185,7 @@ def test_compare_lines_up_base_and_adapted():
 
 
 def test_compare_and_evaluate_load_an_adapter_file_and_remove_it(tmp_path):
-    from tinylab.checkpoint import save_adapter
+    from tinylab.adapter_file import save_adapter
 
     model, tokenizer, adapter = _adapted()
     with_handle = evaluate(model, tokenizer, "compare", n=4, progress=False, adapter=adapter)
@@ -208,4 +217,7 @@ def test_embedded_model_capitals_report_and_batch_invariance(embedded):
     batched = evaluate(model, tokenizer, "capitals", n=4, batch_size=4, max_new_tokens=8, progress=False)
     assert list(one.table["reply"]) == list(batched.table["reply"])
     assert all(len(reply) > 0 for reply in batched.table["reply"])
-    assert 0.0 <= batched.flexible <= 1.0
+    task = get("capitals")  # the rate is the task's own reading of these replies
+    named = [task.score(reply, gold).correct_flexible for reply, gold in zip(batched.table["reply"],
+                                                                            batched.table["gold"])]
+    assert batched.flexible == sum(named) / 4

@@ -16,11 +16,12 @@ test checks that lm-eval really disagrees there, so each difference is pinned fr
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from tinylab.tasks.base import Example
-from tinylab.tasks.gsm8k import GSM8K, INSTRUCTION, extract_flexible, extract_strict, find_data, gold_answer
+from tinylab.tasks.gsm8k import GSM8K, HUB_NAME, INSTRUCTION, default_source, extract_flexible, extract_strict, gold_answer
 
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -144,13 +145,15 @@ def test_extraction_agrees_with_lm_eval(reply, gold, difference):
         assert ours != lm, f"no longer a difference: {reason}"
 
 
+# The tests on the real data use GSM8K's default source: `$TINYLAB_GSM8K` (`make` sets it to the
+# local copy beside the repository when there is one), else openai/gsm8k from the hub or its cache.
+
+
 def test_gold_normalisation_matches_lm_eval_on_the_real_data():
-    folder = find_data()
-    assert folder is not None, "GSM8K is expected at ../shared/data/gsm8k (or $TINYLAB_GSM8K)"
+    task = GSM8K()
     for split in ("train", "test"):
-        for line in open(folder / f"{split}.jsonl", encoding="utf-8"):
-            answer = json.loads(line)["answer"]
-            assert gold_answer(answer) == _lm_eval_normalise(answer)
+        for row in task.rows(split):
+            assert gold_answer(row["answer"]) == _lm_eval_normalise(row["answer"])
 
 
 def test_reference_solutions_score_full_marks():
@@ -200,32 +203,69 @@ def test_bare_number_answers_have_no_solution(tmp_path):
     assert task.examples("test", None, None) == [Example([{"role": "user", "content": f"q? {INSTRUCTION}"}], "1500")]
 
 
-def test_default_search_uses_the_environment_variable(tmp_path, monkeypatch):
+def test_the_environment_variable_names_the_default_source(tmp_path, monkeypatch):
     _write(tmp_path / "test.jsonl", ROWS[:1])
+    _write(tmp_path / "train.jsonl", ROWS[1:3])
+    monkeypatch.setattr("datasets.load_dataset", _no_network)
     monkeypatch.setenv("TINYLAB_GSM8K", str(tmp_path))
-    assert find_data() == tmp_path.resolve()
-    assert GSM8K().examples("test", None, None)[0].answer == "1200"
-
-
-def test_default_search_finds_the_shared_copy_from_the_repo_and_from_cwd(tmp_path, monkeypatch):
-    monkeypatch.delenv("TINYLAB_GSM8K", raising=False)
-    monkeypatch.chdir(tmp_path)  # nothing at ../shared here: the repository root is searched next
-    found = find_data()
-    assert found is not None and (found / "test.jsonl").is_file()
-    shared = tmp_path / "shared" / "data" / "gsm8k"
-    shared.mkdir(parents=True)
-    _write(shared / "test.jsonl", ROWS[:1])
-    (tmp_path / "project").mkdir()
-    monkeypatch.chdir(tmp_path / "project")  # ../shared/data/gsm8k from the current folder comes first
-    assert find_data() == shared.resolve()
-
-
-def test_missing_data_says_what_to_do(monkeypatch):
-    monkeypatch.setattr("tinylab.tasks.gsm8k.find_data", lambda: None)
-    with pytest.raises(FileNotFoundError, match="TINYLAB_GSM8K.*openai/gsm8k"):
+    assert default_source() == tmp_path.resolve()
+    task = GSM8K()
+    assert [e.answer for e in task.examples("test", None, None)] == ["1200"]
+    assert [e.answer for e in task.examples("train", None, None)] == ["1202", "1204"]
+    monkeypatch.setenv("TINYLAB_GSM8K", str(tmp_path / "train.jsonl"))  # one file serves every split
+    assert [e.answer for e in GSM8K().examples("test", None, None)] == ["1202", "1204"]
+    monkeypatch.setenv("TINYLAB_GSM8K", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"TINYLAB_GSM8K='.*missing' does not exist; allowed: a folder"):
         GSM8K().examples("test", 1)
+
+
+def _no_network(*args, **kwargs):
+    raise ConnectionError("no network (monkeypatched: this test never reaches the hub)")
+
+
+def test_without_the_variable_the_hub_is_asked_and_offline_says_how_to_pass_a_local_copy(monkeypatch):
+    monkeypatch.delenv("TINYLAB_GSM8K", raising=False)
+    assert default_source() == HUB_NAME == "openai/gsm8k"
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(args)
+        _no_network()
+
+    monkeypatch.setattr("datasets.load_dataset", recording)
+    with pytest.raises(OSError, match=r"could not load 'openai/gsm8k' \(main, test\).*ConnectionError.*"
+                                      r"set TINYLAB_GSM8K=/path/to/gsm8k .* or pass GSM8K\(source="):
+        GSM8K().examples("test", 1)
+    assert calls == [("openai/gsm8k", "main")]
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         GSM8K(source="./nope.jsonl").examples("test", 1)
+    monkeypatch.setenv("TINYLAB_GSM8K", "  ")  # blank counts as unset (the Makefile exports it empty)
+    assert default_source() == HUB_NAME
+
+
+def test_the_makefile_points_the_variable_at_the_copy_beside_the_repository(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "Makefile", repo / "Makefile")
+    monkeypatch.delenv("TINYLAB_GSM8K", raising=False)
+    show = ["make", "-s", "--no-print-directory", "--eval", "showgsm: ; @echo \"[$$TINYLAB_GSM8K]\"", "showgsm"]
+
+    def exported():
+        return subprocess.run(show, cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert exported() == "[]"  # no copy beside the repository: tinylab will ask the hub
+    (tmp_path / "shared" / "data" / "gsm8k").mkdir(parents=True)
+    assert exported() == f"[{(tmp_path / 'shared' / 'data' / 'gsm8k').resolve()}]"  # absolute
+
+
+def test_no_library_code_looks_for_a_folder_beside_the_repository():
+    library = Path(__file__).resolve().parents[1] / "tinylab"
+    for file in library.rglob("*.py"):
+        text = file.read_text(encoding="utf-8")
+        assert "../shared" not in text and "shared/data" not in text and '"shared"' not in text, file
 
 
 def test_bad_rows_are_named(tmp_path):
@@ -251,9 +291,6 @@ def test_hub_names_go_to_datasets(monkeypatch):
     assert calls == [("openai/gsm8k", "main", "train")]
     assert examples[0].answer == "3" and examples[0].solution == "x\n#### 3"
 
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr("datasets.load_dataset", offline)
-    with pytest.raises(OSError, match="Offline, pass a local folder"):
+    monkeypatch.setattr("datasets.load_dataset", _no_network)
+    with pytest.raises(OSError, match="Use a local copy: set TINYLAB_GSM8K"):
         GSM8K(source="openai/gsm8k").examples("test")

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tinylab import tasks as _tasks
+from tinylab.checks import check_int
 from tinylab.rollout import generate, render_prompts, stop_token_ids
 from tinylab.tasks.base import Example, Task
 
@@ -70,11 +71,6 @@ class Comparison(NamedTuple):
         }, index=rows)
         frame["delta"] = frame["adapted"] - frame["base"]
         return frame
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
 
 
 def _prompt_text(prompt) -> str:
@@ -134,7 +130,7 @@ def _resolve_adapter(model: nn.Module, adapter):
     if adapter is None:
         return None, False
     if isinstance(adapter, (str, os.PathLike)):
-        from tinylab.checkpoint import load_adapter
+        from tinylab.adapter_file import load_adapter
 
         return load_adapter(model, adapter), True
     from tinylab.adapter import TinyLoRA
@@ -163,10 +159,10 @@ def _run(model, tokenizer, task: Task, examples: list[Example], *, split: str, b
 
 def _setup(task, n, split, seed, batch_size, max_new_tokens):
     task = _tasks.get(task)
-    _check_int("n", n, 1)
-    _check_int("batch_size", batch_size, 1)
-    max_new_tokens = task.max_new_tokens if max_new_tokens is None else max_new_tokens
-    _check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("n", n, low=1)
+    check_int("batch_size", batch_size, low=1)
+    max_new_tokens = check_int("max_new_tokens", task.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                               low=1)
     examples = task.examples(split=split, n=n, seed=seed)
     if len(examples) == 0:
         raise ValueError(f"task {task.name!r} gave no examples for split={split!r}")

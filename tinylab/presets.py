@@ -15,6 +15,20 @@ Presets:
   64 prompts per step, 3 epochs, up to 4096 new tokens, no KL; lr swept over 1e-7 .. 2e-4.
   NOT RUNNABLE HERE: it needs GPUs and a hub download; tinylab's tests only check its numbers.
 - `paper-gsm8k-shared`: the same with the reimplementations' placement, one shared u = 13 vector.
+- `gpu-gsm8k-0.5b`, `gpu-gsm8k-1.5b`: one GPU beside the paper's run: Qwen2.5-0.5B-Instruct
+  (24 GB GPU, up to 384 new tokens) or Qwen2.5-1.5B-Instruct (48-80 GB GPU, up to 512) on GSM8K
+  in bf16, the paper's placement (13 numbers), 4 prompts x 4 samples per step, 500 steps. Expected memory
+  and time: `estimate(name)`, printed by `python -m tinylab.presets`. They are ARITHMETIC, not
+  measured (no GPU here): weights 2 bytes/param; activations kept for the backward pass
+  2 * (10 h + 4 i) bytes per token per layer (bf16; every layer's activations are needed, since
+  v sits in every layer); logits 6 bytes per token per vocabulary entry (bf16 + an fp32 copy);
+  KV cache 4 * layers * kv_heads * head_dim bytes per token; tokens = completions x (150 prompt +
+  max_new_tokens), the worst case. Time: generation dominates: max_new_tokens decode steps at an
+  assumed 30 ms each (Hugging Face generate on a small model), plus 4 * params * tokens FLOPs at
+  an assumed 100 TFLOP/s. Check both on your GPU with a few steps before a long run.
+- `tiny-cpu`: a 2-step smoke run of the machinery on `tiny_model("llama")` (no network) and the
+  local `compare` task. On a random model every built-in reward is 0, so v only moves with a task
+  whose rewards differ within a group: `task=path/to/file.py:MyTask` on the `tinylab train` command.
 
 Override keys are the fields of `TinyLoRAConfig` and `GRPOConfig` by name, plus `model`, `task`,
 `dtype`, `lr_sweep` and `seeds`. Both configs have a `seed`: `seed=` is the run's (GRPOConfig:
@@ -36,7 +50,7 @@ from tinylab.adapter import TinyLoRAConfig
 from tinylab.grpo import GRPOConfig
 from tinylab.tasks.base import RewardShape
 
-__all__ = ["PRESETS", "Preset", "names", "override_keys", "parse_overrides", "preset"]
+__all__ = ["PRESETS", "Estimate", "Preset", "estimate", "names", "override_keys", "parse_overrides", "parse_value", "preset", "unknown_message"]
 
 
 class Preset(NamedTuple):
@@ -55,7 +69,7 @@ class Preset(NamedTuple):
     notes: str  # where the numbers come from and what differs from the source
 
 
-_GSM8K_TRAIN_PROBLEMS = 7473  # ../shared/data/gsm8k/train.jsonl
+_GSM8K_TRAIN_PROBLEMS = 7473  # GSM8K's train split (openai/gsm8k, main)
 _PAPER_PROMPTS_PER_STEP = 64
 _PAPER_STEPS = 3 * math.ceil(_GSM8K_TRAIN_PROBLEMS / _PAPER_PROMPTS_PER_STEP)  # 3 epochs = 351 ("about 350")
 _PAPER_LR_SWEEP = (1e-7, 1e-6, 1e-5, 1e-4, 2e-4)  # spans the paper's 1e-7 .. 2e-4; its exact grid is not given
@@ -67,6 +81,34 @@ _PAPER_NOTES = (
     "weights with truncated importance sampling (tinylab samples from the adapted model itself). "
     "checkpoint_every=25 is tinylab's choice for a long run, not the paper's."
 )
+
+
+# (params, hidden, intermediate, layers, kv_heads, head_dim, vocab) from each model's published config.json
+_SHAPES = {
+    "Qwen/Qwen2.5-0.5B-Instruct": (494_032_768, 896, 4864, 24, 2, 64, 151936),
+    "Qwen/Qwen2.5-1.5B-Instruct": (1_543_714_304, 1536, 8960, 28, 2, 128, 151936),
+}
+
+
+def _one_gpu(name: str, model: str, gpu_gb: int, max_new_tokens: int) -> Preset:
+    return Preset(
+        name=name,
+        model=model,
+        task="gsm8k",
+        task_options=MappingProxyType({}),
+        adapter=TinyLoRAConfig(r=2, u=1, n_tie=16, tie="tiled"),
+        training=GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=max_new_tokens, temperature=1.0, lr=1e-4,
+                            steps=500, seed=0, scale_rewards="group", clip=0.2, inner_epochs=1, kl=0.0,
+                            checkpoint_every=25),
+        dtype="bfloat16",
+        lr_sweep=(1e-5, 1e-4, 2e-4),
+        seeds=(0, 1, 2),
+        runnable_here=False,
+        notes=(f"One GPU of {gpu_gb} GB or more: {model} in bf16, the paper's placement (r=2, u=1, tiled n_tie=16: "
+               "13 numbers over 24-28 layers x 7 maps), 16 completions per step, 500 steps (2,000 of GSM8K's 7,473 "
+               "training problems). Memory and time: tinylab.presets.estimate(name), arithmetic with stated "
+               "assumptions, not measured. lr_sweep: the upper part of the paper's range. Not run here (no GPU)."),
+    )
 
 
 def _paper(name: str, adapter: TinyLoRAConfig, placement: str) -> Preset:
@@ -110,7 +152,52 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({
                           "r=2, u=1, tiled n_tie=16: ceil(196 / 16) = 13 trained numbers"),
     "paper-gsm8k-shared": _paper("paper-gsm8k-shared", TinyLoRAConfig(r=2, u=13, n_tie="all"),
                                  "r=2, one u=13 vector shared by all 196 modules (the reimplementations' 13)"),
+    "gpu-gsm8k-0.5b": _one_gpu("gpu-gsm8k-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", 24, 384),
+    "gpu-gsm8k-1.5b": _one_gpu("gpu-gsm8k-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 48, 512),
+    "tiny-cpu": Preset(
+        name="tiny-cpu",
+        model="tiny-llama",
+        task="compare",
+        task_options=MappingProxyType({}),
+        adapter=TinyLoRAConfig(r=2, u=4, n_tie="all"),
+        training=GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, lr=0.05, steps=2, seed=0),
+        dtype="float32",
+        lr_sweep=(0.05,),
+        seeds=(0,),
+        runnable_here=True,
+        notes="A smoke run of the machinery (two steps, a random 2-layer model), not an experiment.",
+    ),
 })
+
+
+class Estimate(NamedTuple):
+    """Expected peak memory (GB) and time of a one-GPU preset: arithmetic, not measured (see module doc)."""
+
+    weights_gb: float
+    activations_gb: float
+    logits_gb: float
+    kv_cache_gb: float
+    total_gb: float
+    step_seconds: float
+    run_hours: float
+
+
+def estimate(name: str, *, prompt_tokens: int = 150, decode_ms: float = 30.0, tflops: float = 100.0) -> Estimate:
+    """The arithmetic estimate for a preset on a model in `_SHAPES` (assumptions in the module doc)."""
+    p = preset(name)
+    if p.model not in _SHAPES:
+        raise ValueError(unknown_message("model to estimate", str(p.model), sorted(_SHAPES)))
+    params, h, i, layers, kv_heads, head_dim, vocab = _SHAPES[p.model]
+    t = p.training
+    tokens = t.prompts_per_step * t.group_size * (prompt_tokens + t.max_new_tokens)
+    gb = 1e9
+    weights = 2 * params / gb
+    activations = 2 * (10 * h + 4 * i) * layers * tokens / gb
+    logits = 6 * vocab * tokens / gb
+    kv = 4 * layers * kv_heads * head_dim * tokens / gb
+    step = t.max_new_tokens * decode_ms / 1e3 + 4 * params * tokens / (tflops * 1e12)
+    return Estimate(round(weights, 1), round(activations, 1), round(logits, 1), round(kv, 2),
+                    round(weights + activations + logits + kv, 1), round(step, 1), round(step * t.steps / 3600, 1))
 
 _ADAPTER_FIELDS = {f.name: f.name for f in dataclasses.fields(TinyLoRAConfig) if f.name != "seed"}
 _ADAPTER_FIELDS["adapter_seed"] = "seed"
@@ -165,7 +252,7 @@ def preset(name: str, **overrides) -> Preset:
     )
 
 
-def _value(text: str):
+def parse_value(text: str):
     """A command-line value: JSON (numbers, true/false/null, lists, quoted strings), Python's
     None/True/False, else the text itself (`tie=structured`, `n_tie=all`)."""
     special = {"None": None, "True": True, "False": False}
@@ -194,5 +281,13 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
                              f"{', '.join(override_keys())}")
         if key not in override_keys():
             raise ValueError(unknown_message("override key", key, override_keys()))
-        out[key] = _value(text.strip())
+        out[key] = parse_value(text.strip())
     return out
+
+
+if __name__ == "__main__":  # python -m tinylab.presets: the one-GPU presets' estimates
+    import sys
+
+    for key in names():
+        if PRESETS[key].model in _SHAPES:
+            sys.stdout.write(f"{key}: {estimate(key)}\n")

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from tinylab.checks import check_int, check_number
+
 __all__ = [
     "EXACT_MATCH", "SPLITS", "Example", "RewardShape", "Score", "ScoredTask", "Task", "check_split", "completion_text", "sample",
 ]
@@ -76,9 +78,7 @@ class RewardShape:
 
     def __post_init__(self):
         for field in ("correct", "flexible", "formatted"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise ValueError(f"RewardShape.{field}={value!r} is not allowed: a finite number")
+            check_number(f"RewardShape.{field}", getattr(self, field))
 
     def __call__(self, score: Score) -> float:
         if score.correct_strict:
@@ -121,8 +121,10 @@ def sample(items: Sequence, n: int | None, seed: int | None, what: str) -> list:
     items = list(items)
     if n is None:
         n = len(items)
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(items):
-        raise ValueError(f"n={n!r} is not allowed for {what}: an integer from 0 to {len(items)}, or None for all")
+    try:
+        check_int("n", n, low=0, high=len(items))
+    except ValueError as err:
+        raise ValueError(f"{err} ({what} has {len(items)} examples; None takes all)") from None
     if seed is None:
         return items[:n]
     return random.Random(seed).sample(items, n)

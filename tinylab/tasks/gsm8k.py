@@ -20,8 +20,10 @@ after the last number, ours skips it; lm-eval compares strings (`18.00` != `18`)
 
 Data: a folder holding `train.jsonl` / `test.jsonl` (rows with `question` and `answer`, the answer
 ending in `#### <number>` or being the bare number), one JSONL file used for every split, a mapping
-`{split: file}`, or a `datasets` hub name such as `openai/gsm8k` (needs network). By default the
-folder is found by `find_data()`.
+`{split: file}`, or a `datasets` hub name such as `openai/gsm8k`. Without a source (`default_source()`):
+the folder or file named by `$TINYLAB_GSM8K` when it is set, else `openai/gsm8k` ("main") from the
+Hugging Face hub through `datasets`, which caches it as `datasets` caches everything (offline, a
+cached copy still loads; with none, the error says how to pass a local copy).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from tinylab.tasks.base import EXACT_MATCH, Example, RewardShape, Score, ScoredT
 
 __all__ = [
     "FLEXIBLE_PATTERN", "INSTRUCTION", "STRICT_PATTERN", "TAIL_CHARS", "GSM8K",
-    "extract_flexible", "extract_strict", "find_data", "gold_answer", "normalize_number", "same_number",
+    "HUB_NAME", "default_source", "extract_flexible", "extract_strict", "gold_answer", "normalize_number", "same_number",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ TAIL_CHARS = 300
 _IGNORE = (re.compile(","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$"))
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 _DATA_ENV = "TINYLAB_GSM8K"
+HUB_NAME = "openai/gsm8k"
+_LOCAL_COPY = (f"set {_DATA_ENV}=/path/to/gsm8k (a folder with train.jsonl and test.jsonl, or one JSONL file) or "
+               "pass GSM8K(source='/path/to/folder_or_file.jsonl')")
 
 
 def normalize_number(text: str) -> str:
@@ -114,18 +119,19 @@ def gold_answer(answer: str) -> str:
     return normalize_number(str(answer))
 
 
-def find_data() -> Path | None:
-    """The local GSM8K folder: `$TINYLAB_GSM8K`, else `../shared/data/gsm8k` from the current
-    folder, else from the repository root; None when none holds a `test.jsonl`."""
-    candidates = []
-    if os.environ.get(_DATA_ENV):
-        candidates.append(Path(os.environ[_DATA_ENV]).expanduser())
-    candidates.append(Path.cwd() / ".." / "shared" / "data" / "gsm8k")
-    candidates.append(Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k")
-    for folder in candidates:
-        if (folder / "test.jsonl").is_file():
-            return folder.resolve()
-    return None
+def default_source() -> Path | str:
+    """GSM8K's source when none is given: the path in `$TINYLAB_GSM8K` when set, else `HUB_NAME`.
+
+    A set variable must name an existing folder (holding `train.jsonl` / `test.jsonl`) or JSONL file.
+    """
+    value = os.environ.get(_DATA_ENV, "").strip()
+    if not value:
+        return HUB_NAME
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{_DATA_ENV}={value!r} does not exist; allowed: a folder with train.jsonl and "
+                                "test.jsonl, or one JSONL file (unset it to load openai/gsm8k from the hub)")
+    return path.resolve()
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -145,7 +151,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 class GSM8K(ScoredTask):
     """Grade-school math with a `#### <number>` final answer.
 
-    `source`: None (the local copy, see `find_data`), a folder with `{split}.jsonl`, one JSONL file
+    `source`: None (`$TINYLAB_GSM8K`, else the hub: see `default_source`), a folder with `{split}.jsonl`, one JSONL file
     (used for every split), a mapping `{split: path}`, or a `datasets` hub name (`"openai/gsm8k"`,
     loaded with `config`). `shape`: the reward; the default is the paper's exact match.
 
@@ -169,15 +175,7 @@ class GSM8K(ScoredTask):
 
     # --- data
     def _load(self, split: str) -> list[dict]:
-        source = self.source
-        if source is None:
-            source = find_data()
-            if source is None:
-                raise FileNotFoundError(
-                    "No local GSM8K found (looked at $TINYLAB_GSM8K and ../shared/data/gsm8k). Set "
-                    f"{_DATA_ENV}=/path/to/folder, pass GSM8K(source='/path/to/folder_or_file.jsonl'), "
-                    "or use the hub: GSM8K(source='openai/gsm8k')"
-                )
+        source = default_source() if self.source is None else self.source
         if isinstance(source, Mapping):
             if split not in source:
                 raise ValueError(f"split={split!r} is not in the GSM8K source mapping; it has {sorted(source)}")
@@ -203,8 +201,9 @@ class GSM8K(ScoredTask):
             dataset = load_dataset(name, self.config, split=split)
         except Exception as err:  # the hub is unreachable offline; say what to do instead
             raise OSError(
-                f"Could not load {name!r} ({self.config}, {split}) with datasets.load_dataset: "
-                f"{err.__class__.__name__}: {err}. Offline, pass a local folder or JSONL file as source."
+                f"could not load {name!r} ({self.config}, {split}) from the Hugging Face hub with "
+                f"datasets.load_dataset ({err.__class__.__name__}: {err}); offline and not cached? Use a local "
+                f"copy: {_LOCAL_COPY}"
             ) from err
         return [dict(row) for row in dataset]
 

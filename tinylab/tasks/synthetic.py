@@ -12,6 +12,7 @@ import random
 import re
 from collections.abc import Hashable
 
+from tinylab.checks import check_int, check_number
 from tinylab.tasks.base import EXACT_MATCH, Example, RewardShape, Score, ScoredTask, check_split, sample
 
 __all__ = ["ArithmeticTask", "ComparisonTask", "SyntheticTask"]
@@ -30,9 +31,8 @@ class SyntheticTask(ScoredTask):
     def __init__(self, *, split_seed: int = 0, test_fraction: float = 0.2, shape: RewardShape = EXACT_MATCH):
         if not isinstance(shape, RewardShape):
             raise TypeError(f"shape must be a RewardShape, got {type(shape).__name__}")
-        if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-            raise ValueError(f"test_fraction={test_fraction!r} is not allowed: a number strictly between 0 and 1")
-        self.split_seed = split_seed
+        test_fraction = check_number("test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True)
+        self.split_seed = check_int("split_seed", split_seed)
         self.test_fraction = float(test_fraction)
         self.shape = shape
         self._parts: dict[str, list[Example]] | None = None
@@ -80,8 +80,7 @@ class ComparisonTask(SyntheticTask):
 
     def __init__(self, *, max_value: int = 99, split_seed: int = 0, test_fraction: float = 0.2,
                  shape: RewardShape = EXACT_MATCH):
-        if isinstance(max_value, bool) or not isinstance(max_value, int) or max_value < 2:
-            raise ValueError(f"max_value={max_value!r} is not allowed: an integer >= 2")
+        max_value = check_int("max_value", max_value, low=2)
         super().__init__(split_seed=split_seed, test_fraction=test_fraction, shape=shape)
         self.max_value = max_value
 
@@ -128,8 +127,7 @@ class ArithmeticTask(SyntheticTask):
 
     def __init__(self, *, max_operand: int = 50, ops: str = "+-", split_seed: int = 0, test_fraction: float = 0.2,
                  shape: RewardShape = EXACT_MATCH):
-        if isinstance(max_operand, bool) or not isinstance(max_operand, int) or max_operand < 1:
-            raise ValueError(f"max_operand={max_operand!r} is not allowed: an integer >= 1")
+        max_operand = check_int("max_operand", max_operand, low=1)
         if not ops or any(op not in self._OPS for op in ops) or len(set(ops)) != len(ops):
             raise ValueError(f"ops={ops!r} is not allowed: distinct characters from {''.join(self._OPS)!r}")
         super().__init__(split_seed=split_seed, test_fraction=test_fraction, shape=shape)
