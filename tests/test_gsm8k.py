@@ -21,7 +21,15 @@ from pathlib import Path
 import pytest
 
 from tinylab.tasks.base import Example
-from tinylab.tasks.gsm8k import GSM8K, HUB_NAME, INSTRUCTION, default_source, extract_flexible, extract_strict, gold_answer
+from tinylab.tasks.gsm8k import (
+    GSM8K,
+    HUB_NAME,
+    INSTRUCTION,
+    default_source,
+    extract_flexible,
+    extract_strict,
+    gold_answer,
+)
 
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
