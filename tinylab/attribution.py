@@ -6,6 +6,9 @@ log-probability (given the prompt and the answer tokens before it) wrt the promp
 embeddings, from a baseline of `baseline_id` embeddings to the real ones, summed over the
 embedding dimension. `scores` is the sum over answer tokens: the attribution of the whole
 answer's log-probability. Parameter importance lives in `tinylab.importance`; captum has none.
+
+Runs where the model is, in its dtype: captum's own tensors are made on the model's device, and the
+returned attributions are fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tinylab.rollout import render_prompts
+from tinylab.batch import pad_token_id, render_prompts
+from tinylab.checks import check_int
+from tinylab.eval_mode import eval_mode
 
 __all__ = ["TokenAttribution", "token_attribution"]
 
@@ -37,29 +42,30 @@ def token_attribution(model: nn.Module, tokenizer, prompt, answer: str, *, n_ste
 
     `prompt`: a string or chat messages (rendered with the chat template and generation prompt).
     `n_steps`: integration steps (captum's default is 50; more is more exact and slower).
-    `baseline_id`: the token whose embedding is the baseline (default: the pad token, else 0).
+    `baseline_id`: the token whose embedding is the baseline (default: the pad token, else the
+    end-of-sequence token, else 0).
     `skip_tokens`: token ids or strings left out of the attribution (e.g. template markers).
     """
     from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
 
     if not isinstance(answer, str) or not answer:
         raise ValueError(f"answer={answer!r} is not allowed: a non-empty string")
-    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} is not allowed: an integer >= 1")
+    check_int("n_steps", n_steps, low=1)
+    if internal_batch_size is not None:
+        check_int("internal_batch_size", internal_batch_size, low=1)
     text = render_prompts(tokenizer, [prompt])[0]
-    if baseline_id is None:
-        baseline_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
-    try:
+    baseline_id = pad_token_id(tokenizer) if baseline_id is None else check_int("baseline_id", baseline_id, low=0)
+    device = next(model.parameters()).device
+    with torch.device("cpu"):  # captum's input lives on the CPU (its mask is built with map_, a CPU-only op)
+        inp = TextTokenInput(text, tokenizer, baselines=baseline_id, skip_tokens=skip_tokens)
+    answer_ids = torch.tensor(tokenizer.encode(answer, add_special_tokens=False), device=device)  # [n_out]
+    # captum moves the input to the model's device but makes its own tensors (baselines, the
+    # integration path's scales) on torch's default device: make that the model's for the call
+    with eval_mode(model), torch.device(device):
         ig = LayerIntegratedGradients(model, model.get_input_embeddings())
-        llm = LLMGradientAttribution(ig, tokenizer)
-        inp = TextTokenInput(text, tokenizer, baselines=int(baseline_id), skip_tokens=skip_tokens)
-        result = llm.attribute(inp, target=answer, n_steps=n_steps, internal_batch_size=internal_batch_size)
-        answer_ids = torch.tensor(tokenizer.encode(answer, add_special_tokens=False))  # [n_out]
-        delta = _completeness_gap(model, inp, answer_ids, int(baseline_id), result.seq_attr)
-    finally:
-        model.train(was_training)
+        result = LLMGradientAttribution(ig, tokenizer).attribute(inp, target=answer, n_steps=n_steps,
+                                                                 internal_batch_size=internal_batch_size)
+        delta = _completeness_gap(model, inp, answer_ids, baseline_id, result.seq_attr)
     return TokenAttribution(list(result.input_tokens), result.seq_attr.detach().float().cpu(),
                             list(result.output_tokens), result.token_attr.detach().float().cpu(), delta)
 
@@ -67,10 +73,10 @@ def token_attribution(model: nn.Module, tokenizer, prompt, answer: str, *, n_ste
 @torch.no_grad()
 def _completeness_gap(model, inp, answer_ids, baseline_id, seq_attr) -> float:
     """IG's completeness check: attributions should sum to f(input) - f(baseline)."""
-    ids = inp.inp_tensor  # [1, n]
+    ids = inp.inp_tensor.to(answer_ids.device)  # [1, n]
     base = ids.clone()
     if inp.itp_mask is not None:
-        base[inp.itp_mask] = baseline_id
+        base[inp.itp_mask.to(ids.device)] = baseline_id
     else:
         base[:] = baseline_id
 
