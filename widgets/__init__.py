@@ -3,6 +3,8 @@
 from .budget import BudgetSlider
 from .heads import HeadInspector
 from .heatmap import ImportanceHeatmap
+from .knobs import KnobPanel, landscape_figure, sweep_figure
 from .training import TrainingPanel
 
-__all__ = ["BudgetSlider", "HeadInspector", "ImportanceHeatmap", "TrainingPanel"]
+__all__ = ["BudgetSlider", "HeadInspector", "ImportanceHeatmap", "KnobPanel", "TrainingPanel", "landscape_figure",
+           "sweep_figure"]
