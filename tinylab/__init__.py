@@ -24,6 +24,7 @@ from tinylab.grpo import GRPOConfig, train_grpo
 from tinylab.heads import AttentionPatterns, HeadEffects, ablate_heads, attention_patterns, head_effects
 from tinylab.importance import Importance, WeightImportance, module_importance, weight_importance
 from tinylab.models import load_model, tiny_model
+from tinylab.paired_stats import PairedDifference, paired
 from tinylab.peft_interop import export_peft, import_peft
 from tinylab.presets import Preset, preset
 from tinylab.sft import SFTConfig, train_sft
@@ -41,6 +42,7 @@ __all__ = [
     "Importance",
     "ModuleInfo",
     "NonFiniteError",
+    "PairedDifference",
     "Preset",
     "Run",
     "SFTConfig",
@@ -63,6 +65,7 @@ __all__ = [
     "load_model",
     "lora_xs_size",
     "module_importance",
+    "paired",
     "plan_budget",
     "plan_modules",
     "preset",
