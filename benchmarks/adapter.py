@@ -40,9 +40,9 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from peft import TinyLoraConfig, get_peft_model  # noqa: E402
 
-import tinylab.adapter as adapter_module  # noqa: E402
+import tinylab.svd as svd_engine  # noqa: E402
 from tinylab.adapter import DEFAULT_TARGETS, TinyLoRAConfig, apply_tinylora  # noqa: E402
-from tinylab.checkpoint import save_adapter  # noqa: E402
+from tinylab.adapter_file import save_adapter  # noqa: E402
 from tinylab.models import load_model  # noqa: E402
 
 THIRTEEN = TinyLoRAConfig(u=13, n_tie="all")  # 13 params: one u=13 vector shared by all 210 maps
@@ -76,13 +76,13 @@ def bench_attach(ours, peft_model_copy) -> tuple[object, object, dict]:
     res = {}
     cold_cache = tempfile.mkdtemp(prefix="tinylab-bench-cache-")
     os.environ["TINYLAB_CACHE"] = cold_cache  # the model is loaded already; only the SVD cache moves
-    adapter_module._SVD_CACHE.clear()
-    adapter_module._FINGERPRINTS.clear()
+    svd_engine._SVD_CACHE.clear()
+    svd_engine._FINGERPRINTS.clear()
     holder = {}
     res["cold"] = _clocks(lambda: holder.update(a=apply_tinylora(ours, THIRTEEN)))
     holder["a"].remove()
-    adapter_module._SVD_CACHE.clear()
-    adapter_module._FINGERPRINTS.clear()
+    svd_engine._SVD_CACHE.clear()
+    svd_engine._FINGERPRINTS.clear()
     res["warm_disk"] = _clocks(lambda: holder.update(a=apply_tinylora(ours, THIRTEEN)))
     res["reattach"] = _clocks(lambda: (holder["a"].remove(), holder.update(a=apply_tinylora(ours, OTHER_BUDGET))))
     holder["a"].remove()

@@ -64,7 +64,7 @@ import torch  # noqa: E402
 
 from tinylab.adapter import TinyLoRAConfig, apply_tinylora  # noqa: E402
 from tinylab.budget import plan_budget  # noqa: E402
-from tinylab.checkpoint import save_adapter  # noqa: E402
+from tinylab.adapter_file import save_adapter  # noqa: E402
 from tinylab.evaluation import evaluate  # noqa: E402
 from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
 from tinylab.importance import module_importance  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tinylab.adapter import TinyLoRAConfig, apply_tinylora
-from tinylab.checkpoint import AdapterFileError, load_adapter, read_adapter, save_adapter
+from tinylab.adapter_file import AdapterFileError, load_adapter, read_adapter, save_adapter
 from tinylab.models import tiny_model
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 import transformers
 
-from tinylab.adapter import apply_tinylora
-from tinylab.budget import STRATEGIES, adapted_modules, lora_xs_size, plan_budget
+from tinylab.adapter import TinyLoRAConfig, apply_tinylora
+from tinylab.budget import STRATEGIES, lora_xs_size, plan_budget
+from tinylab.targets import plan_modules
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 N_LAYERS = 5
@@ -31,7 +32,7 @@ def _importance(hot=(3, "v_proj")):
 
 
 def test_lora_xs_size_counts_r_squared_per_module(model):
-    assert len(adapted_modules(model)) == 35
+    assert len(plan_modules(model, TinyLoRAConfig())) == 35
     assert lora_xs_size(model) == 35 * 4
     assert lora_xs_size(model, r=1) == 35
 
@@ -85,7 +86,7 @@ def test_top_puts_the_budget_on_the_most_important_modules(model):
 def test_top_accepts_module_names_and_a_series(model):
     import pandas as pd
 
-    by_name = {name: _importance()[(layer, kind)] for name, layer, kind in adapted_modules(model)}
+    by_name = {m.name: _importance()[(m.layer, m.kind)] for m in plan_modules(model, TinyLoRAConfig())}
     series = pd.Series(_importance())
     for importance in (by_name, series):
         plan = plan_budget(model, 1, importance=importance, strategy="top")
@@ -96,7 +97,7 @@ def test_proportional_ties_less_where_importance_is_high(model):
     plan = plan_budget(model, 6, importance=_importance(), strategy="proportional")
     assert plan.achieved == 6
     assert ("model.layers.3.self_attn.v_proj",) in plan.groups  # the hot module has its own vector
-    assert plan.modules == tuple(name for name, _, _ in adapted_modules(model))  # all, in model order
+    assert plan.modules == tuple(m.name for m in plan_modules(model, TinyLoRAConfig()))  # all, in model order
     assert plan.config.group_sizes == tuple(len(g) for g in plan.groups)
     sizes = [len(g) for g in plan.groups]
     assert max(sizes) > 3 * min(sizes)

@@ -8,7 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_import_tinylab_pulls_no_plotting_or_widgets():
     code = (
-        "import sys, tinylab, tinylab.adapter, tinylab.checkpoint, tinylab.models\n"
+        "import sys, tinylab, tinylab.adapter, tinylab.adapter_file, tinylab.models\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('plotly', 'ipywidgets', 'IPython', 'matplotlib'))\n"
         "print(','.join(bad))"
     )

@@ -167,7 +167,7 @@ def test_import_then_export_round_trip(tmp_path):
 
 
 def test_save_adapter_refuses_imported_adapter(tmp_path):
-    from tinylab.checkpoint import save_adapter
+    from tinylab.adapter_file import save_adapter
 
     folder, _ = _peft_checkpoint(tmp_path / "peft", u=1, weight_tying=1.0)
     model, _ = tiny_model("llama", seed=0)

@@ -7,18 +7,10 @@ widgets live in `tinylab.widgets`.
 """
 
 from tinylab import tasks
-from tinylab.adapter import (
-    DEFAULT_TARGETS,
-    ModuleInfo,
-    TinyLoRA,
-    TinyLoRAConfig,
-    apply_tinylora,
-    count_params,
-    plan_modules,
-)
+from tinylab.adapter import TinyLoRA, TinyLoRAConfig, apply_tinylora
+from tinylab.adapter_file import AdapterFileError, load_adapter, save_adapter
 from tinylab.attribution import TokenAttribution, token_attribution
 from tinylab.budget import BudgetPlan, lora_xs_size, plan_budget
-from tinylab.checkpoint import AdapterFileError, load_adapter, save_adapter
 from tinylab.evaluation import Comparison, EvalReport, compare, evaluate
 from tinylab.grpo import GRPOConfig, train_grpo
 from tinylab.heads import AttentionPatterns, HeadEffects, ablate_heads, attention_patterns, head_effects
@@ -28,6 +20,7 @@ from tinylab.paired_stats import PairedDifference, paired
 from tinylab.peft_interop import export_peft, import_peft
 from tinylab.presets import Preset, preset
 from tinylab.sft import SFTConfig, train_sft
+from tinylab.targets import DEFAULT_TARGETS, ModuleInfo, count_params, plan_modules
 from tinylab.training import NonFiniteError, Run, StepLog, StopTraining, resume
 
 __all__ = [

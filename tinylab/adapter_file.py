@@ -1,4 +1,6 @@
-"""Tiny adapter files: the trained vector, its config and the base model's fingerprint, no pickle.
+"""The adapter file format: the trained vector, its config and the base model's fingerprint, no pickle.
+
+(A training run's folder, with its optimizer state and history, is another thing: see the run folder.)
 
 A TinyLoRA adapter is defined by its config and v; U, S, Vh come from the base weights and P from
 the seed, so a file needs nothing else. 13 fp32 numbers take 52 bytes; the whole file is ~150.
@@ -14,7 +16,10 @@ Layout (all integers little-endian):
                     "n"    number of values (int)
                     "cfg"  the TinyLoRAConfig fields that differ from their defaults
                     "arch" model type and layer count of the base model, e.g. "llama/30"
-                    "fp"   16-hex-digit fingerprint of the adapted base weights
+                    "fp"   16-hex-digit fingerprint of the adapted base weights, rounded
+                           to bfloat16: a file written from an fp32 model loads into the same
+                           model in bf16 and the reverse, on any device (files written before
+                           the rounding, with the exact fingerprint, still load)
     8+H     n*w   the values, w = 4 (float32) or 2 (bfloat16)
 
 The loader reads at most `MAX_FILE_BYTES`, checks every field before it allocates anything sized by
@@ -31,20 +36,15 @@ import json
 import os
 import stat
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tinylab.adapter import (
-    TinyLoRA,
-    TinyLoRAConfig,
-    _select,
-    apply_tinylora,
-    plan_modules,
-    weight_fingerprint,
-)
+from tinylab.adapter import TinyLoRA, TinyLoRAConfig, apply_tinylora
+from tinylab.atomic import write_bytes_atomic
+from tinylab.svd import weight_fingerprint
+from tinylab.targets import plan_modules, select_modules
 
 __all__ = ["MAX_FILE_BYTES", "MAX_PROJECTION_BYTES", "AdapterFileError", "base_fingerprint", "load_adapter", "read_adapter", "save_adapter"]
 
@@ -68,12 +68,19 @@ def _arch(model) -> str:
     return f"{getattr(config, 'model_type', type(model).__name__)}/{getattr(config, 'num_hidden_layers', '?')}"
 
 
-def base_fingerprint(model, config: TinyLoRAConfig) -> str:
-    """Fingerprint of the weights `config` adapts in `model` (names, shapes and values)."""
+def _combine(named_fingerprints) -> str:
     h = hashlib.blake2b(digest_size=8)
-    for name, linear, _ in _select(model, config):
-        h.update(f"{name}={weight_fingerprint(linear.weight)};".encode())
+    for name, fp in named_fingerprints:
+        h.update(f"{name}={fp};".encode())
     return h.hexdigest()
+
+
+def base_fingerprint(model, config: TinyLoRAConfig, *, portable: bool = True) -> str:
+    """Fingerprint of the weights `config` adapts in `model` (names, shapes and values rounded to
+    bfloat16, so the same on any device and in fp32 or bf16). `portable=False`: the exact values
+    and dtype (what files written before the rounding hold)."""
+    return _combine((name, weight_fingerprint(linear.weight, portable=portable))
+                    for name, linear, _ in select_modules(model, config, warn=False))
 
 
 def _config_to_json(config: TinyLoRAConfig) -> dict:
@@ -86,7 +93,11 @@ def _config_to_json(config: TinyLoRAConfig) -> dict:
 
 
 def save_adapter(adapter: TinyLoRA, path: str | os.PathLike, *, dtype: str = "fp32") -> Path:
-    """Write the adapter to `path` atomically; returns the path. `dtype`: "fp32" or "bf16"."""
+    """Write the adapter to the file `path` atomically; returns the path. `dtype`: "fp32" or "bf16".
+
+    The file records the base weights rounded to bf16, so it loads into the same base model on
+    any device in fp32 or bf16. `path` naming an existing folder is a ValueError.
+    """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed: choose one of {list(_DTYPES)}")
     if getattr(adapter, "source", None) not in (None, "tinylab"):
@@ -106,24 +117,18 @@ def save_adapter(adapter: TinyLoRA, path: str | os.PathLike, *, dtype: str = "fp
     else:
         payload = v.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
     blob = MAGIC + struct.pack("<BBH", VERSION, _DTYPES[dtype], len(header_bytes)) + header_bytes + payload
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, blob)  # a folder path is a ValueError naming it
 
 
 def _fingerprint_of(adapter: TinyLoRA) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for m in adapter.modules:
-        h.update(f"{m.name}={adapter.fingerprints[m.name]};".encode())
-    return h.hexdigest()
+    """The portable base fingerprint of the adapter's modules, from the weights before any merge."""
+    wrapped = dict(adapter.named_modules())
+
+    def base_weight(name: str) -> torch.Tensor:
+        module = wrapped[name]
+        return module._original if module._original is not None else module.base.weight  # (out, in)
+
+    return _combine((m.name, weight_fingerprint(base_weight(m.name), portable=True)) for m in adapter.modules)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[TinyLoRAConfig, dict, torch.Tensor]:
@@ -211,13 +216,15 @@ def load_adapter(model, path: str | os.PathLike) -> TinyLoRA:
         fp = base_fingerprint(model, config)
     except ValueError as err:
         raise AdapterFileError(f"{path} does not fit this model ({_arch(model)}): {err}") from err
+    if fp != header["fp"] and header["fp"] == base_fingerprint(model, config, portable=False):
+        fp = header["fp"]  # a file written before the bf16 rounding, on this very model and dtype
     if fp != header["fp"] or header["arch"] != _arch(model):  # same weights in another architecture: refused too
         raise AdapterFileError(
             f"{path} was trained on another base model (arch {header['arch']}, weights {header['fp']}); "
             f"this model is {_arch(model)} with weights {fp}. Load the model it was trained on."
         )
     try:
-        planned = plan_modules(model, config)  # no allocation: names and tying groups only
+        planned = plan_modules(model, config, warn=False)  # no allocation: names and tying groups only
     except ValueError as err:
         raise AdapterFileError(f"{path} does not fit this model ({_arch(model)}): {err}") from err
     count = (max(m.group for m in planned) + 1) * config.u

@@ -7,7 +7,9 @@ per (layer, module type)); nothing here touches weights.
     adapter = apply_tinylora(model, plan.config)  # attach it
     plan.achieved, plan.reason                    # 13, "exact: ..."
 
-Strategies (M = number of adapted modules, all 7 types of every layer):
+Strategies (M = number of modules the default config adapts: `tinylab.targets` resolves the 7 roles
+to each architecture's names, e.g. phi3's fused qkv_proj and gate_up_proj, so M is what
+`apply_tinylora` attaches to):
 
 - `tiled`: the paper's uniform tiled tying over all M modules. Finds (u, n_tie) with
   ceil(M / n_tie) * u == n_params, smallest u first ("bring u down to 1 before raising n_tie"),
@@ -32,15 +34,16 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 from collections.abc import Mapping
 from typing import NamedTuple
 
 from torch import nn
 
-from tinylab.adapter import DEFAULT_TARGETS, TinyLoRAConfig, linear_modules
+from tinylab.adapter import TinyLoRAConfig
+from tinylab.checks import check_choice, check_int, is_int
+from tinylab.targets import ModuleInfo, plan_modules
 
-__all__ = ["STRATEGIES", "BudgetPlan", "adapted_modules", "lora_xs_size", "plan_budget"]
+__all__ = ["STRATEGIES", "BudgetPlan", "lora_xs_size", "plan_budget"]
 
 STRATEGIES = ("tiled", "top", "proportional")
 
@@ -73,46 +76,26 @@ class BudgetPlan(NamedTuple):
         return self.achieved * sizes[dtype]
 
 
-class _Module(NamedTuple):
-    name: str
-    layer: int
-    kind: str
-
-
-def adapted_modules(model: nn.Module, r: int = 2) -> list[tuple[str, int, str]]:
-    """(name, layer, type) of every module the default config adapts, in model (tiling) order."""
-    found, too_small = [], []
-    for name, linear, layer in linear_modules(model):
-        kind = name.rsplit(".", 1)[-1]
-        if layer is None or kind not in DEFAULT_TARGETS:
-            continue
-        found.append(_Module(name, layer, kind))
-        if r > min(linear.weight.shape):
-            too_small.append(f"{name} {tuple(linear.weight.shape)}")
-    if not found:
-        raise ValueError(f"no linear module of the types {list(DEFAULT_TARGETS)} found in this model")
-    if too_small:
-        raise ValueError(f"r={r} is too large for {too_small[0]}: r must be at most its smaller side")
-    return found
+def _modules(model: nn.Module, r: int):
+    """The modules the default config adapts at rank r (`tinylab.targets`), in model (tiling) order."""
+    return plan_modules(model, TinyLoRAConfig(r=check_int("r", r, low=1)), warn=False)
 
 
 def lora_xs_size(model: nn.Module, r: int = 2) -> int:
     """The LoRA-XS count: one trainable (r, r) matrix per adapted module, n_modules * r * r."""
-    if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"r={r!r} is not allowed: r must be an integer >= 1")
-    return len(adapted_modules(model, r)) * r * r
+    return len(_modules(model, r)) * r * r
 
 
 def _check_count(n_params, upper: int, n_modules: int, r: int) -> int:
     allowed = f"allowed 1..{upper} for this model ({n_modules} modules x r*r={r * r}, the LoRA-XS size)"
-    if not isinstance(n_params, numbers.Integral) or isinstance(n_params, bool):
+    if not is_int(n_params):
         raise ValueError(f"n_params={n_params!r} is not an integer: {allowed}")
     if not 1 <= n_params <= upper:
         raise ValueError(f"n_params={n_params} is out of range: {allowed}")
     return int(n_params)
 
 
-def _as_scores(importance, modules: list[_Module]) -> dict[tuple[int, str], float]:
+def _as_scores(importance, modules: list[ModuleInfo]) -> dict[tuple[int, str], float]:
     """{(layer, type): score >= 0} from an Importance (its default score), a Series or a mapping."""
     if hasattr(importance, "scores") and callable(importance.scores):
         importance = importance.scores()
@@ -293,11 +276,10 @@ def plan_budget(model: nn.Module, n_params: int, *, importance=None, strategy: s
     shared 13-vector). `r`: the rank of the SVD directions. See the module docstring for the
     strategies. Raises ValueError for n_params outside 1..lora_xs_size(model, r).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is not allowed: choose one of {list(STRATEGIES)}")
-    if not isinstance(u, numbers.Integral) or isinstance(u, bool) or u < 1:
+    check_choice("strategy", strategy, STRATEGIES)
+    if not is_int(u) or u < 1:
         raise ValueError(f"u={u!r} is not allowed: u must be an integer >= 1")
-    modules = adapted_modules(model, r)
+    modules = _modules(model, r)
     n_params = _check_count(n_params, len(modules) * r * r, len(modules), r)
     if strategy == "tiled":
         return _plan_tiled(modules, n_params, int(u), r)

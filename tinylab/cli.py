@@ -12,7 +12,8 @@ import json
 import math
 import sys
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora, plan_modules
+from tinylab.adapter import TinyLoRAConfig, apply_tinylora
+from tinylab.targets import count_params, plan_modules
 
 __all__ = ["main", "model_info"]
 
@@ -42,8 +43,7 @@ def model_info(model) -> dict:
     ]
     counts = []
     for label, config in budgets:
-        planned = plan_modules(model, config)
-        counts.append({"budget": label, "params": (planned[-1].group + 1) * config.u})
+        counts.append({"budget": label, "params": count_params(model, config)})
     return {
         "model_type": getattr(c, "model_type", type(model).__name__),
         "layers": getattr(c, "num_hidden_layers", None),

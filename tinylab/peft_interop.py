@@ -24,7 +24,7 @@ function, but training it in PEFT would untie the copies. Import always keeps PE
 `n_tie` when they are tiled n_tie groups, else `group_sizes` (e.g. 3, 3, 3, 5).
 
 An imported adapter carries the checkpoint's factors and P, not tinylab's seeded ones; it is
-marked `adapter.source == "peft"`, and `tinylab.checkpoint.save_adapter` refuses it (a tinylab
+marked `adapter.source == "peft"`, and `tinylab.adapter_file.save_adapter` refuses it (a tinylab
 file stores only v and re-creates P from the seed). Export it with `export_peft` instead.
 Only JSON and safetensors are read or written; a pickled `adapter_model.bin` is refused.
 """
@@ -40,14 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tinylab.adapter import (
-    DEFAULT_TARGETS,
-    TinyLoRA,
-    TinyLoRAConfig,
-    apply_tinylora,
-    linear_modules,
-    plan_modules,
-)
+from tinylab.adapter import TinyLoRA, TinyLoRAConfig, apply_tinylora
+from tinylab.targets import DEFAULT_TARGETS, linear_modules, plan_modules
 
 __all__ = ["PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "export_peft", "import_peft", "peft_groups"]
 
@@ -206,8 +200,8 @@ def _read_peft_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _peft_projection(seed: int, index: int, u: int, r: int) -> torch.Tensor:
     """PEFT's P' when the checkpoint did not save it (save_projection=False): seeded by seed + module index."""
-    g = torch.Generator().manual_seed(seed + index)
-    return torch.normal(mean=0.0, std=1.0 / (r**0.5), size=(u, r, r), generator=g)  # (u, r, r)
+    g = torch.Generator(device="cpu").manual_seed(seed + index)
+    return torch.normal(mean=0.0, std=1.0 / (r**0.5), size=(u, r, r), generator=g, device="cpu")  # (u, r, r)
 
 
 def _factors(name: str, A: torch.Tensor, B: torch.Tensor, P_peft: torch.Tensor):

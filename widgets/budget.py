@@ -18,9 +18,10 @@ from collections.abc import Callable
 import ipywidgets as widgets
 import numpy as np
 
-from tinylab.adapter import DEFAULT_TARGETS, apply_tinylora, find_adapter
-from tinylab.budget import STRATEGIES, BudgetPlan, adapted_modules, lora_xs_size, plan_budget
+from tinylab.adapter import TinyLoRAConfig, apply_tinylora, find_adapter
+from tinylab.budget import STRATEGIES, BudgetPlan, lora_xs_size, plan_budget
 from tinylab.importance import Importance, WeightImportance
+from tinylab.targets import kind_order, plan_modules
 
 from .heatmap import ImportanceHeatmap, module_grid, outline_shapes
 
@@ -43,8 +44,8 @@ class BudgetSlider(widgets.VBox):
         self.adapter = None  # the adapter this widget attached, if any
         self.plan: BudgetPlan | None = None
         self.apply_seconds: float | None = None
-        self._modules = adapted_modules(model, r)
-        self._cell = {name: (layer, kind) for name, layer, kind in self._modules}
+        self._modules = plan_modules(model, TinyLoRAConfig(r=r), warn=False)  # what apply_tinylora adapts
+        self._cell = {m.name: (m.layer, m.kind) for m in self._modules}
 
         self.slider = widgets.FloatLogSlider(value=n_params, base=10, min=0, max=math.log10(self.maximum),
                                              step=0.001, description="params", readout_format=".0f",
@@ -61,9 +62,8 @@ class BudgetSlider(widgets.VBox):
             view = self.heatmap
         else:
             self.heatmap = None
-            layers = sorted({layer for _, layer, _ in self._modules})
-            present = {kind for _, _, kind in self._modules}
-            self._kinds = [k for k in DEFAULT_TARGETS if k in present]
+            layers = sorted({m.layer for m in self._modules})
+            self._kinds = kind_order(m.kind for m in self._modules)
             self.figure = module_grid(layers, self._kinds, title="trained vector of each module")
             self._layers = layers
             view = self.figure
