@@ -7,7 +7,7 @@ from test_grpo import ToyTask
 from tinylab.adapter import apply_tinylora
 from tinylab.grpo import GRPOConfig
 from tinylab.models import tiny_model
-from tinylab.training import StopTraining
+from tinylab.run import StopTraining
 from tinylab.trl import grpo_trainer, trl_args
 
 CONFIG = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, lr=0.05, steps=1, seed=0)

@@ -1,21 +1,35 @@
-"""The `tinylab` command: look at a model's adaptable modules and turn a budget into a config.
+"""The `tinylab` command: look at a model's adaptable modules, turn a budget into a config, train.
 
     tinylab info   [--model NAME]                    modules, layers, heads, counts for a few budgets
     tinylab attach --params N [--model NAME] [--json] the config that gives N params, and its count
+    tinylab train  --preset NAME [--backend tinylab|trl] [--out DIR] [--trl KEY=VALUE ...] [key=value ...]
+
+`train` loads the preset's model (`load_model`: on a GPU when there is one), attaches its adapter,
+trains with `train_grpo` (backend tinylab, one process) or TRL's GRPOTrainer (backend trl: runs
+under `torchrun` or `accelerate launch`, see docs/scaling.md), and writes into --out (rank 0 only):
+`adapter.tlra` (the adapter file), `history.csv` (one row per step) and `config.json` (the preset
+after overrides, the backend and the world size). Every process logs one line to stderr:
+`tinylab train: rank R of W: vector [...]`. `key=value` pairs are preset overrides (checked as
+`tinylab.preset` checks them); `task=path/to/file.py:Name` (or `module:Name`) trains on your own task
+class or factory; `--trl KEY=VALUE` sets a TRL GRPOConfig field (e.g. `--trl use_vllm=true`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.util
 import json
 import math
+import os
 import sys
+from pathlib import Path
 
 from tinylab.adapter import TinyLoRAConfig, apply_tinylora
 from tinylab.targets import count_params, plan_modules
 
-__all__ = ["main", "model_info"]
+__all__ = ["main", "model_info", "parse_trl"]
 
 
 def _load(name: str | None):
@@ -95,6 +109,95 @@ def _attach(args) -> int:
     return 0
 
 
+def _task(name: str, options):
+    """A task by registry name, or `file.py:Name` / `module:Name` called with the preset's task_options."""
+    from tinylab import tasks
+
+    if ":" not in name:
+        return tasks.get(name, **options)
+    where, _, attr = name.rpartition(":")
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise ValueError(f"task={name!r}: {where} is not a file; allowed: a registered task "
+                             f"({', '.join(tasks.names())}), path/to/file.py:Name or module:Name")
+        spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    if not hasattr(module, attr):
+        raise ValueError(f"task={name!r}: {where} has no {attr!r}")
+    return tasks.get(getattr(module, attr)(**options))
+
+
+def _record(p, backend: str, world_size: int) -> dict:
+    """The preset after overrides as JSON-ready data (config.json)."""
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {k: plain(v) for k, v in dataclasses.asdict(value).items()}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if hasattr(value, "items"):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {"preset": p.name, **{k: plain(v) for k, v in p._asdict().items() if k != "name"},
+            "backend": backend, "world_size": world_size}
+
+
+def _train(args) -> int:
+    from tinylab.adapter import apply_tinylora
+    from tinylab.models import load_model
+    from tinylab.presets import parse_overrides, preset
+
+    p = preset(args.preset, **parse_overrides(args.overrides))  # unknown keys fail before any model loads
+    trl_fields = dict(parse_trl(pair) for pair in args.trl)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.backend == "tinylab" and (world > 1 or trl_fields):
+        raise ValueError(f"--backend tinylab runs in one process (WORLD_SIZE={world}, --trl {args.trl}); "
+                         "allowed: --backend trl under torchrun / accelerate launch, or one process without --trl")
+    task = _task(p.task, p.task_options)
+    model, tokenizer = load_model(p.model, dtype=p.dtype)
+    adapter = apply_tinylora(model, p.adapter)
+    if args.backend == "tinylab":
+        from tinylab.grpo import train_grpo
+
+        history = train_grpo(model, tokenizer, adapter, task, p.training).history
+        rank, main_process = 0, True
+    else:
+        import tempfile
+
+        from tinylab.trl import grpo_trainer
+
+        trainer = grpo_trainer(model, tokenizer, adapter, task, p.training, **trl_fields,
+                               output_dir=tempfile.mkdtemp(prefix="tinylab-trl-"))  # nothing of TRL's in --out
+        trainer.train()
+        adapter, history = trainer.tinylab_adapter, trainer.tinylab_logs.history
+        rank, world, main_process = trainer.args.process_index, trainer.args.world_size, trainer.is_world_process_zero()
+    vector = adapter.vector()
+    sys.stderr.write(f"tinylab train: rank {rank} of {world}: vector {json.dumps(vector.tolist())}\n")
+    if main_process:
+        from tinylab import save_adapter
+        from tinylab.atomic import write_atomic
+
+        out = Path(args.out)
+        save_adapter(adapter, out / "adapter.tlra")
+        write_atomic(out / "history.csv", lambda tmp: history.to_csv(tmp, index=False))
+        record = json.dumps(_record(p, args.backend, world), indent=2) + "\n"
+        write_atomic(out / "config.json", lambda tmp: Path(tmp).write_text(record))
+    return 0
+
+
+def parse_trl(pair: str) -> tuple[str, object]:
+    """`"use_vllm=true"` -> ("use_vllm", True); the key is checked against TRL's GRPOConfig fields later."""
+    from tinylab.presets import parse_value
+
+    key, sep, text = pair.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--trl {pair!r} is not KEY=VALUE (e.g. --trl use_vllm=true)")
+    return key.strip(), parse_value(text.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinylab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,14 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     attach.add_argument("--strategy", default="tiled", choices=["tiled", "top", "proportional"])
     attach.add_argument("--u", type=int, default=1)
     attach.add_argument("--json", action="store_true")
+    train = sub.add_parser("train", help="train a preset's adapter; writes adapter.tlra, history.csv, config.json")
+    train.add_argument("--preset", required=True, help="a preset name (tinylab.presets.names())")
+    train.add_argument("--backend", default="tinylab", choices=["tinylab", "trl"])
+    train.add_argument("--out", default="tinylab-run", help="folder for the files (written by rank 0 only)")
+    train.add_argument("--trl", action="append", default=[], metavar="KEY=VALUE", help="a TRL GRPOConfig field")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. steps=2 lr=3e-3")
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the command's own parser, so its usage line lists the allowed options
-        {"info": info, "attach": attach}[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        {"info": info, "attach": attach, "train": train}[args.command].error(
+            f"unrecognized arguments: {' '.join(extra)}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        return {"info": _info, "attach": _attach}[args.command](args)
+        return {"info": _info, "attach": _attach, "train": _train}[args.command](args)
     except (ValueError, TypeError) as err:
         parser.exit(2, f"tinylab {args.command}: error: {err}\n")
 

@@ -19,7 +19,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EMBEDDED_MODEL", "TINY_ARCHS", "cache_dir", "embedded_gguf", "load_model", "tiny_model"]
+__all__ = [
+    "EMBEDDED_MODEL",
+    "TINY_ARCHS",
+    "available_devices",
+    "cache_dir",
+    "embedded_gguf",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+    "tiny_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,26 +103,119 @@ def _embedded_folder() -> Path:
     return folder
 
 
-def load_model(name: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32, **kwargs):
-    """Load `(model, tokenizer)` in eval mode.
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
-    `name`: None for the embedded SmolLM2-135M-Instruct; a local folder; or a Hugging Face hub id
-    (needs network; offline, the error says how to pass a local folder instead). Extra keyword
-    arguments go to `from_pretrained` (e.g. `attn_implementation="eager"`).
+
+def available_devices() -> list[str]:
+    """The devices this machine can run a model on: "cpu", then "cuda:0" ... and "mps" when present."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device `load_model(device=...)` puts the model on.
+
+    "auto": CUDA when available (under a launcher, the process's own GPU: `cuda:$LOCAL_RANK`), then
+    MPS, else the CPU. Anything else must name a device this machine has (`available_devices()`).
+    """
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device name; allowed: 'auto' or one of "
+                         f"{available_devices()}") from err
+    if resolved.type not in _DEVICE_TYPES:
+        raise ValueError(f"device={device!r} is not supported; allowed: 'auto' or one of {available_devices()}")
+    if resolved.type == "cuda" and resolved.index is None and torch.cuda.is_available():
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    if resolved.type != "cpu" and str(resolved) not in available_devices():
+        raise ValueError(f"device={device!r} is not available on this machine; available: {available_devices()}")
+    return resolved
+
+
+def _runs_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "mps":
+        try:
+            torch.ones(1, dtype=torch.bfloat16, device=device)
+        except (RuntimeError, TypeError):
+            return False
+    return True
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """The weight dtype `load_model(dtype=...)` uses on `device`.
+
+    "auto": bfloat16 on a GPU that runs it (CUDA, MPS), float32 on the CPU or a GPU without bf16.
+    Otherwise one of float32, bfloat16, float16 (name or torch dtype) that the device can run.
+    """
+    device = torch.device(device)
+    if dtype == "auto":
+        return torch.bfloat16 if device.type != "cpu" and _runs_bf16(device) else torch.float32
+    if isinstance(dtype, torch.dtype):
+        chosen = dtype if dtype in _DTYPES.values() else None
+    else:
+        chosen = _DTYPES.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else None
+    if chosen is None:
+        raise ValueError(f"dtype={dtype!r} is not allowed: 'auto' or one of {list(_DTYPES)}")
+    if chosen == torch.bfloat16 and not _runs_bf16(device):
+        raise ValueError(f"dtype=bfloat16 cannot run on {device} (no bf16 support); allowed there: float32, "
+                         "float16, or 'auto'")
+    return chosen
+
+
+def load_model(name: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
+               dtype: str | torch.dtype = "auto", **from_pretrained_kwargs):
+    """Load `(model, tokenizer)` in eval mode on `device` in `dtype`.
+
+    `name`: None for the embedded SmolLM2-135M-Instruct; a local folder; a Hugging Face hub id
+    (needs network; offline, the error says how to pass a local folder instead); or "tiny-<arch>"
+    for `tiny_model(arch)` (random weights, for tests and smoke runs).
+    `device`: "auto" (CUDA, then MPS, else CPU; see `resolve_device`) or a device this machine has.
+    `dtype`: "auto" (bfloat16 on a GPU that runs it, float32 on the CPU; see `resolve_dtype`),
+    "float32", "bfloat16", "float16" or the torch dtype. A device or dtype this machine cannot run
+    raises ValueError naming what is available. Extra keyword arguments go to `from_pretrained`
+    (e.g. `attn_implementation="eager"`); `device_map=` (e.g. "auto" to shard a large model over
+    several GPUs) passes through and then places the model instead of `device`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device_map = from_pretrained_kwargs.pop("device_map", None)
+    if device_map is not None and device != "auto":
+        raise ValueError(f"device={device!r} and device_map={device_map!r} both place the model; pass one "
+                         "(device_map for a model sharded over several devices, device for one device)")
+    target = resolve_device(device)
+    if device_map is not None and not torch.cuda.is_available():
+        target = torch.device("cpu")
+    dtype = resolve_dtype(dtype, target)
     if name is None:
         source = _embedded_folder()
     elif Path(name).expanduser().is_dir():
         source = Path(name).expanduser()
     elif Path(name).expanduser().exists():
         raise ValueError(f"model={str(name)!r} is a file; pass the folder that holds config.json")
+    elif str(name).startswith("tiny-") and str(name)[5:] in TINY_ARCHS:  # e.g. tiny-llama: a random test model
+        with torch.device("cpu"):  # the same weights whatever the device (CPU RNG), then moved
+            model, tokenizer = tiny_model(str(name)[5:], dtype=dtype)
+        return model.to(target), tokenizer
     else:
         source = str(name)
+    if device_map is None and target.type != "cpu":
+        device_map = {"": str(target)}  # load straight onto the GPU, not through CPU memory
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        with torch.device(target):  # whatever torch's default device is, the weights go to `target`
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map,
+                                                         **from_pretrained_kwargs)
     except OSError as err:
         if isinstance(source, Path):
             raise

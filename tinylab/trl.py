@@ -3,7 +3,9 @@
 `train_grpo` is the readable loop for a notebook on a CPU; TRL brings accelerate (DDP, FSDP,
 DeepSpeed) and vLLM generation. `grpo_trainer(...)` builds a `GRPOTrainer` whose only trainable
 parameters are the adapter's vectors (TRL sees a plain `PreTrainedModel`; every other weight
-has `requires_grad=False`), with CPU-safe defaults and the GRPOConfig fields translated:
+has `requires_grad=False`), with device settings taken from the model (`model_precision`: a CPU
+model gets `use_cpu=True`; a GPU model bf16/fp16 mixed precision when its weights are bf16/fp16)
+and the GRPOConfig fields translated:
 
     prompts_per_step * group_size -> per_device_train_batch_size (one generation batch per step)
     group_size -> num_generations        max_new_tokens -> max_completion_length
@@ -15,21 +17,38 @@ has `requires_grad=False`), with CPU-safe defaults and the GRPOConfig fields tra
 `train_grpo` uses the adapter switched off. `TRLStepLogs` forwards TRL's logs as StepLogs to
 tinylab callbacks (a callback raising `StopTraining` ends training after that step).
 
-vLLM has no TinyLoRA kernels: to generate with vLLM, merge the update into the weights
-(`adapter.merge()`) before each generation, as the paper's authors did.
+vLLM has no TinyLoRA kernels. With `use_vllm=True` (or `peft=True`) the trainer gets a model TRL
+can sync: the adapter is exported to PEFT's `TinyLoraConfig` (`tinylab.export_peft`: the same
+update, same v) and TRL's own PEFT path does the rest: before each generation
+`VLLMGeneration._iter_named_params` merges the update into the weights, pushes them under the base
+model's own parameter names (it strips `base_model.model.` and `.base_layer` and skips PEFT's
+`tinylora_` tensors) and unmerges, as the paper's authors generated with merged weights. After
+`.train()`, `trainer.tinylab_adapter` is a tinylab adapter again, with the trained v (PEFT is
+unloaded from the model; the handle passed in is spent).
+
+What was run here (CPU only: no GPU, no vLLM on these machines): the PEFT path trains on the CPU
+with transformers generation, and TRL 1.16's `VLLMGeneration._iter_named_params` (the code that
+feeds vLLM's `load_weights`, called without vLLM) yields exactly the base model's parameter names,
+each holding W + the adapter's update (tests/test_trl_bridge.py). Not run here: vLLM itself
+(colocate or server mode), bf16 on a GPU, FSDP/DeepSpeed. With bf16 weights, TRL's merge/unmerge
+round trip is not bit-exact (that holds for every PEFT adapter under TRL, LoRA included).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable
+from pathlib import Path
+
+import torch
 
 from tinylab.grpo import GRPOConfig, train_pool
 from tinylab.presets import unknown_message
-from tinylab.training import StepLog, StopTraining, step_log
+from tinylab.run import StepLog, StopTraining, step_log
 
-__all__ = ["TRLStepLogs", "grpo_trainer", "trl_args"]
+__all__ = ["TRLStepLogs", "grpo_trainer", "model_precision", "peft_model", "trl_args"]
 
 
 def _generation_batch(per_device: int, steps_per_generation: int | None, generation_batch_size: int | None) -> int:
@@ -38,9 +57,22 @@ def _generation_batch(per_device: int, steps_per_generation: int | None, generat
     return per_device * (steps_per_generation or 1)
 
 
-def trl_args(config: GRPOConfig, output_dir: str, task=None, **overrides):
-    """A TRL `GRPOConfig` equivalent to `config`, CPU-safe. `overrides` are TRL GRPOConfig fields.
+def model_precision(model) -> dict:
+    """TRL's device fields for `model`: where its weights are and in what dtype.
 
+    A model on the CPU: `use_cpu=True`, no mixed precision. On a GPU: `use_cpu=False`, and
+    `bf16`/`fp16` mixed precision when the weights are bf16/fp16 (the adapter's v stays fp32).
+    """
+    weight = next(model.parameters())
+    on_cpu = weight.device.type == "cpu"
+    return dict(use_cpu=on_cpu, bf16=not on_cpu and weight.dtype == torch.bfloat16,
+                fp16=not on_cpu and weight.dtype == torch.float16)
+
+
+def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, **overrides):
+    """A TRL `GRPOConfig` equivalent to `config`. `overrides` are TRL GRPOConfig fields.
+
+    Device fields come from `model` (`model_precision`); without a model, CPU settings.
     Checks before anything is built that the generation batch is a multiple of num_generations.
     """
     if not isinstance(config, GRPOConfig):
@@ -51,7 +83,8 @@ def trl_args(config: GRPOConfig, output_dir: str, task=None, **overrides):
     max_new = config.max_new_tokens or getattr(task, "max_new_tokens", 64)
     args = dict(
         output_dir=output_dir,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        **(model_precision(model) if model is not None else dict(use_cpu=True, bf16=False, fp16=False)),
+        gradient_checkpointing=False,
         learning_rate=config.lr, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=0.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         per_device_train_batch_size=config.prompts_per_step * config.group_size, gradient_accumulation_steps=1,
@@ -103,7 +136,7 @@ class TRLStepLogs(_trainer_callback_base()):
     """A `transformers.TrainerCallback` turning each TRL training log into a StepLog for tinylab callbacks."""
 
     def __init__(self, adapter, callbacks: Iterable = ()):
-        self.adapter = adapter
+        self.adapter = adapter  # anything with .vector(): a TinyLoRA handle, or _PeftVectors
         self.callbacks = list(callbacks)
         self.logs: list[StepLog] = []
         self._t = time.perf_counter()
@@ -148,19 +181,80 @@ def _reward_function(task):
     return reward
 
 
+class _PeftVectors:
+    """PEFT's trained TinyLoRA vectors, in group order, read like a tinylab handle's `vector()`."""
+
+    def __init__(self, model):
+        found = {}
+        for name, p in model.named_parameters():
+            head, sep, index = name.rpartition("tinylora_v.default.")
+            if sep and p.requires_grad:
+                found[int(index)] = p
+        self.vectors = [found[g] for g in sorted(found)]
+
+    def vector(self) -> torch.Tensor:
+        return torch.cat([v.detach().reshape(-1) for v in self.vectors]).float().cpu()
+
+
+def peft_model(adapter, folder: str | Path):
+    """`adapter` handed to PEFT: exported to `folder` as a TinyLoraConfig checkpoint, tinylab's modules
+    removed, and the model wrapped as a trainable `PeftModel` with the same update and the same v.
+
+    Refused (ValueError, before anything changes) when PEFT's `weight_tying` cannot express the
+    adapter's groups (training PEFT's untied copies would untie them): use tiled groups that
+    PEFT can express (untied, n_tie="all", or an n_tie dividing the number of modules).
+    """
+    from peft import PeftModel
+
+    from tinylab.peft_interop import PEFT_CONFIG_FILE, export_peft, peft_groups
+
+    folder = export_peft(adapter, folder)
+    tying = json.loads((folder / PEFT_CONFIG_FILE).read_text())["weight_tying"]
+    ours = [m.group for m in adapter.modules]
+    if peft_groups(len(ours), tying) != ours:
+        raise ValueError(f"PEFT's weight_tying cannot express this adapter's {adapter.num_groups} groups over "
+                         f"{len(ours)} modules ({adapter.config}); allowed for the PEFT/vLLM path: untied, "
+                         "n_tie='all', or tiled groups of n_tie modules with n_tie dividing the module count")
+    model = adapter.remove()
+    wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    if len(_PeftVectors(wrapped).vectors) != adapter.num_groups:  # PEFT changed how it names or ties v
+        raise RuntimeError(f"PEFT made {len(_PeftVectors(wrapped).vectors)} vectors for {adapter.num_groups} groups")
+    return wrapped
+
+
+class _BackToTinylab(_trainer_callback_base()):
+    """At the end of training: PEFT unloaded, a tinylab adapter attached with PEFT's trained v."""
+
+    def __init__(self, trainer, wrapped, config):
+        self.trainer, self.wrapped, self.config = trainer, wrapped, config
+
+    def on_train_end(self, args, state, control, **kwargs):
+        from tinylab.adapter import apply_tinylora
+
+        vector = _PeftVectors(self.wrapped).vector()
+        base = self.wrapped.unload()  # the original Linear modules back, nothing merged
+        adapter = apply_tinylora(base, self.config)
+        adapter.set_vector(vector)
+        self.trainer.tinylab_adapter = adapter
+
+
 def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbacks: Iterable = (),
-                 output_dir: str | None = None, **trl_overrides):
+                 output_dir: str | None = None, peft: bool | None = None, **trl_overrides):
     """A TRL `GRPOTrainer` training only `adapter`'s vectors on `task`; call `.train()` on it.
 
-    `trl_overrides` are TRL GRPOConfig fields (e.g. `use_vllm=True` on a GPU machine). The
-    trainer's `tinylab_logs` attribute is the `TRLStepLogs` callback (`.history` DataFrame).
+    `trl_overrides` are TRL GRPOConfig fields (e.g. `use_vllm=True, vllm_mode="colocate"` on a GPU
+    machine); device and mixed-precision fields follow the model (`model_precision`). `peft`
+    (default: `use_vllm`) trains through PEFT's TinyLoRA so TRL can sync vLLM (module docstring).
+    The trainer's `tinylab_logs` attribute is the `TRLStepLogs` callback (`.history` DataFrame);
+    `tinylab_adapter` is the adapter holding the trained v (after `.train()` on the PEFT path).
     """
     import tempfile
 
     if not getattr(adapter, "attached", False) or adapter.model is not model:
         raise ValueError("adapter must be attached to model (adapter = apply_tinylora(model, ...))")
     output_dir = output_dir or config.checkpoint_dir or tempfile.mkdtemp(prefix="tinylab-trl-")
-    args = trl_args(config, output_dir, task, **trl_overrides)  # validates before anything loads
+    args = trl_args(config, output_dir, task, model=model, **trl_overrides)  # validates before anything loads
+    peft = bool(args.use_vllm) if peft is None else peft
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     ours = {id(p) for p in adapter.parameters()}
     strays = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
@@ -173,8 +267,14 @@ def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbac
     dataset = Dataset.from_list([{"prompt": ex.prompt, "answer": ex.answer} for ex in pool])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    forward = TRLStepLogs(adapter, callbacks)
-    trainer = GRPOTrainer(model=model, reward_funcs=[_reward_function(task)], args=args, train_dataset=dataset,
+    trained = model
+    if peft:
+        trained = peft_model(adapter, Path(output_dir) / "peft-start")
+    forward = TRLStepLogs(_PeftVectors(trained) if peft else adapter, callbacks)
+    trainer = GRPOTrainer(model=trained, reward_funcs=[_reward_function(task)], args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[forward])
     trainer.tinylab_logs = forward
+    trainer.tinylab_adapter = None if peft else adapter
+    if peft:
+        trainer.add_callback(_BackToTinylab(trainer, trained, adapter.config))
     return trainer
