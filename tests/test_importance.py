@@ -1,5 +1,6 @@
 """Gradient importance: exact per-prompt gradients, the dominant module first, the model untouched."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,6 +203,10 @@ def test_bad_input_is_named(tiny):
         module_importance(model, tok, ToyTask(), temperature=0)
     with pytest.raises(ValueError, match="n_prompts=0"):
         module_importance(model, tok, ToyTask(), n_prompts=0)
+    with pytest.raises(ValueError, match="n_samples=1: must be an integer >= 2"):
+        module_importance(model, tok, ToyTask(), n_samples=1)
+    with pytest.raises(ValueError, match="batch_size=True"):
+        weight_importance(model, tok, ToyTask(), batch_size=True)
     adapter = apply_tinylora(model, TinyLoRAConfig())
     try:
         with pytest.raises(ValueError, match="adapter attached"):
@@ -229,3 +234,116 @@ def test_token_attribution_is_complete_and_leaves_the_model_alone(tiny):
     assert torch.equal(before, _outputs(model, tok))
     with pytest.raises(ValueError, match="answer=''"):
         token_attribution(model, tok, prompt, "")
+    with pytest.raises(ValueError, match="n_steps=0"):
+        token_attribution(model, tok, prompt, "Paris", n_steps=0)
+    with pytest.raises(ValueError, match="baseline_id=-1"):
+        token_attribution(model, tok, prompt, "Paris", baseline_id=-1)
+
+
+def test_sft_rows_are_the_rendered_prompt_then_the_solution_and_eos(tiny):
+    from tinylab.importance import _make_batch
+
+    model, tok = tiny
+    examples = ToyTask().examples("train", 3)
+    batch = _make_batch(model, tok, ToyTask(), "sft", 3, 4, None, 1.0, 0)
+    L = batch.completion_mask.shape[1]
+    for b, e in enumerate(examples):
+        prompt = batch.input_ids[b, :-L][batch.attention_mask[b, :-L].bool()]
+        reply = batch.input_ids[b, -L:][batch.completion_mask[b].bool()]
+        assert tok.decode(prompt) == tok.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True)
+        assert tok.decode(reply[:-1]) == e.solution and int(reply[-1]) == tok.eos_token_id
+        assert batch.weight[b] == pytest.approx(1 / len(reply))  # J_p is the mean token log-prob
+        real = batch.attention_mask[b].nonzero().squeeze(1)  # no hole between prompt and reply
+        assert real.tolist() == list(range(int(real[0]), int(real[0]) + len(prompt) + len(reply)))
+    assert batch.prompt.tolist() == [0, 1, 2]
+
+
+def test_self_check_tolerance_follows_the_models_dtype():
+    """A rounding-sized gap passes for a bf16 model and fails for fp32; a missed term fails for both."""
+    from tinylab.importance import _check_probe
+
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(3, 1, 2, 2, generator=gen)  # [N, M, r, r] per-prompt dJ/dR
+    G[0] *= 10  # one prompt carries most of the gradient
+    P = torch.randn(4, 2, 2, generator=gen)  # (u, r, r)
+    scale = G.abs().sum(0)  # [M, r, r]: the summed terms' sizes
+
+    def check(grad, dtype):
+        _check_probe(G, scale, ["m"], {"m": grad}, {"m": P}, {"m": dtype})
+
+    exact = torch.einsum("nrs,urs->u", G[:, 0], P)  # (u,)
+    check(exact, torch.float32)
+    rounded = exact + 2 * torch.finfo(torch.bfloat16).eps * torch.einsum("rs,urs->u", scale[0], P.abs())
+    check(rounded, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="torch.float32 rounding bound"):
+        check(rounded, torch.float32)
+    missed = torch.einsum("nrs,urs->u", G[1:, 0], P)  # prompt 0's term never reached the hooks
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        with pytest.raises(RuntimeError, match="do not add up"):
+            check(missed, dtype)
+
+
+def _relative(a, b) -> float:
+    """The largest relative difference of a from b, elementwise."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float((np.abs(a - b) / np.abs(b)).max())
+
+
+def test_bf16_importance_passes_its_self_check_and_follows_fp32():
+    """On bf16 the self-check used to fail (the hooks rounded their products to bf16 and the check had
+    fp32's tolerance); now the scores stay within bf16 rounding of the fp32 model's."""
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = tiny_model("llama", seed=0, dtype=dtype)
+        results[dtype] = (module_importance(model, tok, ToyTask(), n_prompts=4, objective="sft"),
+                          weight_importance(model, tok, ToyTask(), n_prompts=4, objective="sft"))
+        module_importance(model, tok, ToyTask(), n_prompts=2, objective="grpo")  # the self-check passes
+    (imp32, wi32), (imp16, wi16) = results[torch.float32], results[torch.bfloat16]
+    assert imp16.gradients.dtype == torch.float64 and imp16.gradients.device.type == "cpu"
+    # bf16 rounding of the weights and activations (the probe's SVD basis is of the rounded weights)
+    assert _relative(imp16.table.fisher.to_numpy(), imp32.table.fisher.to_numpy()) < 0.1
+    assert _relative(wi16.table.taylor.to_numpy(), wi32.table.taylor.to_numpy()) < 0.02
+    assert list(imp16.ranked().index[:3]) == list(imp32.ranked().index[:3])
+
+
+def _analyses(model, tok):
+    from tinylab.attribution import token_attribution
+
+    return (module_importance(model, tok, ToyTask(), n_prompts=3, objective="sft"),
+            module_importance(model, tok, ToyTask(), n_prompts=2, objective="grpo", n_samples=3),
+            weight_importance(model, tok, ToyTask(), n_prompts=2, objective="grpo", n_samples=3),
+            token_attribution(model, tok, "What is the capital of France?", "Paris is", n_steps=8))
+
+
+def _same_analyses(a, b, rel: float) -> None:
+    (sft_a, grpo_a, wi_a, attr_a), (sft_b, grpo_b, wi_b, attr_b) = a, b
+    assert _relative(sft_a.table.fisher.to_numpy(), sft_b.table.fisher.to_numpy()) <= rel
+    assert grpo_a.rewards == grpo_b.rewards
+    assert _relative(wi_a.heads.taylor.to_numpy(), wi_b.heads.taylor.to_numpy()) <= rel
+    assert attr_a.tokens == attr_b.tokens
+    assert float((attr_a.scores - attr_b.scores).abs().max()) <= rel * float(attr_b.scores.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_public_function_keeps_to_the_models_device(gpu_stand_in, dtype):
+    """module_importance (sft, grpo), weight_importance and token_attribution with torch's default
+    device elsewhere than the model (meta): a tensor made without the model's device fails there."""
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    with gpu_stand_in():
+        inside = _analyses(model, tok)
+    sft, grpo, wi, attr = inside
+    assert sft.gradients.device.type == "cpu" and sft.gradients.isfinite().all() and sft.informative == 3
+    assert len(grpo.rewards) == 2 and wi.table.taylor.gt(0).all()
+    assert attr.scores.dtype == torch.float32 and attr.scores.isfinite().all()
+    assert all(p.grad is None for p in model.parameters())
+    _same_analyses(inside, _analyses(model, tok), rel=0.0)  # the same numbers as with the default device
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_public_function_on_cuda(dtype):
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    on_cpu = _analyses(model, tok)
+    on_gpu = _analyses(model.to("cuda"), tok)
+    assert on_gpu[0].gradients.device.type == "cpu" and on_gpu[0].gradients.isfinite().all()
+    _same_analyses(on_gpu, on_cpu, rel=0.05 if dtype == torch.bfloat16 else 1e-3)

@@ -46,7 +46,10 @@ import torch
 from torch import nn
 
 from tinylab.adapter import TinyLoRAConfig, apply_tinylora, find_adapter
-from tinylab.rollout import completion_logprobs, generate, render_prompts
+from tinylab.batch import teacher_forced_batch
+from tinylab.checks import check_choice, check_int, check_number
+from tinylab.eval_mode import eval_mode
+from tinylab.rollout import completion_logprobs, generate
 from tinylab.targets import select_modules
 
 __all__ = ["OBJECTIVES", "SCORES", "Importance", "WeightImportance", "module_importance", "weight_importance"]
@@ -102,13 +105,16 @@ class _Batch(NamedTuple):
 
 
 def _check(objective, n_prompts, n_samples, batch_size, temperature):
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r} is not allowed: choose one of {list(OBJECTIVES)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature={temperature!r} is not allowed: a finite number > 0 (grpo samples from it)")
-    for name, value, low in (("n_prompts", n_prompts, 1), ("n_samples", n_samples, 2), ("batch_size", batch_size, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
+    check_choice("objective", objective, OBJECTIVES)
+    check_number("temperature", temperature, low=0, low_open=True)  # grpo samples from it
+    check_int("n_prompts", n_prompts, low=1)
+    check_int("n_samples", n_samples, low=2)
+    check_int("batch_size", batch_size, low=1)
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's weights are: every tensor made here goes there."""
+    return next(model.parameters()).device
 
 
 def _advantages(rewards: Sequence[float]) -> list[float]:
@@ -119,6 +125,7 @@ def _advantages(rewards: Sequence[float]) -> list[float]:
 
 
 def _grpo_batch(model, tokenizer, task, examples, n_samples, max_new_tokens, temperature, seed) -> _Batch:
+    device = _device(model)
     rollout = generate(model, tokenizer, [e.prompt for e in examples], n=n_samples,
                        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     answers = [e.answer for e in examples for _ in range(n_samples)]
@@ -129,29 +136,19 @@ def _grpo_batch(model, tokenizer, task, examples, n_samples, max_new_tokens, tem
     n_tokens = float(rollout.completion_mask.sum().clamp(min=1))
     groups = [tuple(rewards[p * n_samples:(p + 1) * n_samples]) for p in range(len(examples))]
     weight = [a / n_tokens for group in groups for a in _advantages(group)]
-    return _Batch(rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
-                  torch.tensor(weight), torch.arange(len(examples)).repeat_interleave(n_samples), tuple(groups),
-                  float(temperature))
+    prompt = torch.arange(len(examples), device=device).repeat_interleave(n_samples)  # [B*G]
+    return _Batch(rollout.input_ids.to(device), rollout.attention_mask.to(device), rollout.completion_mask.to(device),
+                  torch.tensor(weight, dtype=torch.float32, device=device), prompt, tuple(groups), float(temperature))
 
 
-def _sft_batch(tokenizer, examples) -> _Batch:
-    texts = render_prompts(tokenizer, [e.prompt for e in examples])
+def _sft_batch(tokenizer, examples, device: torch.device) -> _Batch:
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    prompts = [tokenizer(t, add_special_tokens=isinstance(e.prompt, str))["input_ids"] for t, e in zip(texts, examples)]
-    targets = []
-    for e in examples:
-        text = e.solution if e.solution is not None else e.answer
-        targets.append(tokenizer(str(text), add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []))
-    P, L = max(map(len, prompts)), max(map(len, targets))
-    ids = torch.full((len(examples), P + L), pad, dtype=torch.long)  # [B, P+L]
-    mask = torch.zeros_like(ids)  # [B, P+L]
-    cmask = torch.zeros((len(examples), L), dtype=torch.long)  # [B, L]
-    for b, (p, t) in enumerate(zip(prompts, targets)):
-        ids[b, P - len(p):P], mask[b, P - len(p):P] = torch.tensor(p), 1
-        ids[b, P:P + len(t)], mask[b, P:P + len(t)], cmask[b, :len(t)] = torch.tensor(t), 1, 1
-    weight = 1.0 / cmask.sum(1).clamp(min=1).float()  # [B]
-    return _Batch(ids, mask, cmask, weight, torch.arange(len(examples)), ())
+    targets = [tokenizer(str(e.solution if e.solution is not None else e.answer), add_special_tokens=False)["input_ids"]
+               + ([eos] if eos is not None else []) for e in examples]
+    batch = teacher_forced_batch(tokenizer, [e.prompt for e in examples], targets, device)
+    weight = 1.0 / batch.continuation_mask.sum(1).clamp(min=1).float()  # [B]
+    prompt = torch.arange(len(examples), device=device)  # [B]
+    return _Batch(batch.input_ids, batch.attention_mask, batch.continuation_mask, weight, prompt, ())
 
 
 def _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new_tokens, temperature, seed):
@@ -159,7 +156,7 @@ def _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new
     if not examples:
         raise ValueError(f"task {getattr(task, 'name', task)!r} gave no training examples")
     if objective == "sft":
-        return _sft_batch(tokenizer, examples)
+        return _sft_batch(tokenizer, examples, _device(model))
     max_new_tokens = max_new_tokens or getattr(task, "max_new_tokens", 32)
     return _grpo_batch(model, tokenizer, task, examples, n_samples, max_new_tokens, temperature, seed)
 
@@ -218,52 +215,68 @@ def module_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 16,
     if find_adapter(model):
         raise ValueError("this model has a TinyLoRA adapter attached: remove it (adapter.remove()) before "
                          "measuring importance, which probes the base model")
-    was_training = model.training
-    model.eval()
-    batch = _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new_tokens, temperature, seed)
-    n = len(batch.rewards) if objective == "grpo" else batch.input_ids.shape[0]
-    probe = apply_tinylora(model, TinyLoRAConfig(r=r, u=r * r, n_tie=1, seed=seed))
-    try:
-        wrapped = dict(probe.named_modules())
-        names = list(wrapped)
-        slot = {name: i for i, name in enumerate(names)}
-        grads = torch.zeros(n, len(names), r, r, dtype=torch.float64)  # [N, M, r, r]
-        state = {"rows": None}
+    with eval_mode(model):
+        batch = _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new_tokens, temperature, seed)
+        n = len(batch.rewards) if objective == "grpo" else batch.input_ids.shape[0]
+        probe = apply_tinylora(model, TinyLoRAConfig(r=r, u=r * r, n_tie=1, seed=seed))
+        try:
+            wrapped = dict(probe.named_modules())
+            names = list(wrapped)
+            slot = {name: i for i, name in enumerate(names)}
+            # fp32 on the model's device whatever the model's dtype: the hooks' products are exact
+            # to fp32 even when the model runs in bf16 or fp16
+            grads = torch.zeros(n, len(names), r, r, dtype=torch.float32, device=_device(model))  # [N, M, r, r]
+            scale = torch.zeros(len(names), r, r, dtype=torch.float32, device=grads.device)  # [M, r, r]
+            state = {"rows": None}
 
-        def on_output(name, mod, x, y):
-            if not y.requires_grad or state["rows"] is None:
-                return
-            h = nn.functional.linear(x.detach(), mod.Vh).double()  # [b, T, r]
-            rows = state["rows"]
+            def on_output(name, mod, x, y):
+                if not y.requires_grad or state["rows"] is None:
+                    return
+                h = nn.functional.linear(x.detach().float(), mod.Vh.float())  # [b, T, r]
+                rows, US = state["rows"], mod.U.float() * mod.S.float()  # [b], (out, r)
 
-            def on_grad(g):
-                gz = (g.detach() @ mod.U).double()  # [b, T, r]
-                dM = torch.einsum("btr,bts->brs", h, gz) * mod.S.double()  # [b, r, r] dJ/dM * S
-                grads[:, slot[name]].index_add_(0, rows, dM.transpose(1, 2))  # dJ/dR per prompt
+                def on_grad(g):
+                    g = g.detach().float()  # [b, T, out]
+                    dM = torch.einsum("btr,bts->brs", h, g @ US)  # [b, r, r] dJ/dM * S
+                    grads[:, slot[name]].index_add_(0, rows, dM.transpose(1, 2))  # dJ/dR per prompt
+                    scale[slot[name]] += torch.einsum("btr,bts->sr", h.abs(), g.abs() @ US.abs())  # [r, r]
 
-            y.register_hook(on_grad)
+                y.register_hook(on_grad)
 
-        with _hooks(wrapped, on_output), torch.enable_grad():
-            _backward(model, batch, batch_size, state)
-        probe_grad = {name: mod.v.grad for name, mod in wrapped.items()}
-        probe_P = {name: mod.P.detach().clone() for name, mod in wrapped.items()}
-    finally:
-        probe.remove()
-        model.train(was_training)
+            with _hooks(wrapped, on_output), torch.enable_grad():
+                _backward(model, batch, batch_size, state)
+            probe_grad = {name: mod.v.grad for name, mod in wrapped.items()}
+            probe_P = {name: mod.P.detach().clone() for name, mod in wrapped.items()}
+            dtypes = {name: mod.U.dtype for name, mod in wrapped.items()}
+        finally:
+            probe.remove()
     infos = [(m.name, m.layer, m.kind) for m in probe.modules]
-    _check_probe(grads, names, probe_grad, probe_P)
-    return _summarise(grads, infos, objective, batch.rewards)
+    _check_probe(grads, scale, names, probe_grad, probe_P, dtypes)
+    return _summarise(grads.cpu().double(), infos, objective, batch.rewards)
 
 
-def _check_probe(grads, names, probe_grad, probe_P) -> None:
-    """The hooks' per-prompt gradients must add up to the probe's own v.grad (cheap self-check)."""
+def _check_probe(grads, scale, names, probe_grad, probe_P, dtypes) -> None:
+    """The hooks' per-prompt gradients must add up to the probe's own v.grad (cheap self-check).
+
+    The probe computes its v.grad in the model's dtype: each entry of dJ/d(U diag(S) R) = h^T g
+    rounds h = x Vh^T and the product once each (relative error eps of the dtype each, with the
+    sum over tokens accumulated in fp32), so the v.grad entry u may be off by up to about
+    2 eps * sum |P_u| |U diag(S)|^T |h|^T |g|, which `scale` holds without P. The hooks' own
+    fp32 error is far below that. 16x the bound leaves room for GPU matmuls that also round
+    partial sums (e.g. split-K); a hook that missed a call, or saw one twice, is off by a whole
+    term, far more than eps of it.
+    """
     for i, name in enumerate(names):
         if probe_grad[name] is None:
             continue
-        expected = torch.einsum("nrs,urs->u", grads[:, i].float(), probe_P[name])  # (u,)
-        if not torch.allclose(expected, probe_grad[name], rtol=1e-3, atol=1e-6 * (1 + float(expected.abs().max()))):
-            raise RuntimeError(f"per-prompt gradients of {name} do not add up to the probe's gradient; "
-                               "a module the probe wraps is probably called more than once per forward")
+        expected = torch.einsum("nrs,urs->u", grads[:, i], probe_P[name].float())  # (u,)
+        bound = 16 * torch.finfo(dtypes[name]).eps * torch.einsum("rs,urs->u", scale[i], probe_P[name].abs().float())
+        gap = (expected - probe_grad[name].float()).abs()  # (u,)
+        if (gap > bound).any():
+            worst = int((gap - bound).argmax())
+            raise RuntimeError(f"per-prompt gradients of {name} do not add up to the probe's gradient: entry {worst} "
+                               f"differs by {float(gap[worst]):.3g}, more than the {dtypes[name]} rounding bound "
+                               f"{float(bound[worst]):.3g}; a module the probe wraps ran a path its hooks do not see")
 
 
 def _summarise(grads: torch.Tensor, infos, objective: str, rewards) -> Importance:
@@ -324,14 +337,14 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
 
     _check(objective, n_prompts, n_samples, batch_size, temperature)
     heads, kv, head_dim = _head_layout(model)
-    was_training = model.training
-    model.eval()
-    batch = _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new_tokens, temperature, seed)
+    device = _device(model)
+    with eval_mode(model):
+        batch = _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new_tokens, temperature, seed)
     n = len(batch.rewards) if objective == "grpo" else batch.input_ids.shape[0]
     chosen = select_modules(model, TinyLoRAConfig(), warn=False)  # the maps the default adapter adapts
     linears = {name: lin for name, lin, _ in chosen}
     infos = [(name, layer, name.rsplit(".", 1)[-1]) for name, _, layer in chosen]
-    totals = {name: torch.zeros(n, dtype=torch.float64) for name in linears}  # [N] per module
+    totals = {name: torch.zeros(n, dtype=torch.float32, device=device) for name in linears}  # [N] per module, fp32
     per_head: dict[str, torch.Tensor] = {}
     state = {"rows": None}
 
@@ -342,13 +355,13 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
 
         def on_grad(g):
             prompts = rows.unique()
-            G = torch.stack([torch.einsum("bto,bti->oi", g[rows == p].double(), x[rows == p].double())
-                             for p in prompts])  # [n_p, out, in] one module at a time
-            taylor = (G * W.double()).abs()  # [n_p, out, in]
+            G = torch.stack([torch.einsum("bto,bti->oi", g[rows == p].float(), x[rows == p].float())
+                             for p in prompts])  # [n_p, out, in] fp32, one module at a time
+            taylor = (G * W.float()).abs()  # [n_p, out, in]
             totals[name].index_add_(0, prompts, taylor.sum((1, 2)))
             split = _per_head(name.rsplit(".", 1)[-1], taylor, heads, kv, head_dim)
             if split is not None:
-                per_head.setdefault(name, torch.zeros(n, split.shape[1], dtype=torch.float64))
+                per_head.setdefault(name, torch.zeros(n, split.shape[1], dtype=torch.float32, device=device))
                 per_head[name].index_add_(0, prompts, split)
 
         y.register_hook(on_grad)
@@ -361,22 +374,22 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
         # the embeddings' output requires grad, so every later activation does (weights stay frozen)
         grad_from_here = embed.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_())
         try:
-            with _hooks(linears, on_output), torch.enable_grad():
+            with _hooks(linears, on_output), torch.enable_grad(), eval_mode(model):
                 _backward(model, batch, batch_size, state)
         finally:
             grad_from_here.remove()
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(saved[name])
-        model.train(was_training)
     sizes = {name: linears[name].weight.numel() for name in linears}
+    totals = {name: t.cpu().double() for name, t in totals.items()}  # [N] each
     table = _frame({
         "taylor": torch.stack([totals[nm].mean() for nm, _, _ in infos]),
-        "taylor_std": torch.stack([totals[nm].std() if n > 1 else torch.tensor(0.0) for nm, _, _ in infos]),
+        "taylor_std": torch.stack([totals[nm].std() if n > 1 else totals[nm].new_zeros(()) for nm, _, _ in infos]),
         "taylor_per_weight": torch.stack([totals[nm].mean() / sizes[nm] for nm, _, _ in infos]),
     }, infos)
     rows = [(layer, kind, h, float(v)) for name, layer, kind in infos if name in per_head
-            for h, v in enumerate(per_head[name].mean(0))]
+            for h, v in enumerate(per_head[name].double().mean(0).tolist())]
     head_table = pd.DataFrame(rows, columns=["layer", "module", "head", "taylor"]).set_index(["layer", "module", "head"])
     informative = int(sum(t > 0 for t in torch.stack(list(totals.values())).sum(0)))
     return WeightImportance(table, head_table, objective, informative)

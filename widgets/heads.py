@@ -15,6 +15,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from tinylab.checks import check_choice
 from tinylab.heads import EVIDENCE, AttentionPatterns, HeadEffects, attention_patterns
 
 __all__ = ["HeadInspector"]
@@ -43,8 +44,7 @@ class HeadInspector(widgets.VBox):
                  evidence: str = "weight"):
         if not isinstance(effects, HeadEffects):
             raise TypeError(f"effects must be a HeadEffects (from head_effects), got {type(effects).__name__}")
-        if evidence not in EVIDENCE:
-            raise ValueError(f"evidence={evidence!r} is not allowed: choose one of {list(EVIDENCE)}")
+        check_choice("evidence", evidence, EVIDENCE)
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts must be a non-empty list of prompts")
         self.effects, self.model, self.tokenizer, self.adapter = effects, model, tokenizer, adapter
@@ -130,7 +130,7 @@ class HeadInspector(widgets.VBox):
         grids = (p.base, p.adapted if p.adapted is not None else p.base)
         with self.pattern_figure.batch_update():
             for trace, grid in zip(self.pattern_figure.data, grids):
-                trace.z = grid.numpy()
+                trace.z = grid.float().cpu().numpy()  # [T, T]
                 trace.customdata = [[[labels[i], labels[j]] for j in ticks] for i in ticks]
                 trace.hovertemplate = "%{customdata[0]} -> %{customdata[1]}: %{z:.3f}<extra></extra>"
             self.pattern_figure.update_xaxes(tickvals=ticks, ticktext=labels, tickangle=-60, tickfont_size=9)

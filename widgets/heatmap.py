@@ -17,6 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from tinylab.adapter import DEFAULT_TARGETS
+from tinylab.checks import check_choice
 from tinylab.importance import SCORES, SPREAD, Importance, WeightImportance
 
 __all__ = ["ImportanceHeatmap", "module_grid"]
@@ -66,8 +67,7 @@ class ImportanceHeatmap(widgets.VBox):
         self.importance, self.weights = importance, weights
         kinds_allowed = SCORES if isinstance(importance, Importance) else _WEIGHT_SCORES
         kind = kind or kinds_allowed[0]
-        if kind not in kinds_allowed:
-            raise ValueError(f"kind={kind!r} is not allowed for this importance: choose one of {list(kinds_allowed)}")
+        check_choice("kind", kind, kinds_allowed)
         table = importance.table
         self.layers = sorted({int(layer) for layer, _ in table.index})
         present = {k for _, k in table.index}
