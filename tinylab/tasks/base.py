@@ -19,6 +19,7 @@ from tinylab.checks import check_int, check_number
 
 __all__ = [
     "EXACT_MATCH", "SPLITS", "Example", "RewardShape", "Score", "ScoredTask", "Task", "check_split", "completion_text", "sample",
+    "with_worked_example",
 ]
 
 SPLITS = ("train", "test")
@@ -128,6 +129,22 @@ def sample(items: Sequence, n: int | None, seed: int | None, what: str) -> list:
     if seed is None:
         return items[:n]
     return random.Random(seed).sample(items, n)
+
+
+def with_worked_example(prompt, example: Example):
+    """`prompt` with one worked example before it: a user turn and the reference reply for chats,
+    "question\\nreply\\n\\n" before a raw string.
+
+    >>> with_worked_example([{"role": "user", "content": "2+2?"}], Example([{"role": "user", "content": "1+1?"}], "2", "2"))
+    [{'role': 'user', 'content': '1+1?'}, {'role': 'assistant', 'content': '2'}, {'role': 'user', 'content': '2+2?'}]
+    """
+    if example.solution is None:
+        raise ValueError(f"the worked example {example.prompt!r:.60} has no reference reply (solution)")
+    if isinstance(prompt, str):
+        shown = example.prompt if isinstance(example.prompt, str) else example.prompt[-1]["content"]
+        return f"{shown}\n{example.solution}\n\n{prompt}"
+    shown = [{"role": "user", "content": example.prompt}] if isinstance(example.prompt, str) else list(example.prompt)
+    return [*shown, {"role": "assistant", "content": example.solution}, *prompt]
 
 
 def check_split(split: str, name: str) -> None:

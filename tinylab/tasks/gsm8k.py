@@ -39,13 +39,15 @@ from pathlib import Path
 from tinylab.tasks.base import EXACT_MATCH, Example, RewardShape, Score, ScoredTask, check_split, sample
 
 __all__ = [
-    "FLEXIBLE_PATTERN", "INSTRUCTION", "STRICT_PATTERN", "TAIL_CHARS", "GSM8K",
+    "EXPLICIT", "FLEXIBLE_PATTERN", "INSTRUCTION", "STRICT_PATTERN", "TAIL_CHARS", "GSM8K",
     "HUB_NAME", "default_source", "extract_flexible", "extract_strict", "gold_answer", "normalize_number", "same_number",
 ]
 
 log = logging.getLogger(__name__)
 
 INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
+EXPLICIT = ('Work it out step by step, then end your reply with one last line "#### <number>": four hash signs, '
+            "a space and the final answer as a bare number (no units, no $, no words).")
 STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_PATTERN = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 TAIL_CHARS = 300
@@ -231,6 +233,14 @@ class GSM8K(ScoredTask):
             solution = _CALCULATOR.sub("", answer).strip()
         prompt = [{"role": "user", "content": f"{question} {INSTRUCTION}"}]
         return Example(prompt, gold_answer(answer), solution)
+
+    def control_prompt(self, prompt):
+        """The prompt control (`tinylab.controls`): the paper's instruction replaced by `EXPLICIT`,
+        which spells the "#### <number>" line out."""
+        if isinstance(prompt, str):
+            return prompt.replace(INSTRUCTION, EXPLICIT)
+        return [{**m, "content": m["content"].replace(INSTRUCTION, EXPLICIT)} if m.get("role") == "user" else m
+                for m in prompt]
 
     # --- scoring
     def score(self, completion: str, answer: str) -> Score:

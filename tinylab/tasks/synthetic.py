@@ -13,7 +13,16 @@ import re
 from collections.abc import Hashable
 
 from tinylab.checks import check_int, check_number
-from tinylab.tasks.base import EXACT_MATCH, Example, RewardShape, Score, ScoredTask, check_split, sample
+from tinylab.tasks.base import (
+    EXACT_MATCH,
+    Example,
+    RewardShape,
+    Score,
+    ScoredTask,
+    check_split,
+    sample,
+    with_worked_example,
+)
 
 __all__ = ["ArithmeticTask", "ComparisonTask", "SyntheticTask"]
 
@@ -55,6 +64,11 @@ class SyntheticTask(ScoredTask):
         """`n` examples of `split` (all when None); a fixed order when `seed` is None."""
         check_split(split, self.name)
         return sample(self._split()[split], n, seed, f"{self.name}/{split}")
+
+    def control_prompt(self, prompt):
+        """The prompt control (`tinylab.controls`): `prompt` after one worked example, the first
+        training example in the split's fixed order (never a held-out one) with its reference reply."""
+        return with_worked_example(prompt, self._split()["train"][0])
 
 
 _LEADING_WORD = re.compile(r"^[^0-9A-Za-z]*([A-Za-z]+)")
