@@ -13,9 +13,9 @@ PROMPTS = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in ran
 ANSWERS = [str(2 * i + 1) for i in range(4)] + [" there was"]
 
 
-def _planted(arch="llama", kind="q_proj", layer=1, slot=2, scale=6.0):
+def _planted(arch="llama", kind="q_proj", layer=1, slot=2, scale=6.0, dtype=torch.float32):
     """A tiny model whose only non-zero update is on the rows of one head (q) or KV group (k, v) of one layer."""
-    model, tokenizer = tiny_model(arch, seed=0)
+    model, tokenizer = tiny_model(arch, seed=0, dtype=dtype)
     adapter = apply_tinylora(model, n_tie=1, u=1)
     m = dict(adapter.named_modules())[f"model.layers.{layer}.self_attn.{kind}"]
     d = model.model.layers[layer].self_attn.head_dim
@@ -210,6 +210,76 @@ def test_bad_inputs_name_the_value_and_the_allowed_range():
         ablate_heads(model, tokenizer, adapter, PROMPTS, [(0, 9)], answers=ANSWERS)
     with pytest.raises(ValueError, match="column='nope'"):
         head_effects(model, tokenizer, adapter, PROMPTS).top("nope")
+    with pytest.raises(ValueError, match="batch_size=0: must be an integer >= 1"):
+        head_effects(model, tokenizer, adapter, PROMPTS, batch_size=0)
+    with pytest.raises(ValueError, match="confirm=True"):
+        head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm=True)
+    with pytest.raises(ValueError, match="layer=1.5"):
+        ablate_heads(model, tokenizer, adapter, PROMPTS, [(1.5, 0)], answers=ANSWERS)
+
+
+def test_head_gates_are_in_the_models_dtype_and_their_gradients_fp32():
+    from tinylab.attention import attention_blocks
+    from tinylab.head_ablation import Scorer, ablation_gates, unit_gates
+
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tokenizer, adapter = _planted(dtype=dtype)
+        blocks = attention_blocks(model)
+        head, kv = unit_gates(blocks)
+        assert {(g.dtype, g.device) for g in [*head.values(), *kv.values()]} == {(dtype, model.device)}
+        head, kv = ablation_gates(blocks, [(1, 3)])
+        assert list(head) == [1] and head[1].tolist() == [1, 1, 1, 0] and kv[1].tolist() == [1, 0]
+        scorer = Scorer(model, tokenizer, PROMPTS, ANSWERS, None, None, 2)
+        grads[dtype] = scorer.gate_gradients(adapter, blocks)
+        assert {g.dtype for g in [*grads[dtype][0].values(), *grads[dtype][1].values()]} == {torch.float32}
+        assert int(grads[dtype][0][1].abs().argmax()) == 2  # the planted head
+    fp32, bf16 = grads[torch.float32][0][1][2], grads[torch.bfloat16][0][1][2]
+    assert float(bf16) == pytest.approx(float(fp32), rel=0.1)
+
+
+def _all_public(model, tokenizer, adapter):
+    examples = [_Example(p, a) for p, a in zip(PROMPTS, ANSWERS)]
+    return (head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm=2),
+            head_effects(model, tokenizer, adapter, examples, task=_ReplyLengthTask(), confirm=1),
+            ablate_heads(model, tokenizer, adapter, PROMPTS, [(1, 2)], answers=ANSWERS),
+            attention_patterns(model, tokenizer, PROMPTS[0], 1, 2, adapter))
+
+
+def _check_all_public(results, expected=None):
+    """The planted head found by every measure; with `expected`, the same numbers as it."""
+    logprob, reward, joint, patterns = results
+    for column in EVIDENCE:
+        assert logprob.top(column, 1) == [(1, 2)], column
+    assert joint.ablated == pytest.approx(logprob.base, abs=1e-6)  # its head carries the whole update
+    assert reward.metric == "reward" and reward.table["gate_grad"].notna().all()
+    assert patterns.base.dtype == torch.float32 and patterns.base.device.type == "cpu"
+    assert (patterns.base - patterns.adapted).abs().max() > 1e-3
+    assert torch.allclose(patterns.adapted.sum(-1), torch.ones(len(patterns.tokens)), atol=1e-2)
+    if expected is not None:
+        for got, want in zip(results[:2], expected[:2]):
+            assert got.table.equals(want.table) and (got.adapted, got.base) == (want.adapted, want.base)
+        assert joint == expected[2]
+        assert torch.equal(patterns.base, expected[3].base) and torch.equal(patterns.adapted, expected[3].adapted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_public_function_keeps_to_the_models_device(gpu_stand_in, dtype):
+    """head_effects (log-prob and reward metrics), ablate_heads and attention_patterns with torch's
+    default device elsewhere than the model (meta): a tensor made without the model's device fails."""
+    model, tokenizer, adapter = _planted(dtype=dtype)
+    with gpu_stand_in():
+        inside = _all_public(model, tokenizer, adapter)
+    _check_all_public(inside, expected=_all_public(model, tokenizer, adapter))
+    assert all(v.grad is None for v in adapter.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_public_function_on_cuda(dtype):
+    model, tokenizer, adapter = _planted(dtype=dtype)
+    model.to("cuda")
+    _check_all_public(_all_public(model, tokenizer, adapter))
 
 
 @pytest.mark.slow

@@ -14,16 +14,21 @@ PROMPTS = ["The cat sat on the mat and the cat", [{"role": "user", "content": "W
 ANSWERS = [" slept", "5"]
 
 
-@pytest.fixture(scope="module")
-def inspector():
+def _planted(dtype=torch.float32):
     """A tiny model whose only update is on the query rows of layer 1, head 2."""
-    model, tokenizer = tiny_model("llama", seed=0)
+    model, tokenizer = tiny_model("llama", seed=0, dtype=dtype)
     adapter = apply_tinylora(model, n_tie=1, u=1)
     q = dict(adapter.named_modules())["model.layers.1.self_attn.q_proj"]
     with torch.no_grad():
         q.U.zero_()
         q.U[32:48] = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))  # (d, r) head 2's rows
         q.v.fill_(6.0)
+    return model, tokenizer, adapter
+
+
+@pytest.fixture(scope="module")
+def inspector():
+    model, tokenizer, adapter = _planted()
     effects = head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm=2)
     return HeadInspector(effects, model, tokenizer, adapter, PROMPTS)
 
@@ -77,3 +82,38 @@ def test_bad_selection_and_evidence_are_rejected(inspector):
     with pytest.raises(ValueError, match="evidence='nope'"):
         HeadInspector(inspector.effects, inspector.model, inspector.tokenizer, inspector.adapter, PROMPTS,
                       evidence="nope")
+
+
+def _drive(model, tokenizer, adapter) -> HeadInspector:
+    """Build an inspector and use it as a reader would: another measure, a head, another prompt."""
+    effects = head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm=1)
+    inspector = HeadInspector(effects, model, tokenizer, adapter, PROMPTS, evidence="js")
+    inspector.select(1, 2)
+    inspector.prompt.value = 1
+    return inspector
+
+
+def _check_drive(inspector: HeadInspector) -> None:
+    z = np.array(inspector.heatmap.data[0].z, dtype=float)  # [layers, heads]
+    assert np.nanargmax(z) == 1 * 4 + 2 and z[1, 2] == pytest.approx(inspector.effects.table.loc[(1, 2), "js"])
+    want = attention_patterns(inspector.model, inspector.tokenizer, PROMPTS[1], 1, 2, inspector.adapter)
+    base, adapted = (np.array(t.z, dtype=float) for t in inspector.pattern_figure.data)
+    assert np.array_equal(base, want.base.numpy()) and np.array_equal(adapted, want.adapted.numpy())
+    assert not np.allclose(base, adapted)
+    assert list(inspector.pattern_figure.layout.xaxis.ticktext) == [repr(t)[1:-1] for t in want.tokens]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inspector_keeps_to_the_models_device(gpu_stand_in, dtype):
+    """Built and driven with torch's default device elsewhere than the model (meta)."""
+    model, tokenizer, adapter = _planted(dtype)
+    with gpu_stand_in():
+        inspector = _drive(model, tokenizer, adapter)
+    _check_drive(inspector)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inspector_on_cuda(dtype):
+    model, tokenizer, adapter = _planted(dtype)
+    _check_drive(_drive(model.to("cuda"), tokenizer, adapter))

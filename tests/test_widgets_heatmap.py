@@ -1,0 +1,61 @@
+"""widgets/heatmap.py on the GPU stand-in: an ImportanceHeatmap built from a model off torch's default device."""
+
+import numpy as np
+import pytest
+import torch
+from tinylab.widgets import ImportanceHeatmap
+
+from tinylab.importance import module_importance, weight_importance
+from tinylab.models import tiny_model
+from tinylab.tasks.base import Example
+
+
+class ToyTask:
+    name = "toy"
+    max_new_tokens = 6
+
+    def examples(self, split="train", n=None, seed=0):
+        return [Example(f"Say {i}:", str(i), f" {i}") for i in range(n or 4)]
+
+    def reward(self, completions, answers=None, **kwargs):
+        return [float(len(c) % 3) for c in completions]
+
+
+def _drive(model, tok) -> ImportanceHeatmap:
+    """Measure, build the map with its per-head drill-down, switch the score, pick a module, outline it."""
+    imp = module_importance(model, tok, ToyTask(), n_prompts=3, objective="sft")
+    wi = weight_importance(model, tok, ToyTask(), n_prompts=3, objective="sft")
+    heat = ImportanceHeatmap(imp, weights=wi)
+    heat.kind.value = "grad"
+    heat.select(1, "o_proj")
+    heat.outline([(1, "o_proj")])
+    return heat
+
+
+def _check_drive(heat: ImportanceHeatmap) -> None:
+    z = np.array(heat.figure.data[0].z, dtype=float)  # [layers, module types]
+    grad = heat.importance.table.grad
+    assert z.shape == (2, 7) and not np.isnan(z).any()
+    for (layer, kind), value in grad.items():
+        assert z[heat.layers.index(layer), heat.kinds.index(kind)] == pytest.approx(value)
+    heads = heat.weights.heads.taylor
+    want = heads[(heads.index.get_level_values("layer") == 1) & (heads.index.get_level_values("module") == "o_proj")]
+    bar = heat.heads_figure.data[0]
+    assert list(bar.x) == [0, 1, 2, 3] and np.allclose(bar.y, want.to_numpy()) and min(bar.y) > 0
+    assert heat.selected == (1, "o_proj") and len(heat.figure.layout.shapes) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_heatmap_keeps_to_the_models_device(gpu_stand_in, dtype):
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    with gpu_stand_in():
+        heat = _drive(model, tok)
+    _check_drive(heat)
+    assert heat.importance.gradients.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_heatmap_on_cuda(dtype):
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    _check_drive(_drive(model.to("cuda"), tok))
