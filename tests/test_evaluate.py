@@ -180,8 +180,8 @@ def test_compare_lines_up_base_and_adapted():
         expected = {(True, True): "kept", (True, False): "lost", (False, True): "gained", (False, False): "neither"}
         assert row["change"] == expected[(row["base_correct_strict"], row["adapted_correct_strict"])]
     summary = result.summary()
-    assert list(summary.columns) == ["base", "adapted", "delta"]
-    assert summary.loc["mean_length", "delta"] == result.adapted.mean_length - result.base.mean_length
+    assert list(summary.columns) == ["base", "adapted", "delta", "low", "high", "p_value", "gained", "lost",
+                                     "beyond_noise"]  # no control asked for, no control column
 
 
 def test_compare_and_evaluate_load_an_adapter_file_and_remove_it(tmp_path):
@@ -221,3 +221,112 @@ def test_embedded_model_capitals_report_and_batch_invariance(embedded):
     named = [task.score(reply, gold).correct_flexible for reply, gold in zip(batched.table["reply"],
                                                                             batched.table["gold"])]
     assert batched.flexible == sum(named) / 4
+
+
+def test_compare_reports_paired_statistics_per_measure():
+    from tinylab.paired_stats import paired
+
+    model, tokenizer, adapter = _adapted()
+    result = compare(model, tokenizer, _gsm8k(), adapter, n=12, batch_size=6, max_new_tokens=6, progress=False,
+                     control_seed=3)
+    for measure, column in (("strict", "correct_strict"), ("flexible", "correct_flexible"), ("format", "formatted")):
+        expected = paired(list(result.base.table[column]), list(result.adapted.table[column]), seed=3)
+        assert result.paired[measure] == expected
+        assert list(result.table[f"base_{column}"]) == list(result.base.table[column])
+        assert list(result.table[f"adapted_{column}"]) == list(result.adapted.table[column])
+    summary = result.summary()
+    assert list(summary.columns[:3]) == ["base", "adapted", "delta"]
+    assert summary.loc["flexible", "low"] == result.paired["flexible"].low
+    assert summary.loc["formatted", "gained"] == result.paired["format"].gained
+    assert summary.loc["mean_length", "delta"] == result.adapted.mean_length - result.base.mean_length
+    lines = result.report().splitlines()
+    assert len(lines) == 4 and all("[95% CI" in line and "noise" in line for line in lines[1:])
+    assert lines[2] == result.paired["flexible"].line("  flexible")
+    assert result.prompt is result.random is None
+
+
+class _Prompted:
+    """A task whose examples are another task's under its prompt control (to check compare's row)."""
+
+    def __init__(self, task):
+        self.task, self.name, self.max_new_tokens = task, task.name, task.max_new_tokens
+
+    def examples(self, split="test", n=None, seed=0):
+        from tinylab.controls import control_examples
+
+        return control_examples(self.task, self.task.examples(split, n, seed))
+
+    def score(self, completion, answer):
+        return self.task.score(completion, answer)
+
+    def reward(self, completions, answers=None, **kwargs):
+        return self.task.reward(completions, answers, **kwargs)
+
+
+def test_compare_with_the_prompt_and_random_direction_controls():
+    model, tokenizer = tiny_model("llama", seed=1)
+    _lively(model)
+    adapter = apply_tinylora(model, u=2, n_tie=7, svd="exact")  # two groups of 7 modules
+    adapter.set_vector(torch.tensor([3.0, -4.0, 0.5, 12.0]))
+    own = adapter.vector().clone()
+    task = get("capitals_answer")
+    kwargs = dict(n=6, batch_size=6, max_new_tokens=6, progress=False)
+    result = compare(model, tokenizer, task, adapter, controls=("prompt", "random"), draws=2, **kwargs)
+    assert torch.equal(adapter.vector(), own)  # restored after the random directions
+    with adapter.disabled():
+        prompted = evaluate(model, tokenizer, _Prompted(task), **kwargs)
+    assert list(result.prompt.table["reply"]) == list(prompted.table["reply"])
+    assert list(result.table["prompt_reply"]) == list(prompted.table["reply"])
+    assert list(result.prompt.table["reply"]) != list(result.base.table["reply"])  # the prompt changed them
+    assert result.prompt_paired["strict"].diff == result.adapted.strict - result.prompt.strict
+    assert len(result.random.reports) == len(result.random.vectors) == 2
+    for report, vector in zip(result.random.reports, result.random.vectors):
+        assert torch.tensor(vector[:2]).norm() == pytest.approx(5.0) and torch.tensor(vector[2:]).norm() == \
+            pytest.approx(own[2:].norm().item())
+        adapter.set_vector(torch.tensor(vector))
+        assert list(evaluate(model, tokenizer, task, **kwargs).table["reply"]) == list(report.table["reply"])
+    adapter.set_vector(own)
+    rates = result.random.rates()
+    assert rates.loc["strict", "mean"] == pytest.approx(sum(r.strict for r in result.random.reports) / 2)
+    summary = result.summary()
+    assert summary.loc["formatted", "prompt_control"] == result.prompt.formatted
+    assert summary.loc["flexible", "random_mean"] == rates.loc["flexible", "mean"]
+    text = result.report()
+    assert "adapted vs prompt control" in text and "random-direction control (2 draws" in text
+    with pytest.raises(ValueError, match=r"controls='sft': allowed values are 'prompt', 'random'"):
+        compare(model, tokenizer, task, adapter, controls=("sft",), **kwargs)
+    with pytest.raises(ValueError, match="task 'mixed' has no prompt control"):
+        compare(model, tokenizer, Mixed(), adapter, controls=("prompt",), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluate_and_compare_follow_the_model_off_the_default_device(gpu_stand_in, dtype):
+    """The GPU stand-in: torch's default device is meta while the model sits on the CPU; a tensor
+    made without the model's device would land on meta and fail."""
+    model, tokenizer = tiny_model("llama", seed=1, dtype=dtype)
+    adapter = apply_tinylora(model, u=2, n_tie="all", svd="exact")
+    adapter.set_vector(torch.tensor([30.0, -20.0]))
+    reference = evaluate(model, tokenizer, "capitals_answer", n=4, max_new_tokens=5, progress=False)
+    with gpu_stand_in():
+        assert torch.empty(1).device.type == "meta"
+        report = evaluate(model, tokenizer, "capitals_answer", n=4, max_new_tokens=5, progress=False)
+        result = compare(model, tokenizer, "capitals_answer", adapter, n=4, max_new_tokens=5, progress=False,
+                         controls=("prompt", "random"), draws=1)
+    assert list(report.table["reply"]) == list(reference.table["reply"])
+    assert list(result.adapted.table["reply"]) == list(reference.table["reply"])
+    assert next(model.parameters()).dtype == dtype and adapter.vector().tolist() == [30.0, -20.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluate_and_compare_on_cuda(dtype):
+    model, tokenizer = tiny_model("llama", seed=1, dtype=dtype)
+    adapter = apply_tinylora(model, u=2, n_tie="all", svd="exact")
+    adapter.set_vector(torch.tensor([30.0, -20.0]))
+    reference = evaluate(model, tokenizer, "capitals_answer", n=4, max_new_tokens=5, progress=False)
+    model.to("cuda")
+    result = compare(model, tokenizer, "capitals_answer", adapter, n=4, max_new_tokens=5, progress=False,
+                     controls=("prompt", "random"), draws=1)
+    assert result.adapted.n == 4 and adapter.vector().tolist() == [30.0, -20.0]
+    if dtype == torch.float32:
+        assert list(result.adapted.table["reply"]) == list(reference.table["reply"])

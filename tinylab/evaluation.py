@@ -7,7 +7,13 @@ Prompts are batched by length (fewer pad tokens) and the rows are put back in ex
 replies do not depend on `batch_size`.
 
 `compare` evaluates the same examples twice: the base model (inside `adapter.disabled()`, never a
-second copy) and the adapted one, and lines the replies up in one table.
+second copy) and the adapted one, lines the replies up in one table, and reports for strict,
+flexible and format the paired difference (`tinylab.paired`: bootstrap interval, exact McNemar p,
+examples gained and lost). With `controls=("prompt", "random")` it also evaluates the prompt
+control (the base model, the task's control prompt) and the random-direction control (the
+adapter's vectors at the same norms in random directions), see `tinylab.controls`.
+
+The model stays where it is: any device and dtype (replies are generated on the model's device).
 """
 
 from __future__ import annotations
@@ -23,11 +29,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tinylab import tasks as _tasks
-from tinylab.checks import check_int
+from tinylab.checks import check_choice, check_int
+from tinylab.controls import control_examples, random_directions
+from tinylab.eval_mode import eval_mode
+from tinylab.paired_stats import PairedDifference, paired
 from tinylab.rollout import generate, render_prompts, stop_token_ids
 from tinylab.tasks.base import Example, Task
 
-__all__ = ["Comparison", "EvalReport", "compare", "evaluate"]
+__all__ = ["CONTROLS", "MEASURES", "Comparison", "EvalReport", "RandomControl", "compare", "evaluate"]
+
+MEASURES = {"strict": "correct_strict", "flexible": "correct_flexible", "format": "formatted"}
+"""The per-example outcomes `compare` tests: measure name -> column of `EvalReport.table`."""
+CONTROLS = ("prompt", "random")
 
 
 class EvalReport(NamedTuple):
@@ -54,23 +67,66 @@ class EvalReport(NamedTuple):
                 f"{self.truncated:.0%} cut at {self.max_new_tokens} | {self.seconds:.1f} s")
 
 
+class RandomControl(NamedTuple):
+    """The random-direction control: the adapter's vectors at their norms in `len(reports)` random directions."""
+
+    reports: tuple[EvalReport, ...]  # one per draw
+    vectors: tuple[tuple[float, ...], ...]  # the vector each draw set, groups in order
+
+    def rates(self) -> pd.DataFrame:
+        """Rows strict, flexible, formatted; columns mean, std (over draws; 0 for one draw), min, max."""
+        rows = ["strict", "flexible", "formatted"]
+        values = pd.DataFrame({r: [getattr(rep, r) for rep in self.reports] for r in rows})
+        return pd.DataFrame({"mean": values.mean(), "std": values.std(ddof=0), "min": values.min(),
+                             "max": values.max()})
+
+
 class Comparison(NamedTuple):
-    """Base vs adapted model on the same examples."""
+    """Base vs adapted model on the same examples, with paired statistics and the controls asked for."""
 
     base: EvalReport  # adapter disabled
     adapted: EvalReport  # adapter enabled
-    table: pd.DataFrame  # per example: prompt, gold, base_/adapted_ reply, extracted, flags; `change`
+    table: pd.DataFrame  # per example: prompt, gold, base_/adapted_(/prompt_) reply, extracted, flags; `change`
+    paired: dict[str, PairedDifference]  # adapted vs base for "strict", "flexible", "format"
+    prompt: EvalReport | None = None  # prompt control: the base model with the task's control prompt
+    prompt_paired: dict[str, PairedDifference] | None = None  # adapted vs the prompt control
+    random: RandomControl | None = None  # random-direction control
 
     def summary(self) -> pd.DataFrame:
         """Rates side by side: rows strict, flexible, formatted, mean_length, truncated; columns base,
-        adapted, delta."""
+        adapted, delta, then (rates only) the paired interval low/high, McNemar p, gained, lost and
+        whether the difference is more than noise; with controls, their rates too."""
         rows = ["strict", "flexible", "formatted", "mean_length", "truncated"]
         frame = pd.DataFrame({
             "base": [getattr(self.base, r) for r in rows],
             "adapted": [getattr(self.adapted, r) for r in rows],
         }, index=rows)
         frame["delta"] = frame["adapted"] - frame["base"]
+        for column in ("low", "high", "p_value", "gained", "lost", "beyond_noise"):
+            frame[column] = [getattr(self.paired[m], column) for m in MEASURES] + [None, None]
+        if self.prompt is not None:
+            frame["prompt_control"] = [getattr(self.prompt, r) for r in rows]
+        if self.random is not None:
+            rates = self.random.rates()
+            frame["random_mean"] = list(rates["mean"]) + [None, None]
+            frame["random_std"] = list(rates["std"]) + [None, None]
         return frame
+
+    def report(self) -> str:
+        """One line per measure: rates, paired 95% interval, gained/lost, McNemar p, noise or not;
+        the same against the prompt control, and the random-direction control's mean and spread."""
+        lines = [f"{self.adapted.task}/{self.adapted.split}, {self.adapted.n} examples, adapted "
+                 f"({self.adapted.params} params) vs base:"]
+        lines += [self.paired[m].line(f"  {m:8s}") for m in MEASURES]
+        if self.prompt_paired is not None:
+            lines.append("adapted vs prompt control (base model, the task's control prompt):")
+            lines += [self.prompt_paired[m].line(f"  {m:8s}") for m in MEASURES]
+        if self.random is not None:
+            rates = self.random.rates()
+            lines.append(f"random-direction control ({len(self.random.reports)} draws at the trained norms), "
+                         "mean +- std: " + ", ".join(f"{m} {rates.loc[c, 'mean']:.1%} +- {rates.loc[c, 'std']:.1%}"
+                                                       for m, c in zip(MEASURES, ("strict", "flexible", "formatted"))))
+        return "\n".join(lines)
 
 
 def _prompt_text(prompt) -> str:
@@ -87,7 +143,7 @@ def _greedy(model: nn.Module, tokenizer, prompts: Sequence, *, batch_size: int, 
     texts = render_prompts(tokenizer, prompts)
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))  # similar lengths share a batch
-    stops = torch.tensor(stop_token_ids(model, tokenizer))
+    stop_ids = stop_token_ids(model, tokenizer)
     replies: list[str] = [""] * len(prompts)
     counts, cut = [0] * len(prompts), [False] * len(prompts)
     disable = not progress or bool(os.environ.get("TQDM_DISABLE"))
@@ -97,6 +153,7 @@ def _greedy(model: nn.Module, tokenizer, prompts: Sequence, *, batch_size: int, 
             out = generate(model, tokenizer, [prompts[i] for i in rows], n=1, max_new_tokens=max_new_tokens,
                            temperature=0.0, seed=0)
             kept = out.completion_mask.bool()  # [b, L]
+            stops = torch.tensor(stop_ids, device=out.completion_ids.device)  # [s]
             ended = (torch.isin(out.completion_ids, stops) & kept).any(1)  # [b]
             produced = kept.sum(1) - ended.long()  # [b] tokens before the end token
             for j, i in enumerate(rows):
@@ -145,8 +202,9 @@ def _resolve_adapter(model: nn.Module, adapter):
 def _run(model, tokenizer, task: Task, examples: list[Example], *, split: str, batch_size: int,
          max_new_tokens: int, params: int | None, progress: bool) -> EvalReport:
     began = time.perf_counter()
-    replies, counts, cut = _greedy(model, tokenizer, [ex.prompt for ex in examples], batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, task_name=task.name, progress=progress)
+    with eval_mode(model):
+        replies, counts, cut = _greedy(model, tokenizer, [ex.prompt for ex in examples], batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, task_name=task.name, progress=progress)
     table = _score_table(task, examples, replies, counts, cut)
     return EvalReport(
         task=task.name, split=split, n=len(examples),
@@ -190,24 +248,49 @@ def evaluate(model: nn.Module, tokenizer, task: str | Task, *, n: int, split: st
             handle.remove()
 
 
+def _paired(before: EvalReport, after: EvalReport, seed: int) -> dict[str, PairedDifference]:
+    return {m: paired(list(before.table[c]), list(after.table[c]), seed=seed) for m, c in MEASURES.items()}
+
+
 @torch.no_grad()
 def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, split: str = "test",
             seed: int | None = 0, batch_size: int = 16, max_new_tokens: int | None = None,
-            progress: bool = True) -> Comparison:
-    """The base model (adapter disabled) and the adapted one on the same examples.
+            controls: Sequence[str] = (), draws: int = 3, control_seed: int = 0, progress: bool = True) -> Comparison:
+    """The base model (adapter disabled) and the adapted one on the same examples, with paired statistics.
 
     `adapter`: a TinyLoRA handle attached to `model`, or a saved adapter's path (loaded, then removed).
     The table's `change` column reads "gained" / "lost" (strict correctness), "kept" or "neither".
+    `controls`: any of "prompt" (the base model with the task's `control_prompt`; its replies go in
+    the table as `prompt_*` columns) and "random" (`draws` seeded random directions at the trained
+    norms, `control_seed` seeds them and the bootstrap; the adapter's vectors are restored after).
     """
+    controls = tuple(check_choice("controls", c, CONTROLS) for c in controls)
+    check_int("draws", draws, low=1)
+    check_int("control_seed", control_seed)
     task, examples, max_new_tokens = _setup(task, n, split, seed, batch_size, max_new_tokens)
+    prompted = control_examples(task, examples) if "prompt" in controls else None  # fails early without one
     handle, loaded_here = _resolve_adapter(model, adapter)
     if handle is None:
         raise ValueError("compare needs an adapter (a TinyLoRA handle or an adapter file path), got None")
     kwargs = dict(split=split, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    prompt = random = None
     try:
         with handle.disabled():
             base = _run(model, tokenizer, task, examples, params=None, **kwargs)
+            if prompted is not None:
+                prompt = _run(model, tokenizer, task, prompted, params=None, **kwargs)
         adapted = _run(model, tokenizer, task, examples, params=handle.num_params, **kwargs)
+        if "random" in controls:
+            was_merged = handle.merged
+            handle.unmerge()
+            try:
+                with random_directions(handle, draws=draws, seed=control_seed) as settings:
+                    runs = [(_run(model, tokenizer, task, examples, params=handle.num_params, **kwargs),
+                             tuple(vector.tolist())) for vector in settings]
+            finally:
+                if was_merged:
+                    handle.merge()
+            random = RandomControl(tuple(r for r, _ in runs), tuple(v for _, v in runs))
     finally:
         if loaded_here:
             handle.remove()
@@ -216,8 +299,12 @@ def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, s
     for column in per_model:
         table[f"base_{column}"] = base.table[column]
         table[f"adapted_{column}"] = adapted.table[column]
+        if prompt is not None:
+            table[f"prompt_{column}"] = prompt.table[column]
     before, after = base.table["correct_strict"], adapted.table["correct_strict"]
     table["change"] = [
         "kept" if b and a else "lost" if b else "gained" if a else "neither" for b, a in zip(before, after)
     ]
-    return Comparison(base=base, adapted=adapted, table=table)
+    return Comparison(base=base, adapted=adapted, table=table, paired=_paired(base, adapted, control_seed),
+                      prompt=prompt, prompt_paired=None if prompt is None else _paired(prompt, adapted, control_seed),
+                      random=random)
