@@ -3,22 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from test_importance import ToyTask
 from tinylab.widgets import ImportanceHeatmap
 
 from tinylab.importance import module_importance, weight_importance
 from tinylab.models import tiny_model
-from tinylab.tasks.base import Example
-
-
-class ToyTask:
-    name = "toy"
-    max_new_tokens = 6
-
-    def examples(self, split="train", n=None, seed=0):
-        return [Example(f"Say {i}:", str(i), f" {i}") for i in range(n or 4)]
-
-    def reward(self, completions, answers=None, **kwargs):
-        return [float(len(c) % 3) for c in completions]
 
 
 def _drive(model, tok) -> ImportanceHeatmap:
