@@ -9,9 +9,10 @@ trains with `train_grpo` (backend tinylab, one process) or TRL's GRPOTrainer (ba
 under `torchrun` or `accelerate launch`, see docs/scaling.md), and writes into --out (rank 0 only):
 `adapter.tlra` (the adapter file), `history.csv` (one row per step) and `config.json` (the preset
 after overrides, the backend and the world size). Every process logs one line to stderr:
-`tinylab train: rank R of W: vector [...]`. `key=value` pairs are preset overrides (checked as
-`tinylab.preset` checks them); `task=path/to/file.py:Name` (or `module:Name`) trains on your own task
-class or factory; `--trl KEY=VALUE` sets a TRL GRPOConfig field (e.g. `--trl use_vllm=true`).
+`tinylab train: rank R of W, writes DIR|nothing: vector [...]`. `key=value` pairs are preset
+overrides (checked as `tinylab.preset` checks them); `task=path/to/file.py:Name` (or
+`module:Name`) trains on your own task class or factory; `--trl KEY=VALUE` sets a TRL GRPOConfig
+field (e.g. `--trl use_vllm=true`).
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def _train(args) -> int:
         adapter, history = trainer.tinylab_adapter, trainer.tinylab_logs.history
         rank, world, main_process = trainer.args.process_index, trainer.args.world_size, trainer.is_world_process_zero()
     vector = adapter.vector()
-    sys.stderr.write(f"tinylab train: rank {rank} of {world}: vector {json.dumps(vector.tolist())}\n")
+    writes = args.out if main_process else "nothing"
+    sys.stderr.write(f"tinylab train: rank {rank} of {world}, writes {writes}: vector {json.dumps(vector.tolist())}\n")
     if main_process:
         from tinylab import save_adapter
         from tinylab.atomic import write_atomic
