@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import math
 import re
@@ -379,3 +380,77 @@ def test_forward_without_grad_when_the_base_is_not_a_plain_linear(llama):
         torch.testing.assert_close(kept, graph, rtol=1e-5, atol=1e-5)
     assert seen  # the hook ran on the wrapped base
     hook.remove()
+
+
+def _run_on(device: str, dtype: torch.dtype, context):
+    """Attach, train one step, and use every forward path of a tiny model on `device` in `dtype`,
+    inside `context` (the GPU stand-in: torch's default device "meta", or a real device)."""
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    model.to(device)
+    short = _ids(tok).to(device)  # few rows: the decode path
+    long = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)).to(device)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 0.05}[dtype]
+    with context():
+        with torch.no_grad():
+            base = [model(ids).logits for ids in (short, long)]
+        adapter = apply_tinylora(model, TinyLoRAConfig(u=3, n_tie=4))
+        for _, module in adapter.named_modules():
+            w = module.base.weight
+            assert {t.device for t in (module.U, module.S, module.Vh, module.P)} == {w.device}
+            assert module.U.dtype == module.S.dtype == module.Vh.dtype == dtype and module.P.dtype == torch.float32
+        assert all(v.dtype == torch.float32 and v.device == torch.device(device) for v in adapter.vectors)
+        with torch.no_grad():
+            assert all(torch.equal(model(ids).logits, b) for ids, b in zip((short, long), base))  # v = 0
+        model(short, labels=short).loss.backward()
+        assert all(v.grad is not None and v.grad.dtype == torch.float32 and v.grad.abs().sum() > 0
+                   for v in adapter.vectors)
+        step = torch.cat([v.grad.cpu() for v in adapter.vectors])  # (n,) fp32
+        adapter.set_vector(-4.0 * step / step.abs().max())  # a large step down the loss
+        for ids, b in zip((short, long), base):
+            graph = model(ids).logits.detach()  # the autograd path
+            with torch.no_grad():
+                kept = model(ids).logits  # kept rows, F.linear + addmm or _low_rank
+            torch.testing.assert_close(kept, graph, rtol=0, atol=tol)
+            assert (kept.float() - b.float()).abs().max() > 10 * tol  # the update shows
+        with torch.no_grad():
+            before = model(long).logits
+            adapter.merge()
+            merged = model(long).logits
+            adapter.unmerge()
+            assert torch.equal(model(long).logits, before)  # unmerge restores the weights exactly
+        effect = (before.float() - base[1].float()).abs().max()
+        assert (merged.float() - before.float()).abs().max() < 0.2 * effect  # merged: the same update
+        adapter.remove()
+        with torch.no_grad():
+            assert torch.equal(model(long).logits, base[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_step_follows_the_model_off_the_default_device(gpu_stand_in, dtype):
+    _run_on("cpu", dtype, gpu_stand_in)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_step_on_cuda(dtype):
+    _run_on("cuda", dtype, contextlib.nullcontext)
+
+
+def test_a_trained_vector_and_its_adam_state_stay_fp32_on_a_bf16_model():
+    model, tok = tiny_model("llama", seed=0, dtype=torch.bfloat16)
+    adapter = apply_tinylora(model, TinyLoRAConfig(u=2, n_tie=7))
+    opt = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+    ids = _ids(tok)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    for v in adapter.vectors:
+        assert v.dtype == torch.float32 and v.abs().sum() > 0
+        assert opt.state[v]["exp_avg"].dtype == opt.state[v]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_offloaded_weights_are_refused_by_name():
+    model, _ = tiny_model("llama", seed=0)
+    model.model.layers[1].mlp.to("meta")  # what a device_map with offload leaves behind
+    with pytest.raises(ValueError, match=r"on the meta device \(e\.g\. model\.layers\.1\.mlp\.gate_proj\)"):
+        apply_tinylora(model, TinyLoRAConfig())
+    assert all(p.requires_grad for p in model.model.layers[0].parameters())  # nothing changed

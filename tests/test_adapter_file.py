@@ -86,3 +86,72 @@ def test_not_an_adapter_file(tmp_path):
     path.write_bytes(b"\x80\x04\x95 pickle data")
     with pytest.raises(AdapterFileError, match="not a tinylab adapter file"):
         read_adapter(path)
+
+
+def test_saving_to_a_folder_names_the_folder(tmp_path):
+    *_, adapter = _trained()
+    with pytest.raises(ValueError, match=r"is a folder; pass a file path inside it, e\.g\. .*adapter\.tlra"):
+        save_adapter(adapter, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def _save_load_across(src_dtype, dst_dtype, tmp_path, context, device="cpu"):
+    """Train-like v on a `src_dtype` model, save, load into a fresh `dst_dtype` model; both on `device`."""
+    src, tok = tiny_model("phi3", seed=4, dtype=src_dtype)
+    dst, _ = tiny_model("phi3", seed=4, dtype=dst_dtype)
+    src.to(device)
+    dst.to(device)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids.to(device)
+    with context():
+        adapter = apply_tinylora(src, TinyLoRAConfig(u=3, n_tie=2))
+        adapter.set_vector(torch.linspace(-2, 2, adapter.num_params, device="cpu"))
+        adapter.merge()  # the file records the weights before the merge
+        path = save_adapter(adapter, tmp_path / f"{src_dtype}.tlra")
+        adapter.unmerge()
+        loaded = load_adapter(dst, path)
+        assert torch.equal(loaded.vector(), adapter.vector()) and loaded.vectors[0].dtype == torch.float32
+        assert loaded.vectors[0].device == torch.device(device)
+        with torch.no_grad():
+            got = dst(ids).logits.float()
+            with loaded.disabled():
+                base = dst(ids).logits.float()
+        with torch.no_grad():
+            want = src(ids).logits.float()  # the source model with the adapter it saved
+    effect = (want - base).abs().max()
+    assert effect > 0.05
+    assert (got - want).abs().max() < 0.25 * effect  # bf16 rounding of the weights, not another update
+
+
+@pytest.mark.parametrize("src_dtype, dst_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16)])
+def test_a_file_loads_across_dtypes_off_the_default_device(gpu_stand_in, tmp_path, src_dtype, dst_dtype):
+    _save_load_across(src_dtype, dst_dtype, tmp_path, gpu_stand_in)
+
+
+@pytest.mark.gpu
+def test_a_file_written_on_cuda_loads_on_the_cpu_and_back(tmp_path):
+    import contextlib
+
+    _save_load_across(torch.bfloat16, torch.float32, tmp_path, contextlib.nullcontext, device="cuda")
+    src, _ = tiny_model("llama", seed=0)
+    adapter = apply_tinylora(src.to("cuda"), TinyLoRAConfig(u=2))
+    adapter.set_vector(torch.ones(adapter.num_params))
+    path = save_adapter(adapter, tmp_path / "cuda.tlra")
+    assert torch.equal(load_adapter(tiny_model("llama", seed=0)[0], path).vector(), adapter.vector())
+
+
+def test_files_with_the_exact_fingerprint_of_earlier_versions_still_load(tmp_path):
+    from tinylab.adapter_file import base_fingerprint
+
+    model, _, adapter = _trained(u=2)
+    path = save_adapter(adapter, tmp_path / "a.tlra")
+    raw = bytearray(path.read_bytes())
+    (hlen,) = struct.unpack("<H", raw[6:8])
+    header = json.loads(raw[8 : 8 + hlen])
+    assert header["fp"] == base_fingerprint(model, adapter.config)  # portable: rounded to bf16
+    header["fp"] = base_fingerprint(model, adapter.config, portable=False)  # what earlier versions wrote
+    assert header["fp"] != base_fingerprint(model, adapter.config)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(bytes(raw[:6]) + struct.pack("<H", len(new)) + new + bytes(raw[8 + hlen :]))
+    adapter.remove()
+    assert torch.equal(load_adapter(model, path).vector(), adapter.vector())

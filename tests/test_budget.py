@@ -141,3 +141,32 @@ def test_bad_options_are_named(model):
         plan_budget(model, 13, importance=[1, 2], strategy="top")
     with pytest.raises(ValueError, match="r=9 is too large"):
         plan_budget(model, 13, r=9)
+
+
+def _plan_and_attach(device, dtype, context):
+    from tinylab.models import tiny_model
+
+    tiny, _ = tiny_model("phi3", seed=0, dtype=dtype)
+    tiny.to(device)
+    scores = {(m.layer, m.kind): 1.0 + m.layer + i for i, m in enumerate(plan_modules(tiny, TinyLoRAConfig()))}
+    with context():
+        for strategy in STRATEGIES:
+            plan = plan_budget(tiny, 5, importance=scores, strategy=strategy)
+            adapter = apply_tinylora(tiny, plan.config)
+            assert adapter.num_params == plan.achieved == 5
+            assert all(v.dtype == torch.float32 and v.device == torch.device(device) for v in adapter.vectors)
+            adapter.remove()
+        assert lora_xs_size(tiny) == 8 * 4  # phi3: 4 maps a layer, 2 layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plans_attach_off_the_default_device(gpu_stand_in, dtype):
+    _plan_and_attach("cpu", dtype, gpu_stand_in)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plans_attach_on_cuda(dtype):
+    import contextlib
+
+    _plan_and_attach("cuda", dtype, contextlib.nullcontext)

@@ -227,3 +227,44 @@ def test_export_refuses_a_non_adapter(tmp_path):
     model, _ = tiny_model("llama", seed=0)
     with pytest.raises(TypeError, match="TinyLoRA handle"):
         export_peft(model, tmp_path)
+
+
+def _round_trip_on(device, dtype, tmp_path, context):
+    """Export from a model on `device` in `dtype` and import into a fresh one, inside `context`."""
+    from tinylab.adapter import TinyLoRAConfig
+
+    model, _ = tiny_model("phi3", seed=0, dtype=dtype)
+    fresh, _ = tiny_model("phi3", seed=0, dtype=dtype)
+    model.to(device)
+    fresh.to(device)
+    ids = _ids().to(device)
+    with context():
+        adapter = apply_tinylora(model, TinyLoRAConfig(u=3, n_tie=2))
+        adapter.set_vector(torch.linspace(-3, 3, adapter.num_params, device="cpu"))
+        want = _logits(model, ids)
+        with adapter.disabled():
+            base = _logits(model, ids)
+        export_peft(adapter, tmp_path / "peft")
+        imported = import_peft(fresh, tmp_path / "peft")
+        got = _logits(fresh, ids)
+    assert all(v.dtype == torch.float32 and v.device == torch.device(device) for v in imported.vectors)
+    assert torch.equal(imported.vector(), adapter.vector())
+    for _, module in imported.named_modules():
+        assert module.U.dtype == dtype and module.U.device == module.base.weight.device
+    effect = (want - base).abs().max()
+    assert effect > 0.05 and (got - want).abs().max() < (1e-4 if dtype == torch.float32 else 0.1 * effect)
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert {t.device.type for t in tensors.values()} == {"cpu"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_and_import_off_the_default_device(gpu_stand_in, tmp_path, dtype):
+    _round_trip_on("cpu", dtype, tmp_path, gpu_stand_in)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_and_import_on_cuda(tmp_path, dtype):
+    import contextlib
+
+    _round_trip_on("cuda", dtype, tmp_path, contextlib.nullcontext)
