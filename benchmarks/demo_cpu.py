@@ -43,8 +43,16 @@ the right city. (One process and one thread per seed, measured twice with the sa
 scores and v to 4 decimals: at 33ffccd with the flags given, seed 0 alone then seeds 1 and 2 side
 by side; at 208268d, seeds 0 and 1 side by side then seed 2 alone.)
 
+After training, each seed's held-out comparison (`tinylab.compare(..., controls=("prompt", "random"))`)
+prints four rows, each with strict, flexible and format: the base model; the prompt control (the
+base model with one worked training example before the question, `task.control_prompt`); the
+random-direction control (the trained vector's norm in `--draws` seeded random directions: mean
+and spread); trained. Then the paired statistics (`tinylab.paired`: paired bootstrap 95% interval,
+exact McNemar p, examples gained and lost) of trained vs base and trained vs the prompt control.
+
 Usage: .venv/bin/python benchmarks/demo_cpu.py [--seeds 0 1 2] [--threads 2] [--save DIR] [--log F]
-Prints per seed: base and trained held-out scores, steps, training wall time, the 13 numbers.
+       .venv/bin/python benchmarks/demo_cpu.py --quick   (a smoke run: 1 seed, 2 steps, 16 held-out prompts)
+Prints per seed: the four rows and the paired statistics above, steps, training wall time, the 13 numbers.
 """
 
 from __future__ import annotations
@@ -63,20 +71,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tinylab.adapter import TinyLoRAConfig, apply_tinylora  # noqa: E402
-from tinylab.budget import plan_budget  # noqa: E402
 from tinylab.adapter_file import save_adapter  # noqa: E402
-from tinylab.evaluation import evaluate  # noqa: E402
+from tinylab.budget import plan_budget  # noqa: E402
+from tinylab.evaluation import compare, evaluate  # noqa: E402
 from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
 from tinylab.importance import module_importance  # noqa: E402
 from tinylab.models import load_model  # noqa: E402
 from tinylab.rollout import render_prompts  # noqa: E402
+from tinylab.run import StopTraining  # noqa: E402
 from tinylab.tasks.base import (
     Example,  # noqa: E402
     RewardShape,  # noqa: E402
     completion_text,  # noqa: E402
 )
 from tinylab.tasks.capitals import CAPITALS, CapitalAnswerTask, CapitalsTask  # noqa: E402
-from tinylab.training import StopTraining  # noqa: E402
 
 
 class ShapedCapitals(CapitalsTask):
@@ -188,6 +196,36 @@ def held_out(model, tokenizer, task, n: int, seed: int | None = None):
             "cities_named": sum(named) / len(replies)}, replies
 
 
+def capitals_named(task, replies) -> float:
+    """Capitals named per reply: a reply naming many capitals could pass `flexible` by listing."""
+    return sum(sum(task.score(c, city).correct_flexible for _, city, *_ in CAPITALS) for c in replies) / len(replies)
+
+
+def print_comparison(task, result) -> dict[str, float]:
+    """The four rows (base, prompt control, random-direction control, trained) and the paired
+    statistics of trained vs base and vs the prompt control; returns the trained scores."""
+    def row(label, report, spread=""):
+        print(f"  {label:26s} strict {report.strict:6.1%}  flexible {report.flexible:6.1%}  format "
+              f"{report.formatted:6.1%}  capitals named per reply {capitals_named(task, report.table['reply']):.2f}"
+              f"{spread}")
+
+    row("base", result.base)
+    row("prompt control", result.prompt)
+    rates = result.random.rates()
+    print(f"  {f'random direction x{len(result.random.reports)}':26s} strict "
+          f"{rates.loc['strict', 'mean']:6.1%}  flexible {rates.loc['flexible', 'mean']:6.1%}  format "
+          f"{rates.loc['formatted', 'mean']:6.1%}  (spread, std over draws: {rates.loc['strict', 'std']:.1%} / "
+          f"{rates.loc['flexible', 'std']:.1%} / {rates.loc['formatted', 'std']:.1%})")
+    row("trained", result.adapted)
+    for title, stats in (("trained vs base", result.paired), ("trained vs prompt control", result.prompt_paired)):
+        print(f"  {title}:")
+        for measure, difference in stats.items():
+            print(difference.line(f"    {measure:8s}"))
+    report = result.adapted
+    return {"strict": report.strict, "format": report.formatted, "flexible": report.flexible,
+            "cities_named": capitals_named(task, report.table["reply"])}
+
+
 class SelectOnTrain:
     """Early stopping on the train split (held-out prompts never choose anything): every `every`
     steps, greedy strict accuracy on a fixed sample of training prompts; the best v so far is kept
@@ -277,10 +315,16 @@ def main():
     parser.add_argument("--probe-knowledge", action="store_true",
                         help="print where the base model's knowledge of capitals is reachable, then exit")
     parser.add_argument("--probe-every", type=int, default=0, help="greedy probe on a fixed random half of the held-out prompts")
-    parser.add_argument("--no-base", action="store_true", help="skip the base model's held-out evaluation")
     parser.add_argument("--log", default=None, help="append per-step JSON lines to this file")
     parser.add_argument("--save", default=None, help="folder: write each seed's adapter as seed<k>.tlra")
+    parser.add_argument("--draws", type=int, default=3, help="random directions in the random-direction control")
+    parser.add_argument("--n-eval", type=int, default=None, help="held-out prompts compared (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: seed 0, 2 steps of 2 prompts x 4, no selection, 16 held-out prompts, 1 draw")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.steps, args.prompts, args.group, args.select_every = [0], 2, 2, 4, 0
+        args.n_eval, args.draws = args.n_eval or 16, 1
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model()
@@ -296,13 +340,7 @@ def main():
     test = task.examples("test", None, None)
     print(f"{task.name}: {len(task.examples('train', None, None))} train / {len(test)} held-out prompts "
           f"(by country); greedy, {task.max_new_tokens} new tokens; e.g. {test[0].prompt[-1]['content']!r}")
-    if args.no_base:
-        nan = float("nan")
-        base, base_replies = {"strict": nan, "format": nan, "flexible": nan, "cities_named": nan}, ["(not measured)"]
-    else:
-        base, base_replies = held_out(model, tokenizer, task, len(test))
-    print(f"base: strict {base['strict']:.1%}  format {base['format']:.1%}  flexible {base['flexible']:.1%}  "
-          f"capitals named per reply {base['cities_named']:.2f}  e.g. {base_replies[0]!r}")
+    n_eval = min(args.n_eval or len(test), len(test))
     n_tie = args.n_tie if args.n_tie == "all" else int(args.n_tie)
     rows = []
     if args.placement == "config":
@@ -333,7 +371,12 @@ def main():
         if args.select_every:
             select.restore()
         wall, cpu = time.perf_counter() - start - budget.probe_time, time.process_time() - cpu0
-        trained, replies = held_out(model, tokenizer, task, len(test))
+        print(f"seed {seed}: held-out comparison on {n_eval} prompts", flush=True)
+        result = compare(model, tokenizer, task, adapter, n=n_eval, seed=None, batch_size=64, progress=False,
+                         controls=("prompt", "random"), draws=args.draws, control_seed=seed)
+        trained, replies = print_comparison(task, result), list(result.adapted.table["reply"])
+        base = {"strict": result.base.strict, "format": result.base.formatted, "flexible": result.base.flexible,
+                "cities_named": capitals_named(task, result.base.table["reply"])}
         numbers = [round(x, 4) for x in adapter.vector().tolist()]
         if args.save:
             os.makedirs(args.save, exist_ok=True)
@@ -342,10 +385,7 @@ def main():
         chosen = (f"v of step {select.best_step}, chosen on training prompts (greedy strict by step: "
                   f"{', '.join(f'{k}: {x:.0%}' for k, x in select.trace)})" if args.select_every else "last v")
         print(f"seed {seed}: {adapter.num_params} params, {run.step} steps ({run.status}), train wall {wall:.0f} s "
-              f"(cpu {cpu:.0f} s); {chosen}\n  trained: strict {trained['strict']:.1%}  format {trained['format']:.1%}  "
-              f"flexible {trained['flexible']:.1%}  capitals named per reply {trained['cities_named']:.2f}   (base "
-              f"{base['strict']:.1%} / {base['format']:.1%} / {base['flexible']:.1%} / {base['cities_named']:.2f})"
-              f"\n  v = {numbers}\n  e.g. {replies[:4]}", flush=True)
+              f"(cpu {cpu:.0f} s); {chosen}\n  v = {numbers}\n  e.g. {replies[:4]}", flush=True)
         adapter.remove()
     mean = {k: sum(r[1][k] for r in rows) / len(rows) for k in ("strict", "format", "flexible", "cities_named")}
     print(f"mean over {len(rows)} seeds: strict {base['strict']:.1%} -> {mean['strict']:.1%} "
