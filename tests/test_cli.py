@@ -1,8 +1,12 @@
 import json
 
+import pandas as pd
 import pytest
+import torch
 
+from tinylab import load_adapter
 from tinylab.cli import main
+from tinylab.models import tiny_model
 
 
 def test_info_json_counts(capsys):
@@ -27,9 +31,93 @@ def test_attach_gives_the_requested_count(capsys, n):
     assert result["requested"] == n and result["achieved"] == n
 
 
-def test_attach_out_of_range_is_a_clear_error(capsys):
+@pytest.mark.parametrize("n", [0, 57])
+def test_attach_out_of_range_is_a_clear_error(capsys, n):
     with pytest.raises(SystemExit) as exit_info:
-        main(["attach", "--params", "0", "--model", "tiny-llama"])
+        main(["attach", "--params", str(n), "--model", "tiny-llama"])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "0" in err and "1" in err and "56" in err
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tinylab attach: error: n_params={n} is out of range: allowed 1..56 for this model "
+                   "(14 modules x r*r=4, the LoRA-XS size)")
+
+
+TASK = """
+from tinylab.tasks import Example, Score
+
+
+class Distinct:
+    name = "distinct"
+    max_new_tokens = 4
+
+    def examples(self, split, n, seed):
+        return [Example([{"role": "user", "content": f"Say {w}."}], w, w) for w in ("fig", "kiwi", "lime")][:n]
+
+    def reward(self, completions, answers, **kwargs):
+        return [len(set(c)) / 10 for c in completions]
+
+    def score(self, completion, answer):
+        return Score(bool(completion), completion == answer, answer in completion, completion or None)
+"""
+
+
+def _fails(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_train_writes_adapter_history_and_config(tmp_path, capsys):
+    (tmp_path / "distinct.py").write_text(TASK)
+    out = tmp_path / "out"
+    assert main(["train", "--preset", "tiny-cpu", "--out", str(out), f"task={tmp_path / 'distinct.py'}:Distinct",
+                 "steps=2", "u=2", f"checkpoint_dir={tmp_path / 'run'}"]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"tinylab train: rank 0 of 1, writes {out}: vector [")
+    vector = json.loads(line.partition(": vector ")[2])
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.tlra", "config.json", "history.csv"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["preset"], config["backend"], config["world_size"]) == ("tiny-cpu", "tinylab", 1)
+    assert config["adapter"]["u"] == 2 and config["training"]["steps"] == 2 and config["task"].endswith(":Distinct")
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["step"]) == [1, 2] and history["v_norm"].iloc[-1] == pytest.approx(torch.tensor(vector).norm())
+    adapter = load_adapter(tiny_model("llama")[0], out / "adapter.tlra")
+    assert adapter.num_params == 2 and torch.allclose(adapter.vector(), torch.tensor(vector))
+    assert any(x != 0 for x in vector)
+
+
+def test_train_checks_everything_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import tinylab.models
+
+    def boom(*a, **k):
+        raise AssertionError("no model may load for a bad command")
+
+    monkeypatch.setattr(tinylab.models, "load_model", boom)
+    err = _fails(["train", "--preset", "tiny-cpu", "stpes=2"], capsys)
+    assert "unknown override key 'stpes' (did you mean 'steps'?); allowed: " in err and "prompts_per_step" in err
+    err = _fails(["train", "--preset", "tiny-gpu"], capsys)
+    assert "unknown preset 'tiny-gpu'" in err and "tiny-cpu" in err
+    err = _fails(["train", "--preset", "tiny-cpu", "group_size=1"], capsys)
+    assert "group_size=1: must be an integer >= 2" in err
+    err = _fails(["train", "--preset", "tiny-cpu", "--trl", "use_vllm=true"], capsys)
+    assert "--backend tinylab runs in one process" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "WORLD_SIZE=2" in _fails(["train", "--preset", "tiny-cpu"], capsys)
+    monkeypatch.delenv("WORLD_SIZE")
+    err = _fails(["train", "--preset", "tiny-cpu", f"task={tmp_path / 'nope.py'}:Task"], capsys)
+    assert "nope.py is not a file; allowed: a registered task (arithmetic, capitals" in err
+    err = _fails(["train", "--preset", "tiny-cpu", "--trl", "vllm"], capsys)
+    assert "--trl 'vllm' is not KEY=VALUE" in err
+    err = _fails(["train", "--preset", "tiny-cpu", "--backend", "deepspeed"], capsys)
+    assert "invalid choice: 'deepspeed'" in err
+
+
+def test_train_trl_refuses_an_unknown_trl_field(tmp_path, capsys, monkeypatch):
+    import tinylab.models
+
+    monkeypatch.setattr(tinylab.models, "load_model", lambda *a, **k: 1 / 0)  # checked before any model loads
+    (tmp_path / "distinct.py").write_text(TASK)
+    err = _fails(["train", "--preset", "tiny-cpu", "--backend", "trl", "--out", str(tmp_path / "out"),
+                  f"task={tmp_path / 'distinct.py'}:Distinct", "--trl", "use_vlm=true"], capsys)
+    assert "unknown field of TRL's GRPOConfig 'use_vlm' (did you mean 'use_vllm'?)" in err
+    assert not (tmp_path / "out").exists()

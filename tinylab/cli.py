@@ -157,6 +157,10 @@ def _train(args) -> int:
     if args.backend == "tinylab" and (world > 1 or trl_fields):
         raise ValueError(f"--backend tinylab runs in one process (WORLD_SIZE={world}, --trl {args.trl}); "
                          "allowed: --backend trl under torchrun / accelerate launch, or one process without --trl")
+    if args.backend == "trl":
+        from tinylab.trl import check_trl_fields
+
+        check_trl_fields(trl_fields)
     task = _task(p.task, p.task_options)
     model, tokenizer = load_model(p.model, dtype=p.dtype)
     adapter = apply_tinylora(model, p.adapter)

@@ -48,7 +48,7 @@ from tinylab.grpo import GRPOConfig, train_pool
 from tinylab.presets import unknown_message
 from tinylab.run import StepLog, StopTraining, step_log
 
-__all__ = ["TRLStepLogs", "grpo_trainer", "model_precision", "peft_model", "trl_args"]
+__all__ = ["TRLStepLogs", "check_trl_fields", "grpo_trainer", "model_precision", "peft_model", "trl_args"]
 
 
 def _generation_batch(per_device: int, steps_per_generation: int | None, generation_batch_size: int | None) -> int:
@@ -67,6 +67,16 @@ def model_precision(model) -> dict:
     on_cpu = weight.device.type == "cpu"
     return dict(use_cpu=on_cpu, bf16=not on_cpu and weight.dtype == torch.bfloat16,
                 fp16=not on_cpu and weight.dtype == torch.float16)
+
+
+def check_trl_fields(fields) -> None:
+    """TypeError naming the first key of `fields` that is not a TRL GRPOConfig field, and the allowed ones."""
+    from trl import GRPOConfig as TRLGRPOConfig
+
+    unknown = [key for key in fields if key not in TRLGRPOConfig.__dataclass_fields__]
+    if unknown:
+        allowed = sorted(TRLGRPOConfig.__dataclass_fields__)
+        raise TypeError(unknown_message("field of TRL's GRPOConfig", unknown[0], allowed))
 
 
 def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, **overrides):
@@ -98,10 +108,7 @@ def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, **ov
 
     if "activation_checkpointing" in TRLGRPOConfig.__dataclass_fields__:  # transformers >= 5.x name
         args["activation_checkpointing"] = args.pop("gradient_checkpointing")
-    unknown = [key for key in overrides if key not in TRLGRPOConfig.__dataclass_fields__]
-    if unknown:
-        allowed = sorted(TRLGRPOConfig.__dataclass_fields__)
-        raise TypeError(unknown_message("field of TRL's GRPOConfig", unknown[0], allowed))
+    check_trl_fields(overrides)
     args.update(overrides)
     n_gen = args["num_generations"]
     if not isinstance(n_gen, int) or n_gen < 2:
