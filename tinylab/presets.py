@@ -17,7 +17,8 @@ Presets:
 - `paper-gsm8k-shared`: the same with the reimplementations' placement, one shared u = 13 vector.
 - `gpu-gsm8k-0.5b`, `gpu-gsm8k-1.5b`: one GPU beside the paper's run: Qwen2.5-0.5B-Instruct
   (24 GB GPU, up to 384 new tokens) or Qwen2.5-1.5B-Instruct (48-80 GB GPU, up to 512) on GSM8K
-  in bf16, the paper's placement (13 numbers), 4 prompts x 4 samples per step, 500 steps. Expected memory
+  in bf16, 13 numbers (one shared u = 13 vector, which the PEFT/vLLM path can express), 4 prompts
+  x 4 samples per step, 500 steps. Expected memory
   and time: `estimate(name)`, printed by `python -m tinylab.presets`. They are ARITHMETIC, not
   measured (no GPU here): weights 2 bytes/param; activations kept for the backward pass
   2 * (10 h + 4 i) bytes per token per layer (bf16; every layer's activations are needed, since
@@ -96,7 +97,7 @@ def _one_gpu(name: str, model: str, gpu_gb: int, max_new_tokens: int) -> Preset:
         model=model,
         task="gsm8k",
         task_options=MappingProxyType({}),
-        adapter=TinyLoRAConfig(r=2, u=1, n_tie=16, tie="tiled"),
+        adapter=TinyLoRAConfig(r=2, u=13, n_tie="all"),
         training=GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=max_new_tokens, temperature=1.0, lr=1e-4,
                             steps=500, seed=0, scale_rewards="group", clip=0.2, inner_epochs=1, kl=0.0,
                             checkpoint_every=25),
@@ -104,8 +105,9 @@ def _one_gpu(name: str, model: str, gpu_gb: int, max_new_tokens: int) -> Preset:
         lr_sweep=(1e-5, 1e-4, 2e-4),
         seeds=(0, 1, 2),
         runnable_here=False,
-        notes=(f"One GPU of {gpu_gb} GB or more: {model} in bf16, the paper's placement (r=2, u=1, tiled n_tie=16: "
-               "13 numbers over 24-28 layers x 7 maps), 16 completions per step, 500 steps (2,000 of GSM8K's 7,473 "
+        notes=(f"One GPU of {gpu_gb} GB or more: {model} in bf16, 13 numbers as one u=13 vector shared by all "
+               "24-28 layers x 7 maps (PEFT's weight_tying=1 expresses it, so the vLLM path can take it; the "
+               "paper's tiled n_tie=16 cannot be), 16 completions per step, 500 steps (2,000 of GSM8K's 7,473 "
                "training problems). Memory and time: tinylab.presets.estimate(name), arithmetic with stated "
                "assumptions, not measured. lr_sweep: the upper part of the paper's range. Not run here (no GPU)."),
     )
@@ -182,9 +184,11 @@ class Estimate(NamedTuple):
     run_hours: float
 
 
-def estimate(name: str, *, prompt_tokens: int = 150, decode_ms: float = 30.0, tflops: float = 100.0) -> Estimate:
-    """The arithmetic estimate for a preset on a model in `_SHAPES` (assumptions in the module doc)."""
-    p = preset(name)
+def estimate(name: str, *, prompt_tokens: int = 150, decode_ms: float = 30.0, tflops: float = 100.0,
+             **overrides) -> Estimate:
+    """The arithmetic estimate for `preset(name, **overrides)` on a model in `_SHAPES` (assumptions
+    in the module doc): `estimate("gpu-gsm8k-0.5b", prompts_per_step=8)` for a larger batch."""
+    p = preset(name, **overrides)
     if p.model not in _SHAPES:
         raise ValueError(unknown_message("model to estimate", str(p.model), sorted(_SHAPES)))
     params, h, i, layers, kv_heads, head_dim, vocab = _SHAPES[p.model]
