@@ -47,11 +47,13 @@ def main() -> None:
     parser.add_argument("--confirm", type=int, default=15, help="heads confirmed by real ablation")
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda, mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that runs it, else fp32), float32, ...")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 160)
 
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(device=args.device, dtype=args.dtype)
     adapter = load_adapter(model, args.adapter)
     shape = dict(starts=0.0, short=0.0) if args.reward == "exact" else dict(starts=0.5, short=0.3)
     if args.task == "answer":

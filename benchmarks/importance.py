@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/importance.py                  # timings on the embedded model
     .venv/bin/python benchmarks/importance.py --rank gsm8k --objective sft --prompts 16
     .venv/bin/python benchmarks/importance.py --rank capitals --objective grpo --prompts 16 --flexible 0.5
+    .venv/bin/python benchmarks/importance.py --device cuda --dtype bfloat16   # where researchers run
 
 Timings (medians of --repeats runs, same prompts and seed everywhere):
 - module_importance over all 210 modules (sampling included) vs one GRPO step on the same
@@ -43,13 +44,27 @@ def _task(name: str, args):
     return tasks.get(name)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU's work is queued: time it done
+
+
 def _time(fn, repeats: int):
     times, out = [], None
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+def _model(args):
+    model, tok = load_model(device=args.device, dtype=args.dtype)
+    weight = next(model.parameters())
+    print(f"model on {weight.device}, {weight.dtype}")
+    return model, tok
 
 
 def _grpo_forward_backward(model, rollout, rewards, group_size, temperature):
@@ -67,7 +82,7 @@ def _grpo_forward_backward(model, rollout, rewards, group_size, temperature):
 
 
 def timings(args) -> None:
-    model, tok = load_model()
+    model, tok = _model(args)
     task = _task(args.task, args)
     kwargs = dict(n_prompts=args.prompts, n_samples=args.samples, max_new_tokens=args.max_new_tokens,
                   seed=args.seed, temperature=1.0)
@@ -78,7 +93,7 @@ def timings(args) -> None:
     t_gen, rollout = _time(lambda: generate(model, tok, prompts, n=args.samples, max_new_tokens=args.max_new_tokens,
                                             temperature=1.0, seed=args.seed), args.repeats)
     rewards = torch.tensor([0.0 if r is None else float(r) for r in task.reward(rollout.completions, answers)],
-                           dtype=torch.float64)
+                           dtype=torch.float32, device=rollout.input_ids.device)  # [B*G]
     rows = args.prompts * args.samples
     t_imp, imp = _time(lambda: module_importance(model, tok, task, objective="grpo", batch_size=rows, **kwargs),
                        args.repeats)
@@ -134,7 +149,7 @@ def slider_latency(model, t_fwd: float) -> None:
 def rank(args) -> None:
     import pandas as pd
 
-    model, tok = load_model()
+    model, tok = _model(args)
     task = _task(args.rank, args)
     start = time.perf_counter()
     imp = module_importance(model, tok, task, n_prompts=args.prompts, objective=args.objective,
@@ -172,6 +187,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that runs it, else fp32), float32, ...")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,6 +32,9 @@ Scores per module, from the per-prompt gradients G_p = dJ_p/dR (r x r):
 averaged over prompts, summed per (layer, module, head) and per (layer, module). Each linear
 module's per-prompt gradient is built inside its backward hook, reduced to head sums and dropped,
 so at most one (out, in) gradient exists at a time.
+
+Both run where the model is, in its dtype (fp32, bf16, fp16): every tensor is made on the model's
+device, the hooks' products and all sums are fp32, and the results are on the CPU.
 """
 
 from __future__ import annotations
@@ -237,9 +240,9 @@ def module_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 16,
 
                 def on_grad(g):
                     g = g.detach().float()  # [b, T, out]
-                    dM = torch.einsum("btr,bts->brs", h, g @ US)  # [b, r, r] dJ/dM * S
+                    dM = torch.einsum("btr,bts->brs", h, g @ US).to(grads.device)  # [b, r, r] dJ/dM * S
                     grads[:, slot[name]].index_add_(0, rows, dM.transpose(1, 2))  # dJ/dR per prompt
-                    scale[slot[name]] += torch.einsum("btr,bts->sr", h.abs(), g.abs() @ US.abs())  # [r, r]
+                    scale[slot[name]] += torch.einsum("btr,bts->sr", h.abs(), g.abs() @ US.abs()).to(scale.device)
 
                 y.register_hook(on_grad)
 
@@ -344,25 +347,26 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
     chosen = select_modules(model, TinyLoRAConfig(), warn=False)  # the maps the default adapter adapts
     linears = {name: lin for name, lin, _ in chosen}
     infos = [(name, layer, name.rsplit(".", 1)[-1]) for name, _, layer in chosen]
-    totals = {name: torch.zeros(n, dtype=torch.float32, device=device) for name in linears}  # [N] per module, fp32
+    totals = {name: torch.zeros(n, dtype=torch.float32, device=device) for name in linears}  # [N] per module
     per_head: dict[str, torch.Tensor] = {}
     state = {"rows": None}
 
     def on_output(name, mod, x, y):
         if not y.requires_grad or state["rows"] is None:
             return
-        x, rows, W = x.detach(), state["rows"], mod.weight.detach()
+        x, W = x.detach(), mod.weight.detach()
+        rows = state["rows"].to(x.device)  # [b] on the module's device (a model split by device_map)
 
         def on_grad(g):
             prompts = rows.unique()
             G = torch.stack([torch.einsum("bto,bti->oi", g[rows == p].float(), x[rows == p].float())
                              for p in prompts])  # [n_p, out, in] fp32, one module at a time
             taylor = (G * W.float()).abs()  # [n_p, out, in]
-            totals[name].index_add_(0, prompts, taylor.sum((1, 2)))
+            totals[name].index_add_(0, prompts.to(device), taylor.sum((1, 2)).to(device))
             split = _per_head(name.rsplit(".", 1)[-1], taylor, heads, kv, head_dim)
             if split is not None:
                 per_head.setdefault(name, torch.zeros(n, split.shape[1], dtype=torch.float32, device=device))
-                per_head[name].index_add_(0, prompts, split)
+                per_head[name].index_add_(0, prompts.to(device), split.to(device))
 
         y.register_hook(on_grad)
 
@@ -389,7 +393,7 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
         "taylor_per_weight": torch.stack([totals[nm].mean() / sizes[nm] for nm, _, _ in infos]),
     }, infos)
     rows = [(layer, kind, h, float(v)) for name, layer, kind in infos if name in per_head
-            for h, v in enumerate(per_head[name].double().mean(0).tolist())]
+            for h, v in enumerate(per_head[name].cpu().double().mean(0).tolist())]
     head_table = pd.DataFrame(rows, columns=["layer", "module", "head", "taylor"]).set_index(["layer", "module", "head"])
     informative = int(sum(t > 0 for t in torch.stack(list(totals.values())).sum(0)))
     return WeightImportance(table, head_table, objective, informative)
