@@ -10,6 +10,7 @@ set-up plays no part. The screenshot lands in test-output/browser/ (gitignored).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -47,16 +48,18 @@ def _write_json(path: Path, text: str) -> None:
 
 
 @pytest.fixture
-def jupyterlab(tmp_path):
-    """A JupyterLab server on 127.0.0.1 with a token, serving a copy of the notebook; yields its base URL."""
+def jupyterlab(tmp_path, request):
+    """A JupyterLab server on 127.0.0.1 with a token, serving a copy of the notebook (NOTEBOOK, or the
+    one a test passes through `indirect` parametrization); yields its base URL."""
+    source = getattr(request, "param", NOTEBOOK)
     work = tmp_path / "notebooks"
     work.mkdir()
     # a copy without outputs: every execution count on the page then comes from this run
-    notebook = json.loads(NOTEBOOK.read_text())
+    notebook = json.loads(source.read_text())
     for cell in notebook["cells"]:
         if cell["cell_type"] == "code":
             cell["outputs"], cell["execution_count"] = [], None
-    (work / NOTEBOOK.name).write_text(json.dumps(notebook))
+    (work / source.name).write_text(json.dumps(notebook))
     # No first-run news prompt; all cells stay in the DOM (no windowing), so outputs can be found.
     _write_json(tmp_path / "config" / "labconfig" / "page_config.json",
                 '{"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": true}}')
@@ -138,7 +141,10 @@ def _run_all(page) -> None:
     pytest.fail(f"the notebook did not finish within {NOTEBOOK_RUN_S} s; cell prompts: {_cell_prompts(page)}")
 
 
-def test_budget_slider_moves_readout_and_heatmap_draws(jupyterlab):
+@contextlib.contextmanager
+def _lab_page(jupyterlab, name: str, failure_png: str):
+    """Headless chromium with notebook `name` open in the JupyterLab of `jupyterlab` and all its cells
+    run (a screenshot on failure); closed after the block."""
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: `make browser-deps` installs Debian's chromium"
@@ -148,47 +154,82 @@ def test_budget_slider_moves_readout_and_heatmap_draws(jupyterlab):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
+            page.goto(f"{base}/lab/tree/{name}?token={token}")
             page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=SERVER_START_S * 1000)
             try:
                 _run_all(page)
             except BaseException:
-                page.screenshot(path=str(OUTPUT / "02_failure.png"))
+                page.screenshot(path=str(OUTPUT / failure_png))
                 raise
-
-            # the budget slider's output: slider, readout, and its heatmap (a plotly FigureWidget via anywidget)
-            widget = page.locator(".jp-OutputArea-output:has(.widget-hslider:has(label:text-is('params')))").first
-            widget.wait_for(timeout=30_000)
-            slider = widget.locator(".widget-hslider:has(label:text-is('params'))").first
-            readout = widget.locator(".widget-html-content", has_text=re.compile(r"params \((exact|nearest)")).first
-            heatmap = widget.locator(".js-plotly-plot:has(.hm image)").first
-            heatmap.wait_for(timeout=30_000)  # drawn: an svg with a heatmap trace
-            assert widget.locator(".js-plotly-plot .shapelayer path").count() > 0  # the planned modules' outlines
-            before = readout.inner_text()
-            shown_before = slider.locator(".widget-readout").inner_text()
-
-            # drag the handle to three quarters of the track (the value is sent on release)
-            handle = slider.locator(".noUi-handle").first
-            handle.scroll_into_view_if_needed()
-            track = slider.locator(".noUi-base").first.bounding_box()
-            grip = handle.bounding_box()
-            page.mouse.move(grip["x"] + grip["width"] / 2, grip["y"] + grip["height"] / 2)
-            page.mouse.down()
-            page.mouse.move(track["x"] + 0.75 * track["width"], track["y"] + track["height"] / 2, steps=10)
-            page.mouse.up()
-            page.wait_for_function(
-                "([el, old]) => el.innerText !== old", arg=[readout.element_handle(), before], timeout=30_000)
-            after = readout.inner_text()
-            shown_after = slider.locator(".widget-readout").inner_text()
-
-            count = lambda text: int(re.search(r"([\d,]+)\s+params", text).group(1).replace(",", ""))  # noqa: E731
-            assert shown_after != shown_before, (shown_before, shown_after)
-            assert count(after) > count(before), (before, after)
-            assert heatmap.locator(".hm image").count() == 1  # still drawn after the re-plan
-
-            widget.scroll_into_view_if_needed()
-            page.wait_for_timeout(500)
-            widget.screenshot(path=str(OUTPUT / "02_budget_slider.png"))
-            page.screenshot(path=str(OUTPUT / "02_where_to_spend.png"))
+            yield page
         finally:
             browser.close()
+
+
+def _drag(page, slider, fraction: float) -> None:
+    """Drag an ipywidgets slider's handle to `fraction` of its track; the value is sent on release."""
+    handle = slider.locator(".noUi-handle").first
+    handle.scroll_into_view_if_needed()
+    track = slider.locator(".noUi-base").first.bounding_box()
+    grip = handle.bounding_box()
+    page.mouse.move(grip["x"] + grip["width"] / 2, grip["y"] + grip["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(track["x"] + fraction * track["width"], track["y"] + track["height"] / 2, steps=10)
+    page.mouse.up()
+
+
+def test_budget_slider_moves_readout_and_heatmap_draws(jupyterlab):
+    with _lab_page(jupyterlab, NOTEBOOK.name, "02_failure.png") as page:
+        # the budget slider's output: slider, readout, and its heatmap (a plotly FigureWidget via anywidget)
+        widget = page.locator(".jp-OutputArea-output:has(.widget-hslider:has(label:text-is('params')))").first
+        widget.wait_for(timeout=30_000)
+        slider = widget.locator(".widget-hslider:has(label:text-is('params'))").first
+        readout = widget.locator(".widget-html-content", has_text=re.compile(r"params \((exact|nearest)")).first
+        heatmap = widget.locator(".js-plotly-plot:has(.hm image)").first
+        heatmap.wait_for(timeout=30_000)  # drawn: an svg with a heatmap trace
+        assert widget.locator(".js-plotly-plot .shapelayer path").count() > 0  # the planned modules' outlines
+        before = readout.inner_text()
+        shown_before = slider.locator(".widget-readout").inner_text()
+
+        _drag(page, slider, 0.75)  # three quarters of the track (the value is sent on release)
+        page.wait_for_function(
+            "([el, old]) => el.innerText !== old", arg=[readout.element_handle(), before], timeout=30_000)
+        after = readout.inner_text()
+        shown_after = slider.locator(".widget-readout").inner_text()
+
+        count = lambda text: int(re.search(r"([\d,]+)\s+params", text).group(1).replace(",", ""))  # noqa: E731
+        assert shown_after != shown_before, (shown_before, shown_after)
+        assert count(after) > count(before), (before, after)
+        assert heatmap.locator(".hm image").count() == 1  # still drawn after the re-plan
+
+        widget.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        widget.screenshot(path=str(OUTPUT / "02_budget_slider.png"))
+        page.screenshot(path=str(OUTPUT / "02_where_to_spend.png"))
+
+
+KNOBS_NOTEBOOK = ROOT / "notebooks" / "07_thirteen_knobs.ipynb"
+
+
+@pytest.mark.parametrize("jupyterlab", [KNOBS_NOTEBOOK], indirect=True)
+def test_dragging_a_knob_changes_the_panels_score(jupyterlab):
+    """Notebook 07's KnobPanel: drag the v0 slider near the end of its track; the panel's "now" gold
+    log-prob is recomputed by the kernel and redrawn."""
+    with _lab_page(jupyterlab, KNOBS_NOTEBOOK.name, "07_failure.png") as page:
+        knob = ".widget-hslider:has(label:text-is('v0'))"
+        panel = page.locator(f".jp-OutputArea-output:has({knob})").first
+        panel.wait_for(timeout=30_000)
+        summary = panel.locator(".widget-html-content", has_text="mean gold log-prob: base").first
+        now = lambda: float(re.search(r"now (-?[\d.]+)", summary.inner_text()).group(1))  # noqa: E731
+        score_before = now()
+        shown_before = panel.locator(knob).locator(".widget-readout").inner_text()
+
+        _drag(page, panel.locator(knob).first, 0.95)
+        page.wait_for_function("([el, old]) => !el.innerText.includes('now ' + old)",
+                               arg=[summary.element_handle(), f"{score_before:.4f}"], timeout=120_000)
+        assert panel.locator(knob).locator(".widget-readout").inner_text() != shown_before
+        assert now() != score_before, summary.inner_text()
+
+        panel.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        panel.screenshot(path=str(OUTPUT / "07_knob_panel.png"))
