@@ -17,7 +17,10 @@ Prints ratios measured in this run (all 7 linear maps of every block adapted, 21
 - file size for 13 parameters: `save_adapter` (fp32 and bf16) vs PEFT's `save_pretrained`.
 
 Run: .venv/bin/python benchmarks/adapter.py [--rounds 12] [--decode-rounds 60] [--batch 8] [--seq 128]
-     [--threads N]
+     [--threads N] [--device auto|cpu|cuda|cuda:1|mps] [--dtype auto|float32|bfloat16|float16]
+`--device` / `--dtype` go to `tinylab.load_model` (auto: CUDA, then MPS, else the CPU; bf16 on a GPU
+that runs it, else fp32); both models and the inputs live there, and GPU timings synchronize the
+device. The device and dtype are printed first: quote them with the ratios.
 The load average is printed before and after: on a shared 2-core machine, compare runs with care.
 """
 
@@ -43,23 +46,38 @@ from peft import TinyLoraConfig, get_peft_model  # noqa: E402
 import tinylab.svd as svd_engine  # noqa: E402
 from tinylab.adapter import DEFAULT_TARGETS, TinyLoRAConfig, apply_tinylora  # noqa: E402
 from tinylab.adapter_file import save_adapter  # noqa: E402
-from tinylab.models import load_model  # noqa: E402
+from tinylab.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 
 THIRTEEN = TinyLoRAConfig(u=13, n_tie="all")  # 13 params: one u=13 vector shared by all 210 maps
 OTHER_BUDGET = TinyLoRAConfig(u=1, n_tie=1)  # 210 params: one scalar per module
 PEFT_THIRTEEN = dict(r=2, u=13, weight_tying=1.0, target_modules=list(DEFAULT_TARGETS))
 
 
+DEVICE = torch.device("cpu")  # set in main
+
+
+def _sync() -> None:
+    """Wait for the device's queued work (GPU kernels run asynchronously), so a clock sees it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    elif DEVICE.type == "mps":
+        torch.mps.synchronize()
+
+
 def _clock(fn) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
 def _clocks(fn) -> tuple[float, float]:
     """(wall, CPU) seconds: CPU time (all threads) is less sensitive to other processes' load."""
+    _sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    _sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -135,7 +153,7 @@ def bench_decode(models: dict, ids: torch.Tensor, rounds: int, per_switch: int =
     """One new token per sequence on a KV cache of ids.shape[1] tokens; the cache is cropped back each
     step. Each round times `per_switch` steps per model (the adapter switches between them)."""
     step = ids[:, -1:]  # [B, 1]
-    mask = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long)
+    mask = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long, device=ids.device)  # [B, L + 1]
     caches = {}
     for k, get in models.items():
         with torch.inference_mode():
@@ -185,18 +203,23 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 is steadier on a loaded machine")
+    parser.add_argument("--device", default="auto", help="where the models run (tinylab.load_model's device)")
+    parser.add_argument("--dtype", default="auto", help="the models' weight dtype (tinylab.load_model's dtype)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, DEVICE)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"torch {torch.__version__}, device {DEVICE}, dtype {dtype}, {torch.get_num_threads()} threads, "
           f"load average before: {os.getloadavg()[0]:.2f}")
-    ours, _ = load_model()
-    theirs, _ = load_model()
+    ours, _ = load_model(device=DEVICE, dtype=dtype)
+    theirs, _ = load_model(device=DEVICE, dtype=dtype)
 
     adapter, peft_model, att = bench_attach(ours, theirs)
     n_modules = len(adapter.modules)
-    print(f"\n[attach] SmolLM2, {n_modules} modules, r=2, 13 params")
+    print(f"\n[attach] SmolLM2 on {DEVICE} in {dtype}, {n_modules} modules, r=2, 13 params")
     for key, label, goal in (("cold", "first attach, cold SVD cache ", 3.0),
                              ("warm_disk", "first attach, warm disk cache", None),
                              ("reattach", "re-attach, another budget    ", 0.5),
@@ -214,7 +237,7 @@ def main() -> None:
     switch = Switch(ours, adapter)
     # "base again" is the base timed as a fourth arm: its ratio to "base" is this run's noise floor
     models = {"base": switch.as_base, "ours": switch.as_ours, "peft": lambda: peft_model, "base again": switch.as_base}
-    ids = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq), generator=g)  # [B, L]
+    ids = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq), generator=g).to(DEVICE)  # [B, L]
 
     for label, times in (
         (f"prefill {args.batch} x {args.seq} tokens, {args.rounds} rounds", bench_prefill(models, ids, args.rounds)),
