@@ -75,6 +75,19 @@ def test_divisibility_checked_before_anything_loads(tmp_path, monkeypatch):
         trl_args(GRPOConfig(), str(tmp_path), num_generations=1)
 
 
+def test_a_step_is_split_over_the_processes(tmp_path):
+    config = GRPOConfig(prompts_per_step=4, group_size=2)
+    assert trl_args(config, str(tmp_path)).per_device_train_batch_size == 8
+    # world_size defaults to $WORLD_SIZE (torchrun / accelerate launch); TRL's own check of the
+    # per-process batch runs here in one process, so the split keeps whole groups per process
+    assert trl_args(config, str(tmp_path), world_size=4).per_device_train_batch_size == 2  # 8 over 4
+    with pytest.raises(ValueError, match=r"8 completions per step cannot be split over world_size=3 processes"):
+        trl_args(config, str(tmp_path), world_size=3)
+    with pytest.raises(ValueError, match=r"generation batch \(6 completions = .* world size"):
+        trl_args(GRPOConfig(prompts_per_step=4, group_size=4), str(tmp_path), world_size=2,
+                 per_device_train_batch_size=3)
+
+
 def _merged_weights(model, adapter) -> dict[str, torch.Tensor]:
     """The base model's parameters by their own names, adapted ones holding W + the adapter's update."""
     with torch.no_grad():

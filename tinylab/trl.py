@@ -7,7 +7,8 @@ has `requires_grad=False`), with device settings taken from the model (`model_pr
 model gets `use_cpu=True`; a GPU model bf16/fp16 mixed precision when its weights are bf16/fp16)
 and the GRPOConfig fields translated:
 
-    prompts_per_step * group_size -> per_device_train_batch_size (one generation batch per step)
+    prompts_per_step * group_size / world size -> per_device_train_batch_size (one generation batch per
+        step over all processes: a step means the same under torchrun as in one process)
     group_size -> num_generations        max_new_tokens -> max_completion_length
     lr -> learning_rate (constant, Adam with weight_decay=0, no gradient clipping, like train_grpo)
     clip -> epsilon (0.2 when None; with inner_epochs=1 the ratio is 1 and clipping never acts)
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,10 +53,11 @@ from tinylab.run import StepLog, StopTraining, step_log
 __all__ = ["TRLStepLogs", "check_trl_fields", "grpo_trainer", "model_precision", "peft_model", "trl_args"]
 
 
-def _generation_batch(per_device: int, steps_per_generation: int | None, generation_batch_size: int | None) -> int:
+def _generation_batch(per_device: int, world: int, steps_per_generation: int | None,
+                      generation_batch_size: int | None) -> int:
     if generation_batch_size is not None:
         return generation_batch_size
-    return per_device * (steps_per_generation or 1)
+    return per_device * world * (steps_per_generation or 1)
 
 
 def model_precision(model) -> dict:
@@ -79,11 +82,14 @@ def check_trl_fields(fields) -> None:
         raise TypeError(unknown_message("field of TRL's GRPOConfig", unknown[0], allowed))
 
 
-def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, **overrides):
+def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, world_size: int | None = None,
+             **overrides):
     """A TRL `GRPOConfig` equivalent to `config`. `overrides` are TRL GRPOConfig fields.
 
-    Device fields come from `model` (`model_precision`); without a model, CPU settings.
-    Checks before anything is built that the generation batch is a multiple of num_generations.
+    Device fields come from `model` (`model_precision`); without a model, CPU settings. A step's
+    completions are split over `world_size` processes (default: `$WORLD_SIZE`, set by torchrun
+    and accelerate launch, else 1). Checks before anything is built that they split evenly and
+    that the generation batch is a multiple of num_generations.
     """
     if not isinstance(config, GRPOConfig):
         raise TypeError(f"config must be a tinylab GRPOConfig, got {type(config).__name__}")
@@ -91,13 +97,18 @@ def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, **ov
         raise ValueError(f"kl={config.kl} is not supported by the TRL bridge (TRL would load a second copy of the "
                          "model as reference); allowed: kl=0, or use tinylab.train_grpo for kl > 0")
     max_new = config.max_new_tokens or getattr(task, "max_new_tokens", 64)
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    completions = config.prompts_per_step * config.group_size
+    if world < 1 or completions % world:
+        raise ValueError(f"prompts_per_step x group_size = {completions} completions per step cannot be split over "
+                         f"world_size={world} processes; allowed: a number of completions divisible by {world}")
     args = dict(
         output_dir=output_dir,
         **(model_precision(model) if model is not None else dict(use_cpu=True, bf16=False, fp16=False)),
         gradient_checkpointing=False,
         learning_rate=config.lr, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=0.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        per_device_train_batch_size=config.prompts_per_step * config.group_size, gradient_accumulation_steps=1,
+        per_device_train_batch_size=completions // world, gradient_accumulation_steps=1,
         num_generations=config.group_size, max_completion_length=max_new, temperature=config.temperature,
         top_p=1.0, top_k=0, max_steps=config.steps, seed=config.seed, data_seed=config.seed,
         beta=0.0, epsilon=config.clip if config.clip is not None else 0.2, num_iterations=config.inner_epochs,
@@ -114,11 +125,12 @@ def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, **ov
     if not isinstance(n_gen, int) or n_gen < 2:
         raise ValueError(f"num_generations={n_gen!r} is not allowed: an integer >= 2 (GRPO compares completions "
                          "within a group)")
-    batch = _generation_batch(args["per_device_train_batch_size"], args.get("steps_per_generation"),
+    batch = _generation_batch(args["per_device_train_batch_size"], world, args.get("steps_per_generation"),
                               args.get("generation_batch_size"))
     if batch % n_gen:
         raise ValueError(
-            f"the generation batch ({batch} completions = per_device_train_batch_size x steps_per_generation, or "
+            f"the generation batch ({batch} completions = per_device_train_batch_size x world size x "
+            "steps_per_generation, or "
             f"generation_batch_size) is not divisible by num_generations={n_gen}; allowed: a multiple of {n_gen}, "
             f"e.g. per_device_train_batch_size={max(n_gen, batch - batch % n_gen)}"
         )
