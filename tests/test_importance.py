@@ -324,7 +324,7 @@ def _same_analyses(a, b, rel: float) -> None:
     assert float((attr_a.scores - attr_b.scores).abs().max()) <= rel * float(attr_b.scores.abs().max())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_public_function_keeps_to_the_models_device(gpu_stand_in, dtype):
     """module_importance (sft, grpo), weight_importance and token_attribution with torch's default
     device elsewhere than the model (meta): a tensor made without the model's device fails there."""
