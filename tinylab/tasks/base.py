@@ -49,6 +49,8 @@ class Task(Protocol):
     `examples(split, n, seed)`: `split` is "train" or "test" (never sharing a prompt); `n=None` is
     all of them; `seed=None` keeps the task's own order, an int draws a seeded sample.
     `reward(completions, answers)`: one float (or None: "does not apply") per completion.
+    Optional: `control_prompt(prompt) -> prompt`, the prompt control of `tinylab.controls` (the
+    instruction made explicit or one worked example prepended); tinylab's tasks have one.
     """
 
     name: str
