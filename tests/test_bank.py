@@ -1,6 +1,5 @@
 """AdapterBank: a mixed batch equals each row run alone with its adapter; None rows are the base model."""
 
-import warnings
 
 import pytest
 import torch
@@ -16,11 +15,7 @@ TOL = 1e-5
 PROMPTS = ["The capital of France is", "2 + 2 =", "Which is larger, 7 or 9?", "Hello there, my name"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # default targets on archs with extra maps warn once
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")  # default targets on archs with extra maps warn once
 
 
 def _bank(arch="llama", config=THIRTEEN, k=3, dtype=torch.float32, scale=1.0):

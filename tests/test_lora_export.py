@@ -1,7 +1,6 @@
 """export_lora: a PEFT LoRA checkpoint with the TinyLoRA model's logits; PEFT's mixed batch equals the bank's."""
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -17,11 +16,7 @@ peft = pytest.importorskip("peft")  # a declared dependency
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def _ids(length=12):

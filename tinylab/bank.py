@@ -263,7 +263,7 @@ class AdapterBank:
         values = values.detach().to(device="cpu", dtype=torch.float32).reshape(-1)  # (n,)
         if values.numel() != self.num_params:
             raise ValueError(f"adapter {name!r} has {values.numel()} numbers; allowed: {self.num_params} "
-                             f"({self.n_vectors} vectors x u={self.config.u} for this config on this model)")
+                             f"(n_vectors={self.n_vectors} x u={self.config.u} for this config on this model)")
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             i = int(bad[0])
