@@ -10,11 +10,13 @@ from tinylab import tasks
 from tinylab.adapter import TinyLoRA, TinyLoRAConfig, apply_tinylora
 from tinylab.adapter_file import AdapterFileError, load_adapter, save_adapter
 from tinylab.attribution import TokenAttribution, token_attribution
+from tinylab.bank import AdapterBank
 from tinylab.budget import BudgetPlan, lora_xs_size, plan_budget
 from tinylab.evaluation import Comparison, EvalReport, compare, evaluate
 from tinylab.grpo import GRPOConfig, train_grpo
 from tinylab.heads import AttentionPatterns, HeadEffects, ablate_heads, attention_patterns, head_effects
 from tinylab.importance import Importance, WeightImportance, module_importance, weight_importance
+from tinylab.lora_export import export_lora
 from tinylab.models import load_model, tiny_model
 from tinylab.paired_stats import PairedDifference, paired
 from tinylab.peft_interop import export_peft, import_peft
@@ -25,6 +27,7 @@ from tinylab.training import NonFiniteError, Run, StepLog, StopTraining, resume
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "AdapterBank",
     "AdapterFileError",
     "AttentionPatterns",
     "BudgetPlan",
@@ -51,6 +54,7 @@ __all__ = [
     "compare",
     "count_params",
     "evaluate",
+    "export_lora",
     "export_peft",
     "head_effects",
     "import_peft",
