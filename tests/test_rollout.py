@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from tinylab.batch import render_prompts
 from tinylab.models import tiny_model
-from tinylab.rollout import completion_logprobs, generate, render_prompts, stop_token_ids
+from tinylab.rollout import completion_logprobs, generate, stop_token_ids
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -138,12 +139,14 @@ def test_completion_logprobs_match_unpadded_forward(tiny):
 
 def test_bad_arguments_name_the_value(tiny):
     model, tok = tiny
-    with pytest.raises(ValueError, match="n=0"):
+    with pytest.raises(ValueError, match="n=0: must be an integer >= 1"):
         generate(model, tok, PROMPTS, n=0, max_new_tokens=3)
-    with pytest.raises(ValueError, match="max_new_tokens=0"):
+    with pytest.raises(ValueError, match="max_new_tokens=0: must be an integer >= 1"):
         generate(model, tok, PROMPTS, max_new_tokens=0)
-    with pytest.raises(ValueError, match="temperature=-1"):
+    with pytest.raises(ValueError, match="temperature=-1: must be a finite number >= 0"):
         generate(model, tok, PROMPTS, max_new_tokens=3, temperature=-1)
+    with pytest.raises(ValueError, match="batch_size=0: must be an integer >= 1"):
+        generate(model, tok, PROMPTS, max_new_tokens=3, batch_size=0)
     with pytest.raises(ValueError, match="prompts is empty"):
         generate(model, tok, [], max_new_tokens=3)
     with pytest.raises(ValueError, match="context of 512 tokens"):
@@ -174,3 +177,41 @@ def test_shared_prompt_logprobs_match_and_carry_gradients():
         completion_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=9)
     with pytest.raises(ValueError, match="group_size=2"):
         completion_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=2)
+
+
+def _generate_and_score(model, tok):
+    """generate + completion_logprobs (shared prompt) + backward: the two model calls of an RL step."""
+    r = generate(model, tok, PROMPTS, n=2, max_new_tokens=4, seed=7)
+    lp = completion_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=2)
+    lp.sum().backward()
+    device = next(model.parameters()).device
+    assert all(t.device == device for t in r[1:]) and lp.device == device
+    assert lp.dtype == torch.float32  # log-probabilities in fp32 whatever the model's dtype
+    return r, lp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_and_logprobs_make_every_tensor_on_the_model_device(dtype, gpu_stand_in):
+    """Under the stand-in a tensor made without device= lands on meta and fails; sampling uses a
+    CPU generator, so the completions do not depend on torch's default device either."""
+    from tinylab.adapter import apply_tinylora
+
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    adapter = apply_tinylora(model, u=2, n_tie="all")
+    adapter.set_vector([0.3, -0.2])
+    expected, expected_lp = _generate_and_score(model, tok)
+    grad = adapter.vectors[0].grad.clone()
+    adapter.vectors[0].grad = None
+    with gpu_stand_in():
+        r, lp = _generate_and_score(model, tok)
+    assert r.completions == expected.completions and torch.equal(r.completion_ids, expected.completion_ids)
+    torch.testing.assert_close(lp, expected_lp, atol=0, rtol=0)
+    torch.testing.assert_close(adapter.vectors[0].grad, grad, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_and_logprobs_on_cuda(dtype):
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    r, lp = _generate_and_score(model.to("cuda"), tok)
+    assert r.completion_ids.is_cuda and lp.is_cuda

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -41,11 +42,16 @@ def test_sft_lowers_the_loss_and_trains_only_v(tmp_path):
 
 def test_solution_batch_targets_are_solution_plus_eos():
     _, tok = tiny_model("llama", seed=0)
-    examples = ToyTask().examples("train", 2, 0)
+    examples = [Example([{"role": "user", "content": "Say apple."}], "apple", "apple."),
+                Example("a raw prompt", "pear", "a pear, then a much longer solution.")]
     ids, attn, target_mask = _solution_batch(tok, examples, max_tokens=256)
-    row = ids[0, -target_mask.shape[1]:][target_mask[0].bool()]
-    assert tok.decode(row[:-1]) == examples[0].solution and int(row[-1]) == tok.eos_token_id
+    for i, ex in enumerate(examples):
+        row = ids[i, -target_mask.shape[1]:][target_mask[i].bool()]
+        assert tok.decode(row[:-1]) == ex.solution and int(row[-1]) == tok.eos_token_id
     assert attn[:, -target_mask.shape[1]:].equal(target_mask)
+    assert target_mask[0].sum() != target_mask[1].sum()  # two lengths: the shorter row is right-padded
+    cut = _solution_batch(tok, examples, max_tokens=2).continuation_mask  # 2 solution tokens + EOS
+    assert cut.shape[1] == 3 and cut.sum(1).tolist() == [3, 3]
 
 
 def test_sft_accepts_a_grpo_config_and_resumes(tmp_path):
@@ -86,3 +92,38 @@ def test_sft_config_errors():
         SFTConfig(max_tokens=0)
     with pytest.raises(TypeError, match="SFTConfig"):
         train_sft(*_fresh(), ToyTask(), dataclasses.asdict(SFTConfig()))
+
+
+def test_non_finite_vector_is_refused_before_the_first_step(tmp_path):
+    model, tok, adapter = _fresh()
+    adapter.set_vector(torch.tensor([0.0, float("nan"), 0.0, float("-inf")]))
+    with pytest.raises(ValueError, match=r"vector v is not finite: 2 of 4 entries are NaN/inf \(at \[1, 3\]"):
+        train_sft(model, tok, adapter, ToyTask(), SFTConfig(checkpoint_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+def _device_check_sft(model, tok, adapter, folder):
+    run = train_sft(model, tok, adapter, OneExample(), SFTConfig(batch_size=2, steps=2, lr=0.1,
+                                                                  checkpoint_dir=str(folder)))
+    assert run.status == "finished" and run.step == 2 and all(math.isfinite(x) for x in run.history["loss"])
+    assert adapter.vector().abs().sum() > 0 and all(v.dtype == torch.float32 for v in adapter.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_sft_makes_every_tensor_on_the_model_device(dtype, gpu_stand_in, tmp_path):
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    adapter = apply_tinylora(model, u=4, n_tie="all")
+    examples = OneExample().examples("train", None, 0) * 2
+    with gpu_stand_in():
+        batch = _solution_batch(tok, examples, 256, device="cpu")
+        assert batch.input_ids.device.type == "cpu"
+        _device_check_sft(model, tok, adapter, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_sft_on_cuda(dtype, tmp_path):
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    model.to("cuda")
+    _device_check_sft(model, tok, apply_tinylora(model, u=4, n_tie="all"), tmp_path)
+    assert _solution_batch(tok, OneExample().examples("train", None, 0), 8, device="cuda").input_ids.is_cuda
