@@ -3,6 +3,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from test_distributed import TASK  # a task whose reward differs within every group
 
 from tinylab import load_adapter
 from tinylab.cli import main
@@ -41,23 +42,6 @@ def test_attach_out_of_range_is_a_clear_error(capsys, n):
                    "(14 modules x r*r=4, the LoRA-XS size)")
 
 
-TASK = """
-from tinylab.tasks import Example, Score
-
-
-class Distinct:
-    name = "distinct"
-    max_new_tokens = 4
-
-    def examples(self, split, n, seed):
-        return [Example([{"role": "user", "content": f"Say {w}."}], w, w) for w in ("fig", "kiwi", "lime")][:n]
-
-    def reward(self, completions, answers, **kwargs):
-        return [len(set(c)) / 10 for c in completions]
-
-    def score(self, completion, answer):
-        return Score(bool(completion), completion == answer, answer in completion, completion or None)
-"""
 
 
 def _fails(argv, capsys) -> str:
