@@ -281,3 +281,48 @@ def test_background_start_and_wait_reraises(tmp_path):
     with pytest.raises(NonFiniteError):
         run.wait(120)
     assert run.status == "failed" and run.step == 1
+
+
+def _stop_after_one_then_resume(dtype, folder, resume_context, write_context, to=None):
+    """Train 1 of 2 steps, stop, then resume in a fresh model; compare with an uninterrupted run."""
+    import contextlib
+
+    cfg = dataclasses.replace(CONFIG, steps=2, checkpoint_dir=str(folder / "stopped"))
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    full_run = train_grpo(model, tok, apply_tinylora(model, u=4, n_tie="all"), ToyTask(),
+                          dataclasses.replace(cfg, checkpoint_dir=str(folder / "full")))
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    with write_context or contextlib.nullcontext():
+        train_grpo(model, tok, apply_tinylora(model, u=4, n_tie="all"), ToyTask(), cfg, callbacks=[_stop_at(1)])
+    fresh, tok = tiny_model("llama", seed=0, dtype=dtype)
+    if to is not None:
+        fresh.to(to)
+    with resume_context or contextlib.nullcontext():
+        run = resume(folder / "stopped", fresh, tok, ToyTask())
+    assert run.status == "finished" and run.step == 2 and list(run.history["step"]) == [1, 2]
+    assert all(p.device == next(fresh.parameters()).device and p.dtype == torch.float32
+               for p in run.adapter.parameters())
+    assert all(t.device == p.device for p, s in zip(run.adapter.parameters(), run.optimizer.state.values())
+               for t in (s["exp_avg"], s["exp_avg_sq"]))
+    return run, full_run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_makes_every_tensor_on_the_model_device(dtype, gpu_stand_in, tmp_path):
+    """A folder written with the default device resumes under the stand-in (and the other way):
+    everything loaded is placed on the model's device explicitly, and the run ends where an
+    uninterrupted one does."""
+    run, full = _stop_after_one_then_resume(dtype, tmp_path / "a", gpu_stand_in(), None)
+    torch.testing.assert_close(run.vector, full.vector, atol=0, rtol=0)
+    run, full = _stop_after_one_then_resume(dtype, tmp_path / "b", None, gpu_stand_in())
+    torch.testing.assert_close(run.vector, full.vector, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_run_folder_written_on_the_cpu_resumes_on_cuda(dtype, tmp_path):
+    run, full = _stop_after_one_then_resume(dtype, tmp_path, None, None, to="cuda")
+    assert next(run.adapter.parameters()).is_cuda
+    # step 1 (from the folder) is the CPU run's; step 2 sampled on CUDA may pick other tokens, and
+    # Adam moves each entry by about lr per step, so the two runs end within 2 lr of each other
+    torch.testing.assert_close(run.vector, full.vector, atol=2 * CONFIG.lr, rtol=0)
