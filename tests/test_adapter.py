@@ -454,3 +454,16 @@ def test_offloaded_weights_are_refused_by_name():
     with pytest.raises(ValueError, match=r"on the meta device \(e\.g\. model\.layers\.1\.mlp\.gate_proj\)"):
         apply_tinylora(model, TinyLoRAConfig())
     assert all(p.requires_grad for p in model.model.layers[0].parameters())  # nothing changed
+
+
+def test_projections_keep_the_seed_bits_of_earlier_versions():
+    """P comes from seeds.derived_seed(seed, name) now; saved adapters only keep their meaning if
+    that is the generator seed earlier versions computed by hand: blake2b("{seed}:{name}"), 63 bits."""
+    import hashlib
+
+    from tinylab.adapter import _projection
+
+    for seed, name in ((0, "model.layers.0.self_attn.q_proj"), (12345, "model.layers.1.mlp.down_proj")):
+        digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        assert torch.equal(_projection(seed, name, 5, 2), torch.randn(5, 2, 2, generator=g) / math.sqrt(2))

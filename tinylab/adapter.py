@@ -362,7 +362,7 @@ class TinyLoRA:
 
     def vector(self) -> torch.Tensor:
         """All trained numbers as one detached fp32 vector, groups in order."""
-        return torch.cat([v.detach().reshape(-1) for v in self.vectors]).float().cpu()
+        return torch.cat([v.detach().reshape(-1).float().cpu() for v in self.vectors])  # (n,), from any devices
 
     @torch.no_grad()
     def set_vector(self, values: torch.Tensor | Sequence[float]) -> None:
