@@ -34,11 +34,9 @@ __all__ = ["main", "model_info", "parse_trl"]
 
 
 def _load(name: str | None):
-    from tinylab.models import TINY_ARCHS, load_model, tiny_model
+    from tinylab.models import load_model
 
-    if name and name.startswith("tiny-") and name[5:] in TINY_ARCHS:  # e.g. tiny-llama: random test model
-        return tiny_model(name[5:])
-    return load_model(name)
+    return load_model(name)  # also "tiny-llama" etc.: a random test model
 
 
 def model_info(model) -> dict:
