@@ -122,6 +122,17 @@ def test_local_folder_obeys_device_and_dtype(saved_tiny, gpu_stand_in, dtype):
     assert logits.dtype == dtype and torch.isfinite(logits.float()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_names_load_the_tiny_model(gpu_stand_in, dtype):
+    with gpu_stand_in():
+        model, tok = load_model("tiny-qwen2", device="cpu", dtype=dtype)
+    ref, _ = tiny_model("qwen2", dtype=dtype)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and {p.device.type for p in model.parameters()} == {"cpu"}
+    assert all(torch.equal(t, ref.state_dict()[k]) for k, t in model.state_dict().items())
+    with pytest.raises(OSError, match="pass its local folder"):  # not a tiny architecture: a hub id
+        load_model("tiny-gpt9", device="cpu")
+
+
 def test_device_map_passes_through(saved_tiny, monkeypatch):
     import transformers
 
