@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import math
 import random
@@ -306,25 +307,14 @@ def test_non_finite_vector_is_refused_before_the_first_step(bad, tmp_path):
     assert run.status == "created" and run.step == 0
 
 
-def _device_check_grpo(model, tok, adapter, folder):
-    run = train_grpo(model, tok, adapter, ToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(folder)))
+@pytest.mark.parametrize("where", ["gpu_stand_in", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_grpo_makes_every_tensor_on_the_model_device(where, dtype, gpu_stand_in, tmp_path):
+    """On the GPU stand-in (a tensor made without device= lands on meta and fails) and on CUDA."""
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    adapter = apply_tinylora(model.to("cuda" if where == "cuda" else "cpu"), u=4, n_tie="all")
+    with gpu_stand_in() if where == "gpu_stand_in" else contextlib.nullcontext():
+        run = train_grpo(model, tok, adapter, ToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)))
     assert run.status == "finished" and run.step == 2 and all(math.isfinite(log.loss) for log in run.logs)
     assert adapter.vector().abs().sum() > 0
     assert all(v.dtype == torch.float32 for v in adapter.parameters())  # the trained vector stays fp32
-    return run
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_train_grpo_makes_every_tensor_on_the_model_device(dtype, gpu_stand_in, tmp_path):
-    model, tok = tiny_model("llama", seed=0, dtype=dtype)
-    adapter = apply_tinylora(model, u=4, n_tie="all")
-    with gpu_stand_in():
-        _device_check_grpo(model, tok, adapter, tmp_path)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_train_grpo_on_cuda(dtype, tmp_path):
-    model, tok = tiny_model("llama", seed=0, dtype=dtype)
-    model.to("cuda")
-    _device_check_grpo(model, tok, apply_tinylora(model, u=4, n_tie="all"), tmp_path)

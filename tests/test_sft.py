@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import math
 
@@ -102,28 +103,16 @@ def test_non_finite_vector_is_refused_before_the_first_step(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _device_check_sft(model, tok, adapter, folder):
-    run = train_sft(model, tok, adapter, OneExample(), SFTConfig(batch_size=2, steps=2, lr=0.1,
-                                                                  checkpoint_dir=str(folder)))
+@pytest.mark.parametrize("where", ["gpu_stand_in", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_sft_makes_every_tensor_on_the_model_device(where, dtype, gpu_stand_in, tmp_path):
+    """On the GPU stand-in (a tensor made without device= lands on meta and fails) and on CUDA."""
+    device = torch.device("cuda" if where == "cuda" else "cpu")
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    adapter = apply_tinylora(model.to(device), u=4, n_tie="all")
+    config = SFTConfig(batch_size=2, steps=2, lr=0.1, checkpoint_dir=str(tmp_path))
+    with gpu_stand_in() if where == "gpu_stand_in" else contextlib.nullcontext():
+        assert _solution_batch(tok, OneExample().examples("train", None, 0), 8, device).input_ids.device == device
+        run = train_sft(model, tok, adapter, OneExample(), config)
     assert run.status == "finished" and run.step == 2 and all(math.isfinite(x) for x in run.history["loss"])
     assert adapter.vector().abs().sum() > 0 and all(v.dtype == torch.float32 for v in adapter.parameters())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_train_sft_makes_every_tensor_on_the_model_device(dtype, gpu_stand_in, tmp_path):
-    model, tok = tiny_model("llama", seed=0, dtype=dtype)
-    adapter = apply_tinylora(model, u=4, n_tie="all")
-    examples = OneExample().examples("train", None, 0) * 2
-    with gpu_stand_in():
-        batch = _solution_batch(tok, examples, 256, device="cpu")
-        assert batch.input_ids.device.type == "cpu"
-        _device_check_sft(model, tok, adapter, tmp_path)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_train_sft_on_cuda(dtype, tmp_path):
-    model, tok = tiny_model("llama", seed=0, dtype=dtype)
-    model.to("cuda")
-    _device_check_sft(model, tok, apply_tinylora(model, u=4, n_tie="all"), tmp_path)
-    assert _solution_batch(tok, OneExample().examples("train", None, 0), 8, device="cuda").input_ids.is_cuda
