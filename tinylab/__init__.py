@@ -21,9 +21,10 @@ from tinylab.models import load_model, tiny_model
 from tinylab.paired_stats import PairedDifference, paired
 from tinylab.peft_interop import export_peft, import_peft
 from tinylab.presets import Preset, preset
+from tinylab.resumption import resume
+from tinylab.run import NonFiniteError, Run, StepLog, StopTraining
 from tinylab.sft import SFTConfig, train_sft
 from tinylab.targets import DEFAULT_TARGETS, ModuleInfo, count_params, plan_modules
-from tinylab.training import NonFiniteError, Run, StepLog, StopTraining, resume
 
 __all__ = [
     "DEFAULT_TARGETS",
