@@ -203,12 +203,12 @@ def test_num_generations_that_does_not_divide_the_batch():
 
 
 @pytest.mark.parametrize("field, bad, allowed", [
-    ("group_size", 1, r"an integer >= 2"), ("prompts_per_step", 0, r"an integer >= 1"),
-    ("lr", 0.0, r"a number in \(0, 10\]"), ("temperature", float("inf"), r"a number in \(0, 10\]"),
-    ("clip", 1.5, r"None or a number in \(0, 1\)"), ("scale_rewards", "std", r"choose one of \['group', 'none'\]"),
+    ("group_size", 1, r"must be an integer >= 2"), ("prompts_per_step", 0, r"must be an integer >= 1"),
+    ("lr", 0.0, r"must be a finite number > 0 and <= 10"), ("temperature", float("inf"), r"> 0 and <= 10"),
+    ("clip", 1.5, r"must be a finite number > 0 and < 1, or None"), ("scale_rewards", "std", r"'group', 'none'"),
 ])
 def test_training_settings_out_of_range(field, bad, allowed):
-    with pytest.raises(ValueError, match=rf"{field}={bad!r} is not allowed: {allowed}"):
+    with pytest.raises(ValueError, match=rf"{field}={bad!r}: .*{allowed}"):
         GRPOConfig(**{field: bad})
 
 
