@@ -158,6 +158,19 @@ def test_peft_path_refuses_groups_peft_cannot_express(tmp_path):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["weight_tying"] == 0.0
 
 
+def test_use_vllm_without_vllm_changes_nothing(tmp_path, monkeypatch):
+    import importlib
+
+    import_utils = importlib.import_module("trl.import_utils")
+
+    monkeypatch.setattr(import_utils, "is_vllm_available", lambda: False)  # as on these machines
+    model, tok = tiny_model("llama", seed=0)
+    adapter = apply_tinylora(model, u=4, n_tie="all")
+    with pytest.raises(ImportError, match=r"use_vllm=True needs vLLM .*allowed here: use_vllm=False"):
+        grpo_trainer(model, tok, adapter, ToyTask(), CONFIG, output_dir=str(tmp_path), use_vllm=True)
+    assert adapter.attached and type(model.model.layers[0].self_attn.q_proj).__name__ == "TinyLoRALinear"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_device_settings_follow_the_model(tmp_path, dtype):
     model, _ = tiny_model("llama", dtype=dtype)

@@ -286,12 +286,23 @@ def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbac
     dataset = Dataset.from_list([{"prompt": ex.prompt, "answer": ex.answer} for ex in pool])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if args.use_vllm:
+        from trl.import_utils import is_vllm_available
+
+        if not is_vllm_available():  # TRL would say so only after the adapter went to PEFT
+            raise ImportError("use_vllm=True needs vLLM (a CUDA machine): pip install -e .[scale]; "
+                              "allowed here: use_vllm=False")
     trained = model
     if peft:
-        trained = peft_model(adapter, Path(output_dir) / "peft-start")
+        trained = peft_model(adapter, tempfile.mkdtemp(prefix="tinylab-peft-"))  # one per process
     forward = TRLStepLogs(_PeftVectors(trained) if peft else adapter, callbacks)
-    trainer = GRPOTrainer(model=trained, reward_funcs=[_reward_function(task)], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[forward])
+    try:
+        trainer = GRPOTrainer(model=trained, reward_funcs=[_reward_function(task)], args=args,
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=[forward])
+    except BaseException:
+        if peft:  # the model as it was, without PEFT's modules (the adapter passed in stays removed)
+            trained.unload()
+        raise
     trainer.tinylab_logs = forward
     trainer.tinylab_adapter = None if peft else adapter
     if peft:
