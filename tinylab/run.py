@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 import threading
@@ -238,8 +239,8 @@ class Run:
     def optimizer_step(self) -> float:
         """Adam step on the adapter vectors; returns the gradient norm. Never lets NaN into v."""
         params = list(self.adapter.parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        grad_norm = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1).float() for g in grads])))
+        norms = [float(torch.linalg.vector_norm(p.grad.float())) for p in params if p.grad is not None]
+        grad_norm = math.sqrt(sum(n * n for n in norms))  # vectors may sit on several devices (device_map)
         self.check_finite("the gradient", grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
