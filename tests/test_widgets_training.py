@@ -53,8 +53,9 @@ def test_panel_plots_every_step_of_a_grpo_run(tiny, tmp_path):
     assert list(reward.y) == pytest.approx(list(run.history["reward_mean"]))
     assert list(reward.error_y.array) == pytest.approx(list(run.history["reward_std"]))
     assert list(vnorm.y) == pytest.approx(list(run.history["v_norm"])) and vnorm.y[-1] > 0
-    assert list(longest.y) == list(run.history["completion_len_max"])
-    assert all(0 <= y <= 1 for y in spread.y + correct.y + formatted.y)
+    for trace, column in ((correct, "correct_rate"), (formatted, "format_rate"), (spread, "zero_spread"),
+                          (length, "completion_len"), (longest, "completion_len_max")):
+        assert list(trace.x) == [1, 2, 3] and list(trace.y) == pytest.approx(list(run.history[column])), column
     # the samples table shows the last step's completions, escaped, at most max_samples of them
     shown = run.logs[-1].samples[:2]
     assert panel.samples.value.count("<tr>") == 1 + len(shown)
