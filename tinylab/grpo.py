@@ -22,7 +22,10 @@ How this departs from textbook GRPO (Shao et al. 2024), nanochat `chat_rl.py` st
 - Sampling is seeded per step from (config.seed, step): prompts by a seeded shuffle of the train
   pool per epoch, completions by a private generator. A resumed run repeats an uninterrupted one.
 - A `None` reward counts as 0.0; a NaN/inf reward stops the run (`NonFiniteError`) with the last
-  finite state checkpointed.
+  finite state checkpointed. A vector that is NaN/inf before step 1 is refused (`ValueError`).
+- Any device, any dtype: every tensor is made on the model's device; rewards, advantages,
+  log-probabilities and the loss are fp32 whatever the model's dtype (bf16 logits are cast before
+  the log-softmax); the trained vectors and Adam's state stay fp32.
 """
 
 from __future__ import annotations
