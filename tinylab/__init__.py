@@ -16,6 +16,8 @@ from tinylab.evaluation import Comparison, EvalReport, compare, evaluate
 from tinylab.grpo import GRPOConfig, train_grpo
 from tinylab.heads import AttentionPatterns, HeadEffects, ablate_heads, attention_patterns, head_effects
 from tinylab.importance import Importance, WeightImportance, module_importance, weight_importance
+from tinylab.knobs import Attribution, NumberHeads, attribute, number_heads
+from tinylab.landscape import Landscape, Sweep, sweep
 from tinylab.lora_export import export_lora
 from tinylab.models import load_model, tiny_model
 from tinylab.paired_stats import PairedDifference, paired
@@ -31,20 +33,24 @@ __all__ = [
     "AdapterBank",
     "AdapterFileError",
     "AttentionPatterns",
+    "Attribution",
     "BudgetPlan",
     "Comparison",
     "EvalReport",
     "GRPOConfig",
     "HeadEffects",
     "Importance",
+    "Landscape",
     "ModuleInfo",
     "NonFiniteError",
+    "NumberHeads",
     "PairedDifference",
     "Preset",
     "Run",
     "SFTConfig",
     "StepLog",
     "StopTraining",
+    "Sweep",
     "TinyLoRA",
     "TinyLoRAConfig",
     "TokenAttribution",
@@ -52,6 +58,7 @@ __all__ = [
     "ablate_heads",
     "apply_tinylora",
     "attention_patterns",
+    "attribute",
     "compare",
     "count_params",
     "evaluate",
@@ -63,12 +70,14 @@ __all__ = [
     "load_model",
     "lora_xs_size",
     "module_importance",
+    "number_heads",
     "paired",
     "plan_budget",
     "plan_modules",
     "preset",
     "resume",
     "save_adapter",
+    "sweep",
     "tasks",
     "tiny_model",
     "token_attribution",
