@@ -7,6 +7,8 @@ Layout (no pickle): `state.safetensors` (v, Adam moments, torch's CPU RNG state 
 `state.json` (step, status, configs, Python/NumPy RNG states, history), `adapter.tlra`.
 Tensors are written from the CPU and read onto the CPU, then moved to the device of the adapter
 they are loaded into, so a folder written next to a GPU model continues on a CPU model and back.
+Only the CPU RNG state is kept: sampling draws from its own seeded CPU generator (`tinylab.rollout`),
+so nothing tinylab does depends on a GPU's RNG (a model with active dropout on a GPU would).
 """
 
 from __future__ import annotations
