@@ -9,7 +9,7 @@ from tinylab.adapter import apply_tinylora, find_adapter
 from tinylab.grpo import GRPOConfig
 from tinylab.models import tiny_model
 from tinylab.run import StopTraining
-from tinylab.trl import grpo_trainer, model_precision, peft_model, trl_args
+from tinylab.trl import _PeftVectors, grpo_trainer, model_precision, peft_model, trl_args
 
 CONFIG = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, lr=0.05, steps=1, seed=0)
 
@@ -147,6 +147,27 @@ def test_peft_path_trains_and_comes_back_as_a_tinylab_adapter(tmp_path):
     assert seen[-1].v_norm == pytest.approx(float(v.norm()))
     back.remove()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peft_model_matches_the_adapter_under_the_gpu_stand_in(tmp_path, gpu_stand_in, dtype):
+    model, tok = tiny_model("llama", seed=2, dtype=dtype)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = model(ids).logits.float()
+    adapter = apply_tinylora(model, u=4, n_tie="all")
+    adapter.set_vector(torch.tensor([1.0, -2.0, 0.5, 1.5]))
+    with torch.no_grad():
+        ours = model(ids).logits.float()
+    with gpu_stand_in():  # PEFT's shared v must be made on the model's device, not torch's default
+        wrapped = peft_model(adapter, tmp_path / "peft")
+        with torch.no_grad():
+            theirs = wrapped(input_ids=ids).logits.float()
+    v = _PeftVectors(wrapped).vectors[0]
+    assert v.device.type == "cpu" and v.dtype == torch.float32 and v.tolist() == [1.0, -2.0, 0.5, 1.5]
+    effect = (ours - base).abs().max()
+    assert effect > 0.05
+    assert (theirs - ours).abs().max() < (1e-5 if dtype == torch.float32 else effect / 4)
 
 
 def test_peft_path_refuses_groups_peft_cannot_express(tmp_path):

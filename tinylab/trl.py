@@ -237,7 +237,8 @@ def peft_model(adapter, folder: str | Path):
                          f"{len(ours)} modules ({adapter.config}); allowed for the PEFT/vLLM path: untied, "
                          "n_tie='all', or tiled groups of n_tie modules with n_tie dividing the module count")
     model = adapter.remove()
-    wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    with torch.device(next(model.parameters()).device):  # PEFT makes its shared v on torch's default device
+        wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     if len(_PeftVectors(wrapped).vectors) != adapter.num_groups:  # PEFT changed how it names or ties v
         raise RuntimeError(f"PEFT made {len(_PeftVectors(wrapped).vectors)} vectors for {adapter.num_groups} groups")
     return wrapped
