@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 import torch
 
 from tinylab import tasks
+from tinylab.adapter import TinyLoRA
 from tinylab.checks import check_number
 from tinylab.heads import head_effects
 from tinylab.knobs import GoldSet, kept_vector, number_label
@@ -91,8 +92,12 @@ class KnobPanel(widgets.VBox):
     def __init__(self, model, tokenizer, adapter, prompts: Sequence, held_out: Sequence, *, task=None,
                  target: str = "answer", max_new_tokens: int | None = None, limit: float | None = None,
                  batch_size: int = 8):
+        if not isinstance(adapter, TinyLoRA) or not adapter.attached:
+            raise TypeError(f"adapter must be an attached TinyLoRA (from apply_tinylora), got {adapter!r:.80}")
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts must be a non-empty list of prompts (strings, chat messages or Examples)")
+        if adapter.merged:
+            adapter.unmerge()  # the sliders set v, which a merged adapter would not see
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.task = None if task is None else tasks.get(task)
         self.prompts = [getattr(p, "prompt", p) for p in prompts]
