@@ -1,0 +1,112 @@
+"""How long one KnobPanel slider move takes on the embedded model, against one forward of the batch.
+
+    .venv/bin/python benchmarks/knobs.py [ADAPTER.tlra] [--prompts 4] [--repeats 5] [--threads 2]
+
+The adapter: a saved one (e.g. `benchmarks/demo_cpu.py --save DIR` writes DIR/seed0.tlra), else
+the demonstration's shape (u = 13 shared by all 210 modules) with seeded values of the size a
+trained vector has. The panel gets `--prompts` held-out prompts of capitals_answer for its greedy
+replies and the same examples (gold answer lines as targets) for its bars. One slider update is
+what the panel does after a move: set v, greedy replies (the task's 24 new tokens), the gold
+log-prob forward, and the head map (`head_effects`: base and now forwards with eager attention).
+Printed: the median update time over `--repeats` moves (the goal of issue 19 is <= 2 s), its
+parts, one forward of the teacher-forced batch (the same prompts), and the ratio; each as wall
+time and as process CPU time (on a shared machine the wall time counts the other processes too;
+with `--threads 1` the CPU time is what the wall time would be on an idle core).
+
+Measured 2026-12-02 with `--threads 1 --repeats 3` (seeded values, no adapter file) on the shared
+2-core machine at a load average of ~10: one update 5.304 s CPU (21.838 s wall), of which greedy
+replies 2.396 s CPU, the gold log-prob forward 1.178 s CPU, the head map 1.931 s CPU; one forward
+of the (4, 66)-token batch 1.254 s CPU; update / forward 4.2x in CPU time. The <= 2 s goal is not
+met on one core: the greedy replies alone take ~1.9 forwards, the head map's base and now forwards
+~1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from tinylab.widgets.knobs import KnobPanel  # noqa: E402
+
+import tinylab  # noqa: E402
+from tinylab.heads import head_effects  # noqa: E402
+from tinylab.tasks import get as get_task  # noqa: E402
+
+
+def _median_seconds(call, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and process CPU seconds of `call` (CPU time: what the call costs on a shared
+    machine, where wall time also counts the other processes; on one thread it is the unloaded wall time)."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        began, began_cpu = time.perf_counter(), time.process_time()
+        call()
+        wall.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - began_cpu)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def _both(seconds: tuple[float, float]) -> str:
+    return f"{seconds[0]:.3f} s wall, {seconds[1]:.3f} s CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapter", nargs="?", default=None, help="an adapter file (default: seeded values)")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = tinylab.load_model()
+    if args.adapter:
+        adapter = tinylab.load_adapter(model, args.adapter)
+    else:
+        adapter = tinylab.apply_tinylora(model, u=13, n_tie="all")
+        g = torch.Generator().manual_seed(0)
+        adapter.set_vector(0.02 * torch.randn(adapter.num_params, generator=g))
+    task = get_task("capitals_answer")
+    examples = task.examples("test", args.prompts, seed=0)
+    panel = KnobPanel(model, tokenizer, adapter, examples, examples, task=task, target="solution")
+    trained = panel.trained
+
+    moves = iter(range(10**6))
+
+    def move() -> None:  # alternate between the trained value and half of it
+        k = next(moves)
+        panel.sliders[0].value = float(trained[0]) * (0.5 if k % 2 == 0 else 1.0)
+
+    move()  # one untimed move (first eager-attention switch)
+    update = _median_seconds(move, args.repeats)
+    batch = panel.gold.batches[0]
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
+    forward()
+    one_forward = _median_seconds(forward, args.repeats)
+    with torch.no_grad():
+        replies = _median_seconds(panel._replies, args.repeats)
+        gold = _median_seconds(panel.gold.logprobs, args.repeats)
+    heads = _median_seconds(lambda: head_effects(model, tokenizer, adapter, panel.prompts, confirm=0), args.repeats)
+    panel.reset()
+
+    print(f"embedded model, u={adapter.config.u} x {adapter.num_groups} group(s), {len(examples)} prompts, "
+          f"{args.threads} thread(s), median of {args.repeats}")
+    print(f"one slider update: {_both(update)} (goal <= 2 s)")
+    print(f"  parts: greedy replies ({panel.max_new_tokens} new tokens) {_both(replies)}; gold log-prob forward "
+          f"{_both(gold)}; head map (head_effects) {_both(heads)}")
+    print(f"one forward of the same batch ({tuple(batch.input_ids.shape)} tokens): {_both(one_forward)}")
+    print(f"ratio update / forward: {update[0] / one_forward[0]:.1f}x wall, {update[1] / one_forward[1]:.1f}x CPU")
+
+
+if __name__ == "__main__":
+    main()
