@@ -285,14 +285,13 @@ def attribute(model, tokenizer, adapter: TinyLoRA, examples, *, task=None, targe
     with kept_vector(adapter) as trained_v, eval_mode(model):
         grad = _gradient(adapter, meter.gold)  # (num_params,)
         trained, _ = meter()
-        rows = []
+        rows, u = [], adapter.config.u
         for i, x in enumerate(trained_v.tolist()):
             drops = dict.fromkeys(trained, 0.0)
             if x != 0.0:
                 adapter.set_vector(_with(trained_v, {i: 0.0}))
                 found, _ = meter()
                 drops = {k: trained[k] - found[k] for k in trained}
-            u = adapter.config.u
             rows.append({"label": number_label(adapter, i), "group": i // u, "entry": i % u, "value": x,
                          "ablation": drops.pop("logprob"), "estimate": x * float(grad[i]), **drops})
         adapter.set_vector(torch.zeros_like(trained_v))
@@ -331,6 +330,16 @@ class NumberHeads(NamedTuple):
         return [(int(layer), int(head)) for layer, head in values[values > 0].index[:k]]
 
 
+def _as_list(numbers) -> list:
+    if isinstance(numbers, tuple) and len(numbers) == 2 and all(is_int(x) for x in numbers):
+        return [numbers]  # one (group, entry) pair
+    if is_int(numbers):
+        return [numbers]
+    if isinstance(numbers, str) or not isinstance(numbers, Sequence) or len(numbers) == 0:
+        raise ValueError(f"numbers={numbers!r}: must be None (all) or a non-empty list of numbers")
+    return list(numbers)
+
+
 def number_heads(model, tokenizer, adapter: TinyLoRA, prompts: Sequence, *, numbers=None,
                  value: float | None = None, batch_size: int = 8) -> NumberHeads:
     """For each of `numbers` (default: all), `head_effects` with only that number on, at its trained
@@ -357,13 +366,3 @@ def number_heads(model, tokenizer, adapter: TinyLoRA, prompts: Sequence, *, numb
             t.insert(0, "label", number_label(adapter, i))
             frames.append(pd.concat({i: t}, names=["number"]))
     return NumberHeads(pd.concat(frames))
-
-
-def _as_list(numbers) -> list:
-    if isinstance(numbers, tuple) and len(numbers) == 2 and all(is_int(x) for x in numbers):
-        return [numbers]  # one (group, entry) pair
-    if is_int(numbers):
-        return [numbers]
-    if isinstance(numbers, str) or not isinstance(numbers, Sequence) or len(numbers) == 0:
-        raise ValueError(f"numbers={numbers!r}: must be None (all) or a non-empty list of numbers")
-    return list(numbers)
