@@ -11,6 +11,10 @@ maps), 4 prompts x 8 completions, up to 16 new tokens, a reward that is random p
 3. generation with the adapter merged into the weights / unmerged (is merging worth it?)
 
 Usage: .venv/bin/python benchmarks/grpo.py [--steps 4] [--threads 2]
+     [--device auto|cpu|cuda|cuda:1|mps] [--dtype auto|float32|bfloat16|float16]
+`--device` / `--dtype` go to `tinylab.load_model` (auto: CUDA, then MPS, else the CPU; bf16 on a GPU
+that runs it). The ratios compare steps on the same device and dtype; the first line printed
+names them: quote it with the ratios.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch  # noqa: E402
 
 from tinylab.adapter import apply_tinylora  # noqa: E402
 from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
-from tinylab.models import load_model  # noqa: E402
+from tinylab.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from tinylab.rollout import _positions, generate  # noqa: E402
 from tinylab.tasks.base import completion_text  # noqa: E402
 from tinylab.tasks.capitals import CapitalsTask  # noqa: E402
@@ -43,6 +47,14 @@ class RandomReward(CapitalsTask):
 
     def reward(self, completions, answers=None, **kwargs):
         return [int(hashlib.md5(completion_text(c).encode()).hexdigest()[:8], 16) / 2**32 for c in completions]
+
+
+def _wait_for(device: torch.device) -> None:
+    """Let queued GPU kernels finish before reading the clock (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def base_step_time(model, tokenizer, adapter, prompts, config, seed) -> tuple[float, float, int]:
@@ -59,6 +71,7 @@ def base_step_time(model, tokenizer, adapter, prompts, config, seed) -> tuple[fl
         logp = out.logits[:, -r.completion_ids.shape[1] - 1:-1].float().log_softmax(-1)  # [B*G, L, V]
         loss = -(logp.gather(-1, r.completion_ids[..., None]).squeeze(-1) * r.completion_mask).sum()
         loss.backward()
+        _wait_for(r.input_ids.device)
         fwd_bwd = time.perf_counter() - t0
     return gen, fwd_bwd, int(r.completion_mask.sum())
 
@@ -67,10 +80,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="steps per timed run; the first is warm-up")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="where the model runs (tinylab.load_model's device)")
+    parser.add_argument("--dtype", default="auto", help="the model's weight dtype (tinylab.load_model's dtype)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
 
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(device=device, dtype=dtype)
     adapter = apply_tinylora(model, u=13, n_tie="all")
     task = RandomReward()
     config = GRPOConfig(prompts_per_step=4, group_size=8, max_new_tokens=16, lr=1e-3, steps=args.steps, seed=0)
@@ -115,8 +132,8 @@ def main():
     trl = statistics.median(log.step_time for log in trl_logs)
     trl_tokens = statistics.mean(log.completion_len for log in trl_logs) * 32
 
-    print(f"SmolLM2-135M, 13 params, 4 prompts x 8 completions, <= 16 new tokens, {args.threads} threads, "
-          f"median of {args.steps - 1} steps after warm-up")
+    print(f"SmolLM2-135M on {device} in {dtype}, 13 params, 4 prompts x 8 completions, <= 16 new tokens, "
+          f"{args.threads} threads, median of {args.steps - 1} steps after warm-up")
     print(f"our step            {ours:7.2f} s  (generation {ours_gen:.2f} s, fwd/bwd {ours_fb:.2f} s, "
           f"{ours_tokens:.0f} completion tokens)")
     print(f"base gen + fwd/bwd  {base_gen + base_fb:7.2f} s  (generation {base_gen:.2f} s, fwd/bwd {base_fb:.2f} s, "
