@@ -15,7 +15,8 @@ Rows whose adapter is None get no update at all (their outputs are the base mode
 that block around one model call (left padding and positions as `tinylab.evaluate` uses them).
 An adapter attached to the model with `apply_tinylora` is stepped around inside the block.
 
-Export to LoRA servers (PEFT, vLLM, LoRAX) is `tinylab.export_lora` (`tinylab.lora_export`).
+The replaced module is `tinylab.bank_layer.BankLinear`; export to LoRA servers (PEFT, vLLM, LoRAX) is
+`tinylab.export_lora` (`tinylab.lora_export`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tinylab.adapter import TinyLoRA, TinyLoRAConfig, TinyLoRALinear, _low_rank, apply_tinylora
+from tinylab.adapter import TinyLoRA, TinyLoRAConfig, apply_tinylora
 from tinylab.adapter_file import (
     AdapterFileError,
     _arch,
@@ -43,102 +42,13 @@ from tinylab.adapter_file import (
     save_adapter,
 )
 from tinylab.atomic import write_atomic
+from tinylab.bank_layer import BankLinear, Factors, bare, plain, swapped
 
 __all__ = ["AdapterBank"]
 
 _FORMAT = "tinylab-adapter-bank"
 _FORMAT_VERSION = "1"
 _SEED_NAME = {"seed": "projection seed"}
-
-
-class _Factors(NamedTuple):
-    """The frozen tensors of one adapted map, shared by every adapter in the bank."""
-
-    name: str  # named_modules() name
-    group: int  # tying group: which of the adapter's vectors drives it
-    Vh: torch.Tensor  # (r, in), the model's dtype
-    rows: torch.Tensor  # (r, out) = (U diag(S))^T, the model's dtype, contiguous
-    P: torch.Tensor  # (u, r, r) fp32
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
-@contextlib.contextmanager
-def _swapped(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[nn.Module]:
-    """Put `replacements` (name -> module) into `model` for the block; the originals go back after it."""
-    originals: dict[str, nn.Module] = {}
-    try:
-        for name, module in replacements.items():
-            parent, child = _parent(model, name)
-            originals[name] = parent._modules[child]
-            setattr(parent, child, module)
-        yield model
-    finally:
-        for name, module in originals.items():
-            parent, child = _parent(model, name)
-            setattr(parent, child, module)
-
-
-def _plain(module: nn.Module) -> nn.Module:
-    """The plain linear map under an attached (unmerged) TinyLoRA module, or the module itself."""
-    if isinstance(module, TinyLoRALinear):
-        if module.merged_R is not None:
-            raise ValueError("an adapter attached to this model is merged into its weights; call adapter.unmerge() "
-                             "before using an AdapterBank on the model")
-        return module.base
-    return module
-
-
-def _bare(model: nn.Module):
-    """The model without any attached TinyLoRA modules for the block (they go back after it)."""
-    return _swapped(model, {n: _plain(m) for n, m in model.named_modules() if isinstance(m, TinyLoRALinear)})
-
-
-class _BankLinear(nn.Module):
-    """A linear map plus, for each row of the batch, its own adapter's rank-r update (see the module doc)."""
-
-    def __init__(self, base: nn.Module, factors: _Factors, Rt: torch.Tensor, batch: int,
-                 selected: torch.Tensor | None):
-        super().__init__()
-        self.base = base
-        self.name = factors.name
-        self.Vh, self.rows = factors.Vh, factors.rows  # (r, in), (r, out)
-        self.Rt = Rt  # (B_a, r, r): R_b^T for each adapted row, the model's dtype
-        self.batch = batch  # B, rows the block was opened for
-        self.selected = selected  # (B_a,) long indexes of the adapted rows; None = every row
-
-    def _update(self, x: torch.Tensor) -> torch.Tensor:
-        """g = (x Vh^T) R_b^T for the adapted rows of x (B_a, T, in): (B_a * T, r)."""
-        Vh, Rt = self.Vh.to(x.dtype), self.Rt.to(x.dtype)  # (r, in), (B_a, r, r)
-        h = F.linear(x, Vh)  # (B_a, T, r)
-        return torch.bmm(h.reshape(Rt.shape[0], -1, Rt.shape[1]), Rt).reshape(-1, Rt.shape[1])  # (B_a*T, r)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.dim() == 2  # (B*T, in), as OPT's MLP flattens its rows: row-major, so (B, T) again below
-        if x.dim() < 2 or (x.shape[0] % self.batch if flat else x.shape[0] != self.batch):
-            raise ValueError(f"{self.name} got an input of shape {tuple(x.shape)} but bank.rows() was given "
-                             f"{self.batch} adapters; allowed: inputs of {self.batch} rows, one per adapter")
-        base, rows = self.base, self.rows.to(x.dtype)  # rows (r, out)
-        x3 = x.reshape(self.batch, -1, x.shape[-1])  # (B, T, in)
-        if self.selected is not None:  # some rows take the base model: only the others get an update
-            out = base(x3)  # (B, T, out)
-            g = self._update(x3.index_select(0, self.selected))  # (B_a*T, r)
-            delta = _low_rank(g, rows, None).view(len(self.selected), x3.shape[1], -1)  # (B_a, T, out)
-            return out.index_add_(0, self.selected, delta).view(*x.shape[:-1], -1)
-        g = self._update(x3)  # (B*T, r)
-        x2 = x3.reshape(-1, x.shape[-1])  # (N, in)
-        fast = type(base) is nn.Linear and not (torch.is_grad_enabled() or base._forward_hooks
-                                                or base._forward_pre_hooks)
-        if fast and x2.shape[0] > 64:  # prefill: the update first, the base gemm accumulates onto it
-            out = _low_rank(g, rows, base.bias).addmm_(x2, base.weight.T)  # (N, out)
-        elif fast:  # decoding: few rows
-            out = F.linear(x2, base.weight, base.bias).addmm_(g, rows)  # (N, out)
-        else:
-            out = torch.addmm(base(x2), g, rows)  # (N, out), out of place: autograd and hooks see base(x)
-        return out.view(*x.shape[:-1], -1)
 
 
 class AdapterBank:
@@ -156,14 +66,14 @@ class AdapterBank:
         if not isinstance(config, TinyLoRAConfig):
             raise TypeError(f"config must be a TinyLoRAConfig, got {type(config).__name__}")
         self.model, self.config = model, config
-        with _bare(model):
+        with bare(model):
             self.arch = _arch(model)
             self.fingerprint = base_fingerprint(model, config)  # portable: fp32 and bf16 alike
             self._exact_fingerprint = base_fingerprint(model, config, portable=False)
             handle = apply_tinylora(model, config)
             try:
                 self._factors = [
-                    _Factors(m.name, m.group, module.Vh.detach().clone(),
+                    Factors(m.name, m.group, module.Vh.detach().clone(),
                              (module.U.float() * module.S.float()).T.to(module.U.dtype).contiguous(),
                              module.P.detach().float().clone())
                     for m, (_, module) in zip(handle.modules, handle.named_modules())
@@ -297,7 +207,7 @@ class AdapterBank:
             raise ValueError(f"path={str(path)!r} is a file; give a folder (one .tlra file per adapter) or a path "
                              "ending in .safetensors (one file)")
         path.mkdir(parents=True, exist_ok=True)
-        with _bare(self.model):
+        with bare(self.model):
             handle = apply_tinylora(self.model, self.config)
             try:
                 for name in self._names:
@@ -374,7 +284,7 @@ class AdapterBank:
         index = self._row_indices(adapters, None)
         selected = [b for b, i in enumerate(index) if i >= 0]
         if not selected:
-            with _bare(self.model):
+            with bare(self.model):
                 yield self.model
             return
         rows = torch.tensor([index[b] for b in selected], dtype=torch.long, device=self.device)  # (B_a,)
@@ -383,10 +293,10 @@ class AdapterBank:
         keep = None if len(selected) == len(index) else torch.tensor(selected, dtype=torch.long, device=self.device)
         modules = dict(self.model.named_modules())
         replacements = {
-            f.name: _BankLinear(_plain(modules[f.name]), f, Rt[m].to(f.Vh.dtype), len(index), keep)
+            f.name: BankLinear(plain(modules[f.name]), f, Rt[m].to(f.Vh.dtype), len(index), keep)
             for m, f in enumerate(self._factors)
         }
-        with _bare(self.model), _swapped(self.model, replacements):
+        with bare(self.model), swapped(self.model, replacements):
             yield self.model
 
     @torch.no_grad()
