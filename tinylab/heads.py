@@ -50,10 +50,13 @@ __all__ = [
     "EVIDENCE",
     "Ablation",
     "AttentionPatterns",
+    "HeadActivity",
     "HeadEffects",
     "ablate_heads",
     "attention_patterns",
+    "attention_shift",
     "eager_attention",
+    "head_activity",
     "head_effects",
 ]
 
@@ -85,6 +88,22 @@ class HeadEffects(NamedTuple):
         """Size of the overlap of the top-k heads between each pair of measures (k on the diagonal)."""
         tops = {c: set(self.top(c, k)) for c in columns}
         return pd.DataFrame({a: {b: len(tops[a] & tops[b]) for b in columns} for a in columns})
+
+
+class HeadActivity(NamedTuple):
+    """What every head did on one batch of prompts: per layer its attention weights [B, H, T, T]
+    and outputs [B, T, H, d] (fp32, on the block's device), and the batch's mask [B, T] (0 on the
+    left padding). Reuse one as the base of `attention_shift` or `head_effects(base_activity=...)`."""
+
+    patterns: dict[int, torch.Tensor]
+    outputs: dict[int, torch.Tensor]
+    mask: torch.Tensor
+
+    def first(self, positions: int) -> HeadActivity:
+        """The first `positions` tokens only: in a forward of prompt + continuation, the prompt's
+        own activity (attention is causal, so later tokens change nothing before them)."""
+        return HeadActivity({k: p[:, :, :positions, :positions] for k, p in self.patterns.items()},
+                            {k: o[:, :positions] for k, o in self.outputs.items()}, self.mask[:, :positions])
 
 
 class AttentionPatterns(NamedTuple):
@@ -183,32 +202,86 @@ def _js_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (0.5 * (kl_p + kl_q) / math.log(2)).clamp(min=0)
 
 
+def _observed(patterns: dict, outputs: dict, mask: torch.Tensor) -> HeadActivity:
+    return HeadActivity(dict(patterns), dict(outputs), mask)
+
+
+def _prompt_batches(model, tokenizer, prompts, batch_size) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    rows, device, pad = prompt_rows(tokenizer, prompts), _device(model), pad_token_id(tokenizer)
+    return [left_pad(rows[i:i + batch_size], pad, device) for i in range(0, len(rows), batch_size)]  # [B, T] each
+
+
 @torch.no_grad()
-def _activation_shift(model, tokenizer, adapter, blocks, prompts, batch_size) -> tuple[dict, dict]:
-    """layer -> mean JS divergence per head [H], and relative output change per head [H]."""
-    rows, device = prompt_rows(tokenizer, prompts), _device(model)
-    # per layer: summed js, query rows, |diff|^2, |base|^2 per head, fp32 on the block's device (MPS has no fp64)
-    sums = {b.layer: torch.zeros(4, b.n_heads, dtype=torch.float32, device=b.module.o_proj.weight.device)
-            for b in blocks}  # [4, H] each
-    with eager_attention(model), observe_heads(blocks) as (patterns, outputs):
-        for i in range(0, len(rows), batch_size):
-            ids, mask = left_pad(rows[i:i + batch_size], pad_token_id(tokenizer), device)  # [B, T]
-            with adapter.disabled():
-                _forward(model, ids, mask)
-            base = {k: (patterns[k], outputs[k]) for k in patterns}
+def head_activity(model: nn.Module, tokenizer, prompts: Sequence, *, batch_size: int = 8) -> list[HeadActivity]:
+    """The heads of the model as it is (with an adapter: inside `adapter.disabled()` for the base) on
+    `prompts`, one HeadActivity per batch of `batch_size`, measured with eager attention."""
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of prompts (strings, chat messages or Examples)")
+    prompts = [p.prompt if hasattr(p, "prompt") else p for p in prompts]
+    check_int("batch_size", batch_size, low=1)
+    found = []
+    with eval_mode(model), eager_attention(model), observe_heads(attention_blocks(model)) as (patterns, outputs):
+        for ids, mask in _prompt_batches(model, tokenizer, prompts, batch_size):
             _forward(model, ids, mask)
-            for b in blocks:
-                (p0, o0), p1, o1 = base[b.layer], patterns[b.layer], outputs[b.layer]
-                s, valid = sums[b.layer], mask.bool().to(p0.device)  # [4, H], [B, T]
-                js = _js_bits(p0, p1).permute(0, 2, 1)[valid]  # [N, H]
-                s[0] += js.sum(0)
-                s[1] += js.shape[0]
-                s[2] += (o1 - o0)[valid].pow(2).sum((0, 2))  # [H]
-                s[3] += o0[valid].pow(2).sum((0, 2))  # [H]
-    sums = {k: s.cpu().double() for k, s in sums.items()}
-    js = {k: s[0] / s[1] for k, s in sums.items()}  # [H] each
-    change = {k: s[2].sqrt() / s[3].sqrt().clamp(min=1e-30) for k, s in sums.items()}  # [H] each
-    return js, change
+            found.append(_observed(patterns, outputs, mask))
+    return found
+
+
+def _shift_sums(sums: dict, base: HeadActivity, now: HeadActivity) -> None:
+    """Add one batch's JS divergence and output change per head to `sums` (layer -> [4, H] fp32)."""
+    if not torch.equal(base.mask.cpu(), now.mask.cpu()):
+        raise ValueError(f"a base batch with mask {tuple(base.mask.shape)} does not match the batch "
+                         f"{tuple(now.mask.shape)}: measure the base on the same prompts and batch_size")
+    for layer, p1 in now.patterns.items():
+        (p0, o0), o1 = (base.patterns[layer], base.outputs[layer]), now.outputs[layer]
+        if layer not in sums:  # fp32 sums on the block's device (MPS has no fp64)
+            sums[layer] = torch.zeros(4, p1.shape[1], dtype=torch.float32, device=p1.device)  # [4, H]
+        s, valid = sums[layer], now.mask.bool().to(p1.device)  # [4, H], [B, T]
+        js = _js_bits(p0, p1).permute(0, 2, 1)[valid]  # [N, H]
+        s[0] += js.sum(0)
+        s[1] += js.shape[0]
+        s[2] += (o1 - o0)[valid].pow(2).sum((0, 2))  # [H]
+        s[3] += o0[valid].pow(2).sum((0, 2))  # [H]
+
+
+def attention_shift(base: Sequence[HeadActivity], now: Sequence[HeadActivity]) -> pd.DataFrame:
+    """Per (layer, head), `now` against `base`, batch by batch on the same prompts: js, the mean
+    Jensen-Shannon divergence (bits) of the attention rows over the real query positions, and
+    output_change, the relative change of the head's output (`head_effects`' columns of that name)."""
+    if len(base) != len(now) or not now:
+        raise ValueError(f"got {len(base)} base and {len(now)} batches of activity; give one base per batch")
+    sums: dict[int, torch.Tensor] = {}
+    for b, n in zip(base, now):
+        _shift_sums(sums, b, n)
+    return _shift_table(sums)
+
+
+def _shift_table(sums: dict) -> pd.DataFrame:
+    rows = []
+    for layer in sorted(sums):
+        s = sums[layer].cpu().double()  # [4, H]
+        change = s[2].sqrt() / s[3].sqrt().clamp(min=1e-30)  # [H]
+        rows += [(layer, h, float(s[0, h] / s[1, h]), float(change[h])) for h in range(s.shape[1])]
+    return pd.DataFrame(rows, columns=["layer", "head", "js", "output_change"]).set_index(["layer", "head"])
+
+
+@torch.no_grad()
+def _activation_shift(model, tokenizer, adapter, blocks, prompts, batch_size, base) -> pd.DataFrame:
+    """js and output_change per (layer, head): adapted against the base (measured here unless given)."""
+    batches = _prompt_batches(model, tokenizer, prompts, batch_size)
+    if base is not None and len(base) != len(batches):
+        raise ValueError(f"base has {len(base)} batches of activity, the prompts make {len(batches)} "
+                         f"(batch_size={batch_size}): measure it with head_activity on the same prompts")
+    sums: dict[int, torch.Tensor] = {}  # batch by batch: no batch's activity is kept after its sums
+    with eager_attention(model), observe_heads(blocks) as (patterns, outputs):
+        for k, (ids, mask) in enumerate(batches):
+            if base is None:
+                with adapter.disabled():
+                    _forward(model, ids, mask)
+            before = _observed(patterns, outputs, mask) if base is None else base[k]
+            _forward(model, ids, mask)
+            _shift_sums(sums, before, _observed(patterns, outputs, mask))
+    return _shift_table(sums)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,15 +310,18 @@ def _check(model, adapter, prompts, answers, task):
 
 
 def head_effects(model: nn.Module, tokenizer, adapter: TinyLoRA, prompts: Sequence, *, answers=None, task=None,
-                 confirm: int | str = 5, max_new_tokens: int | None = None, batch_size: int = 8) -> HeadEffects:
+                 confirm: int | str = 5, max_new_tokens: int | None = None, batch_size: int = 8,
+                 base_activity: Sequence[HeadActivity] | None = None) -> HeadEffects:
     """Per-head evidence of what the adapter changed (see the module docstring for the measures).
 
     `prompts`: strings, chat messages, or `Example`s (whose answers are used when `answers` is None).
     `answers`: reference answers for the causal measures; without them those columns are NaN.
     `task`: a Task (or its name): the causal metric becomes its mean reward on greedy replies of
     `max_new_tokens` (default: the task's). `confirm`: how many heads, ranked by |gate_grad|, to
-    ablate for real; "all" ablates every head. The model's mode, merge state and attention
-    implementation are restored afterwards.
+    ablate for real; "all" ablates every head. `base_activity`: the base model's `head_activity` on
+    the same prompts and batch_size, measured once and reused (e.g. over many adapter vectors)
+    instead of a base forward per call. The model's mode, merge state and attention implementation
+    are restored afterwards.
     """
     prompts, answers, task = _check(model, adapter, prompts, answers, task)
     if not (confirm == "all" or (is_int(confirm) and confirm >= 0)):
@@ -269,10 +345,8 @@ def head_effects(model: nn.Module, tokenizer, adapter: TinyLoRA, prompts: Sequen
                 table.loc[rows, "weight"] = (upd.sqrt() / own.sqrt().clamp(min=1e-30)).cpu().numpy()
             else:
                 table.loc[rows, "weight"] = 0.0
-        js, change = _activation_shift(model, tokenizer, adapter, blocks, prompts, batch_size)
-        for b in blocks:
-            table.loc[(b.layer, slice(None)), "js"] = js[b.layer].numpy()
-            table.loc[(b.layer, slice(None)), "output_change"] = change[b.layer].numpy()
+        shift = _activation_shift(model, tokenizer, adapter, blocks, prompts, batch_size, base_activity)
+        table["js"], table["output_change"] = shift["js"], shift["output_change"]
         if answers is not None:
             scorer = Scorer(model, tokenizer, prompts, answers, task, max_new_tokens, batch_size)
             replies = scorer.replies() if scorer.metric == "reward" else None

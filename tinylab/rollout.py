@@ -34,7 +34,8 @@ from tinylab.batch import left_pad, pad_token_id, prompt_rows, render_prompts
 from tinylab.checks import check_int, check_number
 from tinylab.eval_mode import eval_mode
 
-__all__ = ["Rollout", "completion_logprobs", "generate", "render_prompts", "stop_token_ids"]  # render_prompts: batch's
+__all__ = ["Rollout", "completion_logprobs", "generate", "greedy_from_prefill", "render_prompts",  # render_prompts: batch's
+           "stop_token_ids"]
 
 
 class Rollout(NamedTuple):
@@ -86,23 +87,26 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
 
 
 @torch.no_grad()
-def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator, stops, pad_id):
-    """Prefill the unique prompts once, repeat their cache n times, then decode token by token."""
+def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator, stops, pad_id,
+                    prefilled=None):
+    """Prefill the unique prompts once (or take `prefilled`: the cache and last logits [b, V] of
+    that prefill, already run), repeat their cache n times, then decode token by token."""
     from transformers import DynamicCache
 
-    keep = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row
-    ids, mask = ids[:, keep:], mask[:, keep:]  # [b, p]
-    cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    if prefilled is None:
+        keep = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row
+        ids, mask = ids[:, keep:], mask[:, keep:]  # [b, p]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        prefilled = out.past_key_values, out.logits[:, -1]  # cache, [b, V]
+    cache, logits = prefilled
     if n > 1:
         cache.batch_repeat_interleave(n)
-    logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # [b*n, V]
+    logits = logits.repeat_interleave(n, dim=0)  # [b*n, V]
     mask = mask.repeat_interleave(n, dim=0)  # [b*n, p]
     position = _positions(mask)[:, -1:]  # [b*n, 1]
-    stops = torch.tensor(stops, dtype=torch.long, device=ids.device)  # [s]
-    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=ids.device)  # [b*n]
+    stops = torch.tensor(stops, dtype=torch.long, device=mask.device)  # [s]
+    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # [b*n]
     tokens = []
     for t in range(max_new_tokens):
         token = _sample(logits, temperature, generator)  # [b*n]
@@ -177,6 +181,22 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_
         completion_mask=completion_mask,  # [B*G, L]
         prompt_mask=mask.repeat_interleave(n, dim=0),  # [B*G, P]
     )
+
+
+def greedy_from_prefill(model: nn.Module, tokenizer, cache, logits: torch.Tensor, mask: torch.Tensor, *,
+                        max_new_tokens: int) -> list[str]:
+    """Greedy replies continuing a prefill the caller already ran (e.g. in the forward that scored
+    the same prompts): `cache` holds the left-padded prompts' keys and values, `mask` [B, P] is their
+    attention mask and `logits` [B, V] the last prompt position's. The same decoding as
+    `generate(..., temperature=0)`, without running the prompts again; the cache grows."""
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    if logits.dim() != 2 or mask.dim() != 2 or logits.shape[0] != mask.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} and mask {tuple(mask.shape)}: expected [B, V] and [B, P]")
+    pad_id = pad_token_id(tokenizer)
+    with eval_mode(model):
+        ids, kept = _generate_chunk(model, None, mask, 1, max_new_tokens, 0.0, None,
+                                    stop_token_ids(model, tokenizer), pad_id, prefilled=(cache, logits))  # [B, l]
+    return tokenizer.batch_decode(ids.masked_fill(kept == 0, pad_id), skip_special_tokens=True)
 
 
 def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
