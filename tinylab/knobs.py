@@ -21,7 +21,8 @@ interaction left over: the drop from zeroing all numbers minus the sum of the si
 
 Per-number heads (`number_heads`): `tinylab.heads.head_effects` with only number i switched on
 (every other number 0): the update's weight on each layer x head, that head's share of it, and
-on prompts the attention shift and output change against the base.
+on prompts the attention shift and output change against the base (its activity measured once
+for all numbers).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tinylab.adapter import TinyLoRA
 from tinylab.batch import teacher_forced_batch
 from tinylab.checks import check_choice, check_int, check_number, is_int
 from tinylab.eval_mode import eval_mode
-from tinylab.heads import head_effects
+from tinylab.heads import head_activity, head_effects
 from tinylab.rollout import completion_logprobs, generate
 
 __all__ = ["REPLY_SCORES", "Attribution", "GoldSet", "NumberHeads", "attribute", "check_values", "kept_vector",
@@ -181,8 +182,13 @@ class GoldSet:
         means = []
         for b in self.batches:
             lp = completion_logprobs(self.model, b.input_ids, b.attention_mask, b.continuation_mask)  # [B, L] fp32
-            means.append(lp.sum(1) / b.continuation_mask.sum(1).clamp(min=1).to(lp.dtype))  # [B]
+            means.append(self.per_example(lp, b.continuation_mask))  # [B]
         return torch.cat(means)  # [N]
+
+    @staticmethod
+    def per_example(token_logprobs: torch.Tensor, continuation_mask: torch.Tensor) -> torch.Tensor:
+        """[B] mean per token of [B, L] token log-probabilities (zero where masked) over the mask [B, L]."""
+        return token_logprobs.sum(1) / continuation_mask.sum(1).clamp(min=1).to(token_logprobs.dtype)  # [B]
 
 
 def reply_scores(model, tokenizer, examples, task, *, max_new_tokens: int | None = None,
@@ -355,10 +361,13 @@ def number_heads(model, tokenizer, adapter: TinyLoRA, prompts: Sequence, *, numb
     chosen = list(range(n)) if numbers is None else [number_index(adapter, x) for x in _as_list(numbers)]
     frames = []
     with kept_vector(adapter) as trained_v:
+        with adapter.disabled():
+            base = head_activity(model, tokenizer, prompts, batch_size=batch_size)  # once for all numbers
         for i in chosen:
             x = float(trained_v[i]) if value is None else value
             adapter.set_vector(_with(torch.zeros_like(trained_v), {i: x}))
-            effects = head_effects(model, tokenizer, adapter, prompts, confirm=0, batch_size=batch_size)
+            effects = head_effects(model, tokenizer, adapter, prompts, confirm=0, batch_size=batch_size,
+                                   base_activity=base)
             t = effects.table[["weight", "js", "output_change"]].copy()
             total = float(t["weight"].sum())
             t.insert(1, "share", t["weight"] / total if total > 0 else 0.0)

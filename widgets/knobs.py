@@ -4,6 +4,10 @@ Beside the sliders, recomputed after every move (v changes only: no SVD, no re-a
 - the greedy replies to a few prompts: base | trained | now;
 - the teacher-forced gold log-probability of each held-out example as a bar (base, trained, now);
 - the layer x head map of the attention shift of "now" against the base (`tinylab.heads`).
+The base and trained sides are read once when the panel is built. A move reads "now" with
+`tinylab.knob_readout.Reader`: when the held-out examples have the reply prompts, one forward per
+batch gives the gold log-probs, the heads' activity and the prefill the greedy replies continue
+from; the head map compares that activity with the base's (`tinylab.heads.attention_shift`).
 
 Below: a 1-D sweep of a chosen number and the 2-D landscape of a chosen pair around the trained
 point (`sweep_figure`, `landscape_figure`, also usable on their own). The panel drives the adapter it was given: v is
@@ -13,6 +17,7 @@ whatever the sliders say until "all trained" (or `panel.reset()`) puts the train
 from __future__ import annotations
 
 import html
+import math
 import time
 from collections.abc import Sequence
 
@@ -22,11 +27,11 @@ import torch
 
 from tinylab import tasks
 from tinylab.adapter import TinyLoRA
-from tinylab.checks import check_number
-from tinylab.heads import head_effects
+from tinylab.checks import check_int, check_number
+from tinylab.heads import attention_shift
+from tinylab.knob_readout import Reader, Readout
 from tinylab.knobs import GoldSet, kept_vector, number_label
 from tinylab.landscape import Landscape, Sweep, landscape, sweep
-from tinylab.rollout import generate
 
 __all__ = ["KnobPanel", "landscape_figure", "sweep_figure"]
 
@@ -86,11 +91,14 @@ class KnobPanel(widgets.VBox):
     `prompts`: a few prompts for greedy replies (strings, chat messages or Examples). `held_out`:
     Examples whose gold continuations (`target`: "answer" or "solution") are scored per example.
     `task`: marks the replies strict-correct / formatted (needs Examples as prompts).
+    `max_new_tokens`: the length of the greedy replies (each decoded token costs about a tenth of
+    the update on the embedded model; see benchmarks/knobs.py). Give the same examples as `prompts`
+    and `held_out` for the fastest update (one shared forward).
     `limit`: the sliders run over -limit..limit (default: twice the largest |v|, at least 1).
     """
 
     def __init__(self, model, tokenizer, adapter, prompts: Sequence, held_out: Sequence, *, task=None,
-                 target: str = "answer", max_new_tokens: int | None = None, limit: float | None = None,
+                 target: str = "answer", max_new_tokens: int = 12, limit: float | None = None,
                  batch_size: int = 8):
         if not isinstance(adapter, TinyLoRA) or not adapter.attached:
             raise TypeError(f"adapter must be an attached TinyLoRA (from apply_tinylora), got {adapter!r:.80}")
@@ -108,7 +116,9 @@ class KnobPanel(widgets.VBox):
         self.gold = GoldSet(model, tokenizer, self.held_out, target=target, batch_size=batch_size)
         self.target = target
         self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens or getattr(task, "max_new_tokens", None) or 24
+        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
+        self.reader = Reader(model, tokenizer, self.prompts, self.gold, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
         self.trained = adapter.vector()  # (num_params,) fp32, cpu
         if limit is None:
             bound = max(2 * float(self.trained.abs().max()), 1.0)
@@ -143,12 +153,11 @@ class KnobPanel(widgets.VBox):
 
         self.summary = widgets.HTML()
         self.replies = widgets.HTML()
-        with torch.no_grad():
-            with adapter.disabled():
-                self.base_replies = self._replies()
-                self.base_logprobs = self.gold.logprobs().cpu().numpy()  # [N]
-            self.trained_replies = self._replies()
-            self.trained_logprobs = self.gold.logprobs().cpu().numpy()  # [N]
+        with adapter.disabled():
+            self.base = self.reader()  # read once: v does not move the base
+        trained = self.reader()
+        self.base_replies, self.base_logprobs = self.base.replies, self.base.logprobs  # [N]
+        self.trained_replies, self.trained_logprobs = trained.replies, trained.logprobs  # [N]
         labels = [f"{k}: {_short(ex, 24)}" for k, ex in enumerate(self.held_out)]
         self.bars = go.FigureWidget([go.Bar(x=labels, y=self.base_logprobs, name="base", marker_color="lightgray"),
                                      go.Bar(x=labels, y=self.trained_logprobs, name="trained",
@@ -174,7 +183,7 @@ class KnobPanel(widgets.VBox):
         self.landscape_plot = go.FigureWidget(layout=dict(width=560, height=460))
         self.explore_status = widgets.HTML()
 
-        self._update()
+        self._show(trained, float("nan"))  # the sliders start at the trained point: nothing to read again
         super().__init__([
             widgets.HBox([knobs, widgets.VBox([self.summary, self.replies])]),
             widgets.HBox([self.bars, self.heads]),
@@ -213,11 +222,6 @@ class KnobPanel(widgets.VBox):
             self._update()
 
     # --- what the panel recomputes after a move
-    def _replies(self) -> list[str]:
-        out = generate(self.model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
-                       temperature=0.0, seed=0, batch_size=self.batch_size)
-        return out.completions
-
     def _mark(self, reply: str, k: int) -> str:
         text = html.escape(reply)
         if self.task is None:
@@ -227,15 +231,16 @@ class KnobPanel(widgets.VBox):
         return f"{text} <small>[{flag}]</small>"
 
     def _update(self) -> None:
-        """Set v from the sliders, then recompute replies, gold log-probs and the head map."""
+        """Set v from the sliders, then read "now" (replies, gold log-probs, head map) and redraw."""
         began = time.perf_counter()
         self.adapter.set_vector(self.values())
-        with torch.no_grad():
-            self.now_replies = self._replies()
-            self.now_logprobs = self.gold.logprobs().cpu().numpy()  # [N]
-        effects = head_effects(self.model, self.tokenizer, self.adapter, self.prompts, confirm=0,
-                               batch_size=self.batch_size)
-        self.shift = effects.table["js"].unstack("head")  # layers x heads
+        self._show(self.reader(), began)
+
+    def _show(self, now: Readout, began: float) -> None:
+        """Keep `now`, its head map against the base (layers x heads), and redraw; `began`: when the
+        update started (perf_counter), NaN when nothing was timed."""
+        self.now_replies, self.now_logprobs = now.replies, now.logprobs  # [N]
+        self.shift = attention_shift(self.base.activity, now.activity)["js"].unstack("head")  # layers x heads
         self.last_update_seconds = time.perf_counter() - began
         self._draw()
 
@@ -249,7 +254,8 @@ class KnobPanel(widgets.VBox):
                               f"{rows}</table>")
         self.summary.value = (f"mean gold log-prob: base {self.base_logprobs.mean():.4f} | trained "
                               f"{self.trained_logprobs.mean():.4f} | <b>now {self.now_logprobs.mean():.4f}</b>"
-                              f" &nbsp; ({self.last_update_seconds:.2f} s)")
+                              + ("" if math.isnan(self.last_update_seconds) else
+                                 f" &nbsp; ({self.last_update_seconds:.2f} s)"))
         with self.bars.batch_update():
             self.bars.data[2].y = self.now_logprobs
         with self.heads.batch_update():
