@@ -8,8 +8,8 @@ import tempfile
 import pytest
 
 from tinylab.adapter import TinyLoRAConfig, apply_tinylora, find_adapter
-from tinylab.budget import plan_budget
 from tinylab.adapter_file import AdapterFileError, load_adapter, save_adapter
+from tinylab.budget import plan_budget
 from tinylab.grpo import GRPOConfig, train_grpo
 from tinylab.models import tiny_model
 from tinylab.tasks.base import Example, Score, ScoredTask

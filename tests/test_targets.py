@@ -89,11 +89,7 @@ def test_fused_roles_and_order():
         "qkv_proj", "o_proj", "gate_up_proj", "down_proj", "router"]
 
 
-_OPT_2D = pytest.mark.xfail(strict=True, raises=IndexError, reason="weight_importance's gradient hook expects "
-                             "(batch, time, features) activations; OPT feeds fc1/fc2 (batch*time, features)")
-
-
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=_OPT_2D) if a == "opt" else a for a in TINY_ARCHS])
+@pytest.mark.parametrize("arch", TINY_ARCHS)  # OPT feeds fc1/fc2 flattened (batch*time, features)
 def test_weight_importance_scores_the_adapted_modules(arch):
     from tinylab.importance import weight_importance
     from tinylab.tasks.synthetic import ArithmeticTask

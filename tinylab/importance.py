@@ -356,8 +356,10 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
             return
         x, W = x.detach(), mod.weight.detach()
         rows = state["rows"].to(x.device)  # [b] on the module's device (a model split by device_map)
+        x = x.reshape(len(rows), -1, x.shape[-1])  # [b, t, in]: OPT feeds fc1/fc2 flattened (b*t, in)
 
         def on_grad(g):
+            g = g.reshape(len(rows), -1, g.shape[-1])  # [b, t, out]
             prompts = rows.unique()
             G = torch.stack([torch.einsum("bto,bti->oi", g[rows == p].float(), x[rows == p].float())
                              for p in prompts])  # [n_p, out, in] fp32, one module at a time

@@ -16,9 +16,9 @@ import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
-from tinylab.adapter import DEFAULT_TARGETS
 from tinylab.checks import check_choice
 from tinylab.importance import SCORES, SPREAD, Importance, WeightImportance
+from tinylab.targets import kind_order
 
 __all__ = ["ImportanceHeatmap", "module_grid"]
 
@@ -71,7 +71,7 @@ class ImportanceHeatmap(widgets.VBox):
         table = importance.table
         self.layers = sorted({int(layer) for layer, _ in table.index})
         present = {k for _, k in table.index}
-        self.kinds = [k for k in DEFAULT_TARGETS if k in present] + sorted(present - set(DEFAULT_TARGETS))
+        self.kinds = kind_order(present)  # the columns in the order the budget slider uses
         self.selected: tuple[int, str] | None = None
         self.outlined: list[tuple[int, str]] = []
 
