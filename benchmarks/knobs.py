@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from tinylab.widgets.knobs import KnobPanel  # noqa: E402
 
 import tinylab  # noqa: E402
-from tinylab.heads import head_effects  # noqa: E402
+from tinylab.heads import attention_shift  # noqa: E402
 from tinylab.tasks import get as get_task  # noqa: E402
 
 
@@ -93,17 +93,24 @@ def main() -> None:
 
     forward()
     one_forward = _median_seconds(forward, args.repeats)
-    with torch.no_grad():
-        replies = _median_seconds(panel._replies, args.repeats)
-        gold = _median_seconds(panel.gold.logprobs, args.repeats)
-    heads = _median_seconds(lambda: head_effects(model, tokenizer, adapter, panel.prompts, confirm=0), args.repeats)
+    readout = _median_seconds(panel.reader, args.repeats)
+    panel.reader.max_new_tokens = 1  # the forward part alone: the first reply token comes from its logits
+    first_token = _median_seconds(panel.reader, args.repeats)
+    panel.reader.max_new_tokens = panel.max_new_tokens
+    per_token = tuple((a - b) / max(panel.max_new_tokens - 1, 1) for a, b in zip(readout, first_token))
+    now = panel.reader()
+    head_map = _median_seconds(lambda: attention_shift(panel.base.activity, now.activity), args.repeats)
     panel.reset()
 
     print(f"embedded model, u={adapter.config.u} x {adapter.num_groups} group(s), {len(examples)} prompts, "
-          f"{args.threads} thread(s), median of {args.repeats}")
+          f"{args.threads} thread(s), median of {args.repeats}; the machine is shared, so the CPU time of "
+          "this process is the fair measure (wall time also counts the other processes)")
     print(f"one slider update: {_both(update)} (goal <= 2 s)")
-    print(f"  parts: greedy replies ({panel.max_new_tokens} new tokens) {_both(replies)}; gold log-prob forward "
-          f"{_both(gold)}; head map (head_effects) {_both(heads)}")
+    print(f"  parts: readout (one forward of prompt + gold per batch, shared: {panel.reader.shared}, then "
+          f"greedy replies of up to {panel.max_new_tokens} new tokens from its prefill) {_both(readout)}; "
+          f"head map against the cached base (attention_shift) {_both(head_map)}")
+    print(f"  of the readout: with max_new_tokens=1 (the forward and the first token) {_both(first_token)}; "
+          f"each further reply token {_both(per_token)}")
     print(f"one forward of the same batch ({tuple(batch.input_ids.shape)} tokens): {_both(one_forward)}")
     print(f"ratio update / forward: {update[0] / one_forward[0]:.1f}x wall, {update[1] / one_forward[1]:.1f}x CPU")
 

@@ -168,3 +168,35 @@ def test_bad_input_is_refused():
     assert not adapter.merged
     panel.sliders[KEY].value = 0.0
     assert adapter.vector()[KEY] == 0.0 and not np.array_equal(panel.now_logprobs, panel.trained_logprobs)
+
+
+def test_an_update_after_caching_equals_computing_from_scratch():
+    """Prompts that are the held-out examples: the panel reads base and trained once, and a move reads
+    "now" in one forward per batch; replies, bars and head map equal the separate library calls."""
+    model, tokenizer, adapter = _planted()
+    panel = KnobPanel(model, tokenizer, adapter, EXAMPLES, EXAMPLES, max_new_tokens=NEW_TOKENS)
+    assert panel.reader.shared and panel.max_new_tokens == NEW_TOKENS
+    prompts = [ex.prompt for ex in EXAMPLES]
+    reads = []
+    real = panel.reader.__call__
+    panel.reader = lambda: (reads.append(1), real())[1]
+    panel.sliders[KEY].value = 2.5
+    assert len(reads) == 1  # base and trained are not read again
+    with torch.no_grad():
+        want = GoldSet(model, tokenizer, EXAMPLES).logprobs().numpy()
+        with adapter.disabled():
+            base = GoldSet(model, tokenizer, EXAMPLES).logprobs().numpy()
+    bars = np.asarray(panel.bars.data[2].y, dtype=float)
+    assert np.allclose(bars, want, rtol=0, atol=1e-5) and not np.allclose(want, panel.trained_logprobs, atol=1e-3)
+    assert np.allclose(panel.base_logprobs, base, rtol=0, atol=1e-5)
+    assert panel.now_replies == generate(model, tokenizer, prompts, max_new_tokens=NEW_TOKENS, temperature=0.0,
+                                         seed=0).completions
+    effects = head_effects(model, tokenizer, adapter, prompts, confirm=0)
+    z = np.asarray(panel.heads.data[0].z, dtype=float)
+    assert np.allclose(z, effects.table["js"].unstack("head").to_numpy(), rtol=1e-4, atol=1e-7)
+    assert np.unravel_index(np.argmax(z), z.shape) == PLANTED
+    panel.all_zero.click()  # v = 0 is the base, read the same way: exactly the cached base side
+    assert np.array_equal(panel.now_logprobs, panel.base_logprobs) and panel.now_replies == panel.base_replies
+    assert not np.asarray(panel.heads.data[0].z, dtype=float).any()
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        KnobPanel(model, tokenizer, adapter, EXAMPLES, EXAMPLES, max_new_tokens=0)

@@ -91,14 +91,15 @@ class KnobPanel(widgets.VBox):
     `prompts`: a few prompts for greedy replies (strings, chat messages or Examples). `held_out`:
     Examples whose gold continuations (`target`: "answer" or "solution") are scored per example.
     `task`: marks the replies strict-correct / formatted (needs Examples as prompts).
-    `max_new_tokens`: the length of the greedy replies (each decoded token costs about a tenth of
-    the update on the embedded model; see benchmarks/knobs.py). Give the same examples as `prompts`
-    and `held_out` for the fastest update (one shared forward).
+    `max_new_tokens`: the length of the greedy replies; each token is one more decoding step of the
+    update (benchmarks/knobs.py times it). The task's marks need replies long enough to carry its
+    answer format (e.g. `max_new_tokens=task.max_new_tokens`). Give the same examples as `prompts`
+    and `held_out` for the fastest update (one shared forward per batch).
     `limit`: the sliders run over -limit..limit (default: twice the largest |v|, at least 1).
     """
 
     def __init__(self, model, tokenizer, adapter, prompts: Sequence, held_out: Sequence, *, task=None,
-                 target: str = "answer", max_new_tokens: int = 12, limit: float | None = None,
+                 target: str = "answer", max_new_tokens: int = 6, limit: float | None = None,
                  batch_size: int = 8):
         if not isinstance(adapter, TinyLoRA) or not adapter.attached:
             raise TypeError(f"adapter must be an attached TinyLoRA (from apply_tinylora), got {adapter!r:.80}")
