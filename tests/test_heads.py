@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from tinylab.adapter import TinyLoRALinear, apply_tinylora
-from tinylab.heads import EVIDENCE, ablate_heads, attention_patterns, eager_attention, head_effects
+from tinylab.heads import (
+    EVIDENCE,
+    ablate_heads,
+    attention_patterns,
+    attention_shift,
+    eager_attention,
+    head_activity,
+    head_effects,
+)
 from tinylab.models import tiny_model
 
 PROMPTS = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(4)] + ["Once upon a time"]
@@ -305,3 +313,33 @@ def test_embedded_model_grouped_query_attention(embedded):
         assert model.config._attn_implementation == "sdpa"
     finally:
         adapter.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_base_activity_measured_once_gives_the_same_head_map(gpu_stand_in, dtype):
+    """head_effects(base_activity=head_activity(...) of the base) equals head_effects measuring the base;
+    attention_shift of the two activities is its js / output_change; under the stand-in too."""
+    model, tokenizer, adapter = _planted(dtype=dtype)
+    with gpu_stand_in():
+        with adapter.disabled():
+            base = head_activity(model, tokenizer, PROMPTS, batch_size=2)
+        now = head_activity(model, tokenizer, PROMPTS, batch_size=2)
+        fresh = head_effects(model, tokenizer, adapter, PROMPTS, confirm=0, batch_size=2).table
+        reused = head_effects(model, tokenizer, adapter, PROMPTS, confirm=0, batch_size=2, base_activity=base).table
+        shift = attention_shift(base, now)
+    assert len(base) == 3 and base[0].patterns[1].dtype == torch.float32
+    assert reused.equals(fresh) and fresh.loc[(1, 2), "js"] > 0
+    assert shift["js"].equals(fresh["js"]) and shift["output_change"].equals(fresh["output_change"])
+    with pytest.raises(ValueError, match="the prompts make 1"):
+        head_effects(model, tokenizer, adapter, PROMPTS, confirm=0, base_activity=base)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_base_activity_measured_once_on_cuda(dtype):
+    model, tokenizer, adapter = _planted(dtype=dtype)
+    model.to("cuda")
+    with adapter.disabled():
+        base = head_activity(model, tokenizer, PROMPTS, batch_size=2)
+    reused = head_effects(model, tokenizer, adapter, PROMPTS, confirm=0, batch_size=2, base_activity=base)
+    assert base[0].patterns[1].is_cuda and reused.top("js", 1) == [(1, 2)]

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from tinylab.batch import render_prompts
+from tinylab.batch import left_pad, pad_token_id, prompt_rows, render_prompts
 from tinylab.models import tiny_model
-from tinylab.rollout import completion_logprobs, generate, stop_token_ids
+from tinylab.rollout import completion_logprobs, generate, greedy_from_prefill, stop_token_ids
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -215,3 +215,42 @@ def test_generate_and_logprobs_on_cuda(dtype):
     model, tok = tiny_model("llama", seed=0, dtype=dtype)
     r, lp = _generate_and_score(model.to("cuda"), tok)
     assert r.completion_ids.is_cuda and lp.is_cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_from_prefill_continues_as_generate(dtype, gpu_stand_in):
+    """A prefill of prompt + continuation, its continuation cropped off, continues as generate does."""
+    from transformers import DynamicCache
+
+    from tinylab.batch import teacher_forced_batch
+
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    expected = generate(model, tok, PROMPTS, max_new_tokens=5, temperature=0).completions
+    batch = teacher_forced_batch(tok, PROMPTS, [[5, 6, 7]] * len(PROMPTS), model.device)
+    P = batch.input_ids.shape[1] - 3
+    with torch.no_grad(), gpu_stand_in():
+        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+3]
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=4)
+        out.past_key_values.crop(-3)
+        got = greedy_from_prefill(model, tok, out.past_key_values, out.logits[:, 0],
+                                  batch.attention_mask[:, :P], max_new_tokens=5)
+    assert got == expected
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        greedy_from_prefill(model, tok, out.past_key_values, out.logits[:, 0], batch.attention_mask[:, :P],
+                            max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"expected \[B, V\] and \[B, P\]"):
+        greedy_from_prefill(model, tok, out.past_key_values, out.logits, batch.attention_mask[:, :P],
+                            max_new_tokens=2)
+
+
+@pytest.mark.gpu
+def test_greedy_from_prefill_on_cuda():
+    model, tok = tiny_model("llama", seed=0)
+    model.to("cuda")
+    ids, mask = left_pad(prompt_rows(tok, PROMPTS), pad_token_id(tok), "cuda")  # [B, P]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+    got = greedy_from_prefill(model, tok, out.past_key_values, out.logits[:, -1], mask, max_new_tokens=4)
+    assert got == generate(model, tok, PROMPTS, max_new_tokens=4, temperature=0).completions
