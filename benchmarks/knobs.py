@@ -6,19 +6,24 @@ The adapter: a saved one (e.g. `benchmarks/demo_cpu.py --save DIR` writes DIR/se
 the demonstration's shape (u = 13 shared by all 210 modules) with seeded values of the size a
 trained vector has. The panel gets `--prompts` held-out prompts of capitals_answer for its greedy
 replies and the same examples (gold answer lines as targets) for its bars. One slider update is
-what the panel does after a move: set v, greedy replies (the task's 24 new tokens), the gold
-log-prob forward, and the head map (`head_effects`: base and now forwards with eager attention).
+what the panel does after a move: set v, then `knob_readout.Reader` (the base and trained sides
+were read once when the panel was built): one forward of prompt + gold per batch with eager
+attention, which gives the gold log-probs, the heads' activity on the prompts and the prefill from
+which the greedy replies (the panel's default `max_new_tokens`) are decoded with the KV cache; the
+head map (`heads.attention_shift` of that activity against the cached base); the redraw.
 Printed: the median update time over `--repeats` moves (the goal of issue 19 is <= 2 s), its
 parts, one forward of the teacher-forced batch (the same prompts), and the ratio; each as wall
-time and as process CPU time (on a shared machine the wall time counts the other processes too;
+time and as process CPU time (the machine is shared: the wall time counts the other processes too;
 with `--threads 1` the CPU time is what the wall time would be on an idle core).
 
 Measured 2026-12-02 with `--threads 1 --repeats 3` (seeded values, no adapter file) on the shared
-2-core machine at a load average of ~10: one update 5.304 s CPU (21.838 s wall), of which greedy
-replies 2.396 s CPU, the gold log-prob forward 1.178 s CPU, the head map 1.931 s CPU; one forward
-of the (4, 66)-token batch 1.254 s CPU; update / forward 4.2x in CPU time. The <= 2 s goal is not
-met on one core: the greedy replies alone take ~1.9 forwards, the head map's base and now forwards
-~1.5.
+2-core machine under the other agents' load: one update 1.595 s CPU (3.795 s wall), of which the readout
+1.598 s CPU (with max_new_tokens=1: 1.008 s CPU; each further reply token 0.118 s CPU), the head
+map 0.050 s CPU, the redraw 0.000 s; one forward of the (4, 66)-token batch 1.085 s CPU; update /
+forward 1.5x in CPU time, with replies of up to 6 new tokens. Under this load the update's CPU time
+varies from run to run: an earlier run of the same update printed 1.962 s CPU (1.8x one forward).
+Before the readout (replies of 24 tokens by `generate`, a separate gold forward, `head_effects`
+with its own base and now forwards) this script printed 5.304 s CPU per update, 4.2x one forward.
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ def main() -> None:
     per_token = tuple((a - b) / max(panel.max_new_tokens - 1, 1) for a, b in zip(readout, first_token))
     now = panel.reader()
     head_map = _median_seconds(lambda: attention_shift(panel.base.activity, now.activity), args.repeats)
+    draw = _median_seconds(panel._draw, args.repeats)
     panel.reset()
 
     print(f"embedded model, u={adapter.config.u} x {adapter.num_groups} group(s), {len(examples)} prompts, "
@@ -108,7 +114,8 @@ def main() -> None:
     print(f"one slider update: {_both(update)} (goal <= 2 s)")
     print(f"  parts: readout (one forward of prompt + gold per batch, shared: {panel.reader.shared}, then "
           f"greedy replies of up to {panel.max_new_tokens} new tokens from its prefill) {_both(readout)}; "
-          f"head map against the cached base (attention_shift) {_both(head_map)}")
+          f"head map against the cached base (attention_shift) {_both(head_map)}; redrawing the widgets "
+          f"{_both(draw)}")
     print(f"  of the readout: with max_new_tokens=1 (the forward and the first token) {_both(first_token)}; "
           f"each further reply token {_both(per_token)}")
     print(f"one forward of the same batch ({tuple(batch.input_ids.shape)} tokens): {_both(one_forward)}")
