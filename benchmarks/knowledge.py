@@ -16,11 +16,24 @@ Task (`--task city`, the default): `CapitalsTask`, "What is the capital of Norwa
 city name only." in three phrasings, split by country (65 train / 43 held-out countries). `--task
 answer`: `CapitalAnswerTask` (same countries, 'End your reply with "Answer: <city>".').
 Reward: `RewardShape(correct=1, flexible=--credit)`: 1 when the reply's first line is the right
-city, `--credit` when the right city is named elsewhere in the reply, else 0.
+city, `--credit` when the right city is named elsewhere in the reply, else 0. The default credit
+1.0 pays the lenient reading itself (the right city named anywhere).
 
 Choosing the recipe: `--split validation` trains on 49 of the 65 training countries and evaluates
 on the other 16 (48 prompts), so reward, lr and steps are chosen without the held-out countries;
 `--split test` (the default) trains on all 65 and evaluates on the 129 held-out prompts.
+
+How the recipe was chosen (2026-12-02, seed 0, `--split validation`: 48 prompts of 16 training
+countries, base flexible 60.4%; the held-out countries were not looked at):
+- reward credit 0.5 (the earlier probe's "halved above 3 words", in RewardShape form), lr 1e-2,
+  4 prompts x 8, temperature 1.0, 10 steps: 60.4% -> 50.0% (seed 0), 47.9% (seed 1);
+- credit 1.0, temperature 0.7, otherwise the same: 60.4% -> 58.3%;
+- `--task answer`, credit 1.0, temperature 0.7: 68.8% -> 47.9% (its prompt control: 75.0%);
+- credit 1.0, temperature 0.7, 8 prompts x 4, PPO clip 0.2 with 2 updates per batch, lr 1e-2:
+  60.4% -> 60.4% (10 steps in the budget);
+- the same with lr 5e-3: 60.4% -> 72.9% [paired 95% CI +2.1, +23.0], McNemar p = 0.07,
+  0.73 capitals named per reply (10 of 15 steps in the budget). These are the defaults.
+One validation seed per recipe: the choice itself is noisy.
 
 Each seed trains at most `--steps` steps and stops before a step would take it past `--minutes`
 of training (wall time); one torch thread per process. `--jobs 2` runs the seeds in two processes
@@ -95,7 +108,7 @@ def run_seed(model, tokenizer, task, args, seed: int) -> dict:
     """Train one seed within the budget, compare on the evaluation split, print, return the numbers."""
     adapter = apply_tinylora(model, TinyLoRAConfig(u=13, r=2, n_tie="all", seed=seed))
     config = GRPOConfig(prompts_per_step=args.prompts, group_size=args.group, lr=args.lr, steps=args.steps,
-                        temperature=args.temperature, seed=seed,
+                        temperature=args.temperature, seed=seed, clip=args.clip, inner_epochs=args.inner_epochs,
                         checkpoint_dir=tempfile.mkdtemp(prefix=f"tinylab-knowledge-{seed}-"))
     start = time.perf_counter()
     budget = TimeBudget(args.minutes * 60, args.log)
@@ -161,17 +174,19 @@ def parallel(args) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=10, help="most GRPO steps per seed")
+    parser.add_argument("--steps", type=int, default=15, help="most GRPO steps per seed")
     parser.add_argument("--minutes", type=float, default=10.0, help="training wall-time budget per seed")
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--credit", type=float, default=0.5,
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--credit", type=float, default=1.0,
                         help="reward for a reply naming the right city that is not the city alone")
     parser.add_argument("--task", choices=["city", "answer"], default="city")
     parser.add_argument("--split", choices=["test", "validation"], default="test",
                         help="test: held-out countries; validation: 16 training countries (choose the recipe)")
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--clip", type=float, default=0.2, help="PPO clip epsilon (needed for --inner-epochs > 1)")
+    parser.add_argument("--inner-epochs", type=int, default=2, help="updates per batch of sampled replies")
     parser.add_argument("--n-eval", type=int, default=None, help="evaluation prompts (default: all of the split)")
     parser.add_argument("--jobs", type=int, default=1, help="processes side by side, one seed each")
     parser.add_argument("--threads", type=int, default=1)
