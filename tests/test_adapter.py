@@ -426,14 +426,10 @@ def _run_on(device: str, dtype: torch.dtype, context):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_step_follows_the_model_off_the_default_device(gpu_stand_in, dtype):
-    _run_on("cpu", dtype, gpu_stand_in)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_step_on_cuda(dtype):
-    _run_on("cuda", dtype, contextlib.nullcontext)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_step_follows_the_models_device(gpu_stand_in, device, dtype):
+    """On the CPU under the GPU stand-in (torch's default device meta), and on CUDA where there is one."""
+    _run_on(device, dtype, gpu_stand_in if device == "cpu" else contextlib.nullcontext)
 
 
 def test_a_trained_vector_and_its_adam_state_stay_fp32_on_a_bf16_model():

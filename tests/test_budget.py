@@ -160,13 +160,9 @@ def _plan_and_attach(device, dtype, context):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plans_attach_off_the_default_device(gpu_stand_in, dtype):
-    _plan_and_attach("cpu", dtype, gpu_stand_in)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plans_attach_on_cuda(dtype):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_plans_attach_on_the_models_device(gpu_stand_in, device, dtype):
+    """On the CPU under the GPU stand-in (torch's default device meta), and on CUDA where there is one."""
     import contextlib
 
-    _plan_and_attach("cuda", dtype, contextlib.nullcontext)
+    _plan_and_attach(device, dtype, gpu_stand_in if device == "cpu" else contextlib.nullcontext)
