@@ -132,3 +132,21 @@ def test_slider_leaves_a_foreign_adapter_alone(setup):
         BudgetSlider(model, strategy="top")
     with pytest.raises(ValueError, match=r"allowed 1\.\.56"):
         BudgetSlider(model, n_params=57)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slider_plans_and_attaches_on_the_models_device(gpu_stand_in, dtype):
+    """The slider's importance, plan and attach with the model off torch's default device (the GPU stand-in)."""
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    with gpu_stand_in():
+        imp = module_importance(model, tok, ToyTask(), n_prompts=2, objective="sft")
+        slider = BudgetSlider(model, imp, n_params=3, strategy="top")
+        adapter = slider.apply()
+        try:
+            assert adapter.num_params == 3 and slider.plan.achieved == 3
+            assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in adapter.vectors)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([[1, 5, 9]], device="cpu")).logits
+            assert logits.device.type == "cpu" and logits.dtype == dtype
+        finally:
+            adapter.remove()

@@ -200,3 +200,19 @@ def test_an_update_after_caching_equals_computing_from_scratch():
     assert not np.asarray(panel.heads.data[0].z, dtype=float).any()
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         KnobPanel(model, tokenizer, adapter, EXAMPLES, EXAMPLES, max_new_tokens=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panel_moves_with_the_model_off_the_default_device(gpu_stand_in, dtype):
+    """Built and driven with the model off torch's default device (the GPU stand-in): a move changes the bars."""
+    model, tokenizer = tiny_model("llama", seed=0, dtype=dtype)
+    adapter = apply_tinylora(model, u=3, n_tie="all")
+    adapter.set_vector([0.5, -0.3, 0.2])
+    with gpu_stand_in():
+        panel = KnobPanel(model, tokenizer, adapter, PROMPTS[:1], EXAMPLES[:2], max_new_tokens=2)
+        before = np.array(panel.bars.data[2].y, dtype=float)  # "now" bars: the trained values at first
+        target = panel.sliders[0].min  # the far end of the slider's range, away from the trained 0.5
+        panel.sliders[0].value = target
+    assert target < 0.5 and adapter.vector()[0].item() == pytest.approx(target)
+    after = np.array(panel.bars.data[2].y, dtype=float)
+    assert np.isfinite(after).all() and not np.array_equal(after, before)

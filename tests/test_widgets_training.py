@@ -5,6 +5,7 @@ import math
 import random
 
 import pytest
+import torch
 from tinylab.widgets.training import TrainingPanel
 
 from tinylab.adapter import apply_tinylora
@@ -108,3 +109,17 @@ def test_unmeasured_fields_are_gaps_and_html_is_escaped():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_samples"):
         TrainingPanel(max_samples=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panel_follows_a_run_off_the_default_device(gpu_stand_in, dtype, tmp_path):
+    """The panel plots a GRPO run whose model is off torch's default device (the GPU stand-in)."""
+    model, tok = tiny_model("llama", seed=0, dtype=dtype)
+    adapter = apply_tinylora(model, u=4, n_tie="all")
+    panel = TrainingPanel("toy")
+    with gpu_stand_in():
+        run = train_grpo(model, tok, adapter, ToyTask(),
+                         dataclasses.replace(CONFIG, steps=2, checkpoint_dir=str(tmp_path)), callbacks=[panel])
+    reward, *_, vnorm = panel.figure.data
+    assert list(reward.x) == [1, 2] and list(vnorm.y) == pytest.approx(list(run.history["v_norm"]))
+    assert "finished" in panel.status.value
