@@ -73,3 +73,21 @@ def test_bad_sources_and_options_are_named(tmp_path):
     task = gsm8k_harness_task(tmp_path, prompt="lm-eval")
     assert task["doc_to_text"] == "Question: {{question}}\nAnswer:" and task["num_fewshot"] == 0
     assert task["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "test.jsonl")
+
+
+def test_cli_scores_an_adapter_file_as_run_harness_does(data, tmp_path, capsys):
+    from tinylab.cli import main
+
+    model, tokenizer = tiny_model("llama")  # what `--model tiny-llama` loads
+    adapter = apply_tinylora(model, u=2, n_tie="all")
+    adapter.set_vector(torch.tensor([30.0, -20.0]))
+    path = save_adapter(adapter, tmp_path / "a.tlra")
+    adapter.remove()
+    task = gsm8k_harness_task(data, max_new_tokens=6)
+    expected = run_harness(model, tokenizer, [task], adapter=path, limit=3)["results"]["gsm8k_tinylab"]
+    assert main(["harness", "--model", "tiny-llama", "--data", str(data), "--adapter", str(path), "--limit", "3",
+                 "--max-new-tokens", "6"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["adapter"] == str(path) and printed["limit"] == 3
+    for metric in ("exact_match,strict-match", "exact_match,flexible-extract"):
+        assert printed["scores"][metric] == pytest.approx(expected[metric])

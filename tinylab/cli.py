@@ -192,6 +192,20 @@ def _train(args) -> int:
     return 0
 
 
+def _harness(args) -> int:
+    """lm-evaluation-harness's GSM8K on the model, with an adapter file applied for the run."""
+    from tinylab.harness import gsm8k_harness_task, run_harness
+
+    model, tokenizer = _load(args.model)
+    task = gsm8k_harness_task(args.data, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    results = run_harness(model, tokenizer, [task], adapter=args.adapter, limit=args.limit,
+                          batch_size=args.batch_size)
+    scores = {k: v for k, v in results["results"][task["task"]].items() if isinstance(v, (int, float))}
+    sys.stdout.write(json.dumps({"task": task["task"], "adapter": args.adapter, "limit": args.limit,
+                                 "scores": scores}, indent=2) + "\n")
+    return 0
+
+
 def parse_trl(pair: str) -> tuple[str, object]:
     """`"use_vllm=true"` -> ("use_vllm", True); the key is checked against TRL's GRPOConfig fields later."""
     from tinylab.presets import parse_value
@@ -220,15 +234,23 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", default="tinylab-run", help="folder for the files (written by rank 0 only)")
     train.add_argument("--trl", action="append", default=[], metavar="KEY=VALUE", help="a TRL GRPOConfig field")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. steps=2 lr=3e-3")
+    harness = sub.add_parser("harness", help="GSM8K scored by lm-evaluation-harness on the (adapted) model")
+    harness.add_argument("--adapter", default=None, help="a .tlra file applied for the run; default: the base model")
+    harness.add_argument("--model", default=None, help="local folder or hub id; default: embedded SmolLM2")
+    harness.add_argument("--data", default=None, help="GSM8K folder or JSONL file; default: $TINYLAB_GSM8K, else the hub")
+    harness.add_argument("--limit", type=int, default=None, help="first N test problems")
+    harness.add_argument("--prompt", default="paper", choices=["paper", "lm-eval"])
+    harness.add_argument("--max-new-tokens", type=int, default=256)
+    harness.add_argument("--batch-size", type=int, default=8)
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the command's own parser, so its usage line lists the allowed options
-        {"info": info, "attach": attach, "train": train}[args.command].error(
+        {"info": info, "attach": attach, "train": train, "harness": harness}[args.command].error(
             f"unrecognized arguments: {' '.join(extra)}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        return {"info": _info, "attach": _attach, "train": _train}[args.command](args)
+        return {"info": _info, "attach": _attach, "train": _train, "harness": _harness}[args.command](args)
     except (ValueError, TypeError) as err:
         parser.exit(2, f"tinylab {args.command}: error: {err}\n")
 

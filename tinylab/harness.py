@@ -17,8 +17,12 @@ scores then differ from tinylab's only where the readings differ (tinylab/tasks/
 how: the last "####" within 300 characters vs lm-eval's first, numbers vs strings).
 `prompt="lm-eval"` keeps lm-eval's "Question: ...\\nAnswer:" text.
 
-Not done here: a `tinylab` command-line entry (lm-eval's own CLI cannot take a model object), and
-a measured comparison of lm-eval's and tinylab's GSM8K scores on the embedded model.
+From the shell (lm-eval's own CLI cannot take a model object, so tinylab has an entry):
+
+    tinylab harness --adapter seed0.tlra --limit 100      # JSON: lm-eval's strict and flexible scores
+
+`benchmarks/evaluate.py --harness` prints how far lm-eval's and tinylab's GSM8K scores and replies
+agree on the embedded model.
 """
 
 from __future__ import annotations
