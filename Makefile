@@ -51,11 +51,15 @@ lint: setup
 # Each step is its own recipe line: any failing step (or pytest collecting nothing, exit 5) fails make.
 test: setup lint browser-deps unit notebooks browser
 
+# two pytest workers, one per core (each test runs its tiny models on one torch thread); a test file
+# or a notebook stays on one worker, so module fixtures and a notebook's cells are not split
+XDIST := -n 2 --dist loadfile
+
 unit: setup
-	$(BIN)/python -m pytest -q -m "not browser" tests
+	$(BIN)/python -m pytest -q $(XDIST) -m "not browser" tests
 
 notebooks: setup
-	$(QUICK) $(BIN)/python -m pytest -q -p no:cacheprovider $(NBVAL) notebooks
+	$(QUICK) $(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(NBVAL) notebooks
 
 browser: setup browser-deps
 	$(QUICK) $(BIN)/python -m pytest -q -p no:cacheprovider -m browser tests/test_browser.py
