@@ -35,6 +35,12 @@ countries, base flexible 60.4%; the held-out countries were not looked at):
   0.73 capitals named per reply (10 of 15 steps in the budget). These are the defaults.
 One validation seed per recipe: the choice itself is noisy.
 
+Measured with the defaults (2026-12-02, `--jobs 2`, 129 held-out prompts; seeds 0 and 1 side by
+side stopped at the budget after 11 and 12 steps, seed 2 alone did 15): flexible 48.8% -> 55.8 /
+61.2 / 64.3%, paired 95% CI [+0.8, +14.0] (McNemar p = 0.064), [+3.9, +20.9] (p = 0.009),
+[+7.8, +23.3] (p = 0.00018); capitals named per reply 0.49 -> 0.56 / 0.61 / 0.67; prompt control
+19.4%. Strict stays 0%: the trained models name the city in "The capital of X is Y." sentences.
+
 Each seed trains at most `--steps` steps and stops before a step would take it past `--minutes`
 of training (wall time); one torch thread per process. `--jobs 2` runs the seeds in two processes
 side by side and prints their outputs in seed order, then one summary line.
@@ -202,7 +208,8 @@ def main():
     if args.jobs > 1 and len(args.seeds) > 1:
         print(f"{task.name}, {args.split} split: {len(task.examples('train', None, None))} training / {n_split} "
               f"evaluation prompts; reward 1 for the city alone, {args.credit:g} for the city named in a longer reply; "
-              f"lr {args.lr:g}, {args.prompts} prompts x {args.group} samples, temperature {args.temperature:g}, at "
+              f"lr {args.lr:g}, {args.prompts} prompts x {args.group} samples, temperature {args.temperature:g}, clip "
+              f"{args.clip} x {args.inner_epochs} updates per batch, at "
               f"most {args.steps} steps or {args.minutes:g} min per seed; {args.jobs} processes, "
               f"{args.threads} thread each", flush=True)
         return parallel(args)
