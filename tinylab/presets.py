@@ -8,9 +8,9 @@
 Presets:
 
 - `cpu-demo`: the embedded SmolLM2-135M-Instruct on the capital-cities task, one shared vector of
-  u = 13 (the probe in docs/ecosystem.md: held-out replies containing the right city went
-  50% -> 88% in 10 steps of 4 prompts x 8 samples, lr 1e-2, ~12 s per step on 2 cores).
-- `paper-gsm8k`: the TinyLoRA paper's GSM8K run on Qwen2.5-7B-Instruct (docs/tinylora.md): r = 2,
+  u = 13, 4 prompts x 8 samples, lr 1e-2 (the settings of an early probe of this project;
+  `benchmarks/knowledge.py` measures what such runs do on held-out countries).
+- `paper-gsm8k`: the TinyLoRA paper's GSM8K run on Qwen2.5-7B-Instruct (docs/method.md): r = 2,
   u = 1, tiled n_tie = 16 over the 196 modules -> 13 numbers; GRPO, 4 samples per problem,
   64 prompts per step, 3 epochs, up to 4096 new tokens, no KL; lr swept over 1e-7 .. 2e-4.
   NOT RUNNABLE HERE: it needs GPUs and a hub download; tinylab's tests only check its numbers.
@@ -75,7 +75,7 @@ _PAPER_PROMPTS_PER_STEP = 64
 _PAPER_STEPS = 3 * math.ceil(_GSM8K_TRAIN_PROBLEMS / _PAPER_PROMPTS_PER_STEP)  # 3 epochs = 351 ("about 350")
 _PAPER_LR_SWEEP = (1e-7, 1e-6, 1e-5, 1e-4, 2e-4)  # spans the paper's 1e-7 .. 2e-4; its exact grid is not given
 _PAPER_NOTES = (
-    "TinyLoRA paper (arXiv:2602.04118), GSM8K on Qwen2.5-7B-Instruct, see docs/tinylora.md. Not runnable or "
+    "TinyLoRA paper (arXiv:2602.04118), GSM8K on Qwen2.5-7B-Instruct, see docs/method.md. Not runnable or "
     "tested here: needs GPUs and the hub model. lr: the paper sweeps 1e-7 .. 2e-4 and reports the best per size "
     "(3 seeds) without saying which; lr_sweep spans that range and lr is its top. Departures: the authors' code "
     "clips the ratio at 0.2 low / 0.4 high (GRPOConfig has one clip: 0.2), and generated with vLLM on merged "
@@ -144,8 +144,9 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({
         lr_sweep=(3e-3, 1e-2, 3e-2),
         seeds=(0,),
         runnable_here=True,
-        notes=("The measured CPU probe of docs/ecosystem.md: SmolLM2-135M-Instruct, one u=13 vector shared by all "
-               "210 modules, 4 prompts x 8 samples, lr 1e-2, 10 steps (~12 s each on 2 cores). Half credit for a "
+        notes=("The settings of an early CPU probe (benchmarks/knowledge.py measures the current recipe): "
+               "SmolLM2-135M-Instruct, one u=13 vector shared by all 210 modules, 4 prompts x 8 samples, "
+               "lr 1e-2, 10 steps. Half credit for a "
                "reply that contains the city without being only the city approximates the probe's reward "
                "(full credit for the city, halved when the reply is longer): strict-only rewards are all zero "
                "at the start, since the base model never answers with the city alone."),

@@ -69,7 +69,7 @@ class RewardShape:
 
     The default is the paper's exact-match reward (1 for strict-correct, else 0). Partial credit helps
     when correct replies are too rare for any group to see a non-zero reward, but credit for format
-    alone tends to get learned first (see docs/tinylora.md).
+    alone tends to get learned first (see docs/method.md).
     """
 
     correct: float = 1.0

@@ -1,8 +1,8 @@
 """Capital cities: knowledge the embedded model has but buries in verbose replies.
 
 "What is the capital of France? Answer with the city name only." A log-probability probe ranks the
-right capital first before any training, yet the base model answers in sentences
-(docs/ecosystem.md), so this task measures whether a few scalars can surface knowledge.
+right capital first before any training (`benchmarks/demo_cpu.py --probe-knowledge`), yet the
+base model answers in sentences, so this task measures whether a few scalars can surface knowledge.
 The split is by country: a held-out country is never asked about in training, in any phrasing.
 
 Reading a reply (case, accents, punctuation and quotes ignored):
