@@ -4,7 +4,8 @@ from .budget import BudgetSlider
 from .heads import HeadInspector
 from .heatmap import ImportanceHeatmap
 from .knobs import KnobPanel, landscape_figure, sweep_figure
+from .static import show_png, static_figures
 from .training import TrainingPanel
 
 __all__ = ["BudgetSlider", "HeadInspector", "ImportanceHeatmap", "KnobPanel", "TrainingPanel", "landscape_figure",
-           "sweep_figure"]
+           "show_png", "static_figures", "sweep_figure"]
