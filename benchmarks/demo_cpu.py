@@ -33,15 +33,16 @@ replies took seed 0 to 34.9% (its training-prompt score rose to 44% against 9-16
 others, so the training split alone would have chosen it too). That choice was made after
 seeing seed 0's held-out score: the 3-seed result below is not a clean held-out estimate.
 
-Measured with the defaults on 2026-12-02 (30 / 30 / 27 steps in the 10-minute budget,
-539 / 522 / 578 s of training): held-out strict 0% -> 34.9 / 39.5 / 50.4%
-(mean +41.6 points); format 0% -> 86.0 / 87.6 / 86.0%; flexible 58.1% -> 41.9 / 48.8 /
-51.2%. What the scalars changed is format: the trained models reply "Answer: Oslo" alone, the city
-first, instead of "The capital of Norway is Oslo.". Knowledge did not grow: the right city appears
-in fewer replies than before (7 to 16 points fewer), and 41 / 45 / 59% of the answer lines name
-the right city. (One process and one thread per seed, measured twice with the same steps,
-scores and v to 4 decimals: at 33ffccd with the flags given, seed 0 alone then seeds 1 and 2 side
-by side; at 208268d, seeds 0 and 1 side by side then seed 2 alone.)
+Measured on 2026-12-02 with `--threads 1 --budget-min 25` for seeds 0 and 1 (side by side, with
+other jobs on the machine) and `--budget-min 20` for seed 2 (all 30 steps ran; 524 / 512 / 574 s
+of CPU time): held-out strict 0% -> 34.9 / 39.5 / 51.2% (mean +41.9 points); format 0% -> 86.0 /
+87.6 / 86.8%; flexible 58.1% -> 41.9 / 48.8 / 51.9%; the prompt control 64.3% strict, 99.2%
+format, 64.3% flexible, above every seed; random directions strict 0.0 / 3.9 / 0.0%. What the
+scalars changed is format: the trained models reply "Answer: Oslo" alone, the city first,
+instead of "The capital of Norway is Oslo.". Knowledge did not grow: the right city appears in
+fewer replies than before. Seeds 0 and 1 score as they did in the earlier runs at 33ffccd and
+208268d (30 steps there too); seed 2 there stopped at the 10-minute budget after 27 steps with
+50.4%; here it ran 30 and kept the v of step 18 (the training-prompt selection).
 
 After training, each seed's held-out comparison (`tinylab.compare(..., controls=("prompt", "random"))`)
 prints four rows, each with strict, flexible and format: the base model; the prompt control (the
