@@ -72,7 +72,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tinylab.adapter import TinyLoRAConfig, apply_tinylora  # noqa: E402
-from tinylab.adapter_file import save_adapter  # noqa: E402
+from tinylab.adapter_file import load_adapter, save_adapter  # noqa: E402
 from tinylab.budget import plan_budget  # noqa: E402
 from tinylab.evaluation import compare, evaluate  # noqa: E402
 from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
@@ -80,6 +80,7 @@ from tinylab.importance import module_importance  # noqa: E402
 from tinylab.models import load_model  # noqa: E402
 from tinylab.rollout import render_prompts  # noqa: E402
 from tinylab.run import StopTraining  # noqa: E402
+from tinylab.sft import SFTConfig, train_sft  # noqa: E402
 from tinylab.tasks.base import (
     Example,  # noqa: E402
     RewardShape,  # noqa: E402
@@ -203,8 +204,8 @@ def capitals_named(task, replies) -> float:
 
 
 def print_comparison(task, result) -> dict[str, float]:
-    """The four rows (base, prompt control, random-direction control, trained) and the paired
-    statistics of trained vs base and vs the prompt control; returns the trained scores."""
+    """The rows (base, prompt control, random-direction control, SFT, trained) and the paired
+    statistics of trained vs base, vs the prompt control and vs SFT; returns the trained scores."""
     def row(label, report, spread=""):
         print(f"  {label:26s} strict {report.strict:6.1%}  flexible {report.flexible:6.1%}  format "
               f"{report.formatted:6.1%}  capitals named per reply {capitals_named(task, report.table['reply']):.2f}"
@@ -217,8 +218,12 @@ def print_comparison(task, result) -> dict[str, float]:
           f"{rates.loc['strict', 'mean']:6.1%}  flexible {rates.loc['flexible', 'mean']:6.1%}  format "
           f"{rates.loc['formatted', 'mean']:6.1%}  (spread, std over draws: {rates.loc['strict', 'std']:.1%} / "
           f"{rates.loc['flexible', 'std']:.1%} / {rates.loc['formatted', 'std']:.1%})")
+    for name, other in (result.others or {}).items():
+        row(f"{name}, same budget and steps", other)
     row("trained", result.adapted)
-    for title, stats in (("trained vs base", result.paired), ("trained vs prompt control", result.prompt_paired)):
+    titled = [("trained vs base", result.paired), ("trained vs prompt control", result.prompt_paired)]
+    titled += [(f"trained vs {name}", stats) for name, stats in (result.others_paired or {}).items()]
+    for title, stats in titled:
         print(f"  {title}:")
         for measure, difference in stats.items():
             print(difference.line(f"    {measure:8s}"))
@@ -318,6 +323,11 @@ def main():
     parser.add_argument("--probe-every", type=int, default=0, help="greedy probe on a fixed random half of the held-out prompts")
     parser.add_argument("--log", default=None, help="append per-step JSON lines to this file")
     parser.add_argument("--save", default=None, help="folder: write each seed's adapter as seed<k>.tlra")
+    parser.add_argument("--trained", default=None,
+                        help="folder of seed<k>.tlra written by --save: score those GRPO adapters instead of training")
+    parser.add_argument("--sft", action=argparse.BooleanOptionalAction, default=True,
+                        help="the SFT row: the same adapter config trained by SFT on the reference solutions for "
+                             "--steps steps of --prompts examples at --lr, v chosen by the same train-split selection")
     parser.add_argument("--draws", type=int, default=3, help="random directions in the random-direction control")
     parser.add_argument("--n-eval", type=int, default=None, help="held-out prompts compared (default: all)")
     parser.add_argument("--quick", action="store_true",
@@ -363,18 +373,39 @@ def main():
                             temperature=args.temperature, seed=seed, max_new_tokens=args.max_new, kl=args.kl,
                             clip=args.clip, inner_epochs=args.inner_epochs,
                             checkpoint_dir=tempfile.mkdtemp(prefix=f"tinylab-demo-{seed}-"))
+        sft_vector = None
+        if args.sft:
+            sft_select = SelectOnTrain(model, tokenizer, adapter, task, args.select_every)
+            sft_run = train_sft(model, tokenizer, adapter, task, SFTConfig.from_grpo(
+                config, checkpoint_dir=tempfile.mkdtemp(prefix=f"tinylab-demo-sft-{seed}-")), callbacks=[sft_select])
+            if args.select_every:
+                sft_select.restore()
+            sft_vector = adapter.vector()
+            print(f"seed {seed}: SFT {sft_run.step} steps, v of step {sft_select.best_step if args.select_every else sft_run.step}"
+                  f" (greedy strict on training prompts by step: {', '.join(f'{k}: {x:.0%}' for k, x in sft_select.trace)})",
+                  flush=True)
+            adapter.set_vector(torch.zeros(adapter.num_params))
         start = time.perf_counter()
         cpu0 = time.process_time()
         budget = TimeBudget(args.budget_min * 60, args.log, lambda: held_out(model, tokenizer, task, len(test) // 2, seed=0)[0],
                             args.probe_every)
-        select = SelectOnTrain(model, tokenizer, adapter, task, args.select_every)
-        run = train_grpo(model, tokenizer, adapter, task, config, callbacks=[select, budget])
-        if args.select_every:
-            select.restore()
+        select = SelectOnTrain(model, tokenizer, adapter, task, 0 if args.trained else args.select_every)
+        if args.trained:  # the GRPO adapter an earlier run saved; same config, so the SFT vector fits it
+            path, own = os.path.join(args.trained, f"seed{seed}.tlra"), adapter.config
+            adapter.remove()
+            adapter = load_adapter(model, path)
+            if adapter.config != own:
+                raise SystemExit(f"{path} holds {adapter.config}; this run's adapter is {own}: pass the same flags")
+            run = None
+        else:
+            run = train_grpo(model, tokenizer, adapter, task, config, callbacks=[select, budget])
+            if args.select_every:
+                select.restore()
         wall, cpu = time.perf_counter() - start - budget.probe_time, time.process_time() - cpu0
         print(f"seed {seed}: held-out comparison on {n_eval} prompts", flush=True)
         result = compare(model, tokenizer, task, adapter, n=n_eval, seed=None, batch_size=64, progress=False,
-                         controls=("prompt", "random"), draws=args.draws, control_seed=seed)
+                         controls=("prompt", "random"), draws=args.draws, control_seed=seed,
+                         vectors={} if sft_vector is None else {"SFT": sft_vector})
         trained, replies = print_comparison(task, result), list(result.adapted.table["reply"])
         base = {"strict": result.base.strict, "format": result.base.formatted, "flexible": result.base.flexible,
                 "cities_named": capitals_named(task, result.base.table["reply"])}
@@ -382,11 +413,12 @@ def main():
         if args.save:
             os.makedirs(args.save, exist_ok=True)
             save_adapter(adapter, os.path.join(args.save, f"seed{seed}.tlra"))
-        rows.append((seed, trained, run.step, wall))
+        rows.append((seed, trained, None if run is None else run.step, wall))
         chosen = (f"v of step {select.best_step}, chosen on training prompts (greedy strict by step: "
                   f"{', '.join(f'{k}: {x:.0%}' for k, x in select.trace)})" if args.select_every else "last v")
-        print(f"seed {seed}: {adapter.num_params} params, {run.step} steps ({run.status}), train wall {wall:.0f} s "
-              f"(cpu {cpu:.0f} s); {chosen}\n  v = {numbers}\n  e.g. {replies[:4]}", flush=True)
+        how = (f"GRPO v read from {path}" if run is None else
+               f"{run.step} steps ({run.status}), train wall {wall:.0f} s (cpu {cpu:.0f} s); {chosen}")
+        print(f"seed {seed}: {adapter.num_params} params, {how}\n  v = {numbers}\n  e.g. {replies[:4]}", flush=True)
         adapter.remove()
     mean = {k: sum(r[1][k] for r in rows) / len(rows) for k in ("strict", "format", "flexible", "cities_named")}
     print(f"mean over {len(rows)} seeds: strict {base['strict']:.1%} -> {mean['strict']:.1%} "
@@ -394,7 +426,7 @@ def main():
           f"{mean['format']:.1%}, flexible {base['flexible']:.1%} -> {mean['flexible']:.1%} "
           f"({100 * (mean['flexible'] - base['flexible']):+.1f} points), capitals named per reply "
           f"{base['cities_named']:.2f} -> {mean['cities_named']:.2f}; "
-          f"max train wall {max(r[3] for r in rows):.0f} s")
+          + (f"max train wall {max(r[3] for r in rows):.0f} s" if not args.trained else "GRPO vectors read from files"))
 
 
 if __name__ == "__main__":

@@ -98,3 +98,23 @@ def test_a_task_without_a_prompt_control_is_named():
 
     with pytest.raises(ValueError, match="task 'plain' has no prompt control; give it a method control_prompt"):
         control_examples(Plain(), [Example("q", "a")])
+
+
+def test_other_vectors_are_set_in_turn_and_the_own_vector_restored_also_on_error(adapted):
+    from tinylab.controls import other_vectors
+
+    own = adapted.vector().clone()
+    a, b = torch.arange(6.0), -torch.arange(6.0)
+    with other_vectors(adapted, {"a": a, "b": b.tolist()}) as names:
+        seen = [(name, adapted.vector().clone()) for name in names]
+    assert [n for n, _ in seen] == ["a", "b"] and torch.equal(seen[0][1], a) and torch.equal(seen[1][1], b)
+    assert torch.equal(adapted.vector(), own)
+    with pytest.raises(RuntimeError, match="boom"):
+        with other_vectors(adapted, {"a": a}) as names:
+            next(iter(names))
+            raise RuntimeError("boom")
+    assert torch.equal(adapted.vector(), own)
+    with pytest.raises(ValueError, match="vector 'short' has 2 values; this adapter has 6"):
+        with other_vectors(adapted, {"a": a, "short": [1.0, 2.0]}):
+            pass
+    assert torch.equal(adapted.vector(), own)

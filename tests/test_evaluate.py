@@ -311,7 +311,7 @@ def test_evaluate_and_compare_follow_the_model_off_the_default_device(gpu_stand_
         assert torch.empty(1).device.type == "meta"
         report = evaluate(model, tokenizer, "capitals_answer", n=4, max_new_tokens=5, progress=False)
         result = compare(model, tokenizer, "capitals_answer", adapter, n=4, max_new_tokens=5, progress=False,
-                         controls=("prompt", "random"), draws=1)
+                         controls=("prompt", "random"), draws=1, vectors={"SFT": [1.0, 2.0]})
     assert list(report.table["reply"]) == list(reference.table["reply"])
     assert list(result.adapted.table["reply"]) == list(reference.table["reply"])
     assert next(model.parameters()).dtype == dtype and adapter.vector().tolist() == [30.0, -20.0]
@@ -330,3 +330,34 @@ def test_evaluate_and_compare_on_cuda(dtype):
     assert result.adapted.n == 4 and adapter.vector().tolist() == [30.0, -20.0]
     if dtype == torch.float32:
         assert list(result.adapted.table["reply"]) == list(reference.table["reply"])
+
+
+def test_compare_scores_other_vectors_of_the_same_adapter_as_their_own_rows():
+    model, tokenizer = tiny_model("llama", seed=1)
+    _lively(model)
+    adapter = apply_tinylora(model, u=2, n_tie=7, svd="exact")
+    adapter.set_vector(torch.tensor([3.0, -4.0, 0.5, 12.0]))
+    own = adapter.vector().clone()
+    other = torch.tensor([-6.0, 2.0, 9.0, -1.0])
+    kwargs = dict(n=6, batch_size=6, max_new_tokens=6, progress=False)
+    adapter.merge()  # scored unmerged, merged again after
+    result = compare(model, tokenizer, "capitals_answer", adapter, vectors={"SFT": other}, **kwargs)
+    assert adapter.merged and torch.equal(adapter.vector(), own)
+    adapter.unmerge()
+    adapter.set_vector(other)
+    alone = evaluate(model, tokenizer, "capitals_answer", **kwargs)
+    adapter.set_vector(own)
+    assert list(result.others["SFT"].table["reply"]) == list(alone.table["reply"])
+    assert list(result.table["SFT_reply"]) == list(alone.table["reply"])
+    assert list(alone.table["reply"]) != list(result.adapted.table["reply"])  # another vector, other replies
+    d = result.others_paired["SFT"]["flexible"]
+    assert d.diff == pytest.approx(result.adapted.flexible - alone.flexible) and d.n == 6
+    assert result.summary().loc["strict", "SFT"] == alone.strict
+    assert "adapted vs SFT" in result.report()
+    with pytest.raises(ValueError, match="vector 'SFT' has 3 values; this adapter has 4"):
+        compare(model, tokenizer, "capitals_answer", adapter, vectors={"SFT": [1.0, 2.0, 3.0]}, **kwargs)
+    with pytest.raises(ValueError, match=r"vector 'x' holds NaN or inf at positions \[1\]"):
+        compare(model, tokenizer, "capitals_answer", adapter, vectors={"x": [1.0, float("nan"), 0, 0]}, **kwargs)
+    with pytest.raises(ValueError, match=r"\['base'\] are taken"):
+        compare(model, tokenizer, "capitals_answer", adapter, vectors={"base": other}, **kwargs)
+    assert torch.equal(adapter.vector(), own)

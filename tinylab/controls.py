@@ -9,13 +9,17 @@ A gain from a few trained numbers is a finding only if cheaper explanations fail
   same norm in seeded random directions (`random_directions`). If those score like the trained
   vector, the direction did not matter, only the size of the perturbation.
 
-`tinylab.evaluation.compare(..., controls=("prompt", "random"))` runs both beside base and adapted.
+- other vectors of the same adapter (same budget, same projections), e.g. the vector SFT trained
+  at the same budget for the same steps: `other_vectors` sets each in turn.
+
+`tinylab.evaluation.compare(..., controls=("prompt", "random"), vectors={"SFT": v})` runs them all
+beside base and adapted.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -23,7 +27,7 @@ from tinylab.checks import check_int
 from tinylab.seeds import generator
 from tinylab.tasks.base import Example
 
-__all__ = ["control_examples", "random_directions"]
+__all__ = ["control_examples", "other_vectors", "random_directions"]
 
 
 def control_examples(task, examples: Sequence[Example]) -> list[Example]:
@@ -63,9 +67,54 @@ def random_directions(adapter, *, draws: int = 3, seed: int = 0) -> Iterator[Ite
                     v.copy_(d * (own.float().norm() / d.norm()))  # (u,): the group's norm, a random direction
             yield adapter.vector()
 
-    try:
+    with _restored(adapter, saved):
         yield settings()
+
+
+@contextlib.contextmanager
+def _restored(adapter, saved: list[torch.Tensor]) -> Iterator[None]:
+    try:
+        yield
     finally:
         with torch.no_grad():
             for v, own in zip(adapter.vectors, saved):
                 v.copy_(own)
+
+
+def checked_vectors(adapter, vectors: Mapping[str, Sequence[float] | torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`vectors` as fp32 CPU tensors, each checked: a name, `adapter.num_params` finite values."""
+    checked = {}
+    for name, values in vectors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"vector names must be non-empty strings, got {name!r}")
+        t = torch.as_tensor(values, dtype=torch.float32, device="cpu").reshape(-1)  # (n,)
+        if t.numel() != adapter.num_params:
+            raise ValueError(f"vector {name!r} has {t.numel()} values; this adapter has {adapter.num_params} "
+                             "(an other vector must come from an adapter with the same config)")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"vector {name!r} holds NaN or inf at positions "
+                             f"{torch.nonzero(~torch.isfinite(t)).reshape(-1).tolist()}; all values must be finite")
+        checked[name] = t
+    return checked
+
+
+@contextlib.contextmanager
+def other_vectors(adapter, vectors: Mapping[str, Sequence[float] | torch.Tensor]) -> Iterator[Iterator[str]]:
+    """Inside the block, iterate over the names of `vectors`, each set as the adapter's vector in turn.
+
+    Each vector has the adapter's `num_params` values, groups in order (what `adapter.vector()`
+    returns, e.g. of an SFT run at the same config). The adapter's own vectors are restored bit
+    for bit when the block ends, also on error. Bad vectors are refused before any is set.
+    """
+    checked = checked_vectors(adapter, vectors)
+    if adapter.merged:
+        raise ValueError("the adapter is merged; unmerge() it before scoring other vectors")
+    saved = [v.detach().clone() for v in adapter.vectors]
+
+    def settings() -> Iterator[str]:
+        for name, values in checked.items():
+            adapter.set_vector(values)
+            yield name
+
+    with _restored(adapter, saved):
+        yield settings()

@@ -18,9 +18,10 @@ The model stays where it is: any device and dtype (replies are generated on the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import pandas as pd
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from tinylab import tasks as _tasks
 from tinylab.checks import check_choice, check_int
-from tinylab.controls import control_examples, random_directions
+from tinylab.controls import checked_vectors, control_examples, other_vectors, random_directions
 from tinylab.eval_mode import eval_mode
 from tinylab.paired_stats import PairedDifference, paired
 from tinylab.rollout import generate, render_prompts, stop_token_ids
@@ -91,6 +92,8 @@ class Comparison(NamedTuple):
     prompt: EvalReport | None = None  # prompt control: the base model with the task's control prompt
     prompt_paired: dict[str, PairedDifference] | None = None  # adapted vs the prompt control
     random: RandomControl | None = None  # random-direction control
+    others: dict[str, EvalReport] | None = None  # other vectors of the same adapter by name (e.g. "SFT")
+    others_paired: dict[str, dict[str, PairedDifference]] | None = None  # adapted vs each other vector
 
     def summary(self) -> pd.DataFrame:
         """Rates side by side: rows strict, flexible, formatted, mean_length, truncated; columns base,
@@ -110,6 +113,8 @@ class Comparison(NamedTuple):
             rates = self.random.rates()
             frame["random_mean"] = list(rates["mean"]) + [None, None]
             frame["random_std"] = list(rates["std"]) + [None, None]
+        for name, other in (self.others or {}).items():
+            frame[name] = [getattr(other, r) for r in rows]
         return frame
 
     def report(self) -> str:
@@ -121,6 +126,9 @@ class Comparison(NamedTuple):
         if self.prompt_paired is not None:
             lines.append("adapted vs prompt control (base model, the task's control prompt):")
             lines += [self.prompt_paired[m].line(f"  {m:8s}") for m in MEASURES]
+        for name, by_measure in (self.others_paired or {}).items():
+            lines.append(f"adapted vs {name} (another vector of the same adapter):")
+            lines += [by_measure[m].line(f"  {m:8s}") for m in MEASURES]
         if self.random is not None:
             rates = self.random.rates()
             lines.append(f"random-direction control ({len(self.random.reports)} draws at the trained norms), "
@@ -248,6 +256,18 @@ def evaluate(model: nn.Module, tokenizer, task: str | Task, *, n: int, split: st
             handle.remove()
 
 
+@contextlib.contextmanager
+def _unmerged(handle) -> Iterator[None]:
+    """The adapter unmerged inside the block (its vectors may change), merged again after if it was."""
+    was_merged = handle.merged
+    handle.unmerge()
+    try:
+        yield
+    finally:
+        if was_merged:
+            handle.merge()
+
+
 def _paired(before: EvalReport, after: EvalReport, seed: int) -> dict[str, PairedDifference]:
     return {m: paired(list(before.table[c]), list(after.table[c]), seed=seed) for m, c in MEASURES.items()}
 
@@ -255,7 +275,8 @@ def _paired(before: EvalReport, after: EvalReport, seed: int) -> dict[str, Paire
 @torch.no_grad()
 def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, split: str = "test",
             seed: int | None = 0, batch_size: int = 16, max_new_tokens: int | None = None,
-            controls: Sequence[str] = (), draws: int = 3, control_seed: int = 0, progress: bool = True) -> Comparison:
+            controls: Sequence[str] = (), draws: int = 3, control_seed: int = 0,
+            vectors: Mapping[str, Sequence[float] | torch.Tensor] | None = None, progress: bool = True) -> Comparison:
     """The base model (adapter disabled) and the adapted one on the same examples, with paired statistics.
 
     `adapter`: a TinyLoRA handle attached to `model`, or a saved adapter's path (loaded, then removed).
@@ -263,6 +284,9 @@ def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, s
     `controls`: any of "prompt" (the base model with the task's `control_prompt`; its replies go in
     the table as `prompt_*` columns) and "random" (`draws` seeded random directions at the trained
     norms, `control_seed` seeds them and the bootstrap; the adapter's vectors are restored after).
+    `vectors`: other vectors of the same adapter by name, each scored as its own row with its paired
+    statistics against the adapted model, e.g. `{"SFT": sft_run.vector}` for SFT at the same budget
+    (an adapter of the same config trained by `train_sft`); replies go in the table as `<name>_*`.
     """
     controls = tuple(check_choice("controls", c, CONTROLS) for c in controls)
     check_int("draws", draws, low=1)
@@ -274,23 +298,27 @@ def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, s
         raise ValueError("compare needs an adapter (a TinyLoRA handle or an adapter file path), got None")
     kwargs = dict(split=split, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     prompt = random = None
+    others: dict[str, EvalReport] = {}
     try:
+        reserved = {"base", "adapted", "prompt"} & set(vectors or {})
+        if reserved:
+            raise ValueError(f"vector name(s) {sorted(reserved)} are taken by the comparison's own rows; "
+                             "choose another name (e.g. 'SFT')")
+        checked = checked_vectors(handle, vectors or {})
         with handle.disabled():
             base = _run(model, tokenizer, task, examples, params=None, **kwargs)
             if prompted is not None:
                 prompt = _run(model, tokenizer, task, prompted, params=None, **kwargs)
         adapted = _run(model, tokenizer, task, examples, params=handle.num_params, **kwargs)
         if "random" in controls:
-            was_merged = handle.merged
-            handle.unmerge()
-            try:
-                with random_directions(handle, draws=draws, seed=control_seed) as settings:
-                    runs = [(_run(model, tokenizer, task, examples, params=handle.num_params, **kwargs),
-                             tuple(vector.tolist())) for vector in settings]
-            finally:
-                if was_merged:
-                    handle.merge()
+            with _unmerged(handle), random_directions(handle, draws=draws, seed=control_seed) as settings:
+                runs = [(_run(model, tokenizer, task, examples, params=handle.num_params, **kwargs),
+                         tuple(vector.tolist())) for vector in settings]
             random = RandomControl(tuple(r for r, _ in runs), tuple(v for _, v in runs))
+        if checked:
+            with _unmerged(handle), other_vectors(handle, checked) as names:
+                others = {name: _run(model, tokenizer, task, examples, params=handle.num_params, **kwargs)
+                          for name in names}
     finally:
         if loaded_here:
             handle.remove()
@@ -301,10 +329,14 @@ def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, s
         table[f"adapted_{column}"] = adapted.table[column]
         if prompt is not None:
             table[f"prompt_{column}"] = prompt.table[column]
+        for name, other in others.items():
+            table[f"{name}_{column}"] = other.table[column]
     before, after = base.table["correct_strict"], adapted.table["correct_strict"]
     table["change"] = [
         "kept" if b and a else "lost" if b else "gained" if a else "neither" for b, a in zip(before, after)
     ]
     return Comparison(base=base, adapted=adapted, table=table, paired=_paired(base, adapted, control_seed),
                       prompt=prompt, prompt_paired=None if prompt is None else _paired(prompt, adapted, control_seed),
-                      random=random)
+                      random=random, others=others or None,
+                      others_paired={name: _paired(other, adapted, control_seed) for name, other in others.items()}
+                      or None)
