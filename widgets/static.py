@@ -16,11 +16,10 @@ INTERACTIVE = "plotly_mimetype"  # what JupyterLab draws
 _default = pio.renderers.default
 
 
-def static_figures(on: bool = True) -> str:
-    """`on`: every `figure.show()` renders as the interactive figure and a PNG; off: as before. Returns
-    the renderer now in effect."""
+def static_figures(on: bool = True) -> None:
+    """`on`: every `figure.show()` renders as the interactive figure and a PNG; off: as before
+    (`plotly.io.renderers.default` says which is in effect)."""
     pio.renderers.default = f"{INTERACTIVE}+png" if on else _default
-    return pio.renderers.default
 
 
 def show_png(figure, *, scale: float = 1.0) -> None:
