@@ -20,7 +20,7 @@ from tinylab.knobs import Attribution, NumberHeads, attribute, number_heads
 from tinylab.landscape import Landscape, Sweep, sweep
 from tinylab.lora_export import export_lora
 from tinylab.models import load_model, tiny_model
-from tinylab.notebook_setup import NotebookSetup, notebook_setup
+from tinylab.notebook import NotebookSetup, notebook_setup
 from tinylab.paired_stats import PairedDifference, paired
 from tinylab.peft_interop import export_peft, import_peft
 from tinylab.presets import Preset, preset

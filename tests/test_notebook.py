@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from tinylab.notebook_setup import notebook_setup, quick_mode
+from tinylab.notebook import notebook_setup, quick_mode
 from tinylab.presets import preset
 
 

@@ -1,5 +1,7 @@
 """The paper's central experiment: held-out score against trained parameters, for RL and SFT.
 
+    from tinylab.budget_runs import budget_sweep, method_differences
+
     results = budget_sweep("cpu-demo", budgets=[1, 13, 840], seeds=[0, 1, 2], n_eval=129, workers=2,
                            out="sweep-out")
     per_budget = method_differences(results)   # GRPO vs SFT, paired per seed
@@ -10,10 +12,11 @@ GRPO config (or the matching `SFTConfig.from_grpo`: same steps, prompts per step
 greedy replies on the same `n_eval` held-out prompts, keeping each prompt's outcomes so two
 methods can be compared pair by pair.
 
-`workers > 1` runs points side by side in separate processes (spawned; each loads the preset's
-model once and runs torch on `threads` threads): on a 2-core machine, two points on one thread
-each. With `out`, every point writes its run folder (vector and history, kept if it is
-interrupted), its adapter file and one line of `results.jsonl` as it finishes; calling again with
+`workers > 1` runs points side by side in separate processes, spawned, each loading the preset's
+model once and running torch on `threads` threads (on a 2-core machine: two points on one thread
+each). A script that asks for workers needs the `if __name__ == "__main__":` guard that spawned
+processes need; a notebook does not. With `out`, every point writes its run folder (vector and
+history, kept if it is interrupted), its adapter file and one line of `results.jsonl` as it finishes; calling again with
 the same settings skips the finished points, so an interrupted sweep resumes where it stopped.
 """
 
