@@ -37,8 +37,9 @@ Measured on 2026-12-02 with `--threads 1 --budget-min 25` for seeds 0 and 1 (sid
 other jobs on the machine) and `--budget-min 20` for seed 2 (all 30 steps ran; 524 / 512 / 574 s
 of CPU time): held-out strict 0% -> 34.9 / 39.5 / 51.2% (mean +41.9 points); format 0% -> 86.0 /
 87.6 / 86.8%; flexible 58.1% -> 41.9 / 48.8 / 51.9%; the prompt control 64.3% strict, 99.2%
-format, 64.3% flexible, above every seed; random directions strict 0.0 / 3.9 / 0.0%. What the
-scalars changed is format: the trained models reply "Answer: Oslo" alone, the city first,
+format, 64.3% flexible, above every seed; random directions strict 0.0 / 3.9 / 0.0%; SFT at the
+same budget and steps (`--trained` on the saved GRPO adapters, 2026-12-03) strict 4.7 / 3.1 /
+7.8%, format 10.1 / 6.2 / 10.9%, flexible 41.9 / 62.0 / 61.2%. What the scalars changed is format: the trained models reply "Answer: Oslo" alone, the city first,
 instead of "The capital of Norway is Oslo.". Knowledge did not grow: the right city appears in
 fewer replies than before. Seeds 0 and 1 score as they did in the earlier runs at 33ffccd and
 208268d (30 steps there too); seed 2 there stopped at the 10-minute budget after 27 steps with
