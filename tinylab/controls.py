@@ -90,7 +90,7 @@ def checked_vectors(adapter, vectors: Mapping[str, Sequence[float] | torch.Tenso
         t = torch.as_tensor(values, dtype=torch.float32, device="cpu").reshape(-1)  # (n,)
         if t.numel() != adapter.num_params:
             raise ValueError(f"vector {name!r} has {t.numel()} values; this adapter has {adapter.num_params} "
-                             "(an other vector must come from an adapter with the same config)")
+                             "(another vector must come from an adapter with the same config)")
         if not torch.isfinite(t).all():
             raise ValueError(f"vector {name!r} holds NaN or inf at positions "
                              f"{torch.nonzero(~torch.isfinite(t)).reshape(-1).tolist()}; all values must be finite")
