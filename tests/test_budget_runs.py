@@ -46,6 +46,16 @@ def test_a_second_call_reads_finished_points_back_and_trains_nothing(in_process)
     assert len(lines) == 4 and json.loads(lines[0])["method"] == "GRPO"
     assert sorted(p.name for p in out.glob("*.tlra")) == sorted(
         SweepPoint(m, b, 0).name + ".tlra" for m in ("GRPO", "SFT") for b in (1, 4))
+    narrower = budget_sweep("tiny-cpu", **(SWEEP | dict(budgets=[4])), out=out, on_row=called.append)
+    assert called == [] and list(narrower["budget"]) == [4, 4]
+    assert (out / "results.jsonl").read_text().splitlines() == lines  # the budget-1 rows are still there
+
+
+def test_a_new_point_keeps_the_rows_of_points_the_call_did_not_ask_for(tmp_path):
+    budget_sweep("tiny-cpu", budgets=[1], seeds=[0], methods=["SFT"], n_eval=2, out=tmp_path)
+    budget_sweep("tiny-cpu", budgets=[4], seeds=[0], methods=["SFT"], n_eval=2, out=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["budget"]) for r in rows] == [("SFT", 1), ("SFT", 4)]
 
 
 def test_an_unfinished_attempt_is_kept_beside_the_new_run(tmp_path):

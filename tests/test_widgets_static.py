@@ -10,7 +10,10 @@ def test_static_figures_adds_png_to_the_renderer_and_restores_it():
     static_figures()
     try:
         assert pio.renderers.default == "plotly_mimetype+png"
-        bundle = pio.renderers._build_mime_bundle(go.Figure(go.Bar(y=[1, 3])).to_dict())
+        figure = go.Figure(go.Bar(y=[1, 3])).to_dict()
+        bundle = {}
+        for name in pio.renderers.default.split("+"):
+            bundle.update(pio.renderers[name].to_mimebundle(figure))
         assert bundle["image/png"] and "application/vnd.plotly.v1+json" in bundle
     finally:
         static_figures(False)

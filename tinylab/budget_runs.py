@@ -16,8 +16,8 @@ methods can be compared pair by pair.
 model once and running torch on `threads` threads (on a 2-core machine: two points on one thread
 each). A script that asks for workers needs the `if __name__ == "__main__":` guard that spawned
 processes need; a notebook does not. With `out`, every point writes its run folder (vector and
-history, kept if it is interrupted), its adapter file and one line of `results.jsonl` as it finishes; calling again with
-the same settings skips the finished points, so an interrupted sweep resumes where it stopped.
+history, kept if it is interrupted), its adapter file and its row in `results.jsonl` (rewritten
+atomically) as it finishes; calling again with the same settings skips the finished points, so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from tinylab.atomic import write_bytes_atomic
 from tinylab.checks import check_choice, check_int
 from tinylab.evaluation import MEASURES
 from tinylab.paired_stats import paired
@@ -136,7 +137,7 @@ def _settings_file(out: Path, settings: dict) -> None:
                              f"{ {k: settings.get(k) for k in changed} } now); pass another `out` folder")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1))
+        write_bytes_atomic(path, json.dumps(settings, indent=1).encode())
 
 
 def _finished(out: Path) -> dict[SweepPoint, dict]:
@@ -169,18 +170,20 @@ def budget_sweep(preset: str, budgets: Sequence[int], seeds: Sequence[int], *, t
         raise ValueError(f"a sweep needs at least one budget, seed and method; got budgets={budgets}, "
                          f"seeds={seeds}, methods={list(methods)}")
     points = [SweepPoint(m, b, s) for b in budgets for s in seeds for m in methods]
-    done: dict[SweepPoint, dict] = {}
+    on_disk: dict[SweepPoint, dict] = {}  # every finished point in `out`, also those this call does not ask for
     if out is not None:
         out = Path(out)
         _settings_file(out, dict(preset=preset, training=dataclasses.asdict(training), n_eval=n_eval,
                                  strategy=strategy))
-        done = {pt: row for pt, row in _finished(out).items() if pt in points}
+        on_disk = _finished(out)
+    done = {pt: row for pt, row in on_disk.items() if pt in points}
 
     def finish(row: dict) -> None:
-        done[SweepPoint(row["method"], row["budget"], row["seed"])] = row
+        point = SweepPoint(row["method"], row["budget"], row["seed"])
+        done[point] = on_disk[point] = row
         if out is not None:
-            with open(out / "results.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            # the whole file again, atomically: an interrupted write leaves the previous rows, never half a line
+            write_bytes_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in on_disk.values()).encode())
         if on_row is not None:
             on_row(row)
 
