@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tinylab import tasks  # noqa: E402
-from tinylab.evaluation import evaluate  # noqa: E402
-from tinylab.models import load_model  # noqa: E402
+from tinylab.evaluation.report import evaluate  # noqa: E402
+from tinylab.model.loading import load_model  # noqa: E402
 
 
 def main() -> None:

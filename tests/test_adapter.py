@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from tinylab.adapter import DEFAULT_TARGETS, TinyLoRAConfig, TinyLoRALinear, apply_tinylora, find_adapter
-from tinylab.models import TINY_ARCHS, tiny_model
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
+from tinylab.adapter.layer import TinyLoRALinear
+from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 
 def _ids(tokenizer, text="The quick brown fox jumps over the lazy dog."):
@@ -234,7 +236,7 @@ def test_replace_is_the_sweep_api_and_validates(llama):
 @pytest.mark.parametrize("cfg", [dict(u=2, n_tie=3), dict(n_tie=2, tie="structured"), dict(u=13, n_tie="all"),
                                  dict(layers=(1,), targets=("q_proj", "o_proj"))])
 def test_count_params_matches_attached(llama, cfg):
-    from tinylab.adapter import count_params, plan_modules
+    from tinylab.adapter.targets import count_params, plan_modules
 
     model, _ = llama
     config = TinyLoRAConfig(**cfg)
@@ -457,9 +459,9 @@ def test_projections_keep_the_seed_bits_of_earlier_versions():
     that is the generator seed earlier versions computed by hand: blake2b("{seed}:{name}"), 63 bits."""
     import hashlib
 
-    from tinylab.adapter import _projection
+    from tinylab.adapter.layer import projection
 
     for seed, name in ((0, "model.layers.0.self_attn.q_proj"), (12345, "model.layers.1.mlp.down_proj")):
         digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-        assert torch.equal(_projection(seed, name, 5, 2), torch.randn(5, 2, 2, generator=g) / math.sqrt(2))
+        assert torch.equal(projection(seed, name, 5, 2), torch.randn(5, 2, 2, generator=g) / math.sqrt(2))

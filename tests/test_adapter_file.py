@@ -4,9 +4,10 @@ import struct
 import pytest
 import torch
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora
-from tinylab.adapter_file import AdapterFileError, load_adapter, read_adapter, save_adapter
-from tinylab.models import tiny_model
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.adapter.file_format import AdapterFileError, load_adapter, read_adapter, save_adapter
+from tinylab.model.tiny import tiny_model
 
 
 def _trained(arch="llama", seed=0, **cfg):
@@ -141,7 +142,7 @@ def test_a_file_written_on_cuda_loads_on_the_cpu_and_back(tmp_path):
 
 
 def test_files_with_the_exact_fingerprint_of_earlier_versions_still_load(tmp_path):
-    from tinylab.adapter_file import base_fingerprint
+    from tinylab.adapter.file_format import base_fingerprint
 
     model, _, adapter = _trained(u=2)
     path = save_adapter(adapter, tmp_path / "a.tlra")

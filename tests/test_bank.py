@@ -4,11 +4,12 @@
 import pytest
 import torch
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora, find_adapter
-from tinylab.adapter_file import save_adapter
-from tinylab.bank import AdapterBank
-from tinylab.models import TINY_ARCHS, tiny_model
-from tinylab.rollout import generate
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.adapter.bank import AdapterBank
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.adapter.file_format import save_adapter
+from tinylab.model.generation import generate
+from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 THIRTEEN = TinyLoRAConfig(u=13, n_tie="all")
 TOL = 1e-5

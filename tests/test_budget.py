@@ -4,9 +4,10 @@ import pytest
 import torch
 import transformers
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora
-from tinylab.budget import STRATEGIES, lora_xs_size, plan_budget
-from tinylab.targets import plan_modules
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.adapter.planner import STRATEGIES, lora_xs_size, plan_budget
+from tinylab.adapter.targets import plan_modules
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 N_LAYERS = 5
@@ -144,7 +145,7 @@ def test_bad_options_are_named(model):
 
 
 def _plan_and_attach(device, dtype, context):
-    from tinylab.models import tiny_model
+    from tinylab.model.tiny import tiny_model
 
     tiny, _ = tiny_model("phi3", seed=0, dtype=dtype)
     tiny.to(device)

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from tinylab.budget_runs import SweepPoint, budget_sweep, method_differences
-from tinylab.paired_stats import paired
+from tinylab.evaluation.paired_stats import paired
+from tinylab.experiments.sweeps import SweepPoint, budget_sweep, method_differences
 
 SWEEP = dict(budgets=[1, 4], seeds=[0], n_eval=3)
 SAME = ["method", "budget", "params", "seed", "steps", "status", "strict", "flexible", "formatted",

@@ -22,14 +22,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinylab.models import cache_dir, tiny_model
+from tinylab.basics.cache import cache_dir
+from tinylab.model.tiny import tiny_model
 
 _SVD_WORKER = textwrap.dedent("""
     import hashlib, json, sys
     import torch
     torch.set_num_threads(int(sys.argv[3]))
-    from tinylab.adapter import TinyLoRAConfig, apply_tinylora
-    from tinylab.models import tiny_model
+    from tinylab.adapter.config import TinyLoRAConfig
+    from tinylab.adapter.attach import apply_tinylora
+    from tinylab.model.tiny import tiny_model
 
     size, order = sys.argv[1], sys.argv[2]
     if size == "small":
@@ -60,7 +62,7 @@ _MODEL_WORKER = textwrap.dedent("""
     import hashlib, json, sys
     import torch
     torch.set_num_threads(1)
-    from tinylab.models import load_model
+    from tinylab.model.loading import load_model
 
     print("ready", flush=True)
     sys.stdin.readline()

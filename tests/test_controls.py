@@ -4,9 +4,9 @@ tying group, seeded directions, the adapter's own vector restored exactly, also 
 import pytest
 import torch
 
-from tinylab.adapter import apply_tinylora
-from tinylab.controls import control_examples, random_directions
-from tinylab.models import tiny_model
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.evaluation.controls import control_examples, random_directions
+from tinylab.model.tiny import tiny_model
 from tinylab.tasks import GSM8K, get
 from tinylab.tasks.base import Example
 from tinylab.tasks.gsm8k import EXPLICIT, INSTRUCTION
@@ -101,7 +101,7 @@ def test_a_task_without_a_prompt_control_is_named():
 
 
 def test_other_vectors_are_set_in_turn_and_the_own_vector_restored_also_on_error(adapted):
-    from tinylab.controls import other_vectors
+    from tinylab.evaluation.controls import other_vectors
 
     own = adapted.vector().clone()
     a, b = torch.arange(6.0), -torch.arange(6.0)

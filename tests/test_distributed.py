@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tinylab import load_adapter
-from tinylab.models import tiny_model
+from tinylab.model.tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

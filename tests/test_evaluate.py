@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from tinylab.adapter import apply_tinylora, find_adapter
-from tinylab.evaluation import Comparison, EvalReport, compare, evaluate
-from tinylab.models import tiny_model
-from tinylab.rollout import render_prompts
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.evaluation.report import Comparison, EvalReport, compare, evaluate
+from tinylab.model.batch import render_prompts
+from tinylab.model.tiny import tiny_model
 from tinylab.tasks import GSM8K, get
 from tinylab.tasks.base import Example, Score
 
@@ -18,13 +18,13 @@ COLUMNS = ["prompt", "reply", "extracted", "gold", "formatted", "correct_strict"
 
 
 def test_the_functions_do_not_shadow_their_module():
-    """`tinylab.evaluate` is the function and the module is `tinylab.evaluation` (notebook 05 calls
+    """`tinylab.evaluate` is the function and the module is `tinylab.evaluation.report` (notebook 05 calls
     `tinylab.compare`; `tinylab.evaluate.compare` raised AttributeError when the two shared a name)."""
     import tinylab
-    import tinylab.evaluation
+    import tinylab.evaluation.report
 
-    assert tinylab.evaluate is tinylab.evaluation.evaluate and tinylab.compare is tinylab.evaluation.compare
-    assert evaluate.__module__ == compare.__module__ == "tinylab.evaluation"
+    assert tinylab.evaluate is tinylab.evaluation.report.evaluate and tinylab.compare is tinylab.evaluation.report.compare
+    assert evaluate.__module__ == compare.__module__ == "tinylab.evaluation.report"
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_report_is_well_formed(llama):
 
 def test_lengths_and_cutoffs_count_generated_tokens(llama, monkeypatch):
     """Length = tokens before the end-of-turn token; a reply without one was cut at max_new_tokens."""
-    from tinylab.rollout import Rollout
+    from tinylab.model.generation import Rollout
 
     model, tokenizer = llama
     eos = tokenizer.eos_token_id
@@ -127,7 +127,7 @@ def test_lengths_and_cutoffs_count_generated_tokens(llama, monkeypatch):
         mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])[: len(prompts)]  # [b, L]
         return Rollout(["x"] * len(prompts), ids, ids, mask, torch.ones_like(ids))
 
-    monkeypatch.setattr("tinylab.evaluation.generate", fake_generate)
+    monkeypatch.setattr("tinylab.measures.replies.generate", fake_generate)
     report = evaluate(model, tokenizer, Mixed(), n=3, batch_size=3, max_new_tokens=4, progress=False)
     assert sorted(zip(report.table["length"], report.table["truncated"])) == [(0, False), (2, False), (4, True)]
     assert report.mean_length == 2.0 and report.truncated == pytest.approx(1 / 3)
@@ -185,7 +185,7 @@ def test_compare_lines_up_base_and_adapted():
 
 
 def test_compare_and_evaluate_load_an_adapter_file_and_remove_it(tmp_path):
-    from tinylab.adapter_file import save_adapter
+    from tinylab.adapter.file_format import save_adapter
 
     model, tokenizer, adapter = _adapted()
     with_handle = evaluate(model, tokenizer, "compare", n=4, progress=False, adapter=adapter)
@@ -205,7 +205,7 @@ def test_compare_needs_an_adapter_of_this_model(llama):
     with pytest.raises(ValueError, match="needs an adapter"):
         compare(model, tokenizer, "compare", None, n=2)
     _, _, other = _adapted()
-    with pytest.raises(ValueError, match="not attached to the model"):
+    with pytest.raises(ValueError, match="not attached to this model"):
         compare(model, tokenizer, "compare", other, n=2)
 
 
@@ -224,7 +224,7 @@ def test_embedded_model_capitals_report_and_batch_invariance(embedded):
 
 
 def test_compare_reports_paired_statistics_per_measure():
-    from tinylab.paired_stats import paired
+    from tinylab.evaluation.paired_stats import paired
 
     model, tokenizer, adapter = _adapted()
     result = compare(model, tokenizer, _gsm8k(), adapter, n=12, batch_size=6, max_new_tokens=6, progress=False,
@@ -252,7 +252,7 @@ class _Prompted:
         self.task, self.name, self.max_new_tokens = task, task.name, task.max_new_tokens
 
     def examples(self, split="test", n=None, seed=0):
-        from tinylab.controls import control_examples
+        from tinylab.evaluation.controls import control_examples
 
         return control_examples(self.task, self.task.examples(split, n, seed))
 

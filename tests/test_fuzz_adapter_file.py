@@ -34,16 +34,16 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora, find_adapter
-from tinylab.adapter_file import (
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
+from tinylab.adapter.file_format import (
     MAX_FILE_BYTES,
     AdapterFileError,
     load_adapter,
     read_adapter,
     save_adapter,
 )
-from tinylab.models import tiny_model
-from tinylab.targets import DEFAULT_TARGETS
+from tinylab.model.tiny import tiny_model
 
 BUDGET = {
     "truncated": 700,  # every cut point of the 6 valid files: exhaustive

@@ -24,10 +24,10 @@ from test_fuzz_adapter_file import (
     make_corpus,
 )
 
-from tinylab.adapter import TinyLoRAConfig
-from tinylab.adapter_file import base_fingerprint
-from tinylab.models import tiny_model
-from tinylab.targets import DEFAULT_TARGETS, count_params
+from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
+from tinylab.adapter.file_format import base_fingerprint
+from tinylab.adapter.targets import count_params
+from tinylab.model.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from tinylab.adapter import apply_tinylora
-from tinylab.grpo import GRPOConfig, group_advantages, policy_loss, train_grpo
-from tinylab.models import tiny_model
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.model.tiny import tiny_model
+from tinylab.train.grpo import GRPOConfig, group_advantages, policy_loss, train_grpo
 
 
 class Example(NamedTuple):
@@ -228,7 +228,7 @@ def test_wrong_arguments(tmp_path):
     with pytest.raises(TypeError, match="GRPOConfig"):
         train_grpo(model, tok, adapter, ToyTask(), {"lr": 1})
     other, _ = tiny_model("llama", seed=1)
-    with pytest.raises(ValueError, match="attached to model"):
+    with pytest.raises(ValueError, match="not attached to this model"):
         train_grpo(other, tok, adapter, ToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)))
 
 
@@ -260,7 +260,7 @@ class TopToken:
 
 def _top_token_probability(model, tok, ids=None, temperature=0.07):
     """P(the untrained model's top token) per prompt at `temperature`, and the top ids."""
-    from tinylab.batch import left_pad, pad_token_id, prompt_rows
+    from tinylab.model.batch import left_pad, pad_token_id, prompt_rows
 
     prompt_ids, mask = left_pad(prompt_rows(tok, TopToken.PROMPTS), pad_token_id(tok))  # [2, P]
     with torch.no_grad():

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from tinylab.adapter import apply_tinylora, find_adapter
-from tinylab.adapter_file import save_adapter
-from tinylab.evaluation import evaluate
-from tinylab.harness import gsm8k_harness_task, run_harness
-from tinylab.models import tiny_model
-from tinylab.rollout import render_prompts
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.adapter.file_format import save_adapter
+from tinylab.evaluation.report import evaluate
+from tinylab.interop.lm_eval_harness import gsm8k_harness_task, run_harness
+from tinylab.model.batch import render_prompts
+from tinylab.model.tiny import tiny_model
 from tinylab.tasks import GSM8K
 
 ROWS = [{"question": f"Tom has {i} apples and buys {i + 3} more. How many apples does he have?",

@@ -1,21 +1,22 @@
-"""tinylab/heads.py on tiny random models: planted single-head updates must be found by every measure."""
+"""tinylab/analysis/heads.py on tiny random models: planted single-head updates must be found by every measure."""
 
 from typing import NamedTuple
 
 import pytest
 import torch
 
-from tinylab.adapter import TinyLoRALinear, apply_tinylora
-from tinylab.heads import (
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.adapter.layer import TinyLoRALinear
+from tinylab.analysis.heads import (
     EVIDENCE,
     ablate_heads,
-    attention_patterns,
     attention_shift,
-    eager_attention,
     head_activity,
     head_effects,
 )
-from tinylab.models import tiny_model
+from tinylab.analysis.patterns import attention_patterns
+from tinylab.model.attention import eager_attention
+from tinylab.model.tiny import tiny_model
 
 PROMPTS = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(4)] + ["Once upon a time"]
 ANSWERS = [str(2 * i + 1) for i in range(4)] + [" there was"]
@@ -227,8 +228,8 @@ def test_bad_inputs_name_the_value_and_the_allowed_range():
 
 
 def test_head_gates_are_in_the_models_dtype_and_their_gradients_fp32():
-    from tinylab.attention import attention_blocks
-    from tinylab.head_ablation import Scorer, ablation_gates, unit_gates
+    from tinylab.analysis.head_ablation import Scorer, ablation_gates, unit_gates
+    from tinylab.model.attention import attention_blocks
 
     grads = {}
     for dtype in (torch.float32, torch.bfloat16):

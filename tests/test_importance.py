@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora, find_adapter
-from tinylab.budget import plan_budget
-from tinylab.importance import SCORES, module_importance, weight_importance
-from tinylab.models import tiny_model
-from tinylab.rollout import completion_logprobs
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.adapter.planner import plan_budget
+from tinylab.analysis.importance import SCORES, module_importance, weight_importance
+from tinylab.model.generation import completion_logprobs
+from tinylab.model.tiny import tiny_model
 from tinylab.tasks.base import Example
 
 
@@ -97,7 +98,7 @@ def test_per_prompt_gradient_matches_autograd(tiny, objective):
     model, tok = tiny
     task = ToyTask()
     imp = module_importance(model, tok, task, n_prompts=3, objective=objective, n_samples=4, batch_size=5)
-    from tinylab.importance import _make_batch
+    from tinylab.analysis.importance import _make_batch
 
     batch = _make_batch(model, tok, task, objective, 3, 4, None, 1.0, 0)
     rows = batch.prompt == 1
@@ -129,9 +130,9 @@ def test_the_dominant_module_ranks_first(arch, module, objective):
 
 
 def test_grpo_importance_is_minus_the_gradient_of_the_training_loss(tiny):
-    """Summed over prompts, the grpo gradients are -dLoss/dR of tinylab.grpo's first step."""
-    from tinylab.grpo import GRPOConfig, group_advantages, policy_loss
-    from tinylab.rollout import generate
+    """Summed over prompts, the grpo gradients are -dLoss/dR of tinylab.train.grpo's first step."""
+    from tinylab.model.generation import generate
+    from tinylab.train.grpo import GRPOConfig, group_advantages, policy_loss
 
     model, tok = tiny
     task = ToyTask()
@@ -165,7 +166,7 @@ def test_weight_importance_matches_autograd_and_splits_heads(tiny):
     model, tok = tiny
     task = ToyTask()
     wi = weight_importance(model, tok, task, n_prompts=2, objective="sft")
-    from tinylab.importance import _make_batch
+    from tinylab.analysis.importance import _make_batch
 
     batch = _make_batch(model, tok, task, "sft", 2, 4, None, 1.0, 0)
     W = model.model.layers[1].self_attn.o_proj.weight
@@ -216,8 +217,8 @@ def test_bad_input_is_named(tiny):
 
 
 def test_token_attribution_is_complete_and_leaves_the_model_alone(tiny):
-    from tinylab.attribution import token_attribution
-    from tinylab.rollout import render_prompts
+    from tinylab.analysis.token_attribution import token_attribution
+    from tinylab.model.batch import render_prompts
 
     model, tok = tiny
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
@@ -241,7 +242,7 @@ def test_token_attribution_is_complete_and_leaves_the_model_alone(tiny):
 
 
 def test_sft_rows_are_the_rendered_prompt_then_the_solution_and_eos(tiny):
-    from tinylab.importance import _make_batch
+    from tinylab.analysis.importance import _make_batch
 
     model, tok = tiny
     examples = ToyTask().examples("train", 3)
@@ -260,7 +261,7 @@ def test_sft_rows_are_the_rendered_prompt_then_the_solution_and_eos(tiny):
 
 def test_self_check_tolerance_follows_the_models_dtype():
     """A rounding-sized gap passes for a bf16 model and fails for fp32; a missed term fails for both."""
-    from tinylab.importance import _check_probe
+    from tinylab.analysis.importance import _check_probe
 
     gen = torch.Generator().manual_seed(0)
     G = torch.randn(3, 1, 2, 2, generator=gen)  # [N, M, r, r] per-prompt dJ/dR
@@ -307,7 +308,7 @@ def test_bf16_importance_passes_its_self_check_and_follows_fp32():
 
 
 def _analyses(model, tok):
-    from tinylab.attribution import token_attribution
+    from tinylab.analysis.token_attribution import token_attribution
 
     return (module_importance(model, tok, ToyTask(), n_prompts=3, objective="sft"),
             module_importance(model, tok, ToyTask(), n_prompts=2, objective="grpo", n_samples=3),

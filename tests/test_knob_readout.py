@@ -1,14 +1,14 @@
-"""tinylab/knob_readout.py: one shared forward reads what separate calls read, on a planted tiny model."""
+"""tinylab/analysis/readout.py: one shared forward reads what separate calls read, on a planted tiny model."""
 
 import numpy as np
 import pytest
 import torch
 from test_knobs import EXAMPLES, KEY, PLANTED, _planted
 
-from tinylab.heads import attention_shift, head_activity, head_effects
-from tinylab.knob_readout import Reader
-from tinylab.knobs import GoldSet
-from tinylab.rollout import generate
+from tinylab.analysis.heads import attention_shift, head_activity, head_effects
+from tinylab.analysis.readout import Reader
+from tinylab.measures.gold import GoldSet
+from tinylab.model.generation import generate
 
 PROMPTS = [ex.prompt for ex in EXAMPLES]
 NEW_TOKENS = 5

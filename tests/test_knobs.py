@@ -1,4 +1,4 @@
-"""tinylab/knobs.py and tinylab/landscape.py on tiny models: a planted adapter whose gain lives in one
+"""tinylab/analysis/knobs.py and tinylab/analysis/landscapes.py on tiny models: a planted adapter whose gain lives in one
 number and one head must be found by the attribution and the per-number head map; sweeps agree
 with setting the vector by hand; the vector always comes back."""
 
@@ -6,19 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import tinylab.landscape as landscape_module
-from tinylab.adapter import apply_tinylora
-from tinylab.knobs import (
-    GoldSet,
-    attribute,
-    kept_vector,
-    number_heads,
-    number_index,
-    number_label,
-    reply_scores,
-)
-from tinylab.landscape import grid_around, landscape, sweep
-from tinylab.models import tiny_model
+import tinylab.analysis.landscapes as landscape_module
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.analysis.knobs import attribute_numbers, heads_by_number, number_index, number_label
+from tinylab.analysis.landscapes import grid_around, landscape, sweep_number
+from tinylab.measures.gold import GoldSet
+from tinylab.measures.replies import scored_replies
+from tinylab.model.tiny import tiny_model
 from tinylab.tasks import get as get_task
 from tinylab.tasks.base import Example
 
@@ -62,7 +56,7 @@ def _logits(model, ids):
 def test_attribution_ranks_the_acting_number_first_and_leaves_no_interaction(planted):
     model, tokenizer, adapter = planted
     before = adapter.vector()
-    a = attribute(model, tokenizer, adapter, EXAMPLES)
+    a = attribute_numbers(model, tokenizer, adapter, EXAMPLES)
     assert torch.equal(adapter.vector(), before)
     assert a.ranked()[0] == KEY and a.ranked("estimate")[0] == KEY
     t = a.table
@@ -75,14 +69,14 @@ def test_attribution_ranks_the_acting_number_first_and_leaves_no_interaction(pla
     assert abs(a.interaction) <= 1e-4 * abs(a.total)
     # the first-order estimate: the ablation's sign, and v_i times the slope a centred difference measures
     assert np.sign(t.loc[KEY, "estimate"]) == np.sign(t.loc[KEY, "ablation"])
-    lp = sweep(model, tokenizer, adapter, EXAMPLES, number=KEY, values=[5.5, 6.5]).table["logprob"]
+    lp = sweep_number(model, tokenizer, adapter, EXAMPLES, number=KEY, values=[5.5, 6.5]).table["logprob"]
     assert t.loc[KEY, "estimate"] == pytest.approx(6.0 * (lp[1] - lp[0]), rel=0.05)
 
 
 def test_the_acting_numbers_head_map_puts_the_planted_head_first(planted):
     model, tokenizer, adapter = planted
     before = adapter.vector()
-    heads = number_heads(model, tokenizer, adapter, EXAMPLES)
+    heads = heads_by_number(model, tokenizer, adapter, EXAMPLES)
     assert torch.equal(adapter.vector(), before)
     assert heads.numbers == [0, 1, 2]
     for column in ("share", "weight", "js", "output_change"):
@@ -96,7 +90,7 @@ def test_the_acting_numbers_head_map_puts_the_planted_head_first(planted):
     for inert in (0, 2):  # switched on alone, they change nothing
         assert heads.top(inert, "weight") == [] and heads.top(inert, "js") == []
     # a chosen value turns a number on at that value
-    at_one = number_heads(model, tokenizer, adapter, EXAMPLES[:1], numbers=[KEY], value=1.0)
+    at_one = heads_by_number(model, tokenizer, adapter, EXAMPLES[:1], numbers=[KEY], value=1.0)
     assert at_one.numbers == [KEY] and (at_one.table["value"] == 1.0).all()
     assert at_one.grid(KEY, "weight").loc[PLANTED] == pytest.approx(heads.grid(KEY, "weight").loc[PLANTED] / 6, rel=1e-4)
 
@@ -104,12 +98,12 @@ def test_the_acting_numbers_head_map_puts_the_planted_head_first(planted):
 def test_sweep_at_zero_equals_the_number_zeroed_by_hand(planted):
     model, tokenizer, adapter = planted
     trained = adapter.vector()
-    sw = sweep(model, tokenizer, adapter, EXAMPLES, number=KEY, values=[-2.0, 0.0, 6.0, 9.0])
+    sw = sweep_number(model, tokenizer, adapter, EXAMPLES, number=KEY, values=[-2.0, 0.0, 6.0, 9.0])
     assert torch.equal(adapter.vector(), trained)
     assert sw.label == "v1" and sw.number == KEY and sw.trained == 6.0 and sw.zero == 0.0
     assert sw.per_example.shape == (4, len(EXAMPLES))
     gold = GoldSet(model, tokenizer, EXAMPLES)
-    with kept_vector(adapter):
+    with adapter.kept_vector():
         zeroed = trained.clone()
         zeroed[KEY] = 0.0
         adapter.set_vector(zeroed)
@@ -125,15 +119,15 @@ def test_sweep_at_zero_equals_the_number_zeroed_by_hand(planted):
 def test_sweep_along_a_direction_and_default_values(planted):
     model, tokenizer, adapter = planted
     trained = adapter.vector()
-    sw = sweep(model, tokenizer, adapter, EXAMPLES, direction=trained, values=[-1.0, 0.0, 0.5])
+    sw = sweep_number(model, tokenizer, adapter, EXAMPLES, direction=trained, values=[-1.0, 0.0, 0.5])
     assert sw.label == "direction" and sw.number is None and sw.trained == 0.0
     assert sw.zero == pytest.approx(-1.0)
-    a = attribute(model, tokenizer, adapter, EXAMPLES)
+    a = attribute_numbers(model, tokenizer, adapter, EXAMPLES)
     assert sw.table["logprob"][0] == pytest.approx(a.zero, abs=1e-6)  # t = -1: v = 0, the base
     assert sw.table["logprob"][1] == pytest.approx(a.trained, abs=1e-6)
-    off_line = sweep(model, tokenizer, adapter, EXAMPLES, direction=[1.0, 0.0, 0.0], values=[0.0])
+    off_line = sweep_number(model, tokenizer, adapter, EXAMPLES, direction=[1.0, 0.0, 0.0], values=[0.0])
     assert off_line.zero is None
-    default = sweep(model, tokenizer, adapter, EXAMPLES, number=0)
+    default = sweep_number(model, tokenizer, adapter, EXAMPLES, number=0)
     assert 0.0 in default.values and float(trained[0]) in default.values
     assert list(default.values) == sorted(default.values)
 
@@ -153,7 +147,7 @@ def test_landscape_marks_the_trained_point_and_the_origin(planted):
     assert torch.equal(adapter.vector(), trained)
     assert ls.logprob.shape == (3, 2) and ls.labels == ("v0", "v1") and ls.numbers == (0, KEY)
     assert ls.trained == pytest.approx((0.7, 6.0)) and ls.origin == (0.0, 0.0) and ls.scores == {}
-    a = attribute(model, tokenizer, adapter, EXAMPLES)
+    a = attribute_numbers(model, tokenizer, adapter, EXAMPLES)
     assert ls.logprob[2, 1] == pytest.approx(a.trained, abs=1e-6)
     # number 0 is inert: the columns agree; number 1 moves the rows
     assert ls.logprob[:, 0] == pytest.approx(ls.logprob[:, 1], abs=1e-5)
@@ -167,15 +161,15 @@ def test_reply_scores_ride_along_with_a_task(planted):
     model, tokenizer, adapter = planted
     task = get_task("arithmetic")
     examples = task.examples("test", 3, seed=0)
-    sw = sweep(model, tokenizer, adapter, examples, number=KEY, values=[0.0, 6.0], task=task, max_new_tokens=3)
-    assert list(sw.table.columns) == ["value", "logprob", "strict", "flexible", "formatted"]
+    sw = sweep_number(model, tokenizer, adapter, examples, number=KEY, values=[0.0, 6.0], task=task, max_new_tokens=3)
+    assert list(sw.table.columns) == ["value", "logprob", "strict", "flexible", "format"]
     with torch.no_grad():
-        shares, replies = reply_scores(model, tokenizer, examples, task, max_new_tokens=3)
+        shares, replies = scored_replies(model, tokenizer, examples, task, max_new_tokens=3)
     assert len(replies) == 3
-    assert sw.table.loc[1, ["strict", "flexible", "formatted"]].tolist() == [shares[k] for k in
-                                                                              ("strict", "flexible", "formatted")]
+    assert sw.table.loc[1, ["strict", "flexible", "format"]].tolist() == [shares[k] for k in
+                                                                              ("strict", "flexible", "format")]
     ls = landscape(model, tokenizer, adapter, examples, (0, 1), x=[0.7], y=[6.0], task=task, max_new_tokens=3)
-    assert set(ls.scores) == {"strict", "flexible", "formatted"} and ls.scores["strict"].shape == (1, 1)
+    assert set(ls.scores) == {"strict", "flexible", "format"} and ls.scores["strict"].shape == (1, 1)
 
 
 def test_untied_numbers_by_group_and_entry():
@@ -184,14 +178,14 @@ def test_untied_numbers_by_group_and_entry():
     adapter.set_vector(torch.linspace(-0.5, 0.5, 28))
     assert number_index(adapter, (3, 1)) == 7 and number_index(adapter, 7) == 7
     assert number_label(adapter, 7) == "g3.v1"
-    by_pair = sweep(model, tokenizer, adapter, EXAMPLES[:2], number=(3, 1), values=[0.0, 1.0])
-    by_flat = sweep(model, tokenizer, adapter, EXAMPLES[:2], number=7, values=[0.0, 1.0])
+    by_pair = sweep_number(model, tokenizer, adapter, EXAMPLES[:2], number=(3, 1), values=[0.0, 1.0])
+    by_flat = sweep_number(model, tokenizer, adapter, EXAMPLES[:2], number=7, values=[0.0, 1.0])
     assert by_pair.label == "g3.v1" and np.array_equal(by_pair.per_example, by_flat.per_example)
-    heads = number_heads(model, tokenizer, adapter, EXAMPLES[:1], numbers=[(3, 1)])
+    heads = heads_by_number(model, tokenizer, adapter, EXAMPLES[:1], numbers=[(3, 1)])
     assert heads.numbers == [7] and set(heads.table["label"]) == {"g3.v1"}
     # group 3 is layer 0's o_proj (tiled, model order q k v o gate up down): only layer 0's heads move
     assert heads.grid(7, "weight").loc[1].abs().max() == 0 and heads.grid(7, "weight").loc[0].min() > 0
-    a = attribute(model, tokenizer, adapter, EXAMPLES[:2])
+    a = attribute_numbers(model, tokenizer, adapter, EXAMPLES[:2])
     assert len(a.table) == 28 and a.table.loc[7, ["group", "entry"]].tolist() == [3, 1]
 
 
@@ -200,7 +194,7 @@ def test_the_vector_comes_back_after_a_sweep_that_raises_midway(planted, monkeyp
     trained = adapter.vector()
     ids = torch.tensor([[1, 5, 9, 14, 3]])
     logits = _logits(model, ids)
-    real = landscape_module._Meter.__call__
+    real = landscape_module.Meter.__call__
     for error in (RuntimeError("boom"), KeyboardInterrupt()):
         calls = []
 
@@ -210,16 +204,16 @@ def test_the_vector_comes_back_after_a_sweep_that_raises_midway(planted, monkeyp
                 raise error
             return real(self)
 
-        monkeypatch.setattr(landscape_module._Meter, "__call__", failing)
+        monkeypatch.setattr(landscape_module.Meter, "__call__", failing)
         with pytest.raises(type(error)):
-            sweep(model, tokenizer, adapter, EXAMPLES, number=KEY, values=[0.0, -3.0, 1.0])
+            sweep_number(model, tokenizer, adapter, EXAMPLES, number=KEY, values=[0.0, -3.0, 1.0])
         assert len(calls) == 2
         assert torch.equal(adapter.vector(), trained)
         assert torch.equal(_logits(model, ids), logits)
-    monkeypatch.setattr(landscape_module._Meter, "__call__", real)
+    monkeypatch.setattr(landscape_module.Meter, "__call__", real)
     adapter.merge()  # a merged adapter is unmerged for the sweep and merged again after it
     try:
-        sweep(model, tokenizer, adapter, EXAMPLES[:1], number=KEY, values=[0.0])
+        sweep_number(model, tokenizer, adapter, EXAMPLES[:1], number=KEY, values=[0.0])
         assert adapter.merged and torch.equal(adapter.vector(), trained)
         assert torch.allclose(_logits(model, ids), logits, atol=1e-5)
     finally:
@@ -227,27 +221,27 @@ def test_the_vector_comes_back_after_a_sweep_that_raises_midway(planted, monkeyp
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda m, t, a: sweep(m, t, a, EXAMPLES, number=3, values=[1.0]),
+    (lambda m, t, a: sweep_number(m, t, a, EXAMPLES, number=3, values=[1.0]),
      r"number=3: must be an integer >= 0 and <= 2 \(this adapter has 3 numbers: u=3 x 1 group\(s\)\)"),
-    (lambda m, t, a: sweep(m, t, a, EXAMPLES, number=-1, values=[1.0]), r"number=-1: must be an integer >= 0 and <= 2"),
-    (lambda m, t, a: sweep(m, t, a, EXAMPLES, number=(1, 0), values=[1.0]),
+    (lambda m, t, a: sweep_number(m, t, a, EXAMPLES, number=-1, values=[1.0]), r"number=-1: must be an integer >= 0 and <= 2"),
+    (lambda m, t, a: sweep_number(m, t, a, EXAMPLES, number=(1, 0), values=[1.0]),
      r"group=1: must be an integer >= 0 and <= 0 \(this adapter has 1 tying group\(s\)\)"),
-    (lambda m, t, a: sweep(m, t, a, EXAMPLES, number=(0, 5), values=[1.0]),
+    (lambda m, t, a: sweep_number(m, t, a, EXAMPLES, number=(0, 5), values=[1.0]),
      r"entry=5: must be an integer >= 0 and <= 2 \(each vector has u=3 numbers\)"),
-    (lambda m, t, a: sweep(m, t, a, EXAMPLES, number=1, values=[]), r"values=\[\]: must be a non-empty list"),
-    (lambda m, t, a: sweep(m, t, a, EXAMPLES, number=1, values=[0.0, float("nan")]),
+    (lambda m, t, a: sweep_number(m, t, a, EXAMPLES, number=1, values=[]), r"values=\[\]: must be a non-empty list"),
+    (lambda m, t, a: sweep_number(m, t, a, EXAMPLES, number=1, values=[0.0, float("nan")]),
      r"values\[1\]=nan: must be a finite number"),
-    (lambda m, t, a: sweep(m, t, a, EXAMPLES, number=1, values=[float("inf")]), r"values\[0\]=inf: must be a finite"),
-    (lambda m, t, a: sweep(m, t, a, EXAMPLES, values=[1.0]), "exactly one of number"),
-    (lambda m, t, a: sweep(m, t, a, EXAMPLES, direction=[1.0, 0.0]), "direction has 2 entries; this adapter has 3"),
-    (lambda m, t, a: sweep(m, t, a, [], number=1, values=[1.0]), "examples must be a non-empty list"),
+    (lambda m, t, a: sweep_number(m, t, a, EXAMPLES, number=1, values=[float("inf")]), r"values\[0\]=inf: must be a finite"),
+    (lambda m, t, a: sweep_number(m, t, a, EXAMPLES, values=[1.0]), "exactly one of number"),
+    (lambda m, t, a: sweep_number(m, t, a, EXAMPLES, direction=[1.0, 0.0]), "direction has 2 entries; this adapter has 3"),
+    (lambda m, t, a: sweep_number(m, t, a, [], number=1, values=[1.0]), "examples must be a non-empty list"),
     (lambda m, t, a: landscape(m, t, a, EXAMPLES, (1, 1)), "name the same number twice"),
     (lambda m, t, a: landscape(m, t, a, EXAMPLES, (0, 7)), r"number=7: must be an integer >= 0 and <= 2"),
     (lambda m, t, a: landscape(m, t, a, EXAMPLES, (0, 1), x=[0.0], y=[float("nan")]), r"y\[0\]=nan"),
-    (lambda m, t, a: number_heads(m, t, a, EXAMPLES, numbers=[4]), r"number=4: must be an integer >= 0 and <= 2"),
-    (lambda m, t, a: number_heads(m, t, a, EXAMPLES, value=float("inf")), r"value=inf: must be a finite number"),
-    (lambda m, t, a: attribute(m, t, a, EXAMPLES, target="reply"), r"target='reply': allowed values are"),
-    (lambda m, t, a: attribute(m, t, a, EXAMPLES, target="solution"), "have no solution"),
+    (lambda m, t, a: heads_by_number(m, t, a, EXAMPLES, numbers=[4]), r"number=4: must be an integer >= 0 and <= 2"),
+    (lambda m, t, a: heads_by_number(m, t, a, EXAMPLES, value=float("inf")), r"value=inf: must be a finite number"),
+    (lambda m, t, a: attribute_numbers(m, t, a, EXAMPLES, target="reply"), r"target='reply': allowed values are"),
+    (lambda m, t, a: attribute_numbers(m, t, a, EXAMPLES, target="solution"), "have no solution"),
 ])
 def test_bad_input_names_the_allowed_range_and_changes_nothing(planted, call, message):
     model, tokenizer, adapter = planted
@@ -258,10 +252,10 @@ def test_bad_input_names_the_allowed_range_and_changes_nothing(planted, call, me
 
 
 def _all_public(model, tokenizer, adapter):
-    a = attribute(model, tokenizer, adapter, EXAMPLES[:2])
-    sw = sweep(model, tokenizer, adapter, EXAMPLES[:2], number=KEY, values=[0.0, 6.0])
+    a = attribute_numbers(model, tokenizer, adapter, EXAMPLES[:2])
+    sw = sweep_number(model, tokenizer, adapter, EXAMPLES[:2], number=KEY, values=[0.0, 6.0])
     ls = landscape(model, tokenizer, adapter, EXAMPLES[:2], (0, KEY), x=[0.7], y=[0.0, 6.0])
-    heads = number_heads(model, tokenizer, adapter, EXAMPLES[:1], numbers=[KEY])
+    heads = heads_by_number(model, tokenizer, adapter, EXAMPLES[:1], numbers=[KEY])
     gold = GoldSet(model, tokenizer, EXAMPLES[:2])
     with torch.no_grad():
         lp = gold.logprobs()

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora
-from tinylab.bank import AdapterBank
-from tinylab.lora_export import export_lora
-from tinylab.models import TINY_ARCHS, tiny_model
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.adapter.bank import AdapterBank
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.interop.lora_export import export_lora
+from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 peft = pytest.importorskip("peft")  # a declared dependency
 

@@ -3,15 +3,11 @@ import importlib.util
 import pytest
 import torch
 
-from tinylab import models
-from tinylab.models import (
-    TINY_ARCHS,
-    available_devices,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-    tiny_model,
-)
+from tinylab.basics.cache import cache_dir
+from tinylab.model.device import available_devices, resolve_device, resolve_dtype
+from tinylab.model.embedded import EMBEDDED_MODEL
+from tinylab.model.loading import load_model
+from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -188,7 +184,7 @@ def test_embedded_model_facts(embedded):
     c = model.config
     assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (
         "llama", 30, 576, 9, 3)
-    assert (models.cache_dir() / "models" / models.EMBEDDED_MODEL / "model.safetensors").is_file()
+    assert (cache_dir() / "models" / EMBEDDED_MODEL / "model.safetensors").is_file()
     assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False)
 
 

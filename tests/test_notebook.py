@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from tinylab.notebook import notebook_setup, quick_mode
-from tinylab.presets import preset
+from tinylab.experiments.notebook import notebook_setup, quick_mode
+from tinylab.train.presets import preset
 
 
 def test_quick_mode_applies_the_quick_overrides_only_in_quick_mode(monkeypatch):

@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from tinylab import paired as exported
-from tinylab.paired_stats import paired
+from tinylab.evaluation.paired_stats import paired
 
 
 def _table(both_right, gained, lost, both_wrong):
@@ -91,7 +91,7 @@ def test_the_function_does_not_shadow_its_module_and_its_doctest_holds():
     import importlib
 
     module = importlib.import_module(exported.__module__)  # tinylab.paired is the function
-    assert module.__name__ == "tinylab.paired_stats" and module.paired is exported
+    assert module.__name__ == "tinylab.evaluation.paired_stats" and module.paired is exported
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
 

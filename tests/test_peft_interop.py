@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinylab.adapter import _projection, apply_tinylora, find_adapter
-from tinylab.models import tiny_model
-from tinylab.peft_interop import export_peft, import_peft, peft_groups
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.adapter.layer import projection
+from tinylab.interop.peft_tinylora import export_peft, import_peft, peft_groups
+from tinylab.model.tiny import tiny_model
 
 peft = pytest.importorskip("peft")  # a declared dependency; present wherever tinylab is installed
 
@@ -145,7 +146,7 @@ def test_import_matches_peft(tmp_path, weight_tying, save_projection, tying, num
     # The handle carries the checkpoint's factors and P, not tinylab's seeded ones.
     state = load_file(folder / "adapter_model.safetensors")
     name, module = next(adapter.named_modules())
-    assert not torch.allclose(module.P, _projection(adapter.config.seed, name, 2, 2))
+    assert not torch.allclose(module.P, projection(adapter.config.seed, name, 2, 2))
     B = state[f"base_model.model.{name}.tinylora_B"]  # (out, r)
     torch.testing.assert_close(module.U * module.S.sqrt(), B)
     torch.testing.assert_close(torch.linalg.vector_norm(module.U, dim=0), torch.ones(2))
@@ -167,7 +168,7 @@ def test_import_then_export_round_trip(tmp_path):
 
 
 def test_save_adapter_refuses_imported_adapter(tmp_path):
-    from tinylab.adapter_file import save_adapter
+    from tinylab.adapter.file_format import save_adapter
 
     folder, _ = _peft_checkpoint(tmp_path / "peft", u=1, weight_tying=1.0)
     model, _ = tiny_model("llama", seed=0)
@@ -231,7 +232,7 @@ def test_export_refuses_a_non_adapter(tmp_path):
 
 def _round_trip_on(device, dtype, tmp_path, context):
     """Export from a model on `device` in `dtype` and import into a fresh one, inside `context`."""
-    from tinylab.adapter import TinyLoRAConfig
+    from tinylab.adapter.config import TinyLoRAConfig
 
     model, _ = tiny_model("phi3", seed=0, dtype=dtype)
     fresh, _ = tiny_model("phi3", seed=0, dtype=dtype)

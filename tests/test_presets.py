@@ -4,10 +4,10 @@ import pytest
 import torch
 import transformers
 
-from tinylab.adapter import count_params, plan_modules
-from tinylab.peft_interop import peft_groups
-from tinylab.presets import _SHAPES, PRESETS, estimate, names, override_keys, parse_overrides, preset
-from tinylab.trl import trl_args
+from tinylab.adapter.targets import count_params, plan_modules
+from tinylab.interop.peft_tinylora import peft_groups
+from tinylab.interop.trl_bridge import trl_args
+from tinylab.train.presets import _SHAPES, PRESETS, estimate, names, override_keys, parse_overrides, preset
 
 
 def _meta_model(config):
@@ -131,9 +131,9 @@ def test_parse_overrides_reads_command_line_pairs():
 
 @pytest.mark.slow
 def test_cpu_demo_runs_one_step_on_the_embedded_model(embedded, tmp_path):
-    from tinylab.adapter import apply_tinylora
-    from tinylab.grpo import train_grpo
+    from tinylab.adapter.attach import apply_tinylora
     from tinylab.tasks import get
+    from tinylab.train.grpo import train_grpo
 
     model, tokenizer = embedded
     p = preset("cpu-demo", steps=1, prompts_per_step=2, group_size=2, max_new_tokens=8,

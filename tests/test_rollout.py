@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from tinylab.batch import left_pad, pad_token_id, prompt_rows, render_prompts
-from tinylab.models import tiny_model
-from tinylab.rollout import completion_logprobs, generate, greedy_from_prefill, stop_token_ids
+from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prompts
+from tinylab.model.generation import completion_logprobs, generate, greedy_from_prefill, stop_token_ids
+from tinylab.model.tiny import tiny_model
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -154,7 +154,7 @@ def test_bad_arguments_name_the_value(tiny):
 
 
 def test_shared_prompt_logprobs_match_and_carry_gradients():
-    from tinylab.adapter import apply_tinylora
+    from tinylab.adapter.attach import apply_tinylora
 
     model, tok = tiny_model("llama", seed=0)
     adapter = apply_tinylora(model, u=2, n_tie="all")
@@ -194,7 +194,7 @@ def _generate_and_score(model, tok):
 def test_generate_and_logprobs_make_every_tensor_on_the_model_device(dtype, gpu_stand_in):
     """Under the stand-in a tensor made without device= lands on meta and fails; sampling uses a
     CPU generator, so the completions do not depend on torch's default device either."""
-    from tinylab.adapter import apply_tinylora
+    from tinylab.adapter.attach import apply_tinylora
 
     model, tok = tiny_model("llama", seed=0, dtype=dtype)
     adapter = apply_tinylora(model, u=2, n_tie="all")
@@ -222,7 +222,7 @@ def test_greedy_from_prefill_continues_as_generate(dtype, gpu_stand_in):
     """A prefill of prompt + continuation, its continuation cropped off, continues as generate does."""
     from transformers import DynamicCache
 
-    from tinylab.batch import teacher_forced_batch
+    from tinylab.model.batch import teacher_forced_batch
 
     model, tok = tiny_model("llama", seed=0, dtype=dtype)
     expected = generate(model, tok, PROMPTS, max_new_tokens=5, temperature=0).completions

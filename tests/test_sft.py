@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_grpo import Example, ToyTask
 
-from tinylab.adapter import apply_tinylora
-from tinylab.grpo import GRPOConfig
-from tinylab.models import tiny_model
-from tinylab.resumption import resume
-from tinylab.run import StopTraining
-from tinylab.sft import SFTConfig, _solution_batch, train_sft
+from tinylab import resume
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.model.tiny import tiny_model
+from tinylab.train.grpo import GRPOConfig
+from tinylab.train.records import StopTraining
+from tinylab.train.sft import SFTConfig, _solution_batch, train_sft
 
 
 def _fresh():

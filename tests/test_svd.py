@@ -1,10 +1,11 @@
-"""The SVD engine (tinylab.svd): exact factors, fingerprints, the cache, threads, devices and dtypes."""
+"""The SVD engine (tinylab.adapter.svd): exact factors, fingerprints, the cache, threads, devices and dtypes."""
 
 import pytest
 import torch
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora
-from tinylab.models import tiny_model
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.model.tiny import tiny_model
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def llama():
 def test_exact_svd_on_a_flat_spectrum_matches_a_full_svd(shape, r):
     """Trained weights have flat tops (neighbouring singular values about 1% apart): the subset
     eigen-solver and the fp64 refinement must still give the full SVD's triplets."""
-    from tinylab.svd import _canonical_signs, _exact_svd
+    from tinylab.adapter.svd import _canonical_signs, _exact_svd
 
     g = torch.Generator().manual_seed(sum(shape) + r)
     m, n = shape
@@ -35,7 +36,7 @@ def test_exact_svd_on_a_flat_spectrum_matches_a_full_svd(shape, r):
 
 
 def test_reattach_reuses_cached_svd(llama, monkeypatch):
-    import tinylab.svd as svd
+    import tinylab.adapter.svd as svd
 
     model, _ = llama
     apply_tinylora(model, TinyLoRAConfig(n_tie=2)).remove()
@@ -45,13 +46,15 @@ def test_reattach_reuses_cached_svd(llama, monkeypatch):
     assert calls == [] and adapter.num_params == 13
 
 
-def test_lowrank_svd_is_deterministic(llama):
+def test_lowrank_svd_is_deterministic(llama, monkeypatch):
+    import tinylab.adapter.svd as svd
+
     model, _ = llama
+    monkeypatch.setenv("TINYLAB_SVD_DISK_CACHE", "0")  # neither run may read the other's factors back
+    svd._SVD_CACHE.clear()
     a = apply_tinylora(model, TinyLoRAConfig(svd="lowrank"))
     first = [m.U.clone() for _, m in a.named_modules()]
     a.remove()
-    import tinylab.svd as svd
-
     svd._SVD_CACHE.clear()
     b = apply_tinylora(model, TinyLoRAConfig(svd="lowrank"))
     assert all(torch.equal(x, m.U) for x, (_, m) in zip(first, b.named_modules()))
@@ -60,7 +63,7 @@ def test_lowrank_svd_is_deterministic(llama):
 def test_fingerprint_is_exact_and_the_same_on_any_thread_count():
     """float64 sums changed with torch's thread count (1 thread: ...678, 8 threads: ...694 on one
     weight); the fingerprint must not, and one changed value anywhere must change it."""
-    import tinylab.svd as svd
+    import tinylab.adapter.svd as svd
 
     g = torch.Generator().manual_seed(0)
     n = 1536 * 1024
@@ -87,7 +90,7 @@ def test_fingerprint_is_exact_and_the_same_on_any_thread_count():
 def test_gil_free_syevr_matches_scipy(n, k):
     from scipy.linalg import eigh
 
-    from tinylab.svd import _syevr
+    from tinylab.adapter.svd import _syevr
 
     solver = _syevr()
     assert solver is not None  # scipy's Cython LAPACK is there on every supported scipy
@@ -99,7 +102,7 @@ def test_gil_free_syevr_matches_scipy(n, k):
 
 def test_threaded_and_serial_svds_give_the_same_bits(monkeypatch):
     """Many uncached weights run on one thread per core; the factors must not depend on it."""
-    import tinylab.svd as svd
+    import tinylab.adapter.svd as svd
 
     monkeypatch.setenv("TINYLAB_SVD_DISK_CACHE", "0")
     g = torch.Generator().manual_seed(3)
@@ -110,7 +113,7 @@ def test_threaded_and_serial_svds_give_the_same_bits(monkeypatch):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             svd._SVD_CACHE.clear()
-            results[threads] = svd._svds(
+            results[threads] = svd.svds(
                 [(w, svd.weight_fingerprint(w)) for w in weights], 2, "exact")
     finally:
         torch.set_num_threads(before)
@@ -137,7 +140,7 @@ def test_editing_one_adapters_factors_leaves_the_svd_cache_alone(llama):
 def test_factors_are_computed_on_the_cpu_whatever_the_default_device(gpu_stand_in, dtype):
     """With torch's default device "meta" (the stand-in for a GPU), the factors of a weight are the
     same CPU fp32 tensors as without it, and the fingerprint is the same."""
-    import tinylab.svd as svd
+    import tinylab.adapter.svd as svd
 
     W = (torch.randn(48, 80, generator=torch.Generator().manual_seed(5))).to(dtype)  # (out, in)
     svd._SVD_CACHE.clear()
@@ -147,7 +150,7 @@ def test_factors_are_computed_on_the_cpu_whatever_the_default_device(gpu_stand_i
     svd._FINGERPRINTS.clear()
     with gpu_stand_in():
         fp = svd.weight_fingerprint(W)
-        U, S, Vh = svd._svds([(W, fp)], 3, "exact")[0]
+        U, S, Vh = svd.svds([(W, fp)], 3, "exact")[0]
         lowrank = svd._compute_svd(W, 3, "lowrank")
     assert fp == expected_fp
     for got, want in zip((U, S, Vh), expected):
@@ -156,7 +159,7 @@ def test_factors_are_computed_on_the_cpu_whatever_the_default_device(gpu_stand_i
 
 
 def test_portable_fingerprint_is_the_same_in_fp32_and_bf16_and_tells_weights_apart():
-    from tinylab.svd import weight_fingerprint
+    from tinylab.adapter.svd import weight_fingerprint
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(64, 32, generator=g)  # (out, in)

@@ -1,4 +1,4 @@
-"""Module selection (tinylab.targets): one answer for the adapter, the planner, importance, the widget and the CLI.
+"""Module selection (tinylab.adapter.targets): one answer for the adapter, the planner, importance, the widget and the CLI.
 
 On every tiny architecture (fused maps in phi3 and GPT-NeoX, other names in OPT), what a budget
 plan promises is what attaching its config gives, and every other reader counts the same modules.
@@ -9,10 +9,11 @@ import warnings
 import pytest
 import torch
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora
-from tinylab.budget import lora_xs_size, plan_budget
-from tinylab.models import TINY_ARCHS, tiny_model
-from tinylab.targets import DEFAULT_TARGETS, count_params, kind_order, plan_modules, roles
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
+from tinylab.adapter.planner import lora_xs_size, plan_budget
+from tinylab.adapter.targets import count_params, kind_order, plan_modules, roles
+from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 BUDGETS = (1, 2, 3, 5, 7, 13, 16)
 
@@ -91,7 +92,7 @@ def test_fused_roles_and_order():
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)  # OPT feeds fc1/fc2 flattened (batch*time, features)
 def test_weight_importance_scores_the_adapted_modules(arch):
-    from tinylab.importance import weight_importance
+    from tinylab.analysis.importance import weight_importance
     from tinylab.tasks.synthetic import ArithmeticTask
 
     model, tok = tiny_model(arch, seed=0)

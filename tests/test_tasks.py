@@ -307,7 +307,7 @@ def test_reward_drives_trl_grpo_trainer(tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from tinylab.models import tiny_model
+    from tinylab.model.tiny import tiny_model
 
     model, tokenizer = tiny_model("llama", seed=0)
     model.train()

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 from test_grpo import ToyTask
 
-import tinylab.grpo
-from tinylab.adapter import apply_tinylora
-from tinylab.grpo import GRPOConfig, train_grpo
-from tinylab.models import tiny_model
-from tinylab.resumption import resume
-from tinylab.run import NonFiniteError, StopTraining
-from tinylab.run_folder import read_state
+import tinylab.train.grpo
+from tinylab import resume
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.model.tiny import tiny_model
+from tinylab.train.grpo import GRPOConfig, train_grpo
+from tinylab.train.records import NonFiniteError, StopTraining
+from tinylab.train.run_folder import read_state
 
 CONFIG = GRPOConfig(prompts_per_step=2, group_size=3, max_new_tokens=4, lr=0.05, steps=4, seed=3)
 
@@ -69,7 +69,7 @@ def test_stop_from_callback_checkpoints_and_resumes_exactly(tmp_path, reference)
     tensors = load_file(str(tmp_path / "state.safetensors"))
     assert tensors["rng.torch"].dtype == torch.uint8
     assert set(tensors) == {"v", "rng.torch", "adam.exp_avg", "adam.exp_avg_sq"}
-    from tinylab.adapter_file import load_adapter
+    from tinylab.adapter.file_format import load_adapter
 
     loaded = load_adapter(tiny_model("llama", seed=0)[0], tmp_path / "adapter.tlra")
     assert torch.equal(loaded.vector(), run.vector)
@@ -87,7 +87,7 @@ def test_keyboard_interrupt_in_callback_stops_cleanly(tmp_path, reference):
 
 
 def test_keyboard_interrupt_mid_step_rolls_back_that_step(tmp_path, reference, monkeypatch):
-    real = tinylab.grpo.generate
+    real = tinylab.train.grpo.generate
     calls = []
 
     def interrupted_generate(*args, **kw):
@@ -96,12 +96,12 @@ def test_keyboard_interrupt_mid_step_rolls_back_that_step(tmp_path, reference, m
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(tinylab.grpo, "generate", interrupted_generate)
+    monkeypatch.setattr(tinylab.train.grpo, "generate", interrupted_generate)
     model, tok, adapter = _fresh()
     run = train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path))
     assert run.status == "interrupted" and run.step == 2
     torch.testing.assert_close(run.vector, reference[1], atol=0, rtol=0)
-    monkeypatch.setattr(tinylab.grpo, "generate", real)
+    monkeypatch.setattr(tinylab.train.grpo, "generate", real)
     _resume_and_compare(tmp_path, reference)
 
 
@@ -151,7 +151,7 @@ def test_nan_reward_keeps_last_finite_state_and_resumes(tmp_path, reference):
 
 
 def test_nan_loss_never_reaches_v_and_resumes(tmp_path, reference, monkeypatch):
-    real = tinylab.grpo.policy_loss
+    real = tinylab.train.grpo.policy_loss
     calls = []
 
     def nan_loss(*args, **kw):
@@ -159,7 +159,7 @@ def test_nan_loss_never_reaches_v_and_resumes(tmp_path, reference, monkeypatch):
         loss, stats = real(*args, **kw)
         return (loss * math.nan if len(calls) == 2 else loss), stats
 
-    monkeypatch.setattr(tinylab.grpo, "policy_loss", nan_loss)
+    monkeypatch.setattr(tinylab.train.grpo, "policy_loss", nan_loss)
     model, tok, adapter = _fresh()
     with pytest.raises(NonFiniteError, match="loss"):
         train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path))
@@ -167,7 +167,7 @@ def test_nan_loss_never_reaches_v_and_resumes(tmp_path, reference, monkeypatch):
     saved = load_file(str(tmp_path / "state.safetensors"))
     assert torch.isfinite(saved["v"]).all() and torch.isfinite(saved["adam.exp_avg"]).all()
     assert read_state(tmp_path)["step"] == 1
-    monkeypatch.setattr(tinylab.grpo, "policy_loss", real)
+    monkeypatch.setattr(tinylab.train.grpo, "policy_loss", real)
     _resume_and_compare(tmp_path, reference)
 
 

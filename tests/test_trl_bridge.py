@@ -5,11 +5,11 @@ import pytest
 import torch
 from test_grpo import ToyTask
 
-from tinylab.adapter import apply_tinylora, find_adapter
-from tinylab.grpo import GRPOConfig
-from tinylab.models import tiny_model
-from tinylab.run import StopTraining
-from tinylab.trl import _PeftVectors, grpo_trainer, model_precision, peft_model, trl_args
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.interop.trl_bridge import _PeftVectors, grpo_trainer, model_precision, peft_model, trl_args
+from tinylab.model.tiny import tiny_model
+from tinylab.train.grpo import GRPOConfig
+from tinylab.train.records import StopTraining
 
 CONFIG = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, lr=0.05, steps=1, seed=0)
 

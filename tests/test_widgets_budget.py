@@ -7,9 +7,10 @@ import pytest
 import torch
 from tinylab.widgets import BudgetSlider, ImportanceHeatmap
 
-from tinylab.adapter import TinyLoRALinear, apply_tinylora
-from tinylab.importance import module_importance, weight_importance
-from tinylab.models import tiny_model
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.adapter.layer import TinyLoRALinear
+from tinylab.analysis.importance import module_importance, weight_importance
+from tinylab.model.tiny import tiny_model
 from tinylab.tasks.base import Example
 
 

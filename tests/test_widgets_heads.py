@@ -6,9 +6,10 @@ import torch
 from plotly.callbacks import Points
 from tinylab.widgets.heads import HeadInspector
 
-from tinylab.adapter import apply_tinylora
-from tinylab.heads import attention_patterns, head_effects
-from tinylab.models import tiny_model
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.analysis.heads import head_effects
+from tinylab.analysis.patterns import attention_patterns
+from tinylab.model.tiny import tiny_model
 
 PROMPTS = ["The cat sat on the mat and the cat", [{"role": "user", "content": "What is 2 + 3?"}]]
 ANSWERS = [" slept", "5"]

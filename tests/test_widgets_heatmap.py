@@ -6,8 +6,8 @@ import torch
 from test_importance import ToyTask
 from tinylab.widgets import ImportanceHeatmap
 
-from tinylab.importance import module_importance, weight_importance
-from tinylab.models import tiny_model
+from tinylab.analysis.importance import module_importance, weight_importance
+from tinylab.model.tiny import tiny_model
 
 
 def _drive(model, tok) -> ImportanceHeatmap:

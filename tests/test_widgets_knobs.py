@@ -6,12 +6,12 @@ import torch
 from test_knobs import EXAMPLES, KEY, PLANTED, _planted
 from tinylab.widgets.knobs import KnobPanel, landscape_figure, sweep_figure
 
-from tinylab.adapter import apply_tinylora
-from tinylab.heads import head_effects
-from tinylab.knobs import GoldSet
-from tinylab.landscape import landscape, sweep
-from tinylab.models import tiny_model
-from tinylab.rollout import generate
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.analysis.heads import head_effects
+from tinylab.analysis.landscapes import landscape, sweep_number
+from tinylab.measures.gold import GoldSet
+from tinylab.model.generation import generate
+from tinylab.model.tiny import tiny_model
 
 PROMPTS = ["Once upon a time", [{"role": "user", "content": "What is 2 + 3?"}]]
 NEW_TOKENS = 4
@@ -119,7 +119,7 @@ def test_sweep_and_landscape_figures_match_the_library(panel):
     result = panel.show_sweep(KEY, values=[0.0, 3.0, 6.0])
     assert panel.adapter.vector()[0] == pytest.approx(0.2) and panel.sliders[0].value == 0.2
     panel.reset()
-    direct = sweep(panel.model, panel.tokenizer, panel.adapter, EXAMPLES, number=KEY, values=[0.0, 3.0, 6.0])
+    direct = sweep_number(panel.model, panel.tokenizer, panel.adapter, EXAMPLES, number=KEY, values=[0.0, 3.0, 6.0])
     assert np.array_equal(result.per_example, direct.per_example)
     assert list(panel.sweep_plot.data[0].y) == direct.table["logprob"].tolist()
     shapes = [s.x0 for s in panel.sweep_plot.layout.shapes]

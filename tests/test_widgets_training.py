@@ -8,13 +8,13 @@ import pytest
 import torch
 from tinylab.widgets.training import TrainingPanel
 
-from tinylab.adapter import apply_tinylora
-from tinylab.grpo import GRPOConfig, train_grpo
-from tinylab.models import tiny_model
-from tinylab.resumption import resume
-from tinylab.run import step_log
-from tinylab.sft import SFTConfig, train_sft
+from tinylab import resume
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.model.tiny import tiny_model
 from tinylab.tasks.base import Example, Score
+from tinylab.train.grpo import GRPOConfig, train_grpo
+from tinylab.train.records import step_log
+from tinylab.train.sft import SFTConfig, train_sft
 
 
 class ToyTask:

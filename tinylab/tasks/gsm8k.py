@@ -235,7 +235,7 @@ class GSM8K(ScoredTask):
         return Example(prompt, gold_answer(answer), solution)
 
     def control_prompt(self, prompt):
-        """The prompt control (`tinylab.controls`): the paper's instruction replaced by `EXPLICIT`,
+        """The prompt control (`tinylab.evaluation.controls`): the paper's instruction replaced by `EXPLICIT`,
         which spells the "#### <number>" line out."""
         if isinstance(prompt, str):
             return prompt.replace(INSTRUCTION, EXPLICIT)
