@@ -49,7 +49,7 @@ After training, each seed's held-out comparison (`tinylab.compare(..., controls=
 prints four rows, each with strict, flexible and format: the base model; the prompt control (the
 base model with one worked training example before the question, `task.control_prompt`); the
 random-direction control (the trained vector's norm in `--draws` seeded random directions: mean
-and spread); trained. Then the paired statistics (`tinylab.paired`: paired bootstrap 95% interval,
+and spread); trained. Then the paired statistics (`tinylab.paired`: Newcombe's paired 95% interval,
 exact McNemar p, examples gained and lost) of trained vs base and trained vs the prompt control.
 
 Usage: .venv/bin/python benchmarks/demo_cpu.py [--seeds 0 1 2] [--threads 2] [--save DIR] [--log F]
