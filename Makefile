@@ -1,7 +1,7 @@
 # Each target sets itself up on a fresh machine: .venv at the repo root, everything installed.
 #   make test   lint + unit tests + notebooks (nbval, quick mode) + JupyterLab in headless chromium
 #   make lab    JupyterLab on notebooks/ (widgets and plotly render offline)
-#   make bench  benchmarks/*.py, each prints ratios measured in its own run
+#   make bench  benchmarks/*.py, each prints ratios measured in its own run into benchmarks/results/NAME.txt
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -68,10 +68,21 @@ browser: setup browser-deps
 lab: setup
 	env -u TQDM_DISABLE $(BIN)/jupyter lab --notebook-dir=notebooks $(if $(SUDO),,--allow-root)
 
+# every script in benchmarks/, each with the flags of the numbers the README quotes, one torch thread
+# (steadier on a shared machine); each writes what it prints to benchmarks/results/NAME.txt
+BENCH := OMP_NUM_THREADS=1 $(BIN)/python benchmarks
 bench: setup
-	for f in adapter evaluate grpo importance base_rates; do $(BIN)/python benchmarks/$$f.py || exit 1; done
-	$(BIN)/python benchmarks/demo_cpu.py --save test-output/demo
-	$(BIN)/python benchmarks/heads.py test-output/demo/seed0.tlra
+	$(BENCH)/adapter.py --threads 1 --device cpu --dtype float32
+	$(BENCH)/evaluate.py --threads 1
+	$(BENCH)/evaluate.py --threads 1 --harness --n 20
+	$(BENCH)/grpo.py --threads 1
+	$(BENCH)/importance.py --threads 1
+	$(BENCH)/base_rates.py --threads 1
+	$(BENCH)/knobs.py --threads 1
+	$(BENCH)/bank.py --threads 1
+	$(BENCH)/demo_cpu.py --threads 1 --budget-min 25 --save test-output/demo
+	$(BENCH)/heads.py --threads 1 test-output/demo/seed0.tlra
+	$(BENCH)/knowledge.py --jobs 2
 
 clean:
 	rm -rf $(VENV) test-output

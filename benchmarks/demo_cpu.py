@@ -71,6 +71,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab.adapter import TinyLoRAConfig, apply_tinylora  # noqa: E402
 from tinylab.adapter_file import load_adapter, save_adapter  # noqa: E402
@@ -333,6 +334,7 @@ def main():
     parser.add_argument("--n-eval", type=int, default=None, help="held-out prompts compared (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: seed 0, 2 steps of 2 prompts x 4, no selection, 16 held-out prompts, 1 draw")
+    add_results_option(parser, "demo_cpu")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.prompts, args.group, args.select_every = [0], 2, 2, 4, 0
@@ -431,4 +433,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("demo_cpu")):
+        main()

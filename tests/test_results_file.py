@@ -77,3 +77,15 @@ def test_a_run_that_fails_before_printing_leaves_nothing(tmp_path):
     with pytest.raises(SystemExit), results_file("knobs", folder=tmp_path):
         raise SystemExit(2)  # argparse refusing an argument
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_benchmark_writes_its_results_file_and_make_bench_runs_it():
+    # each script under benchmarks/ (the writer aside) opens a results file around what it prints
+    scripts = sorted(p for p in (REPO / "benchmarks").glob("*.py") if p.name != "results_file.py")
+    assert len(scripts) >= 10
+    lacking = [p.name for p in scripts
+               if not all(call in p.read_text() for call in ("results_file(", "results_name(", "add_results_option("))]
+    assert not lacking, f"these benchmarks write no results file: {lacking}"
+    bench = (REPO / "Makefile").read_text().split("\nbench:")[1].split("\n\n")[0]
+    skipped = [p.name for p in scripts if f"$(BENCH)/{p.name}" not in bench]
+    assert not skipped, f"make bench does not run {skipped}"
