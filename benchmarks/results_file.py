@@ -120,15 +120,16 @@ def _machine(load_start: float) -> str:
             f"load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
 
 
-def header(script: str, started: float, load_start: float) -> str:
-    """The header lines of a results file (each starts with '# ')."""
+def header(script: str, started: float, load_start: float, commit: str, command: str) -> str:
+    """The header lines of a results file (each starts with '# '); `commit` and `command` as they were
+    when the run started (a benchmark may set environment variables of its own)."""
     date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
     return "\n".join([
         f"# results of {script} (written by benchmarks/results_file.py)",
         f"# date: {date}, run took {time.time() - started:.0f} s",
-        f"# commit: {_commit()}",
+        f"# commit: {commit}",
         f"# machine: {_machine(load_start)}",
-        f"# command: {_command()}",
+        f"# command: {command}",
     ]) + "\n"
 
 
@@ -146,7 +147,7 @@ def results_file(name: str | None, folder: str | os.PathLike = RESULTS) -> Itera
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final, partial = folder / f"{name}.txt", folder / f"{name}.txt.partial"
-    started, load_start = time.time(), os.getloadavg()[0]
+    started, load_start, commit, command = time.time(), os.getloadavg()[0], _commit(), _command()
     script = Path(sys.argv[0]).name
     script = f"benchmarks/{script}" if script.endswith(".py") else script
     try:
@@ -158,7 +159,7 @@ def results_file(name: str | None, folder: str | os.PathLike = RESULTS) -> Itera
         raise
     body = partial.read_text()
     tmp = folder / f".{name}.txt.tmp"
-    tmp.write_text(header(script, started, load_start) + body)
+    tmp.write_text(header(script, started, load_start, commit, command) + body)
     os.replace(tmp, final)
     partial.unlink()
     print(f"[results written to {final.relative_to(REPO) if final.is_relative_to(REPO) else final}]", flush=True)
