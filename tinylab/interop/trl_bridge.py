@@ -30,8 +30,8 @@ unloaded from the model; the handle passed in is spent).
 What was run here (CPU only: no GPU, no vLLM on these machines): the PEFT path trains on the CPU
 with transformers generation, and TRL 1.16's `VLLMGeneration._iter_named_params` (the code that
 feeds vLLM's `load_weights`, called without vLLM) yields exactly the base model's parameter names,
-each holding W + the adapter's update (tests/test_trl_bridge.py). Two CPU processes under
-torchrun and accelerate launch train one vector (tests/test_distributed.py, without PEFT; the PEFT
+each holding W + the adapter's update (tests/interop/test_trl_bridge.py). Two CPU processes under
+torchrun and accelerate launch train one vector (tests/interop/test_distributed.py, without PEFT; the PEFT
 path under torchrun was run once by hand, same vector on both ranks, not in CI). Not run here: vLLM itself
 (colocate or server mode), bf16 on a GPU, FSDP/DeepSpeed. With bf16 weights, TRL's merge/unmerge
 round trip is not bit-exact (that holds for every PEFT adapter under TRL, LoRA included).

@@ -13,32 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import DISTINCT_TASK_SOURCE
 
 from tinylab import load_adapter
 from tinylab.model.tiny import tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-TASK = '''
-from tinylab.tasks import Example, Score
-
-
-class Distinct:
-    """Reward: distinct characters in the reply / 10 (some spread in every group)."""
-
-    name = "distinct"
-    max_new_tokens = 4
-
-    def examples(self, split, n, seed):
-        words = ["apple", "pear", "plum", "fig", "kiwi", "lime"]
-        return [Example([{"role": "user", "content": f"Say {w}."}], w, f"{w}.") for w in words][:n]
-
-    def reward(self, completions, answers, **kwargs):
-        return [len(set(c)) / 10 for c in completions]
-
-    def score(self, completion, answer):
-        return Score(bool(completion), completion == answer, answer in completion, completion or None)
-'''
 LAUNCHERS = {
     "torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "2"],
     "accelerate": [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "configs" / "multi-cpu.yaml")],
@@ -49,7 +30,7 @@ LINE = re.compile(r"tinylab train: rank (\d+) of (\d+), writes (\S+): vector (\[
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_train_one_vector_and_rank_0_writes(tmp_path, launcher):
-    (tmp_path / "distinct_task.py").write_text(TASK)
+    (tmp_path / "distinct_task.py").write_text(DISTINCT_TASK_SOURCE)
     out = tmp_path / "out"
     cmd = [*LAUNCHERS[launcher], "-m", "tinylab.cli", "train", "--preset", "tiny-cpu", "--backend", "trl",
            "--out", str(out), f"task={tmp_path / 'distinct_task.py'}:Distinct", "steps=2"]

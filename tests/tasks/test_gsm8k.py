@@ -257,7 +257,7 @@ def test_the_makefile_points_the_variable_at_the_copy_beside_the_repository(tmp_
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    shutil.copy(Path(__file__).resolve().parents[1] / "Makefile", repo / "Makefile")
+    shutil.copy(Path(__file__).resolve().parents[2] / "Makefile", repo / "Makefile")
     monkeypatch.delenv("TINYLAB_GSM8K", raising=False)
     show = ["make", "-s", "--no-print-directory", "--eval", "showgsm: ; @echo \"[$$TINYLAB_GSM8K]\"", "showgsm"]
 
@@ -270,7 +270,7 @@ def test_the_makefile_points_the_variable_at_the_copy_beside_the_repository(tmp_
 
 
 def test_no_library_code_looks_for_a_folder_beside_the_repository():
-    library = Path(__file__).resolve().parents[1] / "tinylab"
+    library = Path(__file__).resolve().parents[2] / "tinylab"
     for file in library.rglob("*.py"):
         text = file.read_text(encoding="utf-8")
         assert "../shared" not in text and "shared/data" not in text and '"shared"' not in text, file

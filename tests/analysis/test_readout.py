@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_knobs import EXAMPLES, KEY, PLANTED, _planted
+from testkit import EXAMPLES, KEY, PLANTED, planted_knobs
 
 from tinylab.analysis.heads import attention_shift, head_activity, head_effects
 from tinylab.analysis.readout import Reader
@@ -35,7 +35,7 @@ def _forwards(model):
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_a_readout_after_caching_the_base_equals_computing_from_scratch(shared):
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_knobs()
     gold = GoldSet(model, tokenizer, EXAMPLES if shared else EXAMPLES[:2], batch_size=2)
     reader = Reader(model, tokenizer, PROMPTS, gold, max_new_tokens=NEW_TOKENS, batch_size=2)
     assert reader.shared == shared
@@ -70,7 +70,7 @@ def test_a_readout_after_caching_the_base_equals_computing_from_scratch(shared):
 def test_the_base_activity_is_the_prompt_forwards_own():
     """The prompt positions of the shared forward (HeadActivity.first) are the prompt's own heads:
     head_effects with that base gives the head map it gives when it measures the base itself."""
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_knobs()
     gold = GoldSet(model, tokenizer, EXAMPLES)
     with adapter.disabled():
         shared_base = Reader(model, tokenizer, PROMPTS, gold, max_new_tokens=1)().activity
@@ -91,7 +91,7 @@ def test_the_base_activity_is_the_prompt_forwards_own():
 
 
 def test_bad_input_is_refused():
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_knobs()
     gold = GoldSet(model, tokenizer, EXAMPLES)
     with pytest.raises(TypeError, match="gold must be a GoldSet"):
         Reader(model, tokenizer, PROMPTS, EXAMPLES, max_new_tokens=2)
@@ -120,7 +120,7 @@ def _read(model, tokenizer, adapter):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_readout_keeps_to_the_models_device(gpu_stand_in, dtype):
-    model, tokenizer, adapter = _planted(dtype)
+    model, tokenizer, adapter = planted_knobs(dtype)
     expected = _read(model, tokenizer, adapter)
     with gpu_stand_in():
         base, now, shift = _read(model, tokenizer, adapter)
@@ -133,7 +133,7 @@ def test_a_readout_keeps_to_the_models_device(gpu_stand_in, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_readout_on_cuda(dtype):
-    model, tokenizer, adapter = _planted(dtype)
+    model, tokenizer, adapter = planted_knobs(dtype)
     base, now, shift = _read(model.to("cuda"), tokenizer, adapter)
     assert now.activity[0].patterns[1].is_cuda and now.logprobs.dtype == np.float32
     assert shift["js"].idxmax() == PLANTED

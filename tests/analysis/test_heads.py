@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from testkit import planted_head
 
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.adapter.layer import TinyLoRALinear
@@ -22,28 +23,12 @@ PROMPTS = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in ran
 ANSWERS = [str(2 * i + 1) for i in range(4)] + [" there was"]
 
 
-def _planted(arch="llama", kind="q_proj", layer=1, slot=2, scale=6.0, dtype=torch.float32):
-    """A tiny model whose only non-zero update is on the rows of one head (q) or KV group (k, v) of one layer."""
-    model, tokenizer = tiny_model(arch, seed=0, dtype=dtype)
-    adapter = apply_tinylora(model, n_tie=1, u=1)
-    m = dict(adapter.named_modules())[f"model.layers.{layer}.self_attn.{kind}"]
-    d = model.model.layers[layer].self_attn.head_dim
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        m.U.zero_()
-        m.U[slot * d:(slot + 1) * d] = torch.randn(d, m.U.shape[1], generator=g)  # (d, r) only this head's rows
-        m.P.copy_(torch.eye(m.U.shape[1])[None])  # (1, r, r): R = v * I
-        m.v.fill_(scale)
-    assert (adapter.vector() != 0).sum() == 1
-    return model, tokenizer, adapter
-
-
 def _others(table, column, head):
     return table[column].drop(index=head).abs()
 
 
 def test_planted_query_head_is_ranked_first_by_every_measure():
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_head()
     effects = head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm="all")
     t = effects.table
     assert effects.metric == "logprob"
@@ -64,7 +49,7 @@ def test_planted_query_head_is_ranked_first_by_every_measure():
 
 
 def test_planted_value_group_marks_both_heads_of_the_group_and_moves_no_pattern():
-    model, tokenizer, adapter = _planted(kind="v_proj", layer=1, slot=1)  # KV group 1 = query heads 2, 3
+    model, tokenizer, adapter = planted_head(kind="v_proj", layer=1, slot=1)  # KV group 1 = query heads 2, 3
     t = head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm="all").table
     for column in ("weight", "weight_v", "output_change", "ablation"):
         assert (t.loc[[(1, 2), (1, 3)], column].abs() > 0).all(), column
@@ -75,7 +60,7 @@ def test_planted_value_group_marks_both_heads_of_the_group_and_moves_no_pattern(
 
 
 def test_planted_head_in_first_layer_still_ranks_first():
-    model, tokenizer, adapter = _planted(layer=0, slot=1)
+    model, tokenizer, adapter = planted_head(layer=0, slot=1)
     effects = head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm=2)
     for column in EVIDENCE:
         assert effects.top(column, 1) == [(0, 1)], column
@@ -109,7 +94,7 @@ def test_weight_norms_equal_slices_of_the_full_update(arch):
 
 
 def test_padding_is_masked_batches_agree_with_single_prompts():
-    model, tokenizer, adapter = _planted(layer=0)
+    model, tokenizer, adapter = planted_head(layer=0)
     batched = head_effects(model, tokenizer, adapter, PROMPTS, batch_size=5).table
     single = head_effects(model, tokenizer, adapter, PROMPTS, batch_size=1).table
     for column in ("js", "output_change"):
@@ -118,7 +103,7 @@ def test_padding_is_masked_batches_agree_with_single_prompts():
 
 
 def test_analysis_leaves_attention_setting_outputs_and_modules_unchanged():
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_head()
     model.set_attn_implementation("sdpa")
     adapter.merge()
     model.train()
@@ -153,7 +138,7 @@ def test_eager_attention_is_switched_on_and_restored_after_an_error():
 
 
 def test_attention_patterns_base_vs_adapted():
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_head()
     p = attention_patterns(model, tokenizer, PROMPTS[0], 1, 2, adapter)
     T = len(p.tokens)
     assert p.base.shape == p.adapted.shape == (T, T)
@@ -187,7 +172,7 @@ class _ReplyLengthTask:
 
 
 def test_reward_mode_ablation_restores_the_base_reward():
-    model, tokenizer, adapter = _planted(scale=40.0)
+    model, tokenizer, adapter = planted_head(scale=40.0)
     examples = [_Example(p, a) for p, a in zip(PROMPTS, ANSWERS)]
     effects = head_effects(model, tokenizer, adapter, examples, task=_ReplyLengthTask(), confirm=3)
     t = effects.table
@@ -204,7 +189,7 @@ def test_reward_mode_ablation_restores_the_base_reward():
 
 
 def test_bad_inputs_name_the_value_and_the_allowed_range():
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_head()
     with pytest.raises(ValueError, match="confirm=-1"):
         head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm=-1)
     with pytest.raises(ValueError, match="2 answers for 5 prompts"):
@@ -233,7 +218,7 @@ def test_head_gates_are_in_the_models_dtype_and_their_gradients_fp32():
 
     grads = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model, tokenizer, adapter = _planted(dtype=dtype)
+        model, tokenizer, adapter = planted_head(dtype=dtype)
         blocks = attention_blocks(model)
         head, kv = unit_gates(blocks)
         assert {(g.dtype, g.device) for g in [*head.values(), *kv.values()]} == {(dtype, model.device)}
@@ -276,7 +261,7 @@ def _check_all_public(results, expected=None):
 def test_every_public_function_keeps_to_the_models_device(gpu_stand_in, dtype):
     """head_effects (log-prob and reward metrics), ablate_heads and attention_patterns with torch's
     default device elsewhere than the model (meta): a tensor made without the model's device fails."""
-    model, tokenizer, adapter = _planted(dtype=dtype)
+    model, tokenizer, adapter = planted_head(dtype=dtype)
     with gpu_stand_in():
         inside = _all_public(model, tokenizer, adapter)
     _check_all_public(inside, expected=_all_public(model, tokenizer, adapter))
@@ -286,7 +271,7 @@ def test_every_public_function_keeps_to_the_models_device(gpu_stand_in, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_public_function_on_cuda(dtype):
-    model, tokenizer, adapter = _planted(dtype=dtype)
+    model, tokenizer, adapter = planted_head(dtype=dtype)
     model.to("cuda")
     _check_all_public(_all_public(model, tokenizer, adapter))
 
@@ -320,7 +305,7 @@ def test_embedded_model_grouped_query_attention(embedded):
 def test_a_base_activity_measured_once_gives_the_same_head_map(gpu_stand_in, dtype):
     """head_effects(base_activity=head_activity(...) of the base) equals head_effects measuring the base;
     attention_shift of the two activities is its js / output_change; under the stand-in too."""
-    model, tokenizer, adapter = _planted(dtype=dtype)
+    model, tokenizer, adapter = planted_head(dtype=dtype)
     with gpu_stand_in():
         with adapter.disabled():
             base = head_activity(model, tokenizer, PROMPTS, batch_size=2)
@@ -338,7 +323,7 @@ def test_a_base_activity_measured_once_gives_the_same_head_map(gpu_stand_in, dty
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_base_activity_measured_once_on_cuda(dtype):
-    model, tokenizer, adapter = _planted(dtype=dtype)
+    model, tokenizer, adapter = planted_head(dtype=dtype)
     model.to("cuda")
     with adapter.disabled():
         base = head_activity(model, tokenizer, PROMPTS, batch_size=2)

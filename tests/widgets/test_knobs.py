@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_knobs import EXAMPLES, KEY, PLANTED, _planted
+from testkit import EXAMPLES, KEY, PLANTED, planted_knobs
 from tinylab.widgets.knobs import KnobPanel, landscape_figure, sweep_figure
 
 from tinylab.adapter.attach import apply_tinylora
@@ -19,7 +19,7 @@ NEW_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def panel():
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_knobs()
     return KnobPanel(model, tokenizer, adapter, PROMPTS, EXAMPLES, max_new_tokens=NEW_TOKENS)
 
 
@@ -152,7 +152,7 @@ def test_untied_panel_shows_the_groups():
 
 
 def test_bad_input_is_refused():
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_knobs()
     with pytest.raises(ValueError, match="prompts must be a non-empty list"):
         KnobPanel(model, tokenizer, adapter, [], EXAMPLES)
     with pytest.raises(ValueError, match="examples must be a non-empty list"):
@@ -173,7 +173,7 @@ def test_bad_input_is_refused():
 def test_an_update_after_caching_equals_computing_from_scratch():
     """Prompts that are the held-out examples: the panel reads base and trained once, and a move reads
     "now" in one forward per batch; replies, bars and head map equal the separate library calls."""
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_knobs()
     panel = KnobPanel(model, tokenizer, adapter, EXAMPLES, EXAMPLES, max_new_tokens=NEW_TOKENS)
     assert panel.reader.shared and panel.max_new_tokens == NEW_TOKENS
     prompts = [ex.prompt for ex in EXAMPLES]

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_grpo import ToyTask
+from testkit import WordTask
 
 from tinylab.adapter.attach import apply_tinylora, find_adapter
 from tinylab.interop.trl_bridge import _PeftVectors, grpo_trainer, model_precision, peft_model, trl_args
@@ -22,7 +22,7 @@ def test_one_trl_step_changes_v_and_nothing_else(tmp_path):
     v0 = adapter.vector()
     seen, returned = [], []
 
-    class Recording(ToyTask):
+    class Recording(WordTask):
         def reward(self, completions, answers, **kwargs):
             out = super().reward(completions, answers, **kwargs)
             returned.extend(out)
@@ -51,7 +51,7 @@ def test_stop_training_from_callback_ends_trl_run(tmp_path):
     def stop(log):
         raise StopTraining
 
-    trainer = grpo_trainer(model, tok, adapter, ToyTask(), GRPOConfig(**{**CONFIG.__dict__, "steps": 3}),
+    trainer = grpo_trainer(model, tok, adapter, WordTask(), GRPOConfig(**{**CONFIG.__dict__, "steps": 3}),
                            callbacks=[stop], output_dir=str(tmp_path))
     trainer.train()
     assert trainer.state.global_step == 1
@@ -67,7 +67,7 @@ def test_divisibility_checked_before_anything_loads(tmp_path, monkeypatch):
     model, tok = tiny_model("llama", seed=0)
     adapter = apply_tinylora(model, u=1, n_tie="all")
     with pytest.raises(ValueError, match=r"generation batch \(6 completions.*not divisible by num_generations=4"):
-        grpo_trainer(model, tok, adapter, ToyTask(), GRPOConfig(prompts_per_step=2, group_size=4),
+        grpo_trainer(model, tok, adapter, WordTask(), GRPOConfig(prompts_per_step=2, group_size=4),
                      output_dir=str(tmp_path), per_device_train_batch_size=6)
     with pytest.raises(ValueError, match="kl=0.1 is not supported by the TRL bridge"):
         trl_args(GRPOConfig(kl=0.1), str(tmp_path))
@@ -133,7 +133,7 @@ def test_peft_path_trains_and_comes_back_as_a_tinylab_adapter(tmp_path):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     adapter = apply_tinylora(model, u=4, n_tie="all")
     seen = []
-    trainer = grpo_trainer(model, tok, adapter, ToyTask(), CONFIG, callbacks=[seen.append],
+    trainer = grpo_trainer(model, tok, adapter, WordTask(), CONFIG, callbacks=[seen.append],
                            output_dir=str(tmp_path), peft=True)
     assert type(trainer.model).__name__ == "PeftModel" and not adapter.attached
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
@@ -188,7 +188,7 @@ def test_use_vllm_without_vllm_changes_nothing(tmp_path, monkeypatch):
     model, tok = tiny_model("llama", seed=0)
     adapter = apply_tinylora(model, u=4, n_tie="all")
     with pytest.raises(ImportError, match=r"use_vllm=True needs vLLM .*allowed here: use_vllm=False"):
-        grpo_trainer(model, tok, adapter, ToyTask(), CONFIG, output_dir=str(tmp_path), use_vllm=True)
+        grpo_trainer(model, tok, adapter, WordTask(), CONFIG, output_dir=str(tmp_path), use_vllm=True)
     assert adapter.attached and type(model.model.layers[0].self_attn.q_proj).__name__ == "TinyLoRALinear"
 
 
@@ -209,7 +209,7 @@ def test_trainer_builds_under_the_gpu_stand_in(tmp_path, gpu_stand_in, dtype):
     model, tok = tiny_model("llama", dtype=dtype)
     adapter = apply_tinylora(model, u=2, n_tie="all")
     with gpu_stand_in():
-        trainer = grpo_trainer(model, tok, adapter, ToyTask(), CONFIG, output_dir=str(tmp_path))
+        trainer = grpo_trainer(model, tok, adapter, WordTask(), CONFIG, output_dir=str(tmp_path))
     assert trainer.args.use_cpu and {p.device.type for p in model.parameters()} == {"cpu"}
     assert next(iter(adapter.parameters())).dtype == torch.float32
 
@@ -220,7 +220,7 @@ def test_one_trl_step_on_cuda(tmp_path, dtype):
     model, tok = tiny_model("llama", dtype=dtype)
     model.to("cuda")
     adapter = apply_tinylora(model, u=4, n_tie="all")
-    trainer = grpo_trainer(model, tok, adapter, ToyTask(), CONFIG, output_dir=str(tmp_path))
+    trainer = grpo_trainer(model, tok, adapter, WordTask(), CONFIG, output_dir=str(tmp_path))
     assert not trainer.args.use_cpu and trainer.args.bf16 == (dtype == torch.bfloat16)
     trainer.train()
     assert adapter.vector().abs().sum() > 0 and next(iter(adapter.parameters())).dtype == torch.float32

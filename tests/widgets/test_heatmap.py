@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_importance import ToyTask
+from testkit import NumberTask
 from tinylab.widgets import ImportanceHeatmap
 
 from tinylab.analysis.importance import module_importance, weight_importance
@@ -12,8 +12,8 @@ from tinylab.model.tiny import tiny_model
 
 def _drive(model, tok) -> ImportanceHeatmap:
     """Measure, build the map with its per-head drill-down, switch the score, pick a module, outline it."""
-    imp = module_importance(model, tok, ToyTask(), n_prompts=3, objective="sft")
-    wi = weight_importance(model, tok, ToyTask(), n_prompts=3, objective="sft")
+    imp = module_importance(model, tok, NumberTask(), n_prompts=3, objective="sft")
+    wi = weight_importance(model, tok, NumberTask(), n_prompts=3, objective="sft")
     heat = ImportanceHeatmap(imp, weights=wi)
     heat.kind.value = "grad"
     heat.select(1, "o_proj")

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from testkit import NumberTask
 
 from tinylab.adapter.attach import apply_tinylora, find_adapter
 from tinylab.adapter.config import TinyLoRAConfig
@@ -10,25 +11,9 @@ from tinylab.adapter.planner import plan_budget
 from tinylab.analysis.importance import SCORES, module_importance, weight_importance
 from tinylab.model.generation import completion_logprobs
 from tinylab.model.tiny import tiny_model
-from tinylab.tasks.base import Example
 
 
-class ToyTask:
-    """A tiny task following the Task protocol; its reward varies between samples (reply length)."""
-
-    name = "toy"
-    max_new_tokens = 6
-
-    def examples(self, split="train", n=None, seed=0):
-        n = 8 if n is None else n
-        return [Example([{"role": "user", "content": f"Say the number {i}."}], str(i), f"The number is {i}.")
-                for i in range(n)]
-
-    def reward(self, completions, answers=None, **kwargs):
-        return [float(len(c) % 5) for c in completions]
-
-
-class FlatTask(ToyTask):
+class FlatTask(NumberTask):
     def reward(self, completions, answers=None, **kwargs):
         return [1.0] * len(completions)
 
@@ -66,8 +51,8 @@ def test_model_is_bit_identical_after_importance(tiny, objective):
     before = _outputs(model.eval(), tok)
     model.train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    module_importance(model, tok, ToyTask(), n_prompts=3, objective=objective, n_samples=3)
-    weight_importance(model, tok, ToyTask(), n_prompts=3, objective=objective, n_samples=3)
+    module_importance(model, tok, NumberTask(), n_prompts=3, objective=objective, n_samples=3)
+    weight_importance(model, tok, NumberTask(), n_prompts=3, objective=objective, n_samples=3)
     assert model.training
     assert not find_adapter(model)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
@@ -78,7 +63,7 @@ def test_model_is_bit_identical_after_importance(tiny, objective):
 
 def test_table_layout_and_scores(tiny):
     model, tok = tiny
-    imp = module_importance(model, tok, ToyTask(), n_prompts=4, objective="sft")
+    imp = module_importance(model, tok, NumberTask(), n_prompts=4, objective="sft")
     assert imp.table.index.names == ["layer", "module"] and len(imp.table) == 14
     assert set(SCORES) <= set(imp.table.columns)
     assert imp.gradients.shape == (4, 14, 2, 2)
@@ -96,7 +81,7 @@ def test_table_layout_and_scores(tiny):
 def test_per_prompt_gradient_matches_autograd(tiny, objective):
     """The hooks' per-prompt dJ/dR equals autograd of prompt 1 alone through an untied u = r*r probe."""
     model, tok = tiny
-    task = ToyTask()
+    task = NumberTask()
     imp = module_importance(model, tok, task, n_prompts=3, objective=objective, n_samples=4, batch_size=5)
     from tinylab.analysis.importance import _make_batch
 
@@ -123,7 +108,7 @@ def test_per_prompt_gradient_matches_autograd(tiny, objective):
 def test_the_dominant_module_ranks_first(arch, module, objective):
     model, tok = tiny_model(arch, seed=1)
     _boost_top_directions(model.get_submodule(module).weight, 30.0)
-    imp = module_importance(model, tok, ToyTask(), n_prompts=4, objective=objective)
+    imp = module_importance(model, tok, NumberTask(), n_prompts=4, objective=objective)
     layer, kind = int(module.split(".")[2]), module.rsplit(".", 1)[1]
     assert imp.ranked("fisher").index[0] == (layer, kind)
     assert imp.ranked("abs_mean").index[0] == (layer, kind)
@@ -135,7 +120,7 @@ def test_grpo_importance_is_minus_the_gradient_of_the_training_loss(tiny):
     from tinylab.train.grpo import GRPOConfig, group_advantages, policy_loss
 
     model, tok = tiny
-    task = ToyTask()
+    task = NumberTask()
     imp = module_importance(model, tok, task, n_prompts=3, objective="grpo", n_samples=4, temperature=0.8, seed=3)
     examples = task.examples("train", 3, 3)
     rollout = generate(model, tok, [e.prompt for e in examples], n=4, max_new_tokens=6, temperature=0.8, seed=3)
@@ -164,7 +149,7 @@ def test_equal_rewards_give_zero_gradients(tiny):
 
 def test_weight_importance_matches_autograd_and_splits_heads(tiny):
     model, tok = tiny
-    task = ToyTask()
+    task = NumberTask()
     wi = weight_importance(model, tok, task, n_prompts=2, objective="sft")
     from tinylab.analysis.importance import _make_batch
 
@@ -192,26 +177,26 @@ def test_scaled_weight_ranks_first_in_taylor(tiny, objective):
     model, tok = tiny
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight *= 30
-    wi = weight_importance(model, tok, ToyTask(), n_prompts=4, objective=objective)
+    wi = weight_importance(model, tok, NumberTask(), n_prompts=4, objective=objective)
     assert wi.table.taylor.idxmax() == (0, "o_proj")
 
 
 def test_bad_input_is_named(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="objective='rl'"):
-        module_importance(model, tok, ToyTask(), objective="rl")
+        module_importance(model, tok, NumberTask(), objective="rl")
     with pytest.raises(ValueError, match="temperature=0"):
-        module_importance(model, tok, ToyTask(), temperature=0)
+        module_importance(model, tok, NumberTask(), temperature=0)
     with pytest.raises(ValueError, match="n_prompts=0"):
-        module_importance(model, tok, ToyTask(), n_prompts=0)
+        module_importance(model, tok, NumberTask(), n_prompts=0)
     with pytest.raises(ValueError, match="n_samples=1: must be an integer >= 2"):
-        module_importance(model, tok, ToyTask(), n_samples=1)
+        module_importance(model, tok, NumberTask(), n_samples=1)
     with pytest.raises(ValueError, match="batch_size=True"):
-        weight_importance(model, tok, ToyTask(), batch_size=True)
+        weight_importance(model, tok, NumberTask(), batch_size=True)
     adapter = apply_tinylora(model, TinyLoRAConfig())
     try:
         with pytest.raises(ValueError, match="adapter attached"):
-            module_importance(model, tok, ToyTask(), objective="sft")
+            module_importance(model, tok, NumberTask(), objective="sft")
     finally:
         adapter.remove()
 
@@ -245,8 +230,8 @@ def test_sft_rows_are_the_rendered_prompt_then_the_solution_and_eos(tiny):
     from tinylab.analysis.importance import _make_batch
 
     model, tok = tiny
-    examples = ToyTask().examples("train", 3)
-    batch = _make_batch(model, tok, ToyTask(), "sft", 3, 4, None, 1.0, 0)
+    examples = NumberTask().examples("train", 3)
+    batch = _make_batch(model, tok, NumberTask(), "sft", 3, 4, None, 1.0, 0)
     L = batch.completion_mask.shape[1]
     for b, e in enumerate(examples):
         prompt = batch.input_ids[b, :-L][batch.attention_mask[b, :-L].bool()]
@@ -296,9 +281,9 @@ def test_bf16_importance_passes_its_self_check_and_follows_fp32():
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         model, tok = tiny_model("llama", seed=0, dtype=dtype)
-        results[dtype] = (module_importance(model, tok, ToyTask(), n_prompts=4, objective="sft"),
-                          weight_importance(model, tok, ToyTask(), n_prompts=4, objective="sft"))
-        module_importance(model, tok, ToyTask(), n_prompts=2, objective="grpo")  # the self-check passes
+        results[dtype] = (module_importance(model, tok, NumberTask(), n_prompts=4, objective="sft"),
+                          weight_importance(model, tok, NumberTask(), n_prompts=4, objective="sft"))
+        module_importance(model, tok, NumberTask(), n_prompts=2, objective="grpo")  # the self-check passes
     (imp32, wi32), (imp16, wi16) = results[torch.float32], results[torch.bfloat16]
     assert imp16.gradients.dtype == torch.float64 and imp16.gradients.device.type == "cpu"
     # bf16 rounding of the weights and activations (the probe's SVD basis is of the rounded weights)
@@ -310,9 +295,9 @@ def test_bf16_importance_passes_its_self_check_and_follows_fp32():
 def _analyses(model, tok):
     from tinylab.analysis.token_attribution import token_attribution
 
-    return (module_importance(model, tok, ToyTask(), n_prompts=3, objective="sft"),
-            module_importance(model, tok, ToyTask(), n_prompts=2, objective="grpo", n_samples=3),
-            weight_importance(model, tok, ToyTask(), n_prompts=2, objective="grpo", n_samples=3),
+    return (module_importance(model, tok, NumberTask(), n_prompts=3, objective="sft"),
+            module_importance(model, tok, NumberTask(), n_prompts=2, objective="grpo", n_samples=3),
+            weight_importance(model, tok, NumberTask(), n_prompts=2, objective="grpo", n_samples=3),
             token_attribution(model, tok, "What is the capital of France?", "Paris is", n_steps=8))
 
 

@@ -1,57 +1,14 @@
 import contextlib
 import dataclasses
 import math
-import random
-from typing import NamedTuple
 
 import pytest
 import torch
+from testkit import Example, WordTask
 
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.model.tiny import tiny_model
 from tinylab.train.grpo import GRPOConfig, group_advantages, policy_loss, train_grpo
-
-
-class Example(NamedTuple):
-    prompt: object
-    answer: str
-    solution: str | None = None
-
-
-class Score(NamedTuple):
-    formatted: bool
-    correct_strict: bool
-    correct_flexible: bool
-    extracted: str | None
-
-
-class ToyTask:
-    """Follows the Task protocol; rewards the number of distinct characters (always some spread)."""
-
-    name = "toy"
-    max_new_tokens = 6
-    WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "peach"]
-
-    def __init__(self, nan_on_call: int | None = None):
-        self.calls = 0
-        self.nan_on_call = nan_on_call
-
-    def examples(self, split, n, seed):
-        words = self.WORDS[:6] if split == "train" else self.WORDS[6:]
-        rng = random.Random(seed)
-        words = rng.sample(words, len(words))[:n]  # n=None: all
-        return [Example([{"role": "user", "content": f"Say {w}."}], w, f"{w}.") for w in words]
-
-    def reward(self, completions, answers, **kwargs):
-        self.calls += 1
-        if self.calls == self.nan_on_call:
-            return [math.nan] * len(completions)
-        return [len(set(c)) / 10 for c in completions]
-
-    def score(self, completion, answer):
-        first = completion.strip().split("\n")[0] if completion.strip() else ""
-        return Score(bool(first), first == answer, answer in completion, first or None)
-
 
 CONFIG = GRPOConfig(prompts_per_step=2, group_size=3, max_new_tokens=4, lr=0.05, steps=2, seed=0)
 
@@ -72,7 +29,7 @@ def test_train_changes_v_and_nothing_else(arch, tmp_path):
     model, tok, adapter = _setup(arch)
     before = _frozen(model)
     v0 = adapter.vector()
-    run = train_grpo(model, tok, adapter, ToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)))
+    run = train_grpo(model, tok, adapter, WordTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)))
     assert run.status == "finished" and run.step == 2
     assert not torch.equal(adapter.vector(), v0)
     after = dict(model.named_parameters())
@@ -80,8 +37,8 @@ def test_train_changes_v_and_nothing_else(arch, tmp_path):
     assert not any(m.merged_R is not None for _, m in adapter.named_modules())
 
 
-class RecordingToyTask(ToyTask):
-    """ToyTask that keeps every batch of completions it scores, to recompute the step logs."""
+class RecordingToyTask(WordTask):
+    """WordTask that keeps every batch of completions it scores, to recompute the step logs."""
 
     def __init__(self):
         super().__init__()
@@ -122,7 +79,7 @@ def test_kl_and_clip_with_inner_epochs(tmp_path):
     model, tok, adapter = _setup()
     before = _frozen(model)
     cfg = dataclasses.replace(CONFIG, kl=0.1, clip=0.2, inner_epochs=2, lr=2.0, checkpoint_dir=str(tmp_path))
-    run = train_grpo(model, tok, adapter, ToyTask(), cfg)
+    run = train_grpo(model, tok, adapter, WordTask(), cfg)
     # the stats are the last inner pass's: after one update at lr 2 the policy differs from the
     # reference (kl > 0) and some ratios left [0.8, 1.2] in their advantage's direction (clip_frac > 0;
     # at lr 0.5 none do on this model and seed)
@@ -226,10 +183,10 @@ def test_config_errors_name_value_and_range(field, value, message):
 def test_wrong_arguments(tmp_path):
     model, tok, adapter = _setup()
     with pytest.raises(TypeError, match="GRPOConfig"):
-        train_grpo(model, tok, adapter, ToyTask(), {"lr": 1})
+        train_grpo(model, tok, adapter, WordTask(), {"lr": 1})
     other, _ = tiny_model("llama", seed=1)
     with pytest.raises(ValueError, match="not attached to this model"):
-        train_grpo(other, tok, adapter, ToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)))
+        train_grpo(other, tok, adapter, WordTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)))
 
 
 class TopToken:
@@ -296,10 +253,10 @@ def test_non_finite_vector_is_refused_before_the_first_step(bad, tmp_path):
     v[2] = bad
     adapter.set_vector(v)
     with pytest.raises(ValueError, match=rf"vector v is not finite: 1 of 4 entries are NaN/inf \(at \[2\]: \[{bad}\]\)"):
-        train_grpo(model, tok, adapter, ToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path / "a")))
+        train_grpo(model, tok, adapter, WordTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path / "a")))
     assert not (tmp_path / "a").exists()  # refused before the run folder was made
     adapter.set_vector(torch.zeros(adapter.num_params))
-    run = train_grpo(model, tok, adapter, ToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path / "b")),
+    run = train_grpo(model, tok, adapter, WordTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path / "b")),
                      start=False)
     adapter.set_vector(v)  # set by hand between making the Run and training it
     with pytest.raises(ValueError, match="vector v is not finite"):
@@ -314,7 +271,7 @@ def test_train_grpo_makes_every_tensor_on_the_model_device(where, dtype, gpu_sta
     model, tok = tiny_model("llama", seed=0, dtype=dtype)
     adapter = apply_tinylora(model.to("cuda" if where == "cuda" else "cpu"), u=4, n_tie="all")
     with gpu_stand_in() if where == "gpu_stand_in" else contextlib.nullcontext():
-        run = train_grpo(model, tok, adapter, ToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)))
+        run = train_grpo(model, tok, adapter, WordTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)))
     assert run.status == "finished" and run.step == 2 and all(math.isfinite(log.loss) for log in run.logs)
     assert adapter.vector().abs().sum() > 0
     assert all(v.dtype == torch.float32 for v in adapter.parameters())  # the trained vector stays fp32

@@ -5,6 +5,7 @@ with setting the vector by hand; the vector always comes back."""
 import numpy as np
 import pytest
 import torch
+from testkit import EXAMPLES, KEY, PLANTED, planted_knobs
 
 import tinylab.analysis.landscapes as landscape_module
 from tinylab.adapter.attach import apply_tinylora
@@ -14,38 +15,11 @@ from tinylab.measures.gold import GoldSet
 from tinylab.measures.replies import scored_replies
 from tinylab.model.tiny import tiny_model
 from tinylab.tasks import get as get_task
-from tinylab.tasks.base import Example
-
-EXAMPLES = [Example([{"role": "user", "content": f"What is {i} + {i + 1}?"}], str(2 * i + 1)) for i in range(3)]
-EXAMPLES += [Example("Once upon a time", " there was")]
-PLANTED = (1, 2)  # layer, head
-KEY = 1  # the one number that acts
-
-
-def _planted(dtype=torch.float32):
-    """u=3 tied over all 14 modules; every update is zero except q_proj rows of layer 1, head 2, which
-    only number 1 reaches (its P slices for numbers 0 and 2 are zero). Numbers 0 and 2 are non-zero
-    but act on nothing."""
-    model, tokenizer = tiny_model("llama", seed=0, dtype=dtype)
-    adapter = apply_tinylora(model, u=3, n_tie="all")
-    layer, head = PLANTED
-    name = f"model.layers.{layer}.self_attn.q_proj"
-    d = model.model.layers[layer].self_attn.head_dim
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module_name, m in adapter.named_modules():
-            m.U.zero_()
-            if module_name == name:
-                m.U[head * d:(head + 1) * d] = torch.randn(d, m.U.shape[1], generator=g).to(m.U.dtype)  # (d, r)
-                m.P.zero_()
-                m.P[KEY] = torch.eye(m.U.shape[1])  # (r, r): R = v_1 I
-    adapter.set_vector([0.7, 6.0, -0.4])
-    return model, tokenizer, adapter
 
 
 @pytest.fixture(scope="module")
 def planted():
-    return _planted()
+    return planted_knobs()
 
 
 def _logits(model, ids):
@@ -264,7 +238,7 @@ def _all_public(model, tokenizer, adapter):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_public_function_keeps_to_the_models_device(gpu_stand_in, dtype):
-    model, tokenizer, adapter = _planted(dtype)
+    model, tokenizer, adapter = planted_knobs(dtype)
     trained = adapter.vector()
     with gpu_stand_in():
         a, sw, ls, heads, lp = _all_public(model, tokenizer, adapter)
@@ -278,7 +252,7 @@ def test_every_public_function_keeps_to_the_models_device(gpu_stand_in, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_public_function_on_cuda(dtype):
-    model, tokenizer, adapter = _planted(dtype)
+    model, tokenizer, adapter = planted_knobs(dtype)
     model.to("cuda")
     a, sw, ls, heads, lp = _all_public(model, tokenizer, adapter)
     assert lp.dtype == torch.float32 and lp.device.type == "cuda"

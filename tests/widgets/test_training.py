@@ -2,38 +2,18 @@
 
 import dataclasses
 import math
-import random
 
 import pytest
 import torch
+from testkit import WordTask
 from tinylab.widgets.training import TrainingPanel
 
 from tinylab import resume
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.model.tiny import tiny_model
-from tinylab.tasks.base import Example, Score
 from tinylab.train.grpo import GRPOConfig, train_grpo
 from tinylab.train.records import step_log
 from tinylab.train.sft import SFTConfig, train_sft
-
-
-class ToyTask:
-    """Rewards the number of distinct characters, so groups always have some spread."""
-
-    name = "toy"
-    max_new_tokens = 5
-    WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime"]
-
-    def examples(self, split="train", n=None, seed=0):
-        words = random.Random(seed).sample(self.WORDS, len(self.WORDS))[:n]
-        return [Example([{"role": "user", "content": f"Say {w}."}], w, f"{w}.") for w in words]
-
-    def reward(self, completions, answers=None, **kwargs):
-        return [len(set(c)) / 10 for c in completions]
-
-    def score(self, completion, answer):
-        return Score(bool(completion.strip()), completion.strip() == answer, answer in completion, None)
-
 
 CONFIG = GRPOConfig(prompts_per_step=2, group_size=3, max_new_tokens=4, lr=0.05, steps=3, seed=0)
 
@@ -47,7 +27,7 @@ def tiny():
 def test_panel_plots_every_step_of_a_grpo_run(tiny, tmp_path):
     model, tok, adapter = tiny
     panel = TrainingPanel("toy", max_samples=2)
-    run = train_grpo(model, tok, adapter, ToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)),
+    run = train_grpo(model, tok, adapter, WordTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)),
                      callbacks=[panel])
     reward, correct, formatted, spread, length, longest, vnorm = panel.figure.data
     assert list(reward.x) == [1, 2, 3] and list(vnorm.x) == [1, 2, 3]
@@ -74,12 +54,12 @@ def test_stop_button_stops_the_run_after_the_current_step_and_resume_continues(t
             panel.stop_button.click()
 
     config = dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path / "run"))
-    run = train_grpo(model, tok, adapter, ToyTask(), config, callbacks=[panel, press_stop_after_first_step])
+    run = train_grpo(model, tok, adapter, WordTask(), config, callbacks=[panel, press_stop_after_first_step])
     assert run.status == "stopped" and run.step == 1
     assert panel.stop_button.disabled and "stopped" in panel.status.value
     assert list(panel.figure.data[0].x) == [1]
 
-    resumed = resume(run.checkpoint_dir, model, tok, ToyTask(), adapter=adapter, callbacks=[panel])
+    resumed = resume(run.checkpoint_dir, model, tok, WordTask(), adapter=adapter, callbacks=[panel])
     assert resumed.status == "finished" and resumed.step == 3
     assert list(panel.figure.data[0].x) == [1, 2, 3]  # the same panel carries on where it stopped
 
@@ -87,7 +67,7 @@ def test_stop_button_stops_the_run_after_the_current_step_and_resume_continues(t
 def test_sft_run_plots_the_loss_in_the_reward_slot(tiny, tmp_path):
     model, tok, adapter = tiny
     panel = TrainingPanel()
-    run = train_sft(model, tok, adapter, ToyTask(), SFTConfig(batch_size=2, steps=2, lr=0.05,
+    run = train_sft(model, tok, adapter, WordTask(), SFTConfig(batch_size=2, steps=2, lr=0.05,
                                                               checkpoint_dir=str(tmp_path)), callbacks=[panel])
     first = panel.figure.data[0]
     assert first.name == "loss" and list(first.y) == pytest.approx(list(run.history["loss"]))
@@ -118,7 +98,7 @@ def test_panel_follows_a_run_off_the_default_device(gpu_stand_in, dtype, tmp_pat
     adapter = apply_tinylora(model, u=4, n_tie="all")
     panel = TrainingPanel("toy")
     with gpu_stand_in():
-        run = train_grpo(model, tok, adapter, ToyTask(),
+        run = train_grpo(model, tok, adapter, WordTask(),
                          dataclasses.replace(CONFIG, steps=2, checkpoint_dir=str(tmp_path)), callbacks=[panel])
     reward, *_, vnorm = panel.figure.data
     assert list(reward.x) == [1, 2] and list(vnorm.y) == pytest.approx(list(run.history["v_norm"]))

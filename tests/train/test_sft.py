@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_grpo import Example, ToyTask
+from testkit import Example, WordTask
 
 from tinylab import resume
 from tinylab.adapter.attach import apply_tinylora
@@ -19,7 +19,7 @@ def _fresh():
     return model, tok, apply_tinylora(model, u=4, n_tie="all")
 
 
-class OneExample(ToyTask):
+class OneExample(WordTask):
     name = "one"
 
     def examples(self, split, n, seed):
@@ -57,7 +57,7 @@ def test_solution_batch_targets_are_solution_plus_eos():
 
 def test_sft_accepts_a_grpo_config_and_resumes(tmp_path):
     model, tok, adapter = _fresh()
-    full = train_sft(model, tok, adapter, ToyTask(),
+    full = train_sft(model, tok, adapter, WordTask(),
                      SFTConfig(batch_size=2, steps=3, lr=0.05, checkpoint_dir=str(tmp_path / "a"))).vector
 
     def stop(log):
@@ -66,16 +66,16 @@ def test_sft_accepts_a_grpo_config_and_resumes(tmp_path):
 
     model, tok, adapter = _fresh()
     grpo_cfg = GRPOConfig(prompts_per_step=2, steps=3, lr=0.05, checkpoint_dir=str(tmp_path / "b"))
-    run = train_sft(model, tok, adapter, ToyTask(), grpo_cfg, callbacks=[stop])
+    run = train_sft(model, tok, adapter, WordTask(), grpo_cfg, callbacks=[stop])
     assert run.step == 1 and run.config == SFTConfig.from_grpo(grpo_cfg)
     model2, tok2 = tiny_model("llama", seed=0)
-    resumed = resume(tmp_path / "b", model2, tok2, ToyTask())
+    resumed = resume(tmp_path / "b", model2, tok2, WordTask())
     assert resumed.kind == "sft" and resumed.step == 3
     torch.testing.assert_close(resumed.vector, full, atol=1e-6, rtol=0)
 
 
 def test_sft_needs_solutions(tmp_path):
-    class NoSolutions(ToyTask):
+    class NoSolutions(WordTask):
         def examples(self, split, n, seed):
             return [ex._replace(solution=None) for ex in super().examples(split, n, seed)]
 
@@ -92,14 +92,14 @@ def test_sft_config_errors():
     with pytest.raises(ValueError, match="max_tokens=0: must be an integer >= 1"):
         SFTConfig(max_tokens=0)
     with pytest.raises(TypeError, match="SFTConfig"):
-        train_sft(*_fresh(), ToyTask(), dataclasses.asdict(SFTConfig()))
+        train_sft(*_fresh(), WordTask(), dataclasses.asdict(SFTConfig()))
 
 
 def test_non_finite_vector_is_refused_before_the_first_step(tmp_path):
     model, tok, adapter = _fresh()
     adapter.set_vector(torch.tensor([0.0, float("nan"), 0.0, float("-inf")]))
     with pytest.raises(ValueError, match=r"vector v is not finite: 2 of 4 entries are NaN/inf \(at \[1, 3\]"):
-        train_sft(model, tok, adapter, ToyTask(), SFTConfig(checkpoint_dir=str(tmp_path / "run")))
+        train_sft(model, tok, adapter, WordTask(), SFTConfig(checkpoint_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
 
 

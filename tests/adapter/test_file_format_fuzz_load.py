@@ -8,24 +8,22 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fuzz_adapter_file import (
+from testkit import (
     BUDGET,
     COUNTS,
     LOADED,
-    MAX_FILE_BYTES,
     PEAK,
     SLOWEST,
-    AdapterFileError,
-    _blob,
-    _fuzz,
-    _load_file,
-    _mutated,
-    _split,
+    blob_of,
+    fuzz,
+    load_file,
     make_corpus,
+    mutated,
+    split_blob,
 )
 
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
-from tinylab.adapter.file_format import base_fingerprint
+from tinylab.adapter.file_format import MAX_FILE_BYTES, AdapterFileError, base_fingerprint
 from tinylab.adapter.targets import count_params
 from tinylab.model.tiny import tiny_model
 
@@ -64,22 +62,22 @@ def _session_summary():
 @given(data=st.data())
 def _foreign_fingerprint(corpus, model, folder, data):
     blob = data.draw(st.sampled_from(corpus))
-    header, payload = _split(blob)
+    header, payload = split_blob(blob)
     header["fp"] = data.draw(st.text(alphabet="0123456789abcdef", min_size=16, max_size=16)
                              .filter(lambda fp: fp != header["fp"]))
-    result = _load_file(model, _blob(header, payload, dtype=blob[5]), folder / "a.tlra", "load_foreign_fingerprint")
+    result = load_file(model, blob_of(header, payload, dtype=blob[5]), folder / "a.tlra", "load_foreign_fingerprint")
     assert isinstance(result, AdapterFileError) and "another base model" in str(result)
 
 
 def test_valid_header_with_another_base_fingerprint(corpus, tiny, tmp_path):
-    _fuzz("load_foreign_fingerprint", _foreign_fingerprint, corpus, tiny, tmp_path)
+    fuzz("load_foreign_fingerprint", _foreign_fingerprint, corpus, tiny, tmp_path)
 
 
 def test_files_of_another_base_model_are_refused(corpus, tmp_path):
     for arch, seed in (("llama", 1), ("qwen2", 0), ("gemma", 0)):
         other = tiny_model(arch, seed=seed)[0]
         for blob in corpus:
-            assert isinstance(_load_file(other, blob, tmp_path / "a.tlra", "load_other_model"), AdapterFileError)
+            assert isinstance(load_file(other, blob, tmp_path / "a.tlra", "load_other_model"), AdapterFileError)
         assert all(p.requires_grad for p in other.parameters())
 
 
@@ -122,20 +120,20 @@ def _header_for(model, cfg: dict, n: int | None, pick) -> bytes:
     if not 1 <= n <= MAX_FILE_BYTES // 4:
         n = 13
     values = np.random.default_rng(n).standard_normal(n).astype("<f4")
-    return _blob({"n": n, "cfg": cfg, "arch": "llama/2", "fp": fp}, values.tobytes())
+    return blob_of({"n": n, "cfg": cfg, "arch": "llama/2", "fp": fp}, values.tobytes())
 
 
 @given(data=st.data())
 def _random_config(model, folder, data):
     cfg = data.draw(_plausible_cfg())
     blob = _header_for(model, cfg, None, lambda options: data.draw(st.sampled_from(options)))
-    _load_file(model, blob, folder / "a.tlra", "load_random_config")
+    load_file(model, blob, folder / "a.tlra", "load_random_config")
 
 
 def test_random_configs_with_the_right_fingerprint(tiny, tmp_path):
     """The header matches the model but the config asks for anything: a count that does not match,
     n_tie out of range, huge u or r, layers or targets the model does not have."""
-    _fuzz("load_random_config", _random_config, tiny, tmp_path)
+    fuzz("load_random_config", _random_config, tiny, tmp_path)
 
 
 @pytest.mark.parametrize("cfg, n", [
@@ -145,14 +143,14 @@ def test_random_configs_with_the_right_fingerprint(tiny, tmp_path):
     ({"u": 2, "n_tie": 3}, 2),  # a count that does not match: refused before anything is allocated
 ])
 def test_regressions_found_by_fuzzing(tiny, tmp_path, cfg, n):
-    result = _load_file(tiny, _header_for(tiny, cfg, n, None), tmp_path / "a.tlra", "regressions")
+    result = load_file(tiny, _header_for(tiny, cfg, n, None), tmp_path / "a.tlra", "regressions")
     assert isinstance(result, AdapterFileError)
 
 
 @given(data=st.data())
 def _load_mutated(corpus, model, folder, data):
-    _load_file(model, data.draw(_mutated(corpus)), folder / "a.tlra", "load_mutated")
+    load_file(model, data.draw(mutated(corpus)), folder / "a.tlra", "load_mutated")
 
 
 def test_load_mutated_valid_files(corpus, tiny, tmp_path):
-    _fuzz("load_mutated", _load_mutated, corpus, tiny, tmp_path)
+    fuzz("load_mutated", _load_mutated, corpus, tiny, tmp_path)

@@ -25,170 +25,35 @@ import json
 import os
 import struct
 import time
-from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
+from testkit import (
+    BUDGET,
+    COUNTS,
+    PARSE_PEAK_BYTES,
+    PEAK,
+    SLOWEST,
+    blob_of,
+    fuzz,
+    load_file,
+    make_corpus,
+    measured,
+    mutated,
+    parse_file,
+    split_blob,
+)
 
-from tinylab.adapter.attach import apply_tinylora, find_adapter
-from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
+from tinylab.adapter.config import DEFAULT_TARGETS
 from tinylab.adapter.file_format import (
     MAX_FILE_BYTES,
     AdapterFileError,
-    load_adapter,
     read_adapter,
-    save_adapter,
 )
 from tinylab.model.tiny import tiny_model
-
-BUDGET = {
-    "truncated": 700,  # every cut point of the 6 valid files: exhaustive
-    "wrong_length": 1000,
-    "huge_sizes": 1100,
-    "nan_inf": 1000,
-    "dtype_version": 600,
-    "random_bytes": 1000,
-    "random_bytes_after_magic": 1200,
-    "random_json_header": 1500,
-    "deep_json": 200,
-    "mutated": 1500,
-    "load_foreign_fingerprint": 150,
-    "load_random_config": 400,
-    "load_mutated": 300,
-}
-PARSE_PEAK_BYTES = 16 << 20  # a file is at most 1 MiB; parsing may copy it a few times
-LOAD_PEAK_BYTES = 96 << 20  # the loader allows at most 64 MiB of projections P, plus slack
-TIME_LIMIT_S = 1.0  # CPU seconds of the calling thread per input
-HANG_LIMIT_S = 10.0  # wall seconds per input
-
-COUNTS: Counter = Counter()  # inputs run per strategy in this session
-LOADED: Counter = Counter()  # of which loaded (the rest raised AdapterFileError)
-SLOWEST: dict[str, float] = defaultdict(float)  # CPU seconds of the slowest input
-PEAK: dict[str, int] = defaultdict(int)
-
-FUZZ = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,  # the loader call alone is timed, in _measured
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring one call
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> int:
-    """Set VmHWM (peak RSS) to the current RSS; return the RSS in kB."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kb("VmRSS")
-
-
-class _measured:
-    """Count one input; on exit assert the body took < 1 CPU second and raised peak RSS by < `limit` bytes."""
-
-    def __init__(self, strategy: str, limit: int):
-        self.strategy, self.limit = strategy, limit
-
-    def __enter__(self):
-        self.rss = _reset_peak()
-        self.start, self.cpu_start = time.perf_counter(), time.thread_time()
-
-    def __exit__(self, *exc):
-        elapsed = time.thread_time() - self.cpu_start
-        wall = time.perf_counter() - self.start
-        grown = (_status_kb("VmHWM") - self.rss) * 1024
-        COUNTS[self.strategy] += 1
-        SLOWEST[self.strategy] = max(SLOWEST[self.strategy], elapsed)
-        PEAK[self.strategy] = max(PEAK[self.strategy], grown)
-        assert elapsed < TIME_LIMIT_S, f"{self.strategy}: one input took {elapsed:.3f} s of CPU time"
-        assert wall < HANG_LIMIT_S, f"{self.strategy}: one input took {wall:.1f} s"
-        assert grown < self.limit, f"{self.strategy}: one input raised peak memory by {grown / 2**20:.1f} MiB"
-        return False
-
-
-def _parse_file(blob: bytes, path: Path, strategy: str):
-    """read_adapter on `blob`: (config, header, values), checked against the bytes, or the AdapterFileError."""
-    path.write_bytes(blob)
-    with _measured(strategy, PARSE_PEAK_BYTES):
-        try:
-            result = read_adapter(path)
-        except AdapterFileError as err:
-            return err
-    LOADED[strategy] += 1
-    config, header, values = result
-    assert isinstance(config, TinyLoRAConfig) and set(header) == {"n", "cfg", "arch", "fp"}
-    assert values.dtype == torch.float32 and values.shape == (header["n"],) and torch.isfinite(values).all()
-    assert header["n"] % config.u == 0
-    (header_len,) = struct.unpack("<H", blob[6:8])
-    assert len(blob) == 8 + header_len + header["n"] * (4 if blob[5] == 0 else 2)
-    return result
-
-
-def _load_file(model, blob: bytes, path: Path, strategy: str):
-    """load_adapter on `blob`: a success gives exactly the file's vector, a refusal attaches nothing."""
-    path.write_bytes(blob)
-    with _measured(strategy, LOAD_PEAK_BYTES):
-        try:
-            adapter = load_adapter(model, path)
-        except AdapterFileError as err:
-            assert not find_adapter(model), "a refused file left an adapter attached"
-            return err
-    LOADED[strategy] += 1
-    try:
-        config, header, values = read_adapter(path)
-        assert adapter.config == config and adapter.num_params == header["n"]
-        assert torch.equal(adapter.vector(), values)
-    finally:
-        adapter.remove()
-    return adapter
-
-
-def _fuzz(strategy: str, test, *args) -> None:
-    """Run the hypothesis `test` for BUDGET[strategy] inputs and check that they all ran."""
-    before = COUNTS[strategy]
-    settings(FUZZ, max_examples=BUDGET[strategy])(test)(*args)
-    ran = COUNTS[strategy] - before
-    assert ran >= BUDGET[strategy], f"{strategy}: ran {ran} < {BUDGET[strategy]} inputs"
-    print(f"\n{strategy:26s} {ran:6d} inputs, {LOADED[strategy]:5d} loaded, "
-          f"slowest {SLOWEST[strategy] * 1e3:7.2f} ms CPU, peak +{PEAK[strategy] / 2**20:5.1f} MiB")
-
-
-# ---------------------------------------------------------------------------------------------
-# Valid files to start from
-
-
-def _blob(header, payload: bytes, *, dtype: int = 0, version: int = 1) -> bytes:
-    h = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
-    return b"TLRA" + struct.pack("<BBH", version, dtype, len(h)) + h + payload
-
-
-def _split(blob: bytes) -> tuple[dict, bytes]:
-    (header_len,) = struct.unpack("<H", blob[6:8])
-    return json.loads(blob[8 : 8 + header_len]), blob[8 + header_len :]
-
-
-CONFIGS = [
-    (TinyLoRAConfig(u=13, n_tie="all"), "fp32"),
-    (TinyLoRAConfig(u=13, n_tie="all"), "bf16"),
-    (TinyLoRAConfig(), "fp32"),
-    (TinyLoRAConfig(u=2, n_tie=2, tie="structured"), "bf16"),
-    (TinyLoRAConfig(r=4, u=3, layers=(1,), targets=("q_proj", "v_proj")), "fp32"),
-    (TinyLoRAConfig(u=1, n_tie=7, svd="lowrank", seed=5), "fp32"),
-]
 
 
 @pytest.fixture(scope="module")
@@ -201,17 +66,6 @@ def corpus(tiny, tmp_path_factory) -> list[bytes]:
     return make_corpus(tiny, tmp_path_factory.mktemp("corpus"))
 
 
-def make_corpus(tiny, folder: Path) -> list[bytes]:
-    """Valid files for the tiny llama (seed 0): fp32 and bf16, tied and untied, both tying styles."""
-    blobs = []
-    for i, (config, dtype) in enumerate(CONFIGS):
-        adapter = apply_tinylora(tiny, config)
-        adapter.set_vector(torch.randn(adapter.num_params, generator=torch.Generator().manual_seed(i)))
-        blobs.append(save_adapter(adapter, folder / f"{i}.tlra", dtype=dtype).read_bytes())
-        adapter.remove()
-    return blobs
-
-
 @pytest.fixture(autouse=True)
 def _no_disk_svd_cache(monkeypatch):
     monkeypatch.setenv("TINYLAB_SVD_DISK_CACHE", "0")  # loads must not write into the user's cache
@@ -220,12 +74,12 @@ def _no_disk_svd_cache(monkeypatch):
 def test_budget_is_at_least_10000_inputs_and_the_bounds_catch_a_large_allocation():
     assert sum(BUDGET.values()) >= 10_000
     with pytest.raises(AssertionError, match="peak memory"):  # a C-side (torch) allocation is seen
-        with _measured("selftest", PARSE_PEAK_BYTES):
+        with measured("selftest", PARSE_PEAK_BYTES):
             # 128 MiB, touched: above glibc's largest mmap threshold (32 MiB), so it is always fresh pages
             # (a 32 MiB block could reuse heap pages an earlier test left resident, and not raise the peak)
             torch.ones(32 << 20)
     with pytest.raises(AssertionError, match="CPU time"):
-        with _measured("selftest", PARSE_PEAK_BYTES):
+        with measured("selftest", PARSE_PEAK_BYTES):
             end = time.thread_time() + 1.05
             while time.thread_time() < end:
                 pass
@@ -235,8 +89,8 @@ def test_budget_is_at_least_10000_inputs_and_the_bounds_catch_a_large_allocation
 
 def test_valid_files_load(corpus, tiny, tmp_path):
     for blob in corpus:
-        assert not isinstance(_parse_file(blob, tmp_path / "a.tlra", "valid"), AdapterFileError)
-        assert not isinstance(_load_file(tiny, blob, tmp_path / "a.tlra", "valid"), AdapterFileError)
+        assert not isinstance(parse_file(blob, tmp_path / "a.tlra", "valid"), AdapterFileError)
+        assert not isinstance(load_file(tiny, blob, tmp_path / "a.tlra", "valid"), AdapterFileError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,48 +101,48 @@ def test_truncated_files_are_refused(corpus, tmp_path):
     """Every truncation of every valid file (exhaustive: hypothesis would only find these same cuts)."""
     for blob in corpus:
         for cut in range(len(blob)):
-            assert isinstance(_parse_file(blob[:cut], tmp_path / "a.tlra", "truncated"), AdapterFileError)
+            assert isinstance(parse_file(blob[:cut], tmp_path / "a.tlra", "truncated"), AdapterFileError)
     assert COUNTS["truncated"] >= BUDGET["truncated"]
 
 
 @given(data=st.data())
 def _wrong_length(corpus, folder, data):
     blob = data.draw(st.sampled_from(corpus))
-    header, payload = _split(blob)
+    header, payload = split_blob(blob)
     if data.draw(st.booleans()):
         header["n"] = data.draw(st.integers(-3, 4 * header["n"] + 3).filter(lambda n: n != header["n"]))
     else:
         extra = data.draw(st.binary(min_size=1, max_size=64))
         payload = payload + extra if data.draw(st.booleans()) else payload[: -len(extra)]
-    result = _parse_file(_blob(header, payload, dtype=blob[5]), folder / "a.tlra", "wrong_length")
+    result = parse_file(blob_of(header, payload, dtype=blob[5]), folder / "a.tlra", "wrong_length")
     if header["n"] * (4 if blob[5] == 0 else 2) != len(payload):
         assert isinstance(result, AdapterFileError)
 
 
 def test_wrong_lengths(corpus, tmp_path):
-    _fuzz("wrong_length", _wrong_length, corpus, tmp_path)
+    fuzz("wrong_length", _wrong_length, corpus, tmp_path)
 
 
 @given(data=st.data())
 def _huge_sizes(corpus, folder, data):
     blob = data.draw(st.sampled_from(corpus))
-    header, payload = _split(blob)
+    header, payload = split_blob(blob)
     kind = data.draw(st.sampled_from(["n", "header_len", "u"]))
     if kind == "n":
         header["n"] = data.draw(st.sampled_from([2**31, 2**32 + 1, 2**63, 2**64, 10**100, -(2**63)])
                                 | st.integers(MAX_FILE_BYTES // 4, 10**30))
-        blob = _blob(header, payload, dtype=blob[5])
+        blob = blob_of(header, payload, dtype=blob[5])
     elif kind == "header_len":
         declared = data.draw(st.integers(len(blob) - 7, 0xFFFF))
         blob = blob[:6] + struct.pack("<H", declared) + blob[8:]
     else:  # a config asking for huge vectors while the file holds a few numbers
         header["cfg"] = dict(header["cfg"], u=data.draw(st.integers(2**16, 2**62)))
-        blob = _blob(header, payload, dtype=blob[5])
-    assert isinstance(_parse_file(blob, folder / "a.tlra", "huge_sizes"), AdapterFileError)
+        blob = blob_of(header, payload, dtype=blob[5])
+    assert isinstance(parse_file(blob, folder / "a.tlra", "huge_sizes"), AdapterFileError)
 
 
 def test_huge_declared_sizes(corpus, tmp_path):
-    _fuzz("huge_sizes", _huge_sizes, corpus, tmp_path)
+    fuzz("huge_sizes", _huge_sizes, corpus, tmp_path)
 
 
 def test_huge_and_special_files_are_refused_without_reading_them(tmp_path):
@@ -302,7 +156,7 @@ def test_huge_and_special_files_are_refused_without_reading_them(tmp_path):
     for target, message in ((sparse, "at most"), (over, "at most"), ("/dev/zero", "not a regular file"),
                             ("/dev/urandom", "not a regular file"), (tmp_path, "not a regular file"),
                             (fifo, "not a regular file"), (tmp_path / "missing.tlra", "cannot read")):
-        with _measured("special_files", PARSE_PEAK_BYTES), pytest.raises(AdapterFileError, match=message):
+        with measured("special_files", PARSE_PEAK_BYTES), pytest.raises(AdapterFileError, match=message):
             read_adapter(target)
 
 
@@ -317,18 +171,18 @@ def _non_finite(draw, width: int) -> bytes:
 @given(data=st.data())
 def _nan_inf(corpus, folder, data):
     blob = bytearray(data.draw(st.sampled_from(corpus)))
-    header, payload = _split(bytes(blob))
+    header, payload = split_blob(bytes(blob))
     width = 4 if blob[5] == 0 else 2
     start = len(blob) - len(payload)
     for _ in range(data.draw(st.integers(1, 3))):
         i = data.draw(st.integers(0, header["n"] - 1))
         blob[start + i * width : start + (i + 1) * width] = _non_finite(data.draw, width)
-    result = _parse_file(bytes(blob), folder / "a.tlra", "nan_inf")
+    result = parse_file(bytes(blob), folder / "a.tlra", "nan_inf")
     assert isinstance(result, AdapterFileError) and "NaN or inf" in str(result)
 
 
 def test_nan_and_inf_values_are_refused(corpus, tmp_path):
-    _fuzz("nan_inf", _nan_inf, corpus, tmp_path)
+    fuzz("nan_inf", _nan_inf, corpus, tmp_path)
 
 
 @given(data=st.data())
@@ -337,34 +191,34 @@ def _dtype_version(corpus, folder, data):
     original = bytes(blob[4:6])
     blob[4] = data.draw(st.sampled_from([0, 1, 2, 255]) | st.integers(0, 255))
     blob[5] = data.draw(st.sampled_from([0, 1, 2, 3, 255]) | st.integers(0, 255))
-    result = _parse_file(bytes(blob), folder / "a.tlra", "dtype_version")
+    result = parse_file(bytes(blob), folder / "a.tlra", "dtype_version")
     assert isinstance(result, AdapterFileError) == (bytes(blob[4:6]) != original)
 
 
 def test_wrong_dtype_codes_and_versions(corpus, tmp_path):
-    _fuzz("dtype_version", _dtype_version, corpus, tmp_path)
+    fuzz("dtype_version", _dtype_version, corpus, tmp_path)
 
 
 @given(blob=st.binary(max_size=4096))
 @example(blob=b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94.")
 @example(blob=b"PK\x03\x04" + b"\x00" * 60)  # the start of a torch.save zip
 def _random_bytes(folder, blob):
-    result = _parse_file(blob, folder / "a.tlra", "random_bytes")
+    result = parse_file(blob, folder / "a.tlra", "random_bytes")
     if not blob.startswith(b"TLRA"):
         assert isinstance(result, AdapterFileError)
 
 
 def test_random_bytes(tmp_path):
-    _fuzz("random_bytes", _random_bytes, tmp_path)
+    fuzz("random_bytes", _random_bytes, tmp_path)
 
 
 @given(prefix=st.sampled_from([b"TLRA", b"TLRA\x01", b"TLRA\x01\x00", b"TLRA\x01\x01"]), rest=st.binary(max_size=2048))
 def _random_bytes_after_magic(folder, prefix, rest):
-    _parse_file(prefix + rest, folder / "a.tlra", "random_bytes_after_magic")
+    parse_file(prefix + rest, folder / "a.tlra", "random_bytes_after_magic")
 
 
 def test_random_bytes_after_the_magic(tmp_path):
-    _fuzz("random_bytes_after_magic", _random_bytes_after_magic, tmp_path)
+    fuzz("random_bytes_after_magic", _random_bytes_after_magic, tmp_path)
 
 
 _json = st.recursive(
@@ -421,11 +275,11 @@ def _header_and_payload(draw):
 def _random_json_header(folder, hp):
     header, payload, dtype = hp
     text = json.dumps(header, separators=(",", ":")).encode()[:4096]  # NaN/Infinity literals included
-    _parse_file(_blob(text, payload, dtype=dtype), folder / "a.tlra", "random_json_header")
+    parse_file(blob_of(text, payload, dtype=dtype), folder / "a.tlra", "random_json_header")
 
 
 def test_random_json_headers(tmp_path):
-    _fuzz("random_json_header", _random_json_header, tmp_path)
+    fuzz("random_json_header", _random_json_header, tmp_path)
 
 
 @given(depth=st.integers(1, 4080), opener=st.sampled_from(["[", '{"a":', '{"cfg":[', "[{}"]))
@@ -433,37 +287,17 @@ def test_random_json_headers(tmp_path):
 @example(depth=810, opener='{"a":')
 def _deep_json(folder, depth, opener):
     text = (opener * depth).encode()[:4096]
-    assert isinstance(_parse_file(_blob(text, b"\x00" * 4), folder / "a.tlra", "deep_json"), AdapterFileError)
+    assert isinstance(parse_file(blob_of(text, b"\x00" * 4), folder / "a.tlra", "deep_json"), AdapterFileError)
 
 
 def test_deeply_nested_json_headers(tmp_path):
-    _fuzz("deep_json", _deep_json, tmp_path)
-
-
-@st.composite
-def _mutated(draw, corpus):
-    """A valid file with 1-8 random bit flips, byte overwrites, insertions or deletions."""
-    blob = bytearray(draw(st.sampled_from(corpus)))
-    for _ in range(draw(st.integers(1, 8))):
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete"]))
-        i = draw(st.integers(0, max(0, len(blob) - 1)))
-        if op == "insert":
-            blob[i:i] = draw(st.binary(min_size=1, max_size=4))
-        elif not blob:
-            continue
-        elif op == "flip":
-            blob[i] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set":
-            blob[i] = draw(st.integers(0, 255))
-        else:
-            del blob[i : i + draw(st.integers(1, 4))]
-    return bytes(blob)
+    fuzz("deep_json", _deep_json, tmp_path)
 
 
 @given(data=st.data())
 def _mutated_parse(corpus, folder, data):
-    _parse_file(data.draw(_mutated(corpus)), folder / "a.tlra", "mutated")
+    parse_file(data.draw(mutated(corpus)), folder / "a.tlra", "mutated")
 
 
 def test_mutated_valid_files(corpus, tmp_path):
-    _fuzz("mutated", _mutated_parse, corpus, tmp_path)
+    fuzz("mutated", _mutated_parse, corpus, tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_grpo import ToyTask
+from testkit import WordTask
 
 import tinylab.train.grpo
 from tinylab import resume
@@ -36,7 +36,7 @@ def reference(tmp_path_factory):
     """v after an uninterrupted 4-step run, and after 2 steps."""
     model, tok, adapter = _fresh()
     at_2 = []
-    run = train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path_factory.mktemp("ref")),
+    run = train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path_factory.mktemp("ref")),
                      callbacks=[lambda log: at_2.append(adapter.vector()) if log.step == 2 else None])
     assert run.status == "finished"
     return run.vector, at_2[0], run.history
@@ -52,7 +52,7 @@ def _stop_at(step, exc=StopTraining):
 def _resume_and_compare(folder, reference, task=None):
     model, tok, _ = _fresh()
     model2, tok2 = tiny_model("llama", seed=0)
-    run = resume(folder, model2, tok2, task or ToyTask())
+    run = resume(folder, model2, tok2, task or WordTask())
     assert run.status == "finished" and run.step == 4
     torch.testing.assert_close(run.vector, reference[0], atol=1e-6, rtol=0)
     assert list(run.history["step"]) == [1, 2, 3, 4]
@@ -61,7 +61,7 @@ def _resume_and_compare(folder, reference, task=None):
 
 def test_stop_from_callback_checkpoints_and_resumes_exactly(tmp_path, reference):
     model, tok, adapter = _fresh()
-    run = train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path), callbacks=[_stop_at(2)])
+    run = train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path), callbacks=[_stop_at(2)])
     assert run.status == "stopped" and run.step == 2 and "enough" in run.reason
     torch.testing.assert_close(run.vector, reference[1], atol=0, rtol=0)
     state = read_state(tmp_path)
@@ -80,7 +80,7 @@ def test_stop_from_callback_checkpoints_and_resumes_exactly(tmp_path, reference)
 
 def test_keyboard_interrupt_in_callback_stops_cleanly(tmp_path, reference):
     model, tok, adapter = _fresh()
-    run = train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path), callbacks=[_stop_at(3, KeyboardInterrupt)])
+    run = train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path), callbacks=[_stop_at(3, KeyboardInterrupt)])
     assert run.status == "interrupted" and run.step == 3
     assert read_state(tmp_path)["step"] == 3
     _resume_and_compare(tmp_path, reference)
@@ -98,7 +98,7 @@ def test_keyboard_interrupt_mid_step_rolls_back_that_step(tmp_path, reference, m
 
     monkeypatch.setattr(tinylab.train.grpo, "generate", interrupted_generate)
     model, tok, adapter = _fresh()
-    run = train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path))
+    run = train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path))
     assert run.status == "interrupted" and run.step == 2
     torch.testing.assert_close(run.vector, reference[1], atol=0, rtol=0)
     monkeypatch.setattr(tinylab.train.grpo, "generate", real)
@@ -115,7 +115,7 @@ def test_run_stop_from_another_thread(tmp_path, reference):
             first_step.set()
             assert release.wait(30)
 
-    run = train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path), callbacks=[wait_after_first], background=True)
+    run = train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path), callbacks=[wait_after_first], background=True)
     assert first_step.wait(60)
     assert run.running
     run.stop()  # from this (main) thread, while the loop thread is inside step 1's callback
@@ -135,14 +135,14 @@ def test_run_stop_via_on_start_handle(tmp_path):
             self.run.stop()
 
     model, tok, adapter = _fresh()
-    run = train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path), callbacks=[StopAfterOne()])
+    run = train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path), callbacks=[StopAfterOne()])
     assert run.status == "stopped" and run.step == 1
 
 
 def test_nan_reward_keeps_last_finite_state_and_resumes(tmp_path, reference):
     model, tok, adapter = _fresh()
     with pytest.raises(NonFiniteError, match="reward is not finite at step 3"):
-        train_grpo(model, tok, adapter, ToyTask(nan_on_call=3), _cfg(tmp_path))
+        train_grpo(model, tok, adapter, WordTask(nan_on_call=3), _cfg(tmp_path))
     assert torch.isfinite(adapter.vector()).all()
     torch.testing.assert_close(adapter.vector(), reference[1], atol=0, rtol=0)
     state = read_state(tmp_path)
@@ -162,7 +162,7 @@ def test_nan_loss_never_reaches_v_and_resumes(tmp_path, reference, monkeypatch):
     monkeypatch.setattr(tinylab.train.grpo, "policy_loss", nan_loss)
     model, tok, adapter = _fresh()
     with pytest.raises(NonFiniteError, match="loss"):
-        train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path))
+        train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path))
     assert torch.isfinite(adapter.vector()).all()
     saved = load_file(str(tmp_path / "state.safetensors"))
     assert torch.isfinite(saved["v"]).all() and torch.isfinite(saved["adam.exp_avg"]).all()
@@ -184,7 +184,7 @@ def test_nan_v_after_update_is_rolled_back(tmp_path, monkeypatch):
     v0 = adapter.vector()
     monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
     with pytest.raises(NonFiniteError, match="v is not finite at step 1"):
-        train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path))
+        train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path))
     assert torch.equal(adapter.vector(), v0)
 
 
@@ -194,7 +194,7 @@ def test_exception_in_callback_is_raised_after_checkpoint(tmp_path, reference):
         raise RuntimeError("plot broke")
 
     with pytest.raises(RuntimeError, match="plot broke"):
-        train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path), callbacks=[broken])
+        train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path), callbacks=[broken])
     state = read_state(tmp_path)
     assert state["step"] == 1 and state["status"] == "failed"
     _resume_and_compare(tmp_path, reference)  # the failed run's checkpoint continues to the same v
@@ -207,7 +207,7 @@ def test_periodic_checkpoints(tmp_path):
     def look(log):
         steps_seen.append(read_state(tmp_path)["step"] if (tmp_path / "state.json").exists() else None)
 
-    train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path, checkpoint_every=2), callbacks=[look])
+    train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path, checkpoint_every=2), callbacks=[look])
     assert steps_seen == [None, 2, 2, 4]
 
 
@@ -217,45 +217,45 @@ def test_unwritable_or_full_checkpoint_dir_fails_before_training(tmp_path, monke
     blocker.write_text("x")
     v0 = adapter.vector()
     with pytest.raises(OSError, match="is not writable"):
-        train_grpo(model, tok, adapter, ToyTask(), _cfg(blocker / "run"))
+        train_grpo(model, tok, adapter, WordTask(), _cfg(blocker / "run"))
     import shutil
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(OSError, match="disk is full"):
-        train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path / "full"))
+        train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path / "full"))
     assert torch.equal(adapter.vector(), v0)
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path):
     model, tok, adapter = _fresh()
-    train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path, steps=1))
+    train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path, steps=1))
     with pytest.raises(ValueError, match="already holds a run; continue it with tinylab.resume"):
-        train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path, steps=1))
+        train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path, steps=1))
 
 
 def test_resume_checks_task_and_base_model(tmp_path):
     model, tok, adapter = _fresh()
-    train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path, steps=1))
-    other_task = ToyTask()
+    train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path, steps=1))
+    other_task = WordTask()
     other_task.name = "other"
     fresh, tok2 = tiny_model("llama", seed=0)
     with pytest.raises(ValueError, match="trained on task 'toy', not 'other'"):
         resume(tmp_path, fresh, tok2, other_task)
     different, _ = tiny_model("llama", seed=1)
     with pytest.raises(ValueError, match="other base weights"):
-        resume(tmp_path, different, tok2, ToyTask())
+        resume(tmp_path, different, tok2, WordTask())
     with pytest.raises(ValueError, match="already has an adapter"):
-        resume(tmp_path, model, tok, ToyTask())
-    done = resume(tmp_path, model, tok, ToyTask(), adapter=adapter)  # already at its last step
+        resume(tmp_path, model, tok, WordTask())
+    done = resume(tmp_path, model, tok, WordTask(), adapter=adapter)  # already at its last step
     assert done.status == "finished" and done.step == 1
     with pytest.raises(FileNotFoundError, match="no tinylab run checkpoint"):
-        resume(tmp_path / "nothing", fresh, tok2, ToyTask())
+        resume(tmp_path / "nothing", fresh, tok2, WordTask())
 
 
 def test_checkpoint_json_is_plain_data(tmp_path):
     model, tok, adapter = _fresh()
-    train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path, steps=1))
+    train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path, steps=1))
     state = json.loads(Path(tmp_path / "state.json").read_text())
     assert state["config"]["lr"] == 0.05 and state["adapter_config"]["u"] == 4
     assert isinstance(state["rng"]["python"][1], list) and len(state["rng"]["numpy"][1]) == 624
@@ -263,7 +263,7 @@ def test_checkpoint_json_is_plain_data(tmp_path):
 
 def test_run_exists_before_training_and_continues_after_a_stop(tmp_path, reference):
     model, tok, adapter = _fresh()
-    run = train_grpo(model, tok, adapter, ToyTask(), _cfg(tmp_path), callbacks=[_stop_at(2)], start=False)
+    run = train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path), callbacks=[_stop_at(2)], start=False)
     assert run.status == "created" and run.step == 0 and not run.logs
     run.train()
     assert run.status == "stopped" and run.step == 2
@@ -276,7 +276,7 @@ def test_run_exists_before_training_and_continues_after_a_stop(tmp_path, referen
 
 def test_background_start_and_wait_reraises(tmp_path):
     model, tok, adapter = _fresh()
-    run = train_grpo(model, tok, adapter, ToyTask(nan_on_call=2), _cfg(tmp_path), start=False)
+    run = train_grpo(model, tok, adapter, WordTask(nan_on_call=2), _cfg(tmp_path), start=False)
     run.start()
     with pytest.raises(NonFiniteError):
         run.wait(120)
@@ -289,16 +289,16 @@ def _stop_after_one_then_resume(dtype, folder, resume_context, write_context, to
 
     cfg = dataclasses.replace(CONFIG, steps=2, checkpoint_dir=str(folder / "stopped"))
     model, tok = tiny_model("llama", seed=0, dtype=dtype)
-    full_run = train_grpo(model, tok, apply_tinylora(model, u=4, n_tie="all"), ToyTask(),
+    full_run = train_grpo(model, tok, apply_tinylora(model, u=4, n_tie="all"), WordTask(),
                           dataclasses.replace(cfg, checkpoint_dir=str(folder / "full")))
     model, tok = tiny_model("llama", seed=0, dtype=dtype)
     with write_context or contextlib.nullcontext():
-        train_grpo(model, tok, apply_tinylora(model, u=4, n_tie="all"), ToyTask(), cfg, callbacks=[_stop_at(1)])
+        train_grpo(model, tok, apply_tinylora(model, u=4, n_tie="all"), WordTask(), cfg, callbacks=[_stop_at(1)])
     fresh, tok = tiny_model("llama", seed=0, dtype=dtype)
     if to is not None:
         fresh.to(to)
     with resume_context or contextlib.nullcontext():
-        run = resume(folder / "stopped", fresh, tok, ToyTask())
+        run = resume(folder / "stopped", fresh, tok, WordTask())
     assert run.status == "finished" and run.step == 2 and list(run.history["step"]) == [1, 2]
     assert all(p.device == next(fresh.parameters()).device and p.dtype == torch.float32
                for p in run.adapter.parameters())

@@ -4,32 +4,19 @@ import numpy as np
 import pytest
 import torch
 from plotly.callbacks import Points
+from testkit import planted_head
 from tinylab.widgets.heads import HeadInspector
 
-from tinylab.adapter.attach import apply_tinylora
 from tinylab.analysis.heads import head_effects
 from tinylab.analysis.patterns import attention_patterns
-from tinylab.model.tiny import tiny_model
 
 PROMPTS = ["The cat sat on the mat and the cat", [{"role": "user", "content": "What is 2 + 3?"}]]
 ANSWERS = [" slept", "5"]
 
 
-def _planted(dtype=torch.float32):
-    """A tiny model whose only update is on the query rows of layer 1, head 2."""
-    model, tokenizer = tiny_model("llama", seed=0, dtype=dtype)
-    adapter = apply_tinylora(model, n_tie=1, u=1)
-    q = dict(adapter.named_modules())["model.layers.1.self_attn.q_proj"]
-    with torch.no_grad():
-        q.U.zero_()
-        q.U[32:48] = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))  # (d, r) head 2's rows
-        q.v.fill_(6.0)
-    return model, tokenizer, adapter
-
-
 @pytest.fixture(scope="module")
 def inspector():
-    model, tokenizer, adapter = _planted()
+    model, tokenizer, adapter = planted_head()
     effects = head_effects(model, tokenizer, adapter, PROMPTS, answers=ANSWERS, confirm=2)
     return HeadInspector(effects, model, tokenizer, adapter, PROMPTS)
 
@@ -107,7 +94,7 @@ def _check_drive(inspector: HeadInspector) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inspector_keeps_to_the_models_device(gpu_stand_in, dtype):
     """Built and driven with torch's default device elsewhere than the model (meta)."""
-    model, tokenizer, adapter = _planted(dtype)
+    model, tokenizer, adapter = planted_head(dtype)
     with gpu_stand_in():
         inspector = _drive(model, tokenizer, adapter)
     _check_drive(inspector)
@@ -116,5 +103,5 @@ def test_inspector_keeps_to_the_models_device(gpu_stand_in, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inspector_on_cuda(dtype):
-    model, tokenizer, adapter = _planted(dtype)
+    model, tokenizer, adapter = planted_head(dtype)
     _check_drive(_drive(model.to("cuda"), tokenizer, adapter))

@@ -5,31 +5,20 @@ import types
 import numpy as np
 import pytest
 import torch
+from testkit import NumberTask
 from tinylab.widgets import BudgetSlider, ImportanceHeatmap
 
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.adapter.layer import TinyLoRALinear
 from tinylab.analysis.importance import module_importance, weight_importance
 from tinylab.model.tiny import tiny_model
-from tinylab.tasks.base import Example
-
-
-class ToyTask:
-    name = "toy"
-    max_new_tokens = 6
-
-    def examples(self, split="train", n=None, seed=0):
-        return [Example(f"Say {i}:", str(i), f" {i}") for i in range(n or 4)]
-
-    def reward(self, completions, answers=None, **kwargs):
-        return [float(len(c) % 3) for c in completions]
 
 
 @pytest.fixture(scope="module")
 def setup():
     model, tok = tiny_model("llama", seed=0)
-    imp = module_importance(model, tok, ToyTask(), n_prompts=3, objective="sft")
-    wi = weight_importance(model, tok, ToyTask(), n_prompts=3, objective="sft")
+    imp = module_importance(model, tok, NumberTask(), n_prompts=3, objective="sft")
+    wi = weight_importance(model, tok, NumberTask(), n_prompts=3, objective="sft")
     return model, tok, imp, wi
 
 
@@ -140,7 +129,7 @@ def test_slider_plans_and_attaches_on_the_models_device(gpu_stand_in, dtype):
     """The slider's importance, plan and attach with the model off torch's default device (the GPU stand-in)."""
     model, tok = tiny_model("llama", seed=0, dtype=dtype)
     with gpu_stand_in():
-        imp = module_importance(model, tok, ToyTask(), n_prompts=2, objective="sft")
+        imp = module_importance(model, tok, NumberTask(), n_prompts=2, objective="sft")
         slider = BudgetSlider(model, imp, n_params=3, strategy="top")
         adapter = slider.apply()
         try:
