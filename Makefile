@@ -47,6 +47,7 @@ browser-deps:
 
 lint: setup
 	$(BIN)/ruff check tinylab widgets tests benchmarks
+	$(BIN)/lint-imports
 
 # Each step is its own recipe line: any failing step (or pytest collecting nothing, exit 5) fails make.
 test: setup lint browser-deps unit notebooks browser

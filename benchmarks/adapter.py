@@ -44,10 +44,12 @@ import torch  # noqa: E402
 from peft import TinyLoraConfig, get_peft_model  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 
-import tinylab.svd as svd_engine  # noqa: E402
-from tinylab.adapter import DEFAULT_TARGETS, TinyLoRAConfig, apply_tinylora  # noqa: E402
-from tinylab.adapter_file import save_adapter  # noqa: E402
-from tinylab.models import load_model, resolve_device, resolve_dtype  # noqa: E402
+import tinylab.adapter.svd as svd_engine  # noqa: E402
+from tinylab.adapter.attach import apply_tinylora  # noqa: E402
+from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig  # noqa: E402
+from tinylab.adapter.file_format import save_adapter  # noqa: E402
+from tinylab.model.device import resolve_device, resolve_dtype  # noqa: E402
+from tinylab.model.loading import load_model  # noqa: E402
 
 THIRTEEN = TinyLoRAConfig(u=13, n_tie="all")  # 13 params: one u=13 vector shared by all 210 maps
 OTHER_BUDGET = TinyLoRAConfig(u=1, n_tie=1)  # 210 params: one scalar per module

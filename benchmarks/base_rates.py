@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab import tasks  # noqa: E402
-from tinylab.evaluation import evaluate  # noqa: E402
-from tinylab.models import load_model  # noqa: E402
+from tinylab.evaluation.report import evaluate  # noqa: E402
+from tinylab.model.loading import load_model  # noqa: E402
 
 
 def main() -> None:

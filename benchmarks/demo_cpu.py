@@ -73,22 +73,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora  # noqa: E402
-from tinylab.adapter_file import load_adapter, save_adapter  # noqa: E402
-from tinylab.budget import plan_budget  # noqa: E402
-from tinylab.evaluation import compare, evaluate  # noqa: E402
-from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
-from tinylab.importance import module_importance  # noqa: E402
-from tinylab.models import load_model  # noqa: E402
-from tinylab.rollout import render_prompts  # noqa: E402
-from tinylab.run import StopTraining  # noqa: E402
-from tinylab.sft import SFTConfig, train_sft  # noqa: E402
+from tinylab.adapter.attach import apply_tinylora  # noqa: E402
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.adapter.file_format import load_adapter, save_adapter  # noqa: E402
+from tinylab.adapter.planner import plan_budget  # noqa: E402
+from tinylab.analysis.importance import module_importance  # noqa: E402
+from tinylab.evaluation.report import compare, evaluate  # noqa: E402
+from tinylab.model.batch import render_prompts  # noqa: E402
+from tinylab.model.loading import load_model  # noqa: E402
 from tinylab.tasks.base import (
     Example,  # noqa: E402
     RewardShape,  # noqa: E402
     completion_text,  # noqa: E402
 )
 from tinylab.tasks.capitals import CAPITALS, CapitalAnswerTask, CapitalsTask  # noqa: E402
+from tinylab.train.grpo import GRPOConfig, train_grpo  # noqa: E402
+from tinylab.train.records import StopTraining  # noqa: E402
+from tinylab.train.sft import SFTConfig, train_sft  # noqa: E402
 
 
 class ShapedCapitals(CapitalsTask):

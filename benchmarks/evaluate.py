@@ -6,7 +6,7 @@ must produce the same greedy replies. Prints the throughput of each and their ra
     .venv/bin/python benchmarks/evaluate.py --task capitals --n 32 --batch-size 16 --max-new-tokens 16
 
 With `--harness` (needs the eval extra): the embedded model on the first `--n` GSM8K test problems,
-scored by tinylab (`evaluate`) and by lm-evaluation-harness (`tinylab.harness`, the same prompt,
+scored by tinylab (`evaluate`) and by lm-evaluation-harness (`tinylab.interop.lm_eval_harness`, the same prompt,
 zero-shot, greedy); prints both strict and flexible scores and on how many problems they agree.
 
     .venv/bin/python benchmarks/evaluate.py --harness --n 20 --max-new-tokens 256
@@ -23,13 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 
-from tinylab.evaluation import evaluate  # noqa: E402
-from tinylab.models import load_model  # noqa: E402
+from tinylab.evaluation.report import evaluate  # noqa: E402
+from tinylab.model.loading import load_model  # noqa: E402
 
 
 def harness_agreement(model, tokenizer, n: int, max_new_tokens: int, batch_size: int) -> None:
     """tinylab's and lm-eval's GSM8K readings of the same model on the same problems."""
-    from tinylab.harness import gsm8k_harness_task, run_harness
+    from tinylab.interop.lm_eval_harness import gsm8k_harness_task, run_harness
     from tinylab.tasks import GSM8K
 
     task = GSM8K()

@@ -33,12 +33,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 
-from tinylab.adapter import apply_tinylora  # noqa: E402
-from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
-from tinylab.models import load_model, resolve_device, resolve_dtype  # noqa: E402
-from tinylab.rollout import _positions, generate  # noqa: E402
+from tinylab.adapter.attach import apply_tinylora  # noqa: E402
+from tinylab.model.device import resolve_device, resolve_dtype  # noqa: E402
+from tinylab.model.generation import generate, positions_of  # noqa: E402
+from tinylab.model.loading import load_model
 from tinylab.tasks.base import completion_text  # noqa: E402
 from tinylab.tasks.capitals import CapitalsTask  # noqa: E402
+from tinylab.train.grpo import GRPOConfig, train_grpo  # noqa: E402
 
 
 class RandomReward(CapitalsTask):
@@ -67,7 +68,7 @@ def base_step_time(model, tokenizer, adapter, prompts, config, seed) -> tuple[fl
         gen = time.perf_counter() - t0
         t0 = time.perf_counter()
         embeds = model.get_input_embeddings()(r.input_ids).detach().requires_grad_(True)  # [B*G, P+L, d]
-        out = model(inputs_embeds=embeds, attention_mask=r.attention_mask, position_ids=_positions(r.attention_mask),
+        out = model(inputs_embeds=embeds, attention_mask=r.attention_mask, position_ids=positions_of(r.attention_mask),
                     use_cache=False)
         logp = out.logits[:, -r.completion_ids.shape[1] - 1:-1].float().log_softmax(-1)  # [B*G, L, V]
         loss = -(logp.gather(-1, r.completion_ids[..., None]).squeeze(-1) * r.completion_mask).sum()
@@ -126,7 +127,7 @@ def main():
     adapter.set_vector(torch.zeros(13))
 
     # TRL GRPOTrainer on the same model, adapter, batch and token limit
-    from tinylab.trl import grpo_trainer
+    from tinylab.interop.trl_bridge import grpo_trainer
 
     trainer = grpo_trainer(model, tokenizer, adapter, task, config, output_dir=tempfile.mkdtemp(prefix="bench-trl-"))
     trainer.train()

@@ -28,9 +28,9 @@ import torch  # noqa: E402
 from demo_cpu import CapitalChoices, ShapedCapitals  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 
-from tinylab.adapter_file import load_adapter  # noqa: E402
-from tinylab.heads import EVIDENCE, ablate_heads, head_effects  # noqa: E402
-from tinylab.models import load_model  # noqa: E402
+from tinylab.adapter.file_format import load_adapter  # noqa: E402
+from tinylab.analysis.heads import EVIDENCE, ablate_heads, head_effects  # noqa: E402
+from tinylab.model.loading import load_model  # noqa: E402
 from tinylab.tasks.capitals import CapitalAnswerTask  # noqa: E402
 
 

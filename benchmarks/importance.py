@@ -7,7 +7,7 @@
 
 Timings (medians of --repeats runs, same prompts and seed everywhere):
 - module_importance over all 210 modules (sampling included) vs one GRPO step on the same
-  rollout: tinylab.grpo's forward + backward of the token-level loss with a 13-parameter tiled
+  rollout: tinylab.train.grpo's forward + backward of the token-level loss with a 13-parameter tiled
   adapter attached. Goal: (importance - its sampling) / GRPO forward+backward <= 2.
 - weight_importance (same objective) vs the same GRPO forward+backward.
 - BudgetSlider.apply after the first attach (SVD factors cached): goal < 0.5 s, printed as a ratio
@@ -30,13 +30,13 @@ import torch  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab import tasks  # noqa: E402
-from tinylab.adapter import apply_tinylora  # noqa: E402
-from tinylab.budget import plan_budget  # noqa: E402
-from tinylab.grpo import GRPOConfig, group_advantages, policy_loss  # noqa: E402
-from tinylab.importance import module_importance, weight_importance  # noqa: E402
-from tinylab.models import load_model  # noqa: E402
-from tinylab.rollout import completion_logprobs, generate  # noqa: E402
+from tinylab.adapter.attach import apply_tinylora  # noqa: E402
+from tinylab.adapter.planner import plan_budget  # noqa: E402
+from tinylab.analysis.importance import module_importance, weight_importance  # noqa: E402
+from tinylab.model.generation import completion_logprobs, generate  # noqa: E402
+from tinylab.model.loading import load_model  # noqa: E402
 from tinylab.tasks import RewardShape  # noqa: E402
+from tinylab.train.grpo import GRPOConfig, group_advantages, policy_loss  # noqa: E402
 
 
 def _task(name: str, args):
@@ -70,7 +70,7 @@ def _model(args):
 
 
 def _grpo_forward_backward(model, rollout, rewards, group_size, temperature):
-    """tinylab.grpo's step 4: one forward + backward over the rows with a non-zero advantage."""
+    """tinylab.train.grpo's step 4: one forward + backward over the rows with a non-zero advantage."""
     advantages = group_advantages(rewards, group_size, "group").float()  # [B*G]
     rows = (advantages != 0).nonzero().squeeze(-1)
     if len(rows) == 0:

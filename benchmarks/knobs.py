@@ -42,7 +42,7 @@ from results_file import add_results_option, results_file, results_name  # noqa:
 from tinylab.widgets.knobs import KnobPanel  # noqa: E402
 
 import tinylab  # noqa: E402
-from tinylab.heads import attention_shift  # noqa: E402
+from tinylab.analysis.heads import attention_shift  # noqa: E402
 from tinylab.tasks import get as get_task  # noqa: E402
 
 

@@ -69,12 +69,13 @@ import torch  # noqa: E402
 from demo_cpu import TimeBudget, capitals_named  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora  # noqa: E402
-from tinylab.evaluation import compare  # noqa: E402
-from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
-from tinylab.models import load_model  # noqa: E402
+from tinylab.adapter.attach import apply_tinylora  # noqa: E402
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.evaluation.report import compare  # noqa: E402
+from tinylab.model.loading import load_model  # noqa: E402
 from tinylab.tasks.base import RewardShape  # noqa: E402
 from tinylab.tasks.capitals import CapitalAnswerTask, CapitalsTask  # noqa: E402
+from tinylab.train.grpo import GRPOConfig, train_grpo  # noqa: E402
 
 GUARD = 1.2  # most capitals named per reply, on average, for a gain to count
 VALIDATION_COUNTRIES = 16

@@ -1,9 +1,18 @@
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The test session writes nothing into the user's cache: converted models, tokenizers and SVD factors
+# go to one temporary folder for the session, made by the first process (xdist's workers inherit it)
+# and removed at its end.
+if "TINYLAB_TEST_CACHE" not in os.environ:
+    os.environ["TINYLAB_TEST_CACHE"] = tempfile.mkdtemp(prefix="tinylab-test-cache-")
+os.environ["TINYLAB_CACHE"] = os.environ["TINYLAB_TEST_CACHE"]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -14,7 +23,7 @@ torch.set_num_threads(1)  # tiny models run fastest on one thread
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct (converted once into the cache)."""
-    from tinylab.models import load_model
+    from tinylab.model.loading import load_model
 
     return load_model()
 
@@ -41,3 +50,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that made the session's cache folder removes it (not xdist's workers)."""
+    if not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["TINYLAB_TEST_CACHE"], ignore_errors=True)

@@ -3,11 +3,11 @@ import json
 import pandas as pd
 import pytest
 import torch
-from test_distributed import TASK  # a task whose reward differs within every group
+from testkit import DISTINCT_TASK_SOURCE  # a task whose reward differs within every group
 
 from tinylab import load_adapter
 from tinylab.cli import main
-from tinylab.models import tiny_model
+from tinylab.model.tiny import tiny_model
 
 
 def test_info_json_counts(capsys):
@@ -52,7 +52,7 @@ def _fails(argv, capsys) -> str:
 
 
 def test_train_writes_adapter_history_and_config(tmp_path, capsys):
-    (tmp_path / "distinct.py").write_text(TASK)
+    (tmp_path / "distinct.py").write_text(DISTINCT_TASK_SOURCE)
     out = tmp_path / "out"
     assert main(["train", "--preset", "tiny-cpu", "--out", str(out), f"task={tmp_path / 'distinct.py'}:Distinct",
                  "steps=2", "u=2", f"checkpoint_dir={tmp_path / 'run'}"]) == 0
@@ -71,12 +71,12 @@ def test_train_writes_adapter_history_and_config(tmp_path, capsys):
 
 
 def test_train_checks_everything_before_loading_a_model(tmp_path, capsys, monkeypatch):
-    import tinylab.models
+    import tinylab.model.loading
 
     def boom(*a, **k):
         raise AssertionError("no model may load for a bad command")
 
-    monkeypatch.setattr(tinylab.models, "load_model", boom)
+    monkeypatch.setattr(tinylab.model.loading, "load_model", boom)
     err = _fails(["train", "--preset", "tiny-cpu", "stpes=2"], capsys)
     assert "unknown override key 'stpes' (did you mean 'steps'?); allowed: " in err and "prompts_per_step" in err
     err = _fails(["train", "--preset", "tiny-gpu"], capsys)
@@ -97,10 +97,10 @@ def test_train_checks_everything_before_loading_a_model(tmp_path, capsys, monkey
 
 
 def test_train_trl_refuses_an_unknown_trl_field(tmp_path, capsys, monkeypatch):
-    import tinylab.models
+    import tinylab.model.loading
 
-    monkeypatch.setattr(tinylab.models, "load_model", lambda *a, **k: 1 / 0)  # checked before any model loads
-    (tmp_path / "distinct.py").write_text(TASK)
+    monkeypatch.setattr(tinylab.model.loading, "load_model", lambda *a, **k: 1 / 0)  # checked before any model loads
+    (tmp_path / "distinct.py").write_text(DISTINCT_TASK_SOURCE)
     err = _fails(["train", "--preset", "tiny-cpu", "--backend", "trl", "--out", str(tmp_path / "out"),
                   f"task={tmp_path / 'distinct.py'}:Distinct", "--trl", "use_vlm=true"], capsys)
     assert "unknown field of TRL's GRPOConfig 'use_vlm' (did you mean 'use_vllm'?)" in err

@@ -7,12 +7,13 @@ import tempfile
 
 import pytest
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora, find_adapter
-from tinylab.adapter_file import AdapterFileError, load_adapter, save_adapter
-from tinylab.budget import plan_budget
-from tinylab.grpo import GRPOConfig, train_grpo
-from tinylab.models import tiny_model
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.adapter.file_format import AdapterFileError, load_adapter, save_adapter
+from tinylab.adapter.planner import plan_budget
+from tinylab.model.tiny import tiny_model
 from tinylab.tasks.base import Example, Score, ScoredTask
+from tinylab.train.grpo import GRPOConfig, train_grpo
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def model(tiny):
 LORA_XS = r"allowed 1\.\.56 for this model \(14 modules x r\*r=4, the LoRA-XS size\)"
 
 
-# --- budget (tinylab.budget.plan_budget) ---------------------------------------------------------
+# --- budget (tinylab.adapter.planner.plan_budget) ---------------------------------------------------------
 
 
 def test_budget_zero(model):
@@ -129,7 +130,7 @@ class _Long(_Empty):
 
 
 def test_task_with_no_examples(tiny, tmp_path):
-    from tinylab.evaluation import evaluate
+    from tinylab.evaluation.report import evaluate
 
     model, tokenizer = tiny
     with pytest.raises(ValueError, match=r"task 'empty' gave no examples for split='test'"):
@@ -143,8 +144,8 @@ def test_task_with_no_examples(tiny, tmp_path):
 
 
 def test_prompt_longer_than_the_context(tiny):
-    from tinylab.evaluation import evaluate
-    from tinylab.rollout import generate
+    from tinylab.evaluation.report import evaluate
+    from tinylab.model.generation import generate
 
     model, tokenizer = tiny
     with pytest.raises(ValueError, match=r"a prompt of 501 tokens plus max_new_tokens=20 exceeds the model's context "
@@ -155,7 +156,7 @@ def test_prompt_longer_than_the_context(tiny):
 
 
 def test_prompt_alone_longer_than_the_context_gives_no_negative_advice(tiny):
-    from tinylab.rollout import generate
+    from tinylab.model.generation import generate
 
     model, tokenizer = tiny
     with pytest.raises(ValueError, match=r"601 tokens.*context of 512 tokens") as err:
@@ -164,8 +165,8 @@ def test_prompt_alone_longer_than_the_context_gives_no_negative_advice(tiny):
 
 
 def test_tokenizer_without_a_chat_template(tiny, tmp_path):
-    from tinylab.evaluation import evaluate
-    from tinylab.rollout import render_prompts
+    from tinylab.evaluation.report import evaluate
+    from tinylab.model.batch import render_prompts
     from tinylab.tasks import get
 
     model, _ = tiny
@@ -192,7 +193,7 @@ def test_tokenizer_without_a_chat_template(tiny, tmp_path):
 
 
 def test_num_generations_that_does_not_divide_the_batch():
-    from tinylab.trl import trl_args
+    from tinylab.interop.trl_bridge import trl_args
 
     out = tempfile.mkdtemp()
     with pytest.raises(ValueError, match=r"the generation batch \(10 completions .*\) is not divisible by "
@@ -216,7 +217,7 @@ def test_training_settings_out_of_range(field, bad, allowed):
 
 
 def test_unknown_config_key_in_a_preset():
-    from tinylab.presets import preset
+    from tinylab.train.presets import preset
 
     with pytest.raises(TypeError, match=r"unknown preset override 'n_ties' \(did you mean 'n_tie'\?\); allowed: "
                                         r".*\bn_tie\b.*\bprompts_per_step\b"):
@@ -227,7 +228,7 @@ def test_unknown_config_key_in_a_preset():
 
 def test_unknown_config_key_on_the_command_line(model, capsys):
     from tinylab.cli import main
-    from tinylab.presets import parse_overrides
+    from tinylab.train.presets import parse_overrides
 
     with pytest.raises(ValueError, match=r"unknown override key 'learning_rate'; allowed: .*\blr\b"):
         parse_overrides(["learning_rate=1e-3"])
@@ -263,7 +264,7 @@ def test_unknown_command_line_option_lists_the_commands_options(capsys):
 
 
 def test_unknown_config_key_in_trl_overrides():
-    from tinylab.trl import trl_args
+    from tinylab.interop.trl_bridge import trl_args
 
     with pytest.raises(TypeError, match=r"unknown field of TRL's GRPOConfig 'learning_rat' \(did you mean "
                                         r"'learning_rate'\?\); allowed: .*\bbeta\b.*\bnum_generations\b"):

@@ -27,14 +27,15 @@ import os
 import sys
 from pathlib import Path
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora
-from tinylab.targets import count_params, plan_modules
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.adapter.targets import count_params, plan_modules
 
 __all__ = ["main", "model_info", "parse_trl"]
 
 
 def _load(name: str | None):
-    from tinylab.models import load_model
+    from tinylab.model.loading import load_model
 
     return load_model(name)  # also "tiny-llama" etc.: a random test model
 
@@ -91,7 +92,7 @@ def _info(args) -> int:
 
 
 def _attach(args) -> int:
-    from tinylab.budget import plan_budget
+    from tinylab.adapter.planner import plan_budget
 
     model, _ = _load(args.model)
     plan = plan_budget(model, args.params, strategy=args.strategy, u=args.u)
@@ -145,9 +146,9 @@ def _record(p, backend: str, world_size: int) -> dict:
 
 
 def _train(args) -> int:
-    from tinylab.adapter import apply_tinylora
-    from tinylab.models import load_model
-    from tinylab.presets import parse_overrides, preset
+    from tinylab.adapter.attach import apply_tinylora
+    from tinylab.model.loading import load_model
+    from tinylab.train.presets import parse_overrides, preset
 
     p = preset(args.preset, **parse_overrides(args.overrides))  # unknown keys fail before any model loads
     trl_fields = dict(parse_trl(pair) for pair in args.trl)
@@ -156,21 +157,21 @@ def _train(args) -> int:
         raise ValueError(f"--backend tinylab runs in one process (WORLD_SIZE={world}, --trl {args.trl}); "
                          "allowed: --backend trl under torchrun / accelerate launch, or one process without --trl")
     if args.backend == "trl":
-        from tinylab.trl import check_trl_fields
+        from tinylab.interop.trl_bridge import check_trl_fields
 
         check_trl_fields(trl_fields)
     task = _task(p.task, p.task_options)
     model, tokenizer = load_model(p.model, dtype=p.dtype)
     adapter = apply_tinylora(model, p.adapter)
     if args.backend == "tinylab":
-        from tinylab.grpo import train_grpo
+        from tinylab.train.grpo import train_grpo
 
         history = train_grpo(model, tokenizer, adapter, task, p.training).history
         rank, main_process = 0, True
     else:
         import tempfile
 
-        from tinylab.trl import grpo_trainer
+        from tinylab.interop.trl_bridge import grpo_trainer
 
         trainer = grpo_trainer(model, tokenizer, adapter, task, p.training, **trl_fields,
                                output_dir=tempfile.mkdtemp(prefix="tinylab-trl-"))  # nothing of TRL's in --out
@@ -182,7 +183,7 @@ def _train(args) -> int:
     sys.stderr.write(f"tinylab train: rank {rank} of {world}, writes {writes}: vector {json.dumps(vector.tolist())}\n")
     if main_process:
         from tinylab import save_adapter
-        from tinylab.atomic import write_atomic
+        from tinylab.basics.atomic import write_atomic
 
         out = Path(args.out)
         save_adapter(adapter, out / "adapter.tlra")
@@ -194,7 +195,7 @@ def _train(args) -> int:
 
 def _harness(args) -> int:
     """lm-evaluation-harness's GSM8K on the model, with an adapter file applied for the run."""
-    from tinylab.harness import gsm8k_harness_task, run_harness
+    from tinylab.interop.lm_eval_harness import gsm8k_harness_task, run_harness
 
     model, tokenizer = _load(args.model)
     task = gsm8k_harness_task(args.data, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
@@ -208,7 +209,7 @@ def _harness(args) -> int:
 
 def parse_trl(pair: str) -> tuple[str, object]:
     """`"use_vllm=true"` -> ("use_vllm", True); the key is checked against TRL's GRPOConfig fields later."""
-    from tinylab.presets import parse_value
+    from tinylab.train.presets import parse_value
 
     key, sep, text = pair.partition("=")
     if not sep or not key.strip():
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     attach.add_argument("--u", type=int, default=1)
     attach.add_argument("--json", action="store_true")
     train = sub.add_parser("train", help="train a preset's adapter; writes adapter.tlra, history.csv, config.json")
-    train.add_argument("--preset", required=True, help="a preset name (tinylab.presets.names())")
+    train.add_argument("--preset", required=True, help="a preset name (tinylab.train.presets.names())")
     train.add_argument("--backend", default="tinylab", choices=["tinylab", "trl"])
     train.add_argument("--out", default="tinylab-run", help="folder for the files (written by rank 0 only)")
     train.add_argument("--trl", action="append", default=[], metavar="KEY=VALUE", help="a TRL GRPOConfig field")

@@ -18,10 +18,11 @@ from collections.abc import Callable
 import ipywidgets as widgets
 import numpy as np
 
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora, find_adapter
-from tinylab.budget import STRATEGIES, BudgetPlan, lora_xs_size, plan_budget
-from tinylab.importance import Importance, WeightImportance
-from tinylab.targets import kind_order, plan_modules
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.adapter.planner import STRATEGIES, BudgetPlan, lora_xs_size, plan_budget
+from tinylab.adapter.targets import kind_order, plan_modules
+from tinylab.analysis.importance import Importance, WeightImportance
 
 from .heatmap import ImportanceHeatmap, module_grid, outline_shapes
 

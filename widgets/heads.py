@@ -15,8 +15,9 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from tinylab.checks import check_choice
-from tinylab.heads import EVIDENCE, AttentionPatterns, HeadEffects, attention_patterns
+from tinylab.analysis.heads import EVIDENCE, HeadEffects
+from tinylab.analysis.patterns import AttentionPatterns, attention_patterns
+from tinylab.basics.checks import check_choice
 
 __all__ = ["HeadInspector"]
 

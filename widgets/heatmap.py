@@ -1,6 +1,6 @@
 """ImportanceHeatmap: layers x module types, a score dropdown, outlines, and a per-head drill-down.
 
-Takes an `Importance` (from `tinylab.importance.module_importance`) or a `WeightImportance`
+Takes an `Importance` (from `tinylab.analysis.importance.module_importance`) or a `WeightImportance`
 (from `weight_importance`); give the latter as `weights=` too to drill down into heads from a
 module-importance map. Click a cell (or call `select(layer, module)`) to see that module's
 per-head Taylor scores (rows of q/k/v, columns of o). `outline(cells)` draws a box around cells:
@@ -16,9 +16,9 @@ import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
-from tinylab.checks import check_choice
-from tinylab.importance import SCORES, SPREAD, Importance, WeightImportance
-from tinylab.targets import kind_order
+from tinylab.adapter.targets import kind_order
+from tinylab.analysis.importance import SCORES, SPREAD, Importance, WeightImportance
+from tinylab.basics.checks import check_choice
 
 __all__ = ["ImportanceHeatmap", "module_grid"]
 

@@ -3,11 +3,11 @@
 Beside the sliders, recomputed after every move (v changes only: no SVD, no re-attach):
 - the greedy replies to a few prompts: base | trained | now;
 - the teacher-forced gold log-probability of each held-out example as a bar (base, trained, now);
-- the layer x head map of the attention shift of "now" against the base (`tinylab.heads`).
+- the layer x head map of the attention shift of "now" against the base (`tinylab.analysis.heads`).
 The base and trained sides are read once when the panel is built. A move reads "now" with
-`tinylab.knob_readout.Reader`: when the held-out examples have the reply prompts, one forward per
+`tinylab.analysis.readout.Reader`: when the held-out examples have the reply prompts, one forward per
 batch gives the gold log-probs, the heads' activity and the prefill the greedy replies continue
-from; the head map compares that activity with the base's (`tinylab.heads.attention_shift`).
+from; the head map compares that activity with the base's (`tinylab.analysis.heads.attention_shift`).
 
 Below: a 1-D sweep of a chosen number and the 2-D landscape of a chosen pair around the trained
 point (`sweep_figure`, `landscape_figure`, also usable on their own). The panel drives the adapter it was given: v is
@@ -26,26 +26,26 @@ import plotly.graph_objects as go
 import torch
 
 from tinylab import tasks
-from tinylab.adapter import TinyLoRA
-from tinylab.checks import check_int, check_number
-from tinylab.heads import attention_shift
-from tinylab.knob_readout import Reader, Readout
-from tinylab.knobs import GoldSet, kept_vector, number_label
-from tinylab.landscape import Landscape, Sweep, landscape, sweep
+from tinylab.adapter.attach import TinyLoRA
+from tinylab.analysis.heads import attention_shift
+from tinylab.analysis.knobs import REPLY_SCORES, number_label
+from tinylab.analysis.landscapes import Landscape, Sweep, landscape, sweep_number
+from tinylab.analysis.readout import Reader, Readout
+from tinylab.basics.checks import check_int, check_number
+from tinylab.measures.gold import GoldSet
 
 __all__ = ["KnobPanel", "landscape_figure", "sweep_figure"]
 
-_SCORES = ("strict", "flexible", "formatted")
 
 
 def sweep_figure(result: Sweep) -> go.Figure:
     """The mean gold log-prob along the swept coordinate (reply scores on a second axis when
     measured), with the trained value and 0 marked."""
     if not isinstance(result, Sweep):
-        raise TypeError(f"result must be a Sweep (from tinylab.landscape.sweep), got {type(result).__name__}")
+        raise TypeError(f"result must be a Sweep (from tinylab.analysis.landscapes.sweep_number), got {type(result).__name__}")
     t = result.table
     figure = go.Figure(go.Scatter(x=t["value"], y=t["logprob"], mode="lines+markers", name="gold log-prob"))
-    for column in _SCORES:
+    for column in REPLY_SCORES:
         if column in t.columns:
             figure.add_trace(go.Scatter(x=t["value"], y=t[column], mode="lines+markers", name=column,
                                         yaxis="y2", line_dash="dot"))
@@ -63,7 +63,7 @@ def landscape_figure(result: Landscape, metric: str = "logprob") -> go.Figure:
     """A heatmap of `metric` over the grid of two numbers, the trained point (star) and the origin
     (cross) marked."""
     if not isinstance(result, Landscape):
-        raise TypeError(f"result must be a Landscape (from tinylab.landscape.landscape), got {type(result).__name__}")
+        raise TypeError(f"result must be a Landscape (from tinylab.analysis.landscapes.landscape), got {type(result).__name__}")
     grid = result.logprob if metric == "logprob" else result.scores.get(metric)
     if grid is None:
         raise ValueError(f"metric={metric!r} was not measured; allowed: {['logprob', *result.scores]}")
@@ -269,9 +269,9 @@ class KnobPanel(widgets.VBox):
         """Sweep one number (flat position) around the trained point on the held-out examples; draw it.
         The sliders' point is kept."""
         self.explore_status.value = f"<i>sweeping {number_label(self.adapter, number)} ...</i>"
-        with kept_vector(self.adapter):
+        with self.adapter.kept_vector():
             self.adapter.set_vector(self.trained)
-            result = sweep(self.model, self.tokenizer, self.adapter, self.held_out, number=number, values=values,
+            result = sweep_number(self.model, self.tokenizer, self.adapter, self.held_out, number=number, values=values,
                            target=self.target, batch_size=self.batch_size)
         self._replace(self.sweep_plot, sweep_figure(result))
         self.explore_status.value = ""
@@ -281,7 +281,7 @@ class KnobPanel(widgets.VBox):
         """The landscape of numbers x and y (flat positions) around the trained point; draw it. The
         sliders' point is kept."""
         self.explore_status.value = "<i>measuring the landscape ...</i>"
-        with kept_vector(self.adapter):
+        with self.adapter.kept_vector():
             self.adapter.set_vector(self.trained)
             result = landscape(self.model, self.tokenizer, self.adapter, self.held_out, (x, y), xs, ys,
                                target=self.target, batch_size=self.batch_size)

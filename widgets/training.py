@@ -75,7 +75,7 @@ class TrainingPanel(widgets.VBox):
         self.stop_button.on_click(lambda _: self.stop())
         super().__init__([widgets.HBox([self.stop_button, self.status]), self.figure, self.samples])
 
-    # --- the callback protocol of tinylab.run.Run
+    # --- the callback protocol of tinylab.train.run.Run
     def on_start(self, run) -> None:
         """A run starts (or resumes): show the steps it already has, enable Stop."""
         self.run = run

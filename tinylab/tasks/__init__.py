@@ -19,7 +19,7 @@ from tinylab.tasks.synthetic import ArithmeticTask, ComparisonTask, SyntheticTas
 
 __all__ = [
     "EXACT_MATCH", "GSM8K", "ArithmeticTask", "CapitalAnswerTask", "CapitalsTask", "ComparisonTask", "Example", "RewardShape", "Score", "ScoredTask",
-    "SyntheticTask", "Task", "completion_text", "get", "names", "register",
+    "SyntheticTask", "Task", "completion_text", "get", "names", "register", "resolve",
 ]
 
 _REGISTRY: dict[str, Callable[..., Task]] = {
@@ -47,6 +47,18 @@ def get(name: str | Task, **kwargs) -> Task:
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; choose one of {names()} or register your own")
     return _REGISTRY[name](**kwargs)
+
+
+def resolve(task: str | Task) -> Task:
+    """The task a function was given: a name becomes `get(name)` (an unknown name is a ValueError
+    listing the known ones); an object is used as it is (each function uses the parts of the Task
+    protocol it needs: `examples` and `reward` to train, `score` to evaluate), as long as it has one."""
+    if isinstance(task, str):
+        return get(task)
+    if not any(hasattr(task, part) for part in ("examples", "reward", "score")):
+        raise TypeError(f"task={task!r:.80} is not a task: give a name from {names()} or an object with the "
+                        "Task attributes (name, max_new_tokens, examples, reward, score)")
+    return task
 
 
 def register(name: str, factory: Callable[..., Task]) -> None:

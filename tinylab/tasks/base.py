@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from tinylab.checks import check_int, check_number
+from tinylab.basics.checks import check_int, check_number
 
 __all__ = [
     "EXACT_MATCH", "SPLITS", "Example", "RewardShape", "Score", "ScoredTask", "Task", "check_split", "completion_text", "sample",
@@ -49,7 +49,7 @@ class Task(Protocol):
     `examples(split, n, seed)`: `split` is "train" or "test" (never sharing a prompt); `n=None` is
     all of them; `seed=None` keeps the task's own order, an int draws a seeded sample.
     `reward(completions, answers)`: one float (or None: "does not apply") per completion.
-    Optional: `control_prompt(prompt) -> prompt`, the prompt control of `tinylab.controls` (the
+    Optional: `control_prompt(prompt) -> prompt`, the prompt control of `tinylab.evaluation.controls` (the
     instruction made explicit or one worked example prepended); tinylab's tasks have one.
     """
 

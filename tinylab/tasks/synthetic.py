@@ -12,7 +12,7 @@ import random
 import re
 from collections.abc import Hashable
 
-from tinylab.checks import check_int, check_number
+from tinylab.basics.checks import check_int, check_number
 from tinylab.tasks.base import (
     EXACT_MATCH,
     Example,
@@ -66,7 +66,7 @@ class SyntheticTask(ScoredTask):
         return sample(self._split()[split], n, seed, f"{self.name}/{split}")
 
     def control_prompt(self, prompt):
-        """The prompt control (`tinylab.controls`): `prompt` after one worked example, the first
+        """The prompt control (`tinylab.evaluation.controls`): `prompt` after one worked example, the first
         training example in the split's fixed order (never a held-out one) with its reference reply."""
         return with_worked_example(prompt, self._split()["train"][0])
 

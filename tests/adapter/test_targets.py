@@ -1,0 +1,126 @@
+"""Module selection (tinylab.adapter.targets): one answer for the adapter, the planner, importance, the widget and the CLI.
+
+On every tiny architecture (fused maps in phi3 and GPT-NeoX, other names in OPT), what a budget
+plan promises is what attaching its config gives, and every other reader counts the same modules.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from tinylab.adapter.attach import apply_tinylora
+from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
+from tinylab.adapter.planner import lora_xs_size, plan_budget
+from tinylab.adapter.targets import count_params, kind_order, plan_modules, roles
+from tinylab.model.tiny import TINY_ARCHS, tiny_model
+
+BUDGETS = (1, 2, 3, 5, 7, 13, 16)
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def arch_model(request):
+    model, tok = tiny_model(request.param, seed=0)
+    return request.param, model, tok
+
+
+def _attach(model, config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default targets leave no in-block map of a tiny model out
+        return apply_tinylora(model, config)
+
+
+def _scores(model):
+    """A score per adapted module that varies with layer and kind, so `top` and `proportional` pick unevenly."""
+    return {(m.layer, m.kind): 1.0 + 3.0 * m.layer + (i % 5) for i, m in enumerate(plan_modules(model, TinyLoRAConfig()))}
+
+
+@pytest.mark.parametrize("strategy", ["tiled", "top", "proportional"])
+def test_a_plan_promises_what_attaching_gives(arch_model, strategy):
+    arch, model, _ = arch_model
+    importance = None if strategy == "tiled" else _scores(model)
+    for n in BUDGETS + (lora_xs_size(model),):
+        plan = plan_budget(model, n, importance=importance, strategy=strategy)
+        adapter = _attach(model, plan.config)
+        try:
+            assert plan.achieved == adapter.num_params == count_params(model, plan.config), (arch, n)
+            assert plan.modules == tuple(m.name for m in adapter.modules)
+            assert [list(g) for g in plan.groups] == list(adapter.groups().values())
+        finally:
+            adapter.remove()
+        if strategy == "tiled":
+            assert plan.exact, (arch, n, plan.reason)
+
+
+def test_phi3_plan_of_four_attaches_four():
+    """Reported: the planner matched the literal Llama names, found only o_proj and down_proj on
+    phi3 (4 modules), promised 4 numbers, and the config then adapted all 8 maps: 8 numbers."""
+    model, _ = tiny_model("phi3")
+    plan = plan_budget(model, 4)
+    adapter = _attach(model, plan.config)
+    assert plan.achieved == adapter.num_params == 4
+    assert {m.kind for m in adapter.modules} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+def test_lora_xs_size_counts_the_adapted_modules(arch_model):
+    _, model, _ = arch_model
+    adapter = _attach(model, TinyLoRAConfig())
+    try:
+        for r in (1, 2, 3):
+            assert lora_xs_size(model, r) == len(adapter.modules) * r * r
+    finally:
+        adapter.remove()
+
+
+def test_every_block_linear_has_a_role_and_the_kinds_sort_by_role(arch_model):
+    _, model, _ = arch_model
+    modules = plan_modules(model, TinyLoRAConfig())
+    in_blocks = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert [m.name for m in modules] == in_blocks
+    played = [role for kind in kind_order(m.kind for m in modules) for role in roles(kind)]
+    assert sorted(set(played), key=DEFAULT_TARGETS.index) == played  # q, k, v, o, gate, up, down order
+    assert set(played) >= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+
+
+def test_fused_roles_and_order():
+    assert roles("qkv_proj") == ("q_proj", "k_proj", "v_proj")
+    assert roles("gate_up_proj") == ("gate_proj", "up_proj")
+    assert roles("router") == ()
+    assert kind_order(["down_proj", "router", "gate_up_proj", "o_proj", "qkv_proj"]) == [
+        "qkv_proj", "o_proj", "gate_up_proj", "down_proj", "router"]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)  # OPT feeds fc1/fc2 flattened (batch*time, features)
+def test_weight_importance_scores_the_adapted_modules(arch):
+    from tinylab.analysis.importance import weight_importance
+    from tinylab.tasks.synthetic import ArithmeticTask
+
+    model, tok = tiny_model(arch, seed=0)
+    wi = weight_importance(model, tok, ArithmeticTask(), n_prompts=2, objective="sft")
+    planned = [(m.layer, m.kind) for m in plan_modules(model, TinyLoRAConfig())]
+    assert list(wi.table.index) == planned
+
+
+def test_budget_widget_and_cli_count_the_adapted_modules(arch_model):
+    from tinylab.cli import model_info
+    from widgets.budget import BudgetSlider
+
+    _, model, _ = arch_model
+    slider = BudgetSlider(model, n_params=3)
+    info = model_info(model)
+    adapter = _attach(model, TinyLoRAConfig())
+    try:
+        names = [m.name for m in adapter.modules]
+        assert [m.name for m in slider._modules] == names
+        assert set(slider._kinds) == {m.kind for m in adapter.modules}
+        assert slider.maximum == len(names) * 4
+        assert info["adaptable_modules"] == len(names)
+        untied = next(b for b in info["budgets"] if b["budget"] == "u=1, untied")
+        assert untied["params"] == adapter.num_params
+    finally:
+        adapter.remove()
+    slider.apply()
+    try:
+        assert slider.adapter.num_params == slider.plan.achieved == 3
+    finally:
+        slider.adapter.remove()

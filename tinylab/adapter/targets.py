@@ -1,0 +1,193 @@
+"""Which linear maps an adapter config adapts, under which role, in which tying group, at what count.
+
+The one answer every part of tinylab asks: `apply_tinylora`, the budget planner, the importance
+scores, the budget widget, the CLI and the adapter file all select modules through `plan_modules`.
+
+Roles. The default targets name the seven maps of a Llama block (q, k, v, o, gate, up, down).
+Other architectures name the same maps otherwise, and some fuse several roles in one map:
+
+    role       names, first present in the model wins
+    q, k, v    q_proj/k_proj/v_proj, qkv_proj (phi3), query_key_value (GPT-NeoX, Falcon), Wqkv, c_attn
+    o          o_proj, out_proj (OPT, BART), dense (GPT-NeoX, Phi)
+    gate       gate_proj, gate_up_proj (phi3), w1 (old Mixtral)
+    up         up_proj, gate_up_proj, fc1 (OPT, Phi), fc_in (GPT-J), c_fc, dense_h_to_4h (GPT-NeoX), w3
+    down       down_proj, fc2, fc_out, c_proj, dense_4h_to_h, w2
+
+A module's `kind` is the last component of its name (phi3: "qkv_proj"); `roles(kind)` gives the
+roles it plays. A module is "in a block" when its name holds a layer index (`.<i>.`).
+
+Tying: `tiled` groups `n_tie` consecutive modules in model order (the modules of layer 0, then
+layer 1, ...); `structured` groups modules of one kind across `n_tie` consecutive layers;
+`group_sizes` gives explicit consecutive groups. The count of trained numbers is groups x u.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import nn
+
+from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "ROLE_NAMES",
+    "ModuleInfo",
+    "count_params",
+    "kind_order",
+    "layer_of",
+    "linear_modules",
+    "plan_modules",
+    "roles",
+    "select_modules",
+]
+
+ROLE_NAMES = {
+    "q_proj": ("q_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
+    "k_proj": ("k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
+    "v_proj": ("v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
+    "o_proj": ("o_proj", "out_proj", "dense"),
+    "gate_proj": ("gate_proj", "gate_up_proj", "w1"),
+    "up_proj": ("up_proj", "gate_up_proj", "fc1", "fc_in", "c_fc", "dense_h_to_4h", "w3"),
+    "down_proj": ("down_proj", "fc2", "fc_out", "c_proj", "dense_4h_to_h", "w2"),
+}
+"""Default role -> the module names other architectures give it, in order of preference."""
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+class ModuleInfo(NamedTuple):
+    """One adapted module: its `named_modules()` name, layer index, kind (last name part) and tying group."""
+
+    name: str
+    layer: int
+    kind: str
+    group: int
+
+
+def roles(kind: str) -> tuple[str, ...]:
+    """The default roles a module kind plays: ("q_proj", "k_proj", "v_proj") for phi3's "qkv_proj"."""
+    return tuple(role for role, names in ROLE_NAMES.items() if kind in names)
+
+
+def kind_order(kinds) -> list[str]:
+    """`kinds` sorted by their first role (q, k, v, o, gate, up, down), other kinds after, by name."""
+    position = {role: i for i, role in enumerate(DEFAULT_TARGETS)}
+
+    def key(kind: str):
+        played = roles(kind)
+        return (0, min(position[r] for r in played), kind) if played else (1, 0, kind)
+
+    return sorted(set(kinds), key=key)
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index in a module name (`model.layers.3.mlp.up_proj` -> 3), None outside the blocks."""
+    m = _LAYER_RE.search(f".{name}.")
+    return int(m.group(1)) if m else None
+
+
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear, int | None]]:
+    """Every `nn.Linear` (or already adapted module, as its base) with its layer index, in model order."""
+    found = []
+    for name, module in model.named_modules():
+        if getattr(module, "adapts_linear", False):  # a TinyLoRALinear: report its frozen base
+            found.append((name, module.base, layer_of(name)))
+        elif isinstance(module, nn.Linear) and not name.endswith(".base"):
+            found.append((name, module, layer_of(name)))
+    return found
+
+
+def _num_layers(model: nn.Module, linears) -> int:
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if n is None:
+        n = 1 + max((layer for _, _, layer in linears if layer is not None), default=-1)
+    return n
+
+
+def _resolve_targets(targets: tuple[str, ...], kinds: list[str]) -> tuple[str, ...]:
+    """The module kinds `targets` names in a model with these in-block linear kinds: the default 7
+    map each role to its first present name (none when the model lacks the role); others as given."""
+    if tuple(targets) != DEFAULT_TARGETS:
+        return tuple(targets)
+    present = (next((a for a in ROLE_NAMES[t] if a in kinds), None) for t in targets)
+    return tuple(dict.fromkeys(a for a in present if a is not None))
+
+
+def _unsupported_hint(model: nn.Module) -> str:
+    n = sum(type(m).__name__ == "Conv1D" for m in model.modules())
+    return f"; its {n} transformers Conv1D layers (GPT-2 style) cannot be adapted: only nn.Linear" if n else ""
+
+
+def select_modules(model: nn.Module, config: TinyLoRAConfig, *, warn: bool = True) -> list[tuple[str, nn.Linear, int]]:
+    """(name, linear, layer) of the modules `config` adapts, in model order; errors name the bad
+    value and what exists. With the default targets, in-block linear maps left out are warned about."""
+    linears = linear_modules(model)
+    in_blocks = [(n, m, layer) for n, m, layer in linears if layer is not None]
+    kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, _, _ in in_blocks))
+    targets = _resolve_targets(config.targets, kinds)
+    missing = [t for t in targets if t not in kinds]
+    if missing or not targets:
+        raise ValueError(
+            f"targets {missing or list(config.targets)} match no linear module in this model; its linear module "
+            f"types are {kinds} (e.g. {[n for n, _, _ in in_blocks[:3]]})" + _unsupported_hint(model)
+        )
+    left = sorted(set(kinds) - set(targets)) if tuple(config.targets) == DEFAULT_TARGETS else []
+    if left and warn:
+        warnings.warn(f"default targets adapt {list(targets)}; this model's blocks also have linear maps {left}, "
+                      "left frozen: pass targets=... to include them", stacklevel=3)
+    n_layers = _num_layers(model, linears)
+    if config.layers is not None:
+        bad = [i for i in config.layers if i >= n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are out of range: this model has layers 0..{n_layers - 1}")
+    wanted_layers = None if config.layers is None else set(config.layers)
+    chosen = [
+        (n, m, layer)
+        for n, m, layer in in_blocks
+        if n.rsplit(".", 1)[-1] in targets and (wanted_layers is None or layer in wanted_layers)
+    ]
+    if not chosen:
+        raise ValueError(f"no module matches targets={list(config.targets)} in layers={config.layers}")
+    for n, m, _ in chosen:
+        if config.r > min(m.in_features, m.out_features):
+            raise ValueError(
+                f"r={config.r} is too large for {n} ({m.out_features}x{m.in_features}): "
+                f"allowed 1..{min(m.in_features, m.out_features)}"
+            )
+    return chosen
+
+
+def group_indexes(chosen: Sequence[tuple[str, nn.Linear, int]], config: TinyLoRAConfig) -> list[int]:
+    """Tying group of each chosen module, numbered in order of first appearance in the model."""
+    n = len(chosen)
+    if config.group_sizes is not None:
+        if sum(config.group_sizes) != n:
+            raise ValueError(
+                f"group_sizes sum to {sum(config.group_sizes)} but {n} modules are adapted: they must sum to {n}"
+            )
+        return [g for g, size in enumerate(config.group_sizes) for _ in range(size)]
+    n_tie = n if config.n_tie == "all" else config.n_tie
+    if n_tie > n:
+        raise ValueError(f"n_tie={config.n_tie} is out of range: allowed 1..{n} (or 'all') for {n} adapted modules")
+    if config.tie == "tiled":
+        return [i // n_tie for i in range(n)]
+    kinds = [name.rsplit(".", 1)[-1] for name, _, _ in chosen]
+    layers_of = {k: sorted({lay for kk, (_, _, lay) in zip(kinds, chosen) if kk == k}) for k in set(kinds)}
+    keys = [(k, layers_of[k].index(lay) // n_tie) for k, (_, _, lay) in zip(kinds, chosen)]
+    order = {key: j for j, key in enumerate(dict.fromkeys(keys))}
+    return [order[key] for key in keys]
+
+
+def plan_modules(model: nn.Module, config: TinyLoRAConfig, *, warn: bool = True) -> list[ModuleInfo]:
+    """The modules `config` would adapt in `model`, with their tying groups; no SVD, nothing attached."""
+    chosen = select_modules(model, config, warn=warn)
+    return [ModuleInfo(name, layer, name.rsplit(".", 1)[-1], g)
+            for (name, _, layer), g in zip(chosen, group_indexes(chosen, config))]
+
+
+def count_params(model: nn.Module, config: TinyLoRAConfig) -> int:
+    """Exact number of trained scalars `config` gives on `model` (groups x u), without attaching."""
+    return (max(m.group for m in plan_modules(model, config, warn=False)) + 1) * config.u

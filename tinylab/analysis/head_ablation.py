@@ -1,0 +1,170 @@
+"""Removing the adapter's update from chosen attention heads, and the causal metric it is scored by.
+
+The update's contribution to one head is the rows of q_proj and the columns of o_proj for the head,
+and the rows of k_proj / v_proj for its KV group (shared with the group's other query heads: k and
+v are computed once per group). `gated` swaps the adapted q/k/v/o for copies whose update is scaled
+per row and per column by gates (1 = unchanged, 0 = removed) and puts the originals back in
+`finally`. The gates are in the model's dtype on each block's device; their gradients at 1 are
+the first-order estimate of an ablation (`Scorer.gate_gradients`, accumulated in fp32).
+
+`Scorer` is the metric on fixed prompts: the mean per-token log-probability of reference answers,
+or with a task, its mean reward on greedy replies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinylab.adapter.attach import TinyLoRA
+from tinylab.adapter.layer import TinyLoRALinear
+from tinylab.measures.gold import GoldSet, mean_logprob
+from tinylab.model.attention import AttentionBlock
+from tinylab.model.device import model_device
+from tinylab.model.generation import completion_logprobs, generate
+
+__all__ = ["GatedUpdate", "Scorer", "ablation_gates", "adapted_module", "gated", "unit_gates"]
+
+
+def adapted_module(adapter: TinyLoRA, block: AttentionBlock, kind: str) -> TinyLoRALinear | None:
+    """The block's `kind` projection if `adapter` adapts it, else None."""
+    m = getattr(block.module, kind)
+    return m if isinstance(m, TinyLoRALinear) and m in dict(adapter.named_modules()).values() else None
+
+
+class GatedUpdate(nn.Module):
+    """A TinyLoRALinear whose update is scaled per output row and per input column (1 = unchanged).
+
+    W' = W + diag(out_gate) U diag(S) R Vh diag(in_gate): same math as TinyLoRALinear.forward.
+    """
+
+    def __init__(self, inner: TinyLoRALinear, out_gate: torch.Tensor | None, in_gate: torch.Tensor | None):
+        super().__init__()
+        self.inner = inner
+        self.out_gate, self.in_gate = out_gate, in_gate  # (out,) / (in,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.inner
+        y = m.base(x)
+        if not m.enabled or m.merged_R is not None:
+            return y
+        if self.in_gate is not None:
+            x = x * self.in_gate.to(x.dtype)  # (..., in)
+        M = (m.R().T * m.S.float()).to(x.dtype)  # (r, r): R^T diag(S)
+        delta = F.linear(F.linear(x, m.Vh) @ M, m.U)  # (..., out)
+        if self.out_gate is not None:
+            delta = delta * self.out_gate.to(x.dtype)
+        return y + delta
+
+
+@contextlib.contextmanager
+def gated(adapter: TinyLoRA, blocks: Sequence[AttentionBlock], head_gates: dict, kv_gates: dict):
+    """Swap the adapted q/k/v/o of each block for gated copies: q rows and o columns follow
+    head_gates[layer] [H], k and v rows follow kv_gates[layer] [KV]. Originals back in `finally`."""
+    swapped = []
+    try:
+        for b in blocks:
+            if b.layer not in head_gates:
+                continue
+            per_head = head_gates[b.layer].repeat_interleave(b.head_dim)  # (H*d,)
+            per_kv = kv_gates[b.layer].repeat_interleave(b.head_dim)  # (KV*d,)
+            gates = {"q_proj": (per_head, None), "k_proj": (per_kv, None), "v_proj": (per_kv, None),
+                     "o_proj": (None, per_head)}
+            for kind, (out_gate, in_gate) in gates.items():
+                m = adapted_module(adapter, b, kind)
+                if m is not None:
+                    setattr(b.module, kind, GatedUpdate(m, out_gate, in_gate))
+                    swapped.append((b.module, kind, m))
+        yield
+    finally:
+        for parent, kind, m in reversed(swapped):
+            setattr(parent, kind, m)
+
+
+def unit_gates(blocks: Sequence[AttentionBlock], *, requires_grad: bool = False) -> tuple[dict, dict]:
+    """Gates of 1 for every head [H] and KV head [KV] of each block, in the block's weight dtype on its device."""
+    head, kv = {}, {}
+    for b in blocks:
+        w = b.module.q_proj.weight  # (out, in): the dtype and device the gates meet
+        head[b.layer] = torch.ones(b.n_heads, dtype=w.dtype, device=w.device, requires_grad=requires_grad)  # [H]
+        kv[b.layer] = torch.ones(b.n_kv, dtype=w.dtype, device=w.device, requires_grad=requires_grad)  # [KV]
+    return head, kv
+
+
+def ablation_gates(blocks: Sequence[AttentionBlock], heads: Sequence[tuple[int, int]]) -> tuple[dict, dict]:
+    """Gates that remove the update from `heads` [(layer, head)]: 0 for each head and its KV group."""
+    by_layer = {b.layer: b for b in blocks}
+    chosen = [by_layer[layer] for layer in dict.fromkeys(layer for layer, _ in heads)]
+    head_gates, kv_gates = unit_gates(chosen)
+    for layer, head in heads:
+        head_gates[layer][head] = 0.0
+        kv_gates[layer][head // by_layer[layer].group] = 0.0
+    return head_gates, kv_gates
+
+
+class Scorer:
+    """The causal metric on fixed prompts: mean token log-prob of answers, or mean task reward."""
+
+    def __init__(self, model, tokenizer, prompts, answers, task, max_new_tokens, batch_size):
+        self.model, self.tokenizer, self.prompts, self.answers = model, tokenizer, list(prompts), list(answers)
+        self.task, self.batch_size = task, batch_size
+        self.metric = "reward" if task is not None else "logprob"
+        self.max_new_tokens = max_new_tokens or getattr(task, "max_new_tokens", None) or 64
+        self.device = model_device(model)
+        self.gold = GoldSet(model, tokenizer, list(zip(self.prompts, self.answers)), batch_size=batch_size)
+
+    def _rollout_batches(self, rollout):
+        for i in range(0, len(rollout.completions), self.batch_size):
+            rows = slice(i, i + self.batch_size)
+            yield rollout.input_ids[rows], rollout.attention_mask[rows], rollout.completion_mask[rows]
+
+    def _token_means(self, batches) -> Iterator[torch.Tensor]:
+        for ids, mask, cmask in batches:
+            yield mean_logprob(completion_logprobs(self.model, ids, mask, cmask), cmask)  # [B]
+
+    def replies(self):
+        """Greedy replies (a Rollout) of the model as it is now."""
+        return generate(self.model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
+                        temperature=0.0, seed=0, batch_size=self.batch_size)
+
+    @torch.no_grad()
+    def score(self, replies=None) -> float:
+        """The metric now; `replies`: greedy replies already generated with the model in this state."""
+        if self.metric == "logprob":
+            return float(self.gold.logprobs().mean())
+        replies = self.replies() if replies is None else replies
+        rewards = [r for r in self.task.reward(replies.completions, self.answers) if r is not None]
+        return float(sum(rewards) / len(rewards)) if rewards else math.nan
+
+    def gate_gradients(self, adapter, blocks, replies=None) -> tuple[dict, dict]:
+        """d(objective)/d(gates) at gates = 1, fp32 on the CPU: layer -> [H] and layer -> [KV]. The
+        objective is the mean token log-prob of the answers, or with a task, of the adapted model's
+        greedy `replies` weighted by their reward."""
+        if self.metric == "logprob":
+            batches = [(b.input_ids, b.attention_mask, b.continuation_mask) for b in self.gold.batches]
+            weights = [1.0] * len(self.answers)
+        else:
+            replies = self.replies() if replies is None else replies
+            batches = self._rollout_batches(replies)
+            weights = [r or 0.0 for r in self.task.reward(replies.completions, self.answers)]
+        head, kv = unit_gates(blocks, requires_grad=True)
+        gates = [*head.values(), *kv.values()]
+        grads = [torch.zeros(g.shape, dtype=torch.float32, device=g.device) for g in gates]  # fp32 sums
+        w = torch.tensor(weights, dtype=torch.float32, device=self.device) / len(weights)  # [N]
+        with torch.enable_grad(), gated(adapter, blocks, head, kv):
+            start = 0
+            for means in self._token_means(batches):
+                objective = (means * w[start:start + len(means)]).sum()
+                start += len(means)
+                if objective.requires_grad:
+                    for acc, g in zip(grads, torch.autograd.grad(objective, gates, allow_unused=True)):
+                        if g is not None:
+                            acc += g.float()
+        grads = [g.cpu() for g in grads]
+        n = len(head)
+        return dict(zip(head, grads[:n])), dict(zip(kv, grads[n:]))

@@ -1,0 +1,98 @@
+"""What the knob panel reads out of the model at one point of v: the greedy replies to a few
+prompts, the gold log-probability of each held-out example, and the heads' activity on the
+prompts, from as few model calls as the inputs allow.
+
+Everything is tokenized once. When the held-out examples have the reply prompts (the same
+prompts in the same order), each batch takes ONE forward of prompt + gold continuation, with
+eager attention and the heads observed (`tinylab.model.attention`):
+- its last L+1 logits score the gold tokens (as `GoldSet.logprobs` / `completion_logprobs` do);
+- the heads on the prompt positions are the prompt's own (attention is causal: the continuation
+  changes nothing before it), the activity `tinylab.analysis.heads.attention_shift` compares with the base;
+- its KV cache with the continuation cropped off, and the logits at the last prompt position, are
+  the prefill from which the greedy replies continue (`rollout.greedy_from_prefill`: the decoding
+  of `generate(..., temperature=0)`).
+Otherwise one forward of the prompts gives the activity and the prefill, and the gold set takes
+its own forward. The numbers agree with the separate calls up to float rounding (eager against
+sdpa attention, other matrix shapes); readouts of one Reader at two points are exactly comparable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from tinylab.analysis.heads import HeadActivity
+from tinylab.basics.checks import check_int
+from tinylab.measures.gold import GoldSet, mean_logprob
+from tinylab.model.attention import attention_blocks, eager_attention, observe_heads
+from tinylab.model.batch import left_pad, pad_token_id, prompt_rows
+from tinylab.model.device import model_device
+from tinylab.model.eval_mode import eval_mode
+from tinylab.model.generation import greedy_from_prefill
+
+__all__ = ["Reader", "Readout"]
+
+
+class Readout(NamedTuple):
+    """The model at one point: what the panel shows."""
+
+    replies: list[str]  # greedy reply per prompt
+    logprobs: np.ndarray  # [N] fp32: mean gold log-prob per token of each held-out example
+    activity: list[HeadActivity]  # the heads on the prompts, one per batch
+
+
+class Reader:
+    """Reads the model as it is now (`reader()`); see the module docstring.
+
+    `prompts`: strings or chat messages. `gold`: the held-out examples, tokenized. `max_new_tokens`:
+    the length of the greedy replies (each stops earlier at its end-of-sequence token).
+    """
+
+    def __init__(self, model, tokenizer, prompts: Sequence, gold: GoldSet, *, max_new_tokens: int,
+                 batch_size: int = 8):
+        if not isinstance(gold, GoldSet):
+            raise TypeError(f"gold must be a GoldSet (tinylab.measures.gold), got {type(gold).__name__}")
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("prompts must be a non-empty list of prompts (strings or chat messages)")
+        self.model, self.tokenizer, self.gold = model, tokenizer, gold
+        self.prompts = [getattr(p, "prompt", p) for p in prompts]
+        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
+        batch_size = check_int("batch_size", batch_size, low=1)
+        self.blocks = attention_blocks(model)
+        self.shared = self.prompts == gold.prompts and batch_size == gold.batch_size
+        if self.shared:  # (ids [B, P+L], mask [B, P+L], continuation mask [B, L])
+            self.batches = [(b.input_ids, b.attention_mask, b.continuation_mask) for b in gold.batches]
+        else:  # (ids [B, P], mask [B, P], None)
+            rows, device = prompt_rows(tokenizer, self.prompts), model_device(model)
+            self.batches = [(*left_pad(rows[i:i + batch_size], pad_token_id(tokenizer), device), None)
+                            for i in range(0, len(rows), batch_size)]
+
+    @torch.no_grad()
+    def __call__(self) -> Readout:
+        """Replies, gold log-probs and head activity of the model as it is now."""
+        from transformers import DynamicCache
+
+        replies, activity, means = [], [], []
+        with eval_mode(self.model):
+            for ids, mask, continuation in self.batches:
+                L = 0 if continuation is None else continuation.shape[1]
+                P = ids.shape[1] - L
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+L], as generation numbers them
+                with eager_attention(self.model), observe_heads(self.blocks) as (patterns, outputs):
+                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                     past_key_values=DynamicCache(), use_cache=True, logits_to_keep=L + 1)
+                activity.append(HeadActivity(dict(patterns), dict(outputs), mask).first(P))
+                cache = out.past_key_values
+                if continuation is not None:
+                    logits = out.logits[:, :-1].float()  # [B, L, V]: position t predicts continuation token t
+                    picked = logits.gather(-1, ids[:, P:, None]).squeeze(-1)  # [B, L]
+                    token_lp = (picked - torch.logsumexp(logits, -1)) * continuation.to(logits.dtype)  # [B, L]
+                    means.append(mean_logprob(token_lp, continuation))  # [B]
+                    cache.crop(-L)  # the prompt's keys and values only
+                replies += greedy_from_prefill(self.model, self.tokenizer, cache, out.logits[:, 0], mask[:, :P],
+                                               max_new_tokens=self.max_new_tokens)
+            logprobs = torch.cat(means) if self.shared else self.gold.logprobs()  # [N] fp32
+        return Readout(replies, logprobs.cpu().numpy(), activity)

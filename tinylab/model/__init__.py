@@ -1,0 +1,9 @@
+"""The model under study: loading (embedded SmolLM2, folders, hub ids), tiny test models, devices and dtypes,
+token batches, generation, and attention modes."""
+
+from tinylab.model.device import available_devices, model_device, resolve_device, resolve_dtype
+from tinylab.model.loading import load_model
+from tinylab.model.tiny import TINY_ARCHS, tiny_model
+
+__all__ = ["TINY_ARCHS", "available_devices", "load_model", "model_device", "resolve_device", "resolve_dtype",
+           "tiny_model"]

@@ -1,0 +1,260 @@
+"""Sampling completions and scoring their tokens: the two model calls every RL step makes.
+
+`generate` renders the prompts (chat template with the generation prompt, or the raw string),
+left-pads them, runs each unique prompt through the model once, copies its KV cache `n` times
+and samples the `n` completions token by token from a seeded `torch.Generator` (so a seed gives
+the same completions in any process and leaves the global RNG alone). A completion stops at the
+first end-of-sequence token, which it keeps (the policy has to learn to stop, too).
+
+Where the randomness lives: the generator is always a CPU generator, and each token is drawn on
+the CPU from the fp32 probabilities copied there (`torch.multinomial`). A seed therefore gives
+the same random stream whatever the model's device and whatever torch's default device; the
+completions agree across devices as far as the models' logits agree (a GPU's bf16 logits differ
+from a CPU's fp32 ones in the last bits, and a token can flip where two are nearly tied). The
+price on a GPU is one [rows, vocab] fp32 copy to the host per generated token; everything else
+(the model calls, the cache, the masks) stays on the model's device.
+
+`completion_logprobs` scores completion tokens under the model with the positions generation
+used, so the two agree up to float rounding.
+
+Shapes: B prompts, G = n completions each, P prompt tokens (left-padded), L completion tokens
+(right-padded). Row order of every output is prompt-major: prompt 0's n completions, then
+prompt 1's, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from tinylab.basics.checks import check_int, check_number
+from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prompts
+from tinylab.model.device import model_device
+from tinylab.model.eval_mode import eval_mode
+
+__all__ = ["Rollout", "completion_logprobs", "generate", "greedy_from_prefill", "positions_of", "render_prompts",
+           "stop_token_ids"]  # render_prompts: tinylab.model.batch's, re-exported
+
+
+class Rollout(NamedTuple):
+    """Completions sampled for a batch of prompts (rows are prompt-major: p0 x n, p1 x n, ...)."""
+
+    completions: list[str]  # [B*G] decoded text, special tokens removed
+    prompt_ids: torch.Tensor  # [B*G, P] long, left-padded
+    completion_ids: torch.Tensor  # [B*G, L] long, right-padded; the EOS token is kept
+    completion_mask: torch.Tensor  # [B*G, L] long, 1 up to and including EOS
+    prompt_mask: torch.Tensor  # [B*G, P] long, 0 on left padding
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # [B*G, P+L]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # [B*G, P+L]
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The token ids that end a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model defines an end-of-sequence token")
+    return sorted(ids)
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+
+
+def _context_length(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row, on the logits' device: argmax at temperature 0, else drawn on the CPU from
+    the CPU `generator` (see the module docstring)."""
+    if temperature == 0:
+        return logits.argmax(-1)  # [B]
+    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()  # [B, V] fp32 on the CPU
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)  # [B]
+
+
+@torch.no_grad()
+def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator, stops, pad_id,
+                    prefilled=None):
+    """Prefill the unique prompts once (or take `prefilled`: the cache and last logits [b, V] of
+    that prefill, already run), repeat their cache n times, then decode token by token."""
+    from transformers import DynamicCache
+
+    if prefilled is None:
+        keep = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row
+        ids, mask = ids[:, keep:], mask[:, keep:]  # [b, p]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask),
+                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        prefilled = out.past_key_values, out.logits[:, -1]  # cache, [b, V]
+    cache, logits = prefilled
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    logits = logits.repeat_interleave(n, dim=0)  # [b*n, V]
+    mask = mask.repeat_interleave(n, dim=0)  # [b*n, p]
+    position = positions_of(mask)[:, -1:]  # [b*n, 1]
+    stops = torch.tensor(stops, dtype=torch.long, device=mask.device)  # [s]
+    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # [b*n]
+    tokens = []
+    for t in range(max_new_tokens):
+        token = _sample(logits, temperature, generator)  # [b*n]
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        done = done | torch.isin(token, stops)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [b*n, p+t+1]
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+        logits = out.logits[:, -1]  # [b*n, V]
+    completion = torch.stack(tokens, dim=1)  # [b*n, l]
+    is_stop = torch.isin(completion, stops)  # [b*n, l]
+    after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # tokens after the first stop token
+    completion_mask = (~after_stop).long()  # [b*n, l]
+    completion = completion.masked_fill(after_stop, pad_id)
+    return completion, completion_mask
+
+
+def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_new_tokens: int,
+             temperature: float = 1.0, seed: int | None = None, batch_size: int | None = None) -> Rollout:
+    """Sample `n` completions for every prompt (temperature 0 is greedy).
+
+    `prompts`: strings or lists of chat messages. `seed`: seeds a private `torch.Generator`
+    (None draws one from the global RNG). `batch_size`: completions decoded together, rounded
+    down to whole groups of `n` (at least one group); None decodes everything at once.
+    """
+    check_int("n", n, low=1)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    check_number("temperature", temperature, low=0)  # 0 = greedy
+    if batch_size is not None:
+        check_int("batch_size", batch_size, low=1)
+    prompts = list(prompts) if not isinstance(prompts, str) else prompts
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    pad_id = pad_token_id(tokenizer)
+    device = model_device(model)
+    ids, mask = left_pad(prompt_rows(tokenizer, prompts), pad_id, device)  # [B, P] on the model's device
+    context = _context_length(model)
+    longest = int(mask.sum(1).max())
+    if context is not None and longest >= context:
+        raise ValueError(
+            f"a prompt of {longest} tokens leaves no room in the model's context of {context} tokens; allowed: "
+            f"prompts of at most {context - 1} tokens (shorten the prompt)"
+        )
+    if context is not None and longest + max_new_tokens > context:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
+            f"{context} tokens; shorten the prompt or lower max_new_tokens to at most {context - longest}"
+        )
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))  # CPU, whatever the model's device
+    stops = stop_token_ids(model, tokenizer)
+    per_chunk = len(prompts) if batch_size is None else max(1, batch_size // n)
+    with eval_mode(model):
+        parts = [
+            _generate_chunk(model, ids[i:i + per_chunk], mask[i:i + per_chunk], n, max_new_tokens, temperature,
+                            generator, stops, pad_id)
+            for i in range(0, len(prompts), per_chunk)
+        ]
+    width = max(c.shape[1] for c, _ in parts)
+    completion_ids = torch.cat([nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c, _ in parts])
+    completion_mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1]), value=0) for _, m in parts])
+    texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad_id), skip_special_tokens=True)
+    return Rollout(
+        completions=texts,
+        prompt_ids=ids.repeat_interleave(n, dim=0),  # [B*G, P]
+        completion_ids=completion_ids,  # [B*G, L]
+        completion_mask=completion_mask,  # [B*G, L]
+        prompt_mask=mask.repeat_interleave(n, dim=0),  # [B*G, P]
+    )
+
+
+def greedy_from_prefill(model: nn.Module, tokenizer, cache, logits: torch.Tensor, mask: torch.Tensor, *,
+                        max_new_tokens: int) -> list[str]:
+    """Greedy replies continuing a prefill the caller already ran (e.g. in the forward that scored
+    the same prompts): `cache` holds the left-padded prompts' keys and values, `mask` [B, P] is their
+    attention mask and `logits` [B, V] the last prompt position's. The same decoding as
+    `generate(..., temperature=0)`, without running the prompts again; the cache grows."""
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    if logits.dim() != 2 or mask.dim() != 2 or logits.shape[0] != mask.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} and mask {tuple(mask.shape)}: expected [B, V] and [B, P]")
+    pad_id = pad_token_id(tokenizer)
+    with eval_mode(model):
+        ids, kept = _generate_chunk(model, None, mask, 1, max_new_tokens, 0.0, None,
+                                    stop_token_ids(model, tokenizer), pad_id, prefilled=(cache, logits))  # [B, l]
+    return tokenizer.batch_decode(ids.masked_fill(kept == 0, pad_id), skip_special_tokens=True)
+
+
+def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        completion_mask: torch.Tensor, *, temperature: float = 1.0, group_size: int = 1) -> torch.Tensor:
+    """Log-probability of each completion token under `model` (differentiable), zero where masked.
+
+    `input_ids` / `attention_mask`: [B, P+L] prompt then completion (as `Rollout.input_ids`);
+    `completion_mask`: [B, L]. Returns [B, L]. Logits are divided by `temperature` (> 0), the
+    distribution the tokens were sampled from. `group_size` > 1: consecutive rows share their
+    prompt (as `generate(..., n=group_size)` returns them); each prompt then runs through the model
+    once and its KV cache (gradients included) is repeated for the group, which saves the
+    prompt's share of the compute G-1 times over. Same values up to float rounding.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must both be [B, P+L]")
+    B, L = completion_mask.shape
+    if B != input_ids.shape[0] or not 0 < L < input_ids.shape[1]:
+        raise ValueError(f"completion_mask {tuple(completion_mask.shape)} does not fit input_ids "
+                         f"{tuple(input_ids.shape)}: expected [B, L] with 0 < L < P+L")
+    check_number("temperature", temperature, low=0, low_open=True)  # log-probabilities need > 0
+    check_int("group_size", group_size, low=1)
+    if B % group_size:
+        raise ValueError(f"group_size={group_size!r}: must divide the {B} rows (consecutive rows share a prompt)")
+    positions = positions_of(attention_mask)  # [B, P+L]
+    if group_size == 1:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                    logits_to_keep=L + 1)
+        logits = out.logits[:, :-1].float()  # [B, L, V]: position t predicts completion token t
+    else:
+        logits = _shared_prompt_logits(model, input_ids, attention_mask, positions, L, group_size)  # [B, L, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, -L:]  # [B, L]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, L]
+    logprobs = picked - torch.logsumexp(logits, dim=-1)  # [B, L]
+    return logprobs * completion_mask.to(logprobs.dtype)
+
+
+def _shared_prompt_logits(model, input_ids, attention_mask, positions, L, g) -> torch.Tensor:
+    """Logits for the last L positions, running each group's shared prompt once."""
+    from transformers import DynamicCache
+
+    P = input_ids.shape[1] - L
+    prompt_ids, prompt_mask = input_ids[::g, :P], attention_mask[::g, :P]  # [B/G, P]
+    if not (torch.equal(input_ids[:, :P], prompt_ids.repeat_interleave(g, dim=0))
+            and torch.equal(attention_mask[:, :P], prompt_mask.repeat_interleave(g, dim=0))):
+        raise ValueError(f"group_size={g} but rows within a group have different prompts; "
+                         "pass group_size=1 or rows in prompt-major order")
+    cache = DynamicCache()
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[::g, :P],
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:].float().repeat_interleave(g, dim=0)  # [B, 1, V]: predicts completion token 0
+    if L == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(g)
+    out = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
+                position_ids=positions[:, P:-1], past_key_values=cache, use_cache=True)
+    return torch.cat([first, out.logits.float()], dim=1)  # [B, L, V]

@@ -1,0 +1,12 @@
+"""Training the adapter's numbers: the run (lifecycle, stop, resume, folder), the GRPO and SFT loops, presets."""
+
+from tinylab.train.grpo import GRPOConfig, train_grpo
+from tinylab.train.presets import Preset, preset
+from tinylab.train.records import NonFiniteError, StepLog, StopTraining
+from tinylab.train.run import Run
+from tinylab.train.sft import SFTConfig, train_sft
+
+resume = Run.resume
+
+__all__ = ["GRPOConfig", "NonFiniteError", "Preset", "Run", "SFTConfig", "StepLog", "StopTraining", "preset",
+           "resume", "train_grpo", "train_sft"]
