@@ -18,7 +18,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
-from _pytest.reports import TestReport
 
 PRELOAD = ["torch", "hypothesis", "pytest", "tinylab",
            # what tiny_model loads on first use (transformers imports model and tokenizer code lazily)
@@ -39,7 +38,7 @@ def pytest_runtest_protocol(item, nextitem):
     return True
 
 
-def run_fresh(item) -> list[TestReport]:
+def run_fresh(item) -> list[pytest.TestReport]:
     """Run `item` alone in a fresh child process; its setup, call and teardown reports."""
     config = item.config
     args = [item.nodeid, "-q", "-p", "no:cacheprovider", "--rootdir", str(config.rootpath)]
@@ -53,7 +52,7 @@ def run_fresh(item) -> list[TestReport]:
         code, data, output = None, [], f"the child process died: {err}"
     reports = [config.hook.pytest_report_from_serializable(config=config, data=d) for d in data]
     if not any(r.when == "call" or r.failed or r.skipped for r in reports):  # died, or not collected
-        reports.append(TestReport(item.nodeid, item.location, {}, "failed",
+        reports.append(pytest.TestReport(item.nodeid, item.location, {}, "failed",
                                   f"in a fresh process: pytest exit code {code}, no result\n{output}", "call"))
     return reports
 
