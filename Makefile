@@ -2,7 +2,7 @@
 # requirements/lock.txt installed (CI too), the embedded model and the project (editable) with them.
 #   make test   lint + unit tests + notebooks (nbval, quick mode) + JupyterLab in headless chromium
 #   make lab    JupyterLab on notebooks/ (online: hub models and datasets load; Chromium for PNG copies)
-#   make bench  benchmarks/*.py, each prints ratios measured in its own run
+#   make bench  benchmarks/*.py, each prints ratios measured in its own run into benchmarks/results/NAME.txt
 #   make lock   requirements/lock.txt again from pyproject's ranges (the newest versions they allow)
 PY ?= python3
 VENV := .venv
@@ -92,10 +92,21 @@ lab: setup lab-browser
 	env -u TQDM_DISABLE BROWSER_PATH=$(CHROMIUM) $(BIN)/jupyter lab --notebook-dir=notebooks \
 	  $(if $(SUDO),,--allow-root)
 
+# every script in benchmarks/, each with the flags of the numbers the README quotes, one torch thread
+# (steadier on a shared machine); each writes what it prints to benchmarks/results/NAME.txt
+BENCH := OMP_NUM_THREADS=1 $(BIN)/python benchmarks
 bench: setup
-	for f in adapter evaluate grpo importance base_rates; do $(BIN)/python benchmarks/$$f.py || exit 1; done
-	$(BIN)/python benchmarks/demo_cpu.py --save test-output/demo
-	$(BIN)/python benchmarks/heads.py test-output/demo/seed0.tlra
+	$(BENCH)/adapter.py --threads 1 --device cpu --dtype float32
+	$(BENCH)/evaluate.py --threads 1
+	$(BENCH)/evaluate.py --threads 1 --harness --n 20
+	$(BENCH)/grpo.py --threads 1
+	$(BENCH)/importance.py --threads 1
+	$(BENCH)/base_rates.py --threads 1
+	$(BENCH)/knobs.py --threads 1
+	$(BENCH)/bank.py --threads 1
+	$(BENCH)/demo_cpu.py --threads 1 --budget-min 25 --save test-output/demo
+	$(BENCH)/heads.py --threads 1 test-output/demo/seed0.tlra
+	$(BENCH)/knowledge.py --jobs 2
 
 # A clean venv gets pyproject's ranges ([$(LOCK_EXTRAS)], the newest versions allowed), torch's CPU
 # build and the embedded model; pip freeze of it is the lock. Takes a few minutes (downloads).

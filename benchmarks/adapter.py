@@ -42,6 +42,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 from peft import TinyLoraConfig, get_peft_model  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 import tinylab.adapter.svd as svd_engine  # noqa: E402
 from tinylab.adapter.attach import apply_tinylora  # noqa: E402
@@ -208,6 +209,7 @@ def main() -> None:
                         help="torch intra-op threads (default: torch's); 1 is steadier on a loaded machine")
     parser.add_argument("--device", default="auto", help="where the models run (tinylab.load_model's device)")
     parser.add_argument("--dtype", default="auto", help="the models' weight dtype (tinylab.load_model's dtype)")
+    add_results_option(parser, "adapter")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -275,4 +277,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("adapter")):
+        main()

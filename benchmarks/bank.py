@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab import AdapterBank, TinyLoRAConfig, apply_tinylora, export_lora, load_model, save_adapter  # noqa: E402
 from tinylab.model.generation import cache_argument, new_cache  # noqa: E402
@@ -189,6 +190,7 @@ def main():
     ap.add_argument("--peft-adapters", type=int, default=64)
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=None)
+    add_results_option(ap, "bank")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -235,4 +237,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("bank")):
+        main()

@@ -49,7 +49,7 @@ After training, each seed's held-out comparison (`tinylab.compare(..., controls=
 prints four rows, each with strict, flexible and format: the base model; the prompt control (the
 base model with one worked training example before the question, `task.control_prompt`); the
 random-direction control (the trained vector's norm in `--draws` seeded random directions: mean
-and spread); trained. Then the paired statistics (`tinylab.paired`: paired bootstrap 95% interval,
+and spread); trained. Then the paired statistics (`tinylab.paired`: Newcombe's paired 95% interval,
 exact McNemar p, examples gained and lost) of trained vs base and trained vs the prompt control.
 
 Usage: .venv/bin/python benchmarks/demo_cpu.py [--seeds 0 1 2] [--threads 2] [--save DIR] [--log F]
@@ -71,6 +71,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab.adapter.attach import apply_tinylora  # noqa: E402
 from tinylab.adapter.config import TinyLoRAConfig
@@ -334,6 +335,7 @@ def main():
     parser.add_argument("--n-eval", type=int, default=None, help="held-out prompts compared (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: seed 0, 2 steps of 2 prompts x 4, no selection, 16 held-out prompts, 1 draw")
+    add_results_option(parser, "demo_cpu")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.prompts, args.group, args.select_every = [0], 2, 2, 4, 0
@@ -432,4 +434,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("demo_cpu")):
+        main()

@@ -31,6 +31,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab.adapter.attach import apply_tinylora  # noqa: E402
 from tinylab.model.device import resolve_device, resolve_dtype  # noqa: E402
@@ -83,6 +84,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="where the model runs (tinylab.load_model's device)")
     parser.add_argument("--dtype", default="auto", help="the model's weight dtype (tinylab.load_model's dtype)")
+    add_results_option(parser, "grpo")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -148,4 +150,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("grpo")):
+        main()

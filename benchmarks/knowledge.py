@@ -67,6 +67,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from demo_cpu import TimeBudget, capitals_named  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab.adapter.attach import apply_tinylora  # noqa: E402
 from tinylab.adapter.config import TinyLoRAConfig
@@ -164,7 +165,8 @@ def parallel(args) -> None:
 
     def child(seed: int):
         out = os.path.join(folder, f"seed{seed}.json")
-        command = [sys.executable, __file__, *passed, "--jobs", "1", "--seeds", str(seed), "--json", out]
+        command = [sys.executable, __file__, *passed, "--jobs", "1", "--seeds", str(seed), "--json", out,
+                   "--results", "none"]  # the parent prints what each child printed, into its own file
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"seed {seed} failed:\n{done.stderr[-3000:]}")
@@ -200,6 +202,7 @@ def main():
     parser.add_argument("--log", default=None, help="append per-step JSON lines to this file")
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 2 steps of 2 prompts x 4, 16 prompts")
+    add_results_option(parser, "knowledge")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.prompts, args.group, args.n_eval = [0], 2, 2, 4, args.n_eval or 16
@@ -225,4 +228,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("knowledge")):
+        main()

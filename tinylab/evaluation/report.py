@@ -8,7 +8,7 @@ replies do not depend on `batch_size`.
 
 `compare` evaluates the same examples twice: the base model (inside `adapter.disabled()`, never a
 second copy) and the adapted one, lines the replies up in one table, and reports for strict,
-flexible and format the paired difference (`tinylab.paired`: bootstrap interval, exact McNemar p,
+flexible and format the paired difference (`tinylab.paired`: Newcombe's paired 95% interval, exact McNemar p,
 examples gained and lost). With `controls=("prompt", "random")` it also evaluates the prompt
 control (the base model, the task's control prompt) and the random-direction control (the
 adapter's vectors at the same norms in random directions), see `tinylab.evaluation.controls`.
@@ -245,8 +245,8 @@ def evaluate(model: nn.Module, tokenizer, task: str | Task, *, n: int, split: st
             handle.remove()
 
 
-def _paired(before: EvalReport, after: EvalReport, seed: int) -> dict[str, PairedDifference]:
-    return {m: paired(list(before.table[c]), list(after.table[c]), seed=seed) for m, c in MEASURES.items()}
+def _paired(before: EvalReport, after: EvalReport) -> dict[str, PairedDifference]:
+    return {m: paired(list(before.table[c]), list(after.table[c])) for m, c in MEASURES.items()}
 
 
 @torch.no_grad()
@@ -260,7 +260,7 @@ def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, s
     The table's `change` column reads "gained" / "lost" (strict correctness), "kept" or "neither".
     `controls`: any of "prompt" (the base model with the task's `control_prompt`; its replies go in
     the table as `prompt_*` columns) and "random" (`draws` seeded random directions at the trained
-    norms, `control_seed` seeds them and the bootstrap; the adapter's vectors are restored after).
+    norms, `control_seed` seeds them; the adapter's vectors are restored after).
     `vectors`: other vectors of the same adapter by name, each scored as its own row with its paired
     statistics against the adapted model, e.g. `{"SFT": sft_run.vector}` for SFT at the same budget
     (an adapter of the same config trained by `train_sft`); replies go in the table as `<name>_*`.
@@ -312,8 +312,8 @@ def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, s
     table["change"] = [
         "kept" if b and a else "lost" if b else "gained" if a else "neither" for b, a in zip(before, after)
     ]
-    return Comparison(base=base, adapted=adapted, table=table, paired=_paired(base, adapted, control_seed),
-                      prompt=prompt, prompt_paired=None if prompt is None else _paired(prompt, adapted, control_seed),
+    return Comparison(base=base, adapted=adapted, table=table, paired=_paired(base, adapted),
+                      prompt=prompt, prompt_paired=None if prompt is None else _paired(prompt, adapted),
                       random=random, others=others or None,
-                      others_paired={name: _paired(other, adapted, control_seed) for name, other in others.items()}
+                      others_paired={name: _paired(other, adapted) for name, other in others.items()}
                       or None)

@@ -207,8 +207,8 @@ def budget_sweep(preset: str, budgets: Sequence[int], seeds: Sequence[int], *, t
     return pd.DataFrame([done[pt] for pt in points])
 
 
-def method_differences(results: pd.DataFrame, *, a: str = "GRPO", b: str = "SFT", measure: str = "strict",
-                       seed: int = 0) -> pd.DataFrame:
+def method_differences(results: pd.DataFrame, *, a: str = "GRPO", b: str = "SFT",
+                       measure: str = "strict") -> pd.DataFrame:
     """Per budget and seed, `a` minus `b` on `measure`, paired over the same held-out prompts.
 
     One row per (budget, seed) with `tinylab.paired`'s fields (`diff`, `low`, `high`, `p_value`,
@@ -221,7 +221,7 @@ def method_differences(results: pd.DataFrame, *, a: str = "GRPO", b: str = "SFT"
         by_method = {m: r for m, r in zip(part["method"], part[column])}
         if a not in by_method or b not in by_method:
             continue
-        d = paired(by_method[b], by_method[a], seed=seed)
+        d = paired(by_method[b], by_method[a])
         rows.append(dict(budget=budget, params=int(part["params"].iloc[0]), seed=run_seed,
                          **dataclasses.asdict(d), beyond_noise=d.beyond_noise))
     if not rows:
