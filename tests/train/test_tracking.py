@@ -242,6 +242,28 @@ def test_wandb_offline_holds_the_histories_values(tiny, tmp_path, monkeypatch):
     assert [row["train/global_step"] for row in history] == [1, 2]
 
 
+# --- sweeps
+
+
+def test_a_sweep_logs_one_run_per_point_in_one_group_with_its_held_out_scores(tmp_path):
+    from tinylab.experiments.sweeps import budget_sweep
+    from tinylab.train.presets import preset
+
+    training = dataclasses.replace(preset("tiny-cpu").training, tracking_dir=str(tmp_path / "tb"), project="sweeps")
+    rows = budget_sweep("tiny-cpu", budgets=[1], seeds=[0], n_eval=2, training=training, out=tmp_path / "sweep-a",
+                        report_to="tensorboard")
+    group = tmp_path / "tb" / "sweeps" / "sweep-a"  # the group: the out folder's name
+    assert sorted(p.name for p in group.iterdir()) == ["grpo-00001-seed0", "sft-00001-seed0"]
+    for row in rows.to_dict("records"):
+        scalars, _ = _tensorboard_scalars(group / f"{row['method'].lower()}-00001-seed0")
+        assert sorted(scalars["train/v_norm"]) == [1, 2]
+        for measure in ("strict", "flexible", "formatted", "mean_length"):
+            assert scalars[f"eval/{measure}"] == {2: np.float32(row[measure])}
+    # tracking is not a sweep setting: the same folder, now without tracking, trains nothing again
+    again = budget_sweep("tiny-cpu", budgets=[1], seeds=[0], n_eval=2, training=training, out=tmp_path / "sweep-a")
+    assert list(again["vector"]) == list(rows["vector"])
+
+
 # --- errors
 
 
