@@ -220,12 +220,12 @@ def _wandb_records(path: Path):
             yield record
 
 
-def test_wandb_offline_holds_the_histories_values(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    # (not WANDB_SILENT: with it, wandb 0.31's finish() returns before the run's file is written)
-    run = _train(tiny, tmp_path, report_to="wandb", project="proj", run_name="wb", run_group="g",
-                 tracking_dir=str(tmp_path / "wandb-root"))
-    (path,) = glob.glob(str(tmp_path / "wandb-root" / "wandb" / "offline-run-*" / "run-*.wandb"))
+def _wandb_run(folder: Path):
+    """(the run record, [history rows]) of the one offline W&B run under `folder`."""
+    import wandb
+
+    wandb.teardown()  # run.finish() may return before W&B's service process has written the run's file
+    (path,) = glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb"))
     history, meta = [], None
     for record in _wandb_records(Path(path)):
         kind = record.WhichOneof("record_type")
@@ -234,6 +234,15 @@ def test_wandb_offline_holds_the_histories_values(tiny, tmp_path, monkeypatch):
                             for item in record.history.item})
         elif kind == "run":
             meta = record.run
+    return meta, history
+
+
+def test_wandb_offline_holds_the_histories_values(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    # (not WANDB_SILENT: with it, wandb 0.31's finish() returns before the run's file is written)
+    run = _train(tiny, tmp_path, report_to="wandb", project="proj", run_name="wb", run_group="g",
+                 tracking_dir=str(tmp_path / "wandb-root"))
+    meta, history = _wandb_run(tmp_path / "wandb-root")
     assert (meta.project, meta.display_name, meta.run_group) == ("proj", "wb", "g")
     config = {item.key: json.loads(item.value_json) for item in meta.config.update}
     assert config["config/lr"] == CONFIG.lr
@@ -294,3 +303,43 @@ def test_step_metrics_leave_out_what_a_step_did_not_measure():
     metrics = step_metrics(entry, torch.tensor([0.5, -1.0, 2.0]), vector_entries=2)
     assert metrics == {"train/global_step": 3.0, "train/loss": 1.5, "train/completions/mean_length": 4.0,
                        "train/completions/max_length": 6.0, "train/v_norm": 0.25, "train/v/0": 0.5, "train/v/1": -1.0}
+
+
+# --- the TRL backend
+
+
+@pytest.mark.parametrize("report_to", ["tensorboard", "trackio", "wandb"])
+def test_trl_logs_the_same_names_to_the_same_place(tiny, tmp_path, monkeypatch, report_to):
+    from tinylab.interop.trl_bridge import grpo_trainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    model, tok = tiny
+    adapter = apply_tinylora(model, u=3, n_tie="all", seed=0)
+    config = dataclasses.replace(CONFIG, steps=1, group_size=2, report_to=report_to, project="both",
+                                 run_name=f"trl-{report_to}", run_group="g", tracking_dir=str(tmp_path))
+    if report_to == "trackio":
+        config = dataclasses.replace(config, tracking_dir=os.environ["TRACKIO_DIR"])
+    try:
+        trainer = grpo_trainer(model, tok, adapter, WordTask(), config, output_dir=str(tmp_path / "out"))
+        assert trainer.args.report_to == [report_to] and trainer.args.run_name == f"trl-{report_to}"
+        trainer.train()
+    finally:
+        adapter.remove()
+    (entry,) = trainer.tinylab_logs.logs
+    if report_to == "tensorboard":
+        scalars, _ = _tensorboard_scalars(tmp_path / "both" / "g" / "trl-tensorboard")  # where train_grpo writes
+        logged = {key: values[1] for key, values in scalars.items()}
+        assert logged["train/reward"] == np.float32(entry.reward_mean)
+    elif report_to == "wandb":  # TRL's callback logged into the run tinylab opened: project, name, group
+        meta, history = _wandb_run(tmp_path)
+        assert (meta.project, meta.display_name, meta.run_group) == ("both", "trl-wandb", "g")
+        (logged,) = [row for row in history if "train/reward" in row]
+        assert logged["train/reward"] == pytest.approx(entry.reward_mean)
+    else:
+        from trackio.sqlite_storage import SQLiteStorage
+
+        (logged,) = [row for row in SQLiteStorage.get_logs("both", "trl-trackio") if "train/reward" in row]
+        assert logged["train/reward"] == pytest.approx(entry.reward_mean)
+    # TRL's names for the quantities tinylab logs under the same keys
+    assert {"train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/completions/mean_length",
+            "train/completions/max_length", "train/clip_ratio/region_mean", "train/loss", "train/grad_norm"} <= set(logged)
