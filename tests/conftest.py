@@ -14,6 +14,9 @@ if "TINYLAB_TEST_CACHE" not in os.environ:
     os.environ["TINYLAB_TEST_CACHE"] = tempfile.mkdtemp(prefix="tinylab-test-cache-")
     os.environ["TINYLAB_TEST_CACHE_OWNER"] = str(os.getpid())
 os.environ["TINYLAB_CACHE"] = os.environ["TINYLAB_TEST_CACHE"]
+# Trackio reads TRACKIO_DIR once, when it is first imported (importing trl imports it): every Trackio
+# run of the session goes into that folder too, never into ~/.cache/huggingface/trackio.
+os.environ["TRACKIO_DIR"] = os.path.join(os.environ["TINYLAB_TEST_CACHE"], "trackio")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -13,6 +13,8 @@ and the GRPOConfig fields translated:
     lr -> learning_rate (constant, Adam with weight_decay=0, no gradient clipping, like train_grpo)
     clip -> epsilon (0.2 when None; with inner_epochs=1 the ratio is 1 and clipping never acts)
     inner_epochs -> num_iterations       scale_rewards -> scale_rewards   loss_type = "dapo" (token-level)
+    report_to, project, run_name (else the output folder's name) -> the same fields, and TRL's TensorBoard
+        and W&B callbacks write where `train_grpo`'s would (`tinylab.interop.trl_tracking`)
 
 `kl > 0` is refused: TRL would load a second copy of the model as the reference, where
 `train_grpo` uses the adapter switched off. `TRLStepLogs` forwards TRL's logs as StepLogs to
@@ -50,6 +52,7 @@ import torch
 
 from tinylab import tasks
 from tinylab.adapter.attach import check_adapter
+from tinylab.interop.trl_tracking import point_trl_logging, trl_report_fields, trl_run_name
 from tinylab.model.device import model_device
 from tinylab.train.grpo import GRPOConfig, train_pool
 from tinylab.train.presets import unknown_message
@@ -118,9 +121,13 @@ def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, worl
         top_p=1.0, top_k=0, max_steps=config.steps, seed=config.seed, data_seed=config.seed,
         beta=0.0, epsilon=config.clip if config.clip is not None else 0.2, num_iterations=config.inner_epochs,
         scale_rewards=config.scale_rewards, loss_type="dapo",
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        logging_steps=1, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        **trl_report_fields(config, output_dir),  # report_to passed through: one dashboard for both backends
     )
     from trl import GRPOConfig as TRLGRPOConfig
+
+    if "project" not in TRLGRPOConfig.__dataclass_fields__:  # transformers < 5: W&B and Trackio use their env
+        args.pop("project")
 
     if "activation_checkpointing" in TRLGRPOConfig.__dataclass_fields__:  # transformers >= 5.x name
         args["activation_checkpointing"] = args.pop("gradient_checkpointing")
@@ -309,6 +316,7 @@ def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbac
         if peft:  # the model as it was, without PEFT's modules (the adapter passed in stays removed)
             trained.unload()
         raise
+    point_trl_logging(trainer, config, trl_run_name(config, output_dir))
     trainer.tinylab_logs = forward
     trainer.tinylab_adapter = None if peft else adapter
     if peft:
