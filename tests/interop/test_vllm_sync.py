@@ -124,12 +124,12 @@ def test_engine_kwargs_reach_trls_llm_and_are_undone(monkeypatch):
 
 
 def test_vllm_engine_is_only_for_colocated_vllm(tmp_path):
-    from test_grpo import ToyTask
+    from testkit import WordTask
 
     from tinylab.train.grpo import GRPOConfig
 
     model, tok, adapter, base = _adapted()
     config = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, steps=1)
     with pytest.raises(ValueError, match=r"vllm_engine=\{.dtype.: .float32.\} is not allowed here.*use_vllm=True"):
-        grpo_trainer(model, tok, adapter, ToyTask(), config, output_dir=str(tmp_path), vllm_engine={"dtype": "float32"})
+        grpo_trainer(model, tok, adapter, WordTask(), config, output_dir=str(tmp_path), vllm_engine={"dtype": "float32"})
     assert adapter.attached and _untouched(model, base)
