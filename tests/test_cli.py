@@ -96,12 +96,12 @@ def test_train_without_a_prompt_control_or_a_comparison(tmp_path, capsys):
     (tmp_path / "distinct.py").write_text(DISTINCT_TASK_SOURCE)
     task = f"task={tmp_path / 'distinct.py'}:Distinct"
     assert main(["train", "--preset", "tiny-cpu", "--out", str(tmp_path / "a"), "--eval-n", "500", task,
-                 "steps=1"]) == 0
+                 "steps=1", f"checkpoint_dir={tmp_path / 'run_a'}"]) == 0
     record = json.loads((tmp_path / "a" / "comparison.json").read_text())
     assert record["n"] == 6 and set(record["paired"]) == {"adapted_vs_base"}  # all 6 held-out examples
     assert "no prompt control: task 'distinct'" in capsys.readouterr().out
     assert main(["train", "--preset", "tiny-cpu", "--out", str(tmp_path / "b"), "--eval-n", "0", task,
-                 "steps=1"]) == 0
+                 "steps=1", f"checkpoint_dir={tmp_path / 'run_b'}"]) == 0
     assert not list((tmp_path / "b").glob("comparison.*"))
     assert "--eval-n -1: allowed: 0" in _fails(["train", "--preset", "tiny-cpu", "--eval-n", "-1"], capsys)
 
