@@ -195,6 +195,18 @@ def test_trackio_refuses_a_folder_other_than_the_one_it_was_imported_with(tmp_pa
     assert Tracking("trackio", directory=os.environ["TRACKIO_DIR"]).writer is None  # its own folder is fine
 
 
+def test_tracking_dir_points_trackio_at_it_when_trackio_is_not_imported_yet(tmp_path):
+    """In a fresh process (here, trackio is imported already): the folder is set before trackio reads it."""
+    import subprocess
+
+    code = ("import sys, tinylab; from tinylab.train.tracking import Tracking; assert 'trackio' not in sys.modules; "
+            f"Tracking('trackio', directory={str(tmp_path)!r}); import trackio.utils; print(trackio.utils.TRACKIO_DIR)")
+    env = {k: v for k, v in os.environ.items() if k != "TRACKIO_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip().splitlines()[-1]) == tmp_path.resolve()
+
+
 # --- W&B offline
 
 
@@ -285,13 +297,10 @@ def test_report_to_is_checked_naming_the_bad_value_and_the_allowed_ones(make):
     assert make(report_to="wandb", run_name="x").report_to == "wandb"
 
 
-@pytest.mark.parametrize("report_to, module", [("trackio", "trackio"), ("tensorboard", "tensorboard"),
-                                               ("wandb", "wandb")])
-def test_a_missing_package_names_the_extra_to_install_before_any_step(tiny, tmp_path, monkeypatch, report_to,
-                                                                      module):
-    monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(ImportError, match=r'pip install "tinylab\[track\]"'):
+@pytest.mark.parametrize("report_to, extra", [("trackio", "track"), ("tensorboard", "track"), ("wandb", "wandb")])
+def test_a_missing_package_names_the_extra_to_install_before_any_step(tiny, tmp_path, monkeypatch, report_to, extra):
+    monkeypatch.setitem(sys.modules, report_to, None)  # `import <package>` raises ImportError
+    with pytest.raises(ImportError, match=rf'report_to=.{report_to}. needs .*pip install "tinylab\[{extra}\]"'):
         _train(tiny, tmp_path, report_to=report_to)
     assert not (tmp_path / "run" / "state.json").exists()  # refused before the run started
 

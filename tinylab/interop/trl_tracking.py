@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from tinylab.train.tracking import check_installed, open_tracker, tensorboard_dir, trackio_dir
+from tinylab.train.tracking import check_installed, open_tracker, tensorboard_dir
 
 __all__ = ["point_trl_logging", "trl_report_fields", "trl_run_name"]
 
@@ -37,9 +37,7 @@ def trl_report_fields(config, output_dir: str) -> dict:
     A missing package is an ImportError naming the extra here; a `tracking_dir` trackio cannot
     write to is a ValueError (call this before TRL is imported: importing TRL's trainer imports trackio).
     """
-    check_installed(config.report_to)
-    if config.report_to == "trackio":
-        trackio_dir(config.tracking_dir)
+    check_installed(config.report_to, config.tracking_dir)
     return dict(report_to=config.report_to, run_name=trl_run_name(config, output_dir), project=config.project)
 
 

@@ -4,7 +4,7 @@
     run = train_grpo(model, tokenizer, adapter, task, config)   # the Run attaches a `Tracking`
 
 `report_to` is "none" (default), "trackio", "tensorboard" or "wandb"; the packages come with
-`pip install "tinylab[track]"` (W&B: `pip install wandb`). At the start the run's config is logged
+`pip install "tinylab[track]"` (Trackio, TensorBoard) and `pip install "tinylab[wandb]"`. At the start the run's config is logged
 (kind, task, trained numbers, the training and adapter configs); after every step, `step_metrics`:
 the quantities TRL's `GRPOTrainer` also logs, under the names it gives them through transformers'
 logging callbacks (`train/reward`, `train/reward_std`, `train/frac_reward_zero_std`,
@@ -23,6 +23,8 @@ Where it goes (`tracking_dir`, else the tool's default):
 - TensorBoard: event files in `<tracking_dir or ./runs>/<project>/[<group>/]<name>`;
   `tensorboard --logdir runs/<project>`.
 - W&B: `wandb.init(project, name, group, dir=tracking_dir)`; offline with `WANDB_MODE=offline`.
+  W&B writes the run's file from its own service process: `run.finish()` can return before the
+  file is complete; it is complete when that process ends (at exit, or after `wandb.teardown()`).
 
 The callback only reads the StepLog and the adapter's vector: the loop's numbers are the same with
 and without it. It flushes and closes its writer when the run ends, stops or fails (`on_end`);
@@ -46,7 +48,7 @@ __all__ = ["REPORT_TO", "TRACKING_FIELDS", "TRL_NAMES", "Tracking", "attach_trac
 
 REPORT_TO = ("none", "trackio", "tensorboard", "wandb")
 TRACKING_FIELDS = ("report_to", "project", "run_name", "run_group", "tracking_dir")  # in GRPOConfig and SFTConfig
-EXTRA = "track"  # pip install "tinylab[track]"
+EXTRAS = {"trackio": "track", "tensorboard": "track", "wandb": "wandb"}  # pip install "tinylab[<extra>]"
 
 TRL_NAMES = {  # StepLog field -> the key TRL's GRPOTrainer logs for the same quantity
     "loss": "loss",
@@ -115,7 +117,8 @@ def tensorboard_dir(project: str, name: str, group: str | None = None, directory
 
 def _missing(report_to: str, package: str, err: ImportError) -> ImportError:
     return ImportError(f"report_to={report_to!r} needs the {package!r} package, which is not installed "
-                       f"({err}); install it with: pip install \"tinylab[{EXTRA}]\" (or pip install {package})")
+                       f"({err}); install it with: pip install \"tinylab[{EXTRAS[report_to]}]\" "
+                       f"(or pip install {package})")
 
 
 def trackio_dir(directory: str | os.PathLike | None = None) -> Path:
@@ -139,9 +142,9 @@ def trackio_dir(directory: str | os.PathLike | None = None) -> Path:
 
 class _TrackioWriter:
     def __init__(self, project, name, group, directory, config, resume):
+        self.directory = trackio_dir(directory)  # before trackio is imported
         import trackio
 
-        self.directory = trackio_dir(directory)
         self.run = trackio.init(project=project, name=name, group=group, config=config,
                                 resume="allow" if resume else "never", embed=False,
                                 auto_log_gpu=False, auto_log_cpu=False)
@@ -207,22 +210,26 @@ class _WandbWriter:
 _WRITERS = {"trackio": _TrackioWriter, "tensorboard": _TensorBoardWriter, "wandb": _WandbWriter}
 
 
-def check_installed(report_to: str) -> None:
-    """ImportError naming the extra to install when `report_to`'s package is missing (no-op for "none")."""
+def check_installed(report_to: str, directory: str | os.PathLike | None = None) -> None:
+    """ImportError naming the extra to install when `report_to`'s package is missing (no-op for "none").
+
+    Trackio is imported through `trackio_dir(directory)`: pointed at `directory` first, and refused
+    (ValueError) when it already writes elsewhere.
+    """
     check_choice("report_to", report_to, REPORT_TO)
-    package = {"trackio": "trackio", "tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
-    if package is None:
-        return
-    try:
-        __import__(package)
-    except ImportError as err:
-        raise _missing(report_to, package, err) from None
+    if report_to == "trackio":
+        trackio_dir(directory)
+    elif report_to != "none":
+        try:
+            __import__(report_to)  # the package is named as the tool: tensorboard, wandb
+        except ImportError as err:
+            raise _missing(report_to, report_to, err) from None
 
 
 def open_tracker(report_to: str, *, project: str, name: str, group: str | None = None,
                  directory: str | None = None, config: dict | None = None, resume: bool = False, **options):
     """An open writer for one run (`.log(metrics, step)`, `.flush()`, `.close()`, `.directory`)."""
-    check_installed(report_to)
+    check_installed(report_to, directory)
     if report_to == "none":
         raise ValueError("report_to='none' has no tracker; allowed: " + ", ".join(map(repr, REPORT_TO[1:])))
     return _WRITERS[report_to](project, name, group, directory, config or {}, resume, **options)
@@ -237,12 +244,10 @@ class Tracking:
 
     def __init__(self, report_to: str, *, project: str = "tinylab", name: str | None = None,
                  group: str | None = None, directory: str | os.PathLike | None = None, vector_entries: int = 64):
-        check_installed(report_to)
+        check_installed(report_to, directory)  # before any step: the package, and trackio's folder
         if report_to == "none":
             raise ValueError("Tracking(report_to='none') logs nowhere; allowed: "
                              + ", ".join(map(repr, REPORT_TO[1:])))
-        if report_to == "trackio":
-            trackio_dir(directory)  # a folder trackio cannot write to is refused here, before any step
         self.report_to, self.project, self.name, self.group = report_to, project, name, group
         self.directory = None if directory is None else os.fspath(directory)
         self.vector_entries = vector_entries
