@@ -1,0 +1,123 @@
+"""The capitals protocol shared by knowledge.py and demo_cpu.py: score a trained adapter on new
+countries and new phrasings, per knowledge stratum, with paired statistics; keep the per-prompt
+outcomes so the report can be printed again from them.
+
+Evaluation sets (the world set, `tinylab.tasks.world_capitals`):
+- "validation": validation countries, task phrasings (choosing a recipe);
+- "test": test countries, task phrasings; "test, held-out phrasings": test countries, phrasings no
+  training prompt uses. Test is scored once, at the end, with the recipe chosen on validation.
+
+Strata: `probe_strata` asks the base model "What is the capital of X?" and reads the probability of
+the capital (the most probable of its accepted names) right after "The capital of X is"; >= 0.5
+"knows", >= 0.1 "half", else "does not know" (`world_capitals.stratum`). A gain that lives only in
+"knows" is surfacing what the base model knew, not learning.
+
+Rows per set: base (adapter off), prompt control (the base model with one worked training example
+before the question), trained; each with strict, flexible, format and capitals named per reply;
+then trained vs base and trained vs the prompt control (`tinylab.paired`), overall and per stratum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+import tinylab
+from tinylab.tasks import world_capitals
+
+SETS = {"validation": ("validation", "task"), "test": ("test", "task"),
+        "test, held-out phrasings": ("test", "held_out")}
+MEASURES = {"strict": "correct_strict", "flexible": "correct_flexible", "format": "formatted"}
+ROWS = ("base", "prompt control", "trained")
+
+
+@torch.no_grad()
+def probe_strata(model, tokenizer) -> dict[str, dict]:
+    """Capital -> {"country", "code", "p", "stratum"} for every country of the world set (base model)."""
+    out = {}
+    for country in world_capitals.countries():
+        messages = [{"role": "user", "content": f"What is the capital of {country.name}?"}]
+        prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prefix += f"The capital of {country.name} is"
+        start = tokenizer(prefix, add_special_tokens=False).input_ids
+        best = -math.inf
+        for name in (country.capital, *country.aliases):
+            tail = tokenizer(f" {name}", add_special_tokens=False).input_ids
+            logits = model(torch.tensor([start + tail], device=model.device)).logits[0, len(start) - 1:-1]  # [L, V]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            best = max(best, logprobs.gather(-1, torch.tensor(tail, device=model.device)[:, None]).sum().item())
+        p = math.exp(best)
+        out[country.capital] = {"country": country.name, "code": country.code, "p": p,
+                                "stratum": world_capitals.stratum(min(p, 1.0))}
+    return out
+
+
+def outcomes(model, tokenizer, kind, shape, adapter, set_name: str, *, seed: int, n: int | None = None,
+             batch_size: int = 64) -> dict:
+    """Per-prompt outcomes of base, prompt control and trained on one evaluation set (see `SETS`)."""
+    split, phrasing = SETS[set_name]
+    task = kind(countries="world", phrasing=phrasing, shape=shape)
+    n = len(task.examples(split, None, None)) if n is None else n
+    result = tinylab.compare(model, tokenizer, task, adapter, n=n, split=split, seed=None, batch_size=batch_size,
+                             controls=("prompt",), control_seed=seed, progress=False)
+    rows = {}
+    for label, report in zip(ROWS, (result.base, result.prompt, result.adapted)):
+        rows[label] = {m: [bool(x) for x in report.table[c]] for m, c in MEASURES.items()}
+        rows[label]["named"] = [task.capitals_named(r) for r in report.table["reply"]]
+        rows[label]["replies"] = list(report.table["reply"][:4])
+    return {"set": set_name, "task": task.name, "gold": list(result.base.table["gold"]), "rows": rows}
+
+
+def _rate(values) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def report(scored: dict, strata: dict[str, dict], measures: tuple[str, ...], *, seed: int = 0) -> list[str]:
+    """Lines for one evaluation set: the rows, then paired trained vs base and vs the prompt control
+    for each of `measures`, overall and per stratum."""
+    rows, gold = scored["rows"], scored["gold"]
+    lines = [f"  {scored['set']} ({scored['task']}, {len(gold)} prompts of {len(set(gold))} countries):"]
+    for label in ROWS:
+        r = rows[label]
+        lines.append(f"    {label:15s} strict {_rate(r['strict']):6.1%}  flexible {_rate(r['flexible']):6.1%}  "
+                     f"format {_rate(r['format']):6.1%}  capitals named per reply {_rate(r['named']):.2f}")
+    for measure in measures:
+        for other in ("base", "prompt control"):
+            stats = tinylab.paired(rows[other][measure], rows["trained"][measure], seed=seed)
+            lines.append(stats.line(f"    {measure}, trained vs {other:14s}"))
+    for stratum in world_capitals.STRATA:
+        keep = [i for i, g in enumerate(gold) if strata[g]["stratum"] == stratum]
+        if not keep:
+            lines.append(f"    stratum {stratum!r}: no countries")
+            continue
+        countries = len({gold[i] for i in keep})
+        lines.append(f"    stratum {stratum!r} ({countries} countries, {len(keep)} prompts):")
+        for measure in measures:
+            pick = {label: [rows[label][measure][i] for i in keep] for label in ROWS}
+            stats = tinylab.paired(pick["base"], pick["trained"], seed=seed)
+            lines.append(stats.line(f"      {measure}, trained vs base") +
+                         f"; prompt control {_rate(pick['prompt control']):.1%}")
+    return lines
+
+
+def strata_lines(strata: dict[str, dict]) -> list[str]:
+    """How many countries of each split fall in each stratum."""
+    lines = []
+    for split, codes in world_capitals.split().items():
+        codes = set(codes)
+        counts = {s: sum(1 for v in strata.values() if v["code"] in codes and v["stratum"] == s)
+                  for s in world_capitals.STRATA}
+        lines.append(f"  {split:10s} " + ", ".join(f"{s}: {k}" for s, k in counts.items()) + f" (of {len(codes)})")
+    return lines
+
+
+def save(path: str, payload: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f)
+
+
+def load(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
