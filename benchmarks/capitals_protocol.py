@@ -21,6 +21,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -55,15 +60,23 @@ def probe_strata(model, tokenizer) -> dict[str, dict]:
 
 
 def outcomes(model, tokenizer, kind, shape, adapter, set_name: str, *, seed: int, n: int | None = None,
-             batch_size: int = 64) -> dict:
-    """Per-prompt outcomes of base, prompt control and trained on one evaluation set (see `SETS`)."""
+             batch_size: int = 64, controls: tuple[str, ...] = ("prompt",), draws: int = 3,
+             vectors: dict | None = None) -> dict:
+    """Per-prompt outcomes of base, the controls, other vectors (e.g. SFT) and trained on one
+    evaluation set (see `SETS`); `controls` always includes the prompt control."""
     split, phrasing = SETS[set_name]
     task = kind(countries="world", phrasing=phrasing, shape=shape)
     n = len(task.examples(split, None, None)) if n is None else n
     result = tinylab.compare(model, tokenizer, task, adapter, n=n, split=split, seed=None, batch_size=batch_size,
-                             controls=("prompt",), control_seed=seed, progress=False)
+                             controls=tuple(dict.fromkeys(("prompt", *controls))), draws=draws, control_seed=seed,
+                             vectors=vectors or {}, progress=False)
+    reports = {"base": result.base, "prompt control": result.prompt}
+    if result.random is not None:
+        reports |= {f"random direction {i + 1}": r for i, r in enumerate(result.random.reports)}
+    reports |= {name: r for name, r in (result.others or {}).items()}
+    reports["trained"] = result.adapted
     rows = {}
-    for label, report in zip(ROWS, (result.base, result.prompt, result.adapted)):
+    for label, report in reports.items():
         rows[label] = {m: [bool(x) for x in report.table[c]] for m, c in MEASURES.items()}
         rows[label]["named"] = [task.capitals_named(r) for r in report.table["reply"]]
         rows[label]["replies"] = list(report.table["reply"][:4])
@@ -74,17 +87,30 @@ def _rate(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def report(scored: dict, strata: dict[str, dict], measures: tuple[str, ...], *, seed: int = 0) -> list[str]:
-    """Lines for one evaluation set: the rows, then paired trained vs base and vs the prompt control
-    for each of `measures`, overall and per stratum."""
+def report(scored: dict, strata: dict[str, dict], measures: tuple[str, ...], *, seed: int = 0,
+           stratum_measures: tuple[str, ...] | None = None) -> list[str]:
+    """Lines for one evaluation set: the rows (random directions as their mean), then paired trained
+    vs base, vs the prompt control and vs any other vector for each of `measures`; per stratum,
+    trained vs base for each of `stratum_measures` (default: `measures`)."""
     rows, gold = scored["rows"], scored["gold"]
     lines = [f"  {scored['set']} ({scored['task']}, {len(gold)} prompts of {len(set(gold))} countries):"]
-    for label in ROWS:
-        r = rows[label]
-        lines.append(f"    {label:15s} strict {_rate(r['strict']):6.1%}  flexible {_rate(r['flexible']):6.1%}  "
-                     f"format {_rate(r['format']):6.1%}  capitals named per reply {_rate(r['named']):.2f}")
+
+    def row(label, r):
+        return (f"    {label:26s} strict {_rate(r['strict']):6.1%}  flexible {_rate(r['flexible']):6.1%}  "
+                f"format {_rate(r['format']):6.1%}  capitals named per reply {_rate(r['named']):.2f}")
+
+    randoms = [label for label in rows if label.startswith("random direction")]
+    others = [label for label in rows if label not in ("base", "prompt control", "trained", *randoms)]
+    lines += [row("base", rows["base"]), row("prompt control", rows["prompt control"])]
+    if randoms:
+        mean = {k: [_rate(rows[label][k]) for label in randoms] for k in ("strict", "flexible", "format", "named")}
+        lines.append(f"    {f'random direction x{len(randoms)} (mean)':26s} strict {_rate(mean['strict']):6.1%}  flexible "
+                     f"{_rate(mean['flexible']):6.1%}  format {_rate(mean['format']):6.1%}  capitals named per reply "
+                     f"{_rate(mean['named']):.2f} (each draw, strict: {', '.join(f'{x:.1%}' for x in mean['strict'])})")
+    lines += [row(f"{label}, same budget", rows[label]) for label in others]
+    lines.append(row("trained", rows["trained"]))
     for measure in measures:
-        for other in ("base", "prompt control"):
+        for other in ("base", "prompt control", *others):
             stats = tinylab.paired(rows[other][measure], rows["trained"][measure], seed=seed)
             lines.append(stats.line(f"    {measure}, trained vs {other:14s}"))
     for stratum in world_capitals.STRATA:
@@ -94,8 +120,8 @@ def report(scored: dict, strata: dict[str, dict], measures: tuple[str, ...], *, 
             continue
         countries = len({gold[i] for i in keep})
         lines.append(f"    stratum {stratum!r} ({countries} countries, {len(keep)} prompts):")
-        for measure in measures:
-            pick = {label: [rows[label][measure][i] for i in keep] for label in ROWS}
+        for measure in stratum_measures or measures:
+            pick = {label: [rows[label][measure][i] for i in keep] for label in ("base", "prompt control", "trained")}
             stats = tinylab.paired(pick["base"], pick["trained"], seed=seed)
             lines.append(stats.line(f"      {measure}, trained vs base") +
                          f"; prompt control {_rate(pick['prompt control']):.1%}")
@@ -113,11 +139,35 @@ def strata_lines(strata: dict[str, dict]) -> list[str]:
     return lines
 
 
+def parallel(script: str, argv: list[str], seeds: list[int], jobs: int) -> list[dict]:
+    """Run `script argv` once per seed in its own process (`jobs` at a time, one torch thread each),
+    each writing its payload with `--outcomes`; the payloads in seed order."""
+    folder = tempfile.mkdtemp(prefix="tinylab-capitals-")
+
+    def child(seed: int) -> dict:
+        out = os.path.join(folder, f"seed{seed}.json")
+        command = [sys.executable, script, *argv, "--jobs", "1", "--seeds", str(seed), "--outcomes", out]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"seed {seed} failed:\n{done.stderr[-3000:]}")
+        return load(out)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(child, seeds))
+
+
 def save(path: str, payload: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f)
 
 
-def load(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def load(*paths: str) -> dict:
+    """A saved payload; several (runs of other seeds with the same settings) merge into one."""
+    payloads = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            payloads.append(json.load(f))
+    merged = payloads[0]
+    merged["seeds"] = sorted((r for p in payloads for r in p["seeds"]), key=lambda r: r["seed"])
+    merged["args"]["seeds"] = [r["seed"] for r in merged["seeds"]]
+    return merged

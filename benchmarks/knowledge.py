@@ -24,7 +24,8 @@ city name only." in three phrasings. `--task answer`: `CapitalAnswerTask` ('End 
 line is the right city, `--credit` when the right city is named elsewhere in the reply, else 0.
 
 Each seed trains at most `--steps` steps and stops before a step would take it past `--minutes`
-of training (wall time); one torch thread per process. `--jobs 2` runs the seeds in two processes
+of training, counted in the process's CPU time (`--clock cpu`, the default: one torch thread, so
+one core's time, whatever else runs on the machine); one torch thread per process. `--jobs 2` runs the seeds in two processes
 side by side. `--outcomes F` writes every per-prompt outcome as JSON; `--report F` prints the
 report again from such a file without a model (e.g. after a change to the paired statistics).
 
@@ -37,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -67,15 +66,15 @@ def run_seed(model, tokenizer, args, seed: int) -> dict:
     config = tinylab.GRPOConfig(prompts_per_step=args.prompts, group_size=args.group, lr=args.lr, steps=args.steps,
                                 temperature=args.temperature, seed=seed, clip=args.clip, inner_epochs=args.inner_epochs,
                                 checkpoint_dir=tempfile.mkdtemp(prefix=f"tinylab-knowledge-{seed}-"))
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     run = tinylab.train_grpo(model, tokenizer, adapter, kind(countries="world", shape=shape), config,
-                             callbacks=[TimeBudget(args.minutes * 60, args.log)])
-    wall = time.perf_counter() - start
+                             callbacks=[TimeBudget(args.minutes * 60, args.log, clock=args.clock)])
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     t0 = time.perf_counter()
     sets = ["validation"] if args.split == "validation" else ["test", "test, held-out phrasings"]
     scored = [protocol.outcomes(model, tokenizer, kind, shape, adapter, name, seed=seed, n=args.n_eval)
               for name in sets]
-    out = {"seed": seed, "params": adapter.num_params, "steps": run.step, "status": run.status, "wall": wall,
+    out = {"seed": seed, "params": adapter.num_params, "steps": run.step, "status": run.status, "wall": wall, "cpu": cpu,
            "eval_seconds": time.perf_counter() - t0, "v": [round(x, 4) for x in adapter.vector().tolist()],
            "sets": scored}
     adapter.remove()
@@ -84,7 +83,8 @@ def run_seed(model, tokenizer, args, seed: int) -> dict:
 
 def seed_lines(result: dict, strata: dict, minutes: float) -> list[str]:
     lines = [f"seed {result['seed']}: {result['params']} params, {result['steps']} steps ({result['status']}), training "
-             f"wall time {result['wall']:.0f} s (budget {minutes:g} min), evaluation {result['eval_seconds']:.0f} s; "
+             f"wall time {result['wall']:.0f} s, cpu {result.get('cpu', float('nan')):.0f} s (budget {minutes:g} min), "
+             f"evaluation {result['eval_seconds']:.0f} s; "
              f"v = {result['v']}"]
     for scored in result["sets"]:
         lines += protocol.report(scored, strata, MEASURES, seed=result["seed"])
@@ -116,7 +116,8 @@ def print_report(payload: dict) -> None:
     print(f"{'capitals' if args['task'] == 'city' else 'capitals_answer'}, world set, {args['split']}: reward 1 for the "
           f"city alone, {args['credit']:g} for the city named in a longer reply; lr {args['lr']:g}, {args['prompts']} "
           f"prompts x {args['group']} samples, temperature {args['temperature']:g}, clip {args['clip']} x "
-          f"{args['inner_epochs']} updates per batch, at most {args['steps']} steps or {args['minutes']:g} min per seed; "
+          f"{args['inner_epochs']} updates per batch, at most {args['steps']} steps or {args['minutes']:g} min of "
+          f"{args.get('clock', 'wall')} time per seed; "
           f"{args['jobs']} processes, {args['threads']} torch thread each")
     print("knowledge strata (base model's probability of the capital after 'The capital of X is'), countries:")
     print("\n".join(protocol.strata_lines(payload["strata"])))
@@ -128,19 +129,8 @@ def print_report(payload: dict) -> None:
 
 def parallel(args, settings: dict) -> dict:
     """Each seed in its own process (one torch thread), `--jobs` at a time."""
-    folder = tempfile.mkdtemp(prefix="tinylab-knowledge-")
-    passed = [a for a in sys.argv[1:] if a != "--quick"]
-
-    def child(seed: int) -> dict:
-        out = os.path.join(folder, f"seed{seed}.json")
-        command = [sys.executable, __file__, *passed, "--jobs", "1", "--seeds", str(seed), "--outcomes", out]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"seed {seed} failed:\n{done.stderr[-3000:]}")
-        return protocol.load(out)
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        parts = list(pool.map(child, args.seeds))
+    passed = [a for a in sys.argv[1:] if a not in ("--quick",)]
+    parts = protocol.parallel(__file__, passed, args.seeds, args.jobs)
     return {"args": settings, "strata": parts[0]["strata"], "seeds": [r for p in parts for r in p["seeds"]]}
 
 
@@ -148,7 +138,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=15, help="most GRPO steps per seed")
-    parser.add_argument("--minutes", type=float, default=10.0, help="training wall-time budget per seed")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training time budget per seed")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: the budget counts the process's CPU time (one thread: one core's time); wall: wall time")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--credit", type=float, default=1.0,
                         help="reward for a reply naming the right city that is not the city alone")
@@ -166,15 +158,16 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log", default=None, help="append per-step JSON lines to this file")
     parser.add_argument("--outcomes", default=None, help="write the per-prompt outcomes of every seed here (JSON)")
-    parser.add_argument("--report", default=None, help="print the report from an --outcomes file and exit")
+    parser.add_argument("--report", nargs="+", default=None,
+                        help="print the report from --outcomes files (other seeds, same settings) and exit")
     parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 2 steps of 2 prompts x 4, 16 prompts")
     args = parser.parse_args()
     if args.report:
-        return print_report(protocol.load(args.report))
+        return print_report(protocol.load(*args.report))
     if args.quick:
         args.seeds, args.steps, args.prompts, args.group, args.n_eval = [0], 2, 2, 4, args.n_eval or 16
     settings = {k: getattr(args, k) for k in ("task", "split", "credit", "lr", "prompts", "group", "temperature", "clip",
-                                              "inner_epochs", "steps", "minutes", "jobs", "threads", "seeds")}
+                                              "inner_epochs", "steps", "minutes", "clock", "jobs", "threads", "seeds")}
     if args.jobs > 1 and len(args.seeds) > 1:
         payload = parallel(args, settings)
     else:
