@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import tinylab
+from tinylab.controls import control_examples
 from tinylab.tasks import world_capitals
 
 SETS = {"validation": ("validation", "task"), "test": ("test", "task"),
@@ -59,28 +60,60 @@ def probe_strata(model, tokenizer) -> dict[str, dict]:
     return out
 
 
+class _Fixed:
+    """A task whose examples of every split are `examples` (the prompt control's prompts), for `tinylab.evaluate`."""
+
+    def __init__(self, task, examples):
+        self.task, self._examples = task, list(examples)
+        self.name, self.max_new_tokens = task.name, task.max_new_tokens
+
+    def examples(self, split="train", n=None, seed=0):
+        return self._examples if n is None else self._examples[:n]
+
+    def reward(self, *args, **kwargs):
+        return self.task.reward(*args, **kwargs)
+
+    def score(self, completion, answer):
+        return self.task.score(completion, answer)
+
+
+_SEED_FREE: dict[tuple, dict] = {}  # base and prompt-control reports per evaluation set: the same for every seed
+
+
 def outcomes(model, tokenizer, kind, shape, adapter, set_name: str, *, seed: int, n: int | None = None,
              batch_size: int = 64, controls: tuple[str, ...] = ("prompt",), draws: int = 3,
              vectors: dict | None = None) -> dict:
-    """Per-prompt outcomes of base, the controls, other vectors (e.g. SFT) and trained on one
-    evaluation set (see `SETS`); `controls` always includes the prompt control."""
+    """Per-prompt outcomes of base, the prompt control, the random-direction control (when
+    "random" is in `controls`), other vectors (e.g. SFT) and trained on one evaluation set (see
+    `SETS`). Base and prompt control do not depend on the seed: they are evaluated once per process."""
     split, phrasing = SETS[set_name]
     task = kind(countries="world", phrasing=phrasing, shape=shape)
     n = len(task.examples(split, None, None)) if n is None else n
-    result = tinylab.compare(model, tokenizer, task, adapter, n=n, split=split, seed=None, batch_size=batch_size,
-                             controls=tuple(dict.fromkeys(("prompt", *controls))), draws=draws, control_seed=seed,
-                             vectors=vectors or {}, progress=False)
-    reports = {"base": result.base, "prompt control": result.prompt}
-    if result.random is not None:
-        reports |= {f"random direction {i + 1}": r for i, r in enumerate(result.random.reports)}
-    reports |= {name: r for name, r in (result.others or {}).items()}
-    reports["trained"] = result.adapted
+    common = dict(n=n, split=split, seed=None, batch_size=batch_size, progress=False)
+    key = (kind.__name__, shape, set_name, n)
+    if key not in _SEED_FREE:
+        prompted = _Fixed(task, control_examples(task, task.examples(split, n, None)))
+        with adapter.disabled():
+            _SEED_FREE[key] = {"base": tinylab.evaluate(model, tokenizer, task, **common),
+                               "prompt control": tinylab.evaluate(model, tokenizer, prompted, **common)}
+    reports = dict(_SEED_FREE[key])
+    if "random" in controls or vectors:
+        result = tinylab.compare(model, tokenizer, task, adapter, **common, controls=("random",) if "random" in controls
+                                 else (), draws=draws, control_seed=seed, vectors=vectors or {})
+        if list(result.base.table["reply"]) != list(reports["base"].table["reply"]):
+            raise RuntimeError("the base model's greedy replies changed between evaluations")
+        if result.random is not None:
+            reports |= {f"random direction {i + 1}": r for i, r in enumerate(result.random.reports)}
+        reports |= {name: r for name, r in (result.others or {}).items()}
+        reports["trained"] = result.adapted
+    else:
+        reports["trained"] = tinylab.evaluate(model, tokenizer, task, **common)
     rows = {}
     for label, report in reports.items():
         rows[label] = {m: [bool(x) for x in report.table[c]] for m, c in MEASURES.items()}
         rows[label]["named"] = [task.capitals_named(r) for r in report.table["reply"]]
         rows[label]["replies"] = list(report.table["reply"][:4])
-    return {"set": set_name, "task": task.name, "gold": list(result.base.table["gold"]), "rows": rows}
+    return {"set": set_name, "task": task.name, "gold": list(reports["base"].table["gold"]), "rows": rows}
 
 
 def _rate(values) -> float:
