@@ -127,3 +127,14 @@ def test_by_name_with_options():
     task = tasks.get("capitals_answer", countries="world", phrasing="held_out")
     assert isinstance(task, CapitalAnswerTask) and task.templates == ANSWER_HELD_OUT_TEMPLATES
     assert len(task.examples("validation", 5, seed=1)) == 5
+
+
+def test_the_prompt_controls_worked_example_is_a_training_country():
+    for phrasing in ("task", "held_out"):
+        task = CapitalAnswerTask(countries="world", phrasing=phrasing)
+        question = task.examples("test", 1, None)[0]
+        shown = task.control_prompt(question.prompt)
+        worked, reply = shown[0]["content"], shown[1]["content"]
+        assert shown[-1] == question.prompt[-1] and worked != question.prompt[-1]["content"]
+        code_of = {c.capital: c.code for c in world.countries()}
+        assert code_of[reply.rsplit("Answer: ", 1)[1]] in world.split()["train"]
