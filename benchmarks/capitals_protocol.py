@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import tinylab
-from tinylab.controls import control_examples
 from tinylab.tasks import world_capitals
 
 SETS = {"validation": ("validation", "task"), "test": ("test", "task"),
@@ -92,7 +91,7 @@ def outcomes(model, tokenizer, kind, shape, adapter, set_name: str, *, seed: int
     common = dict(n=n, split=split, seed=None, batch_size=batch_size, progress=False)
     key = (kind.__name__, shape, set_name, n)
     if key not in _SEED_FREE:
-        prompted = _Fixed(task, control_examples(task, task.examples(split, n, None)))
+        prompted = _Fixed(task, [ex._replace(prompt=task.control_prompt(ex.prompt)) for ex in task.examples(split, n, None)])
         with adapter.disabled():
             _SEED_FREE[key] = {"base": tinylab.evaluate(model, tokenizer, task, **common),
                                "prompt control": tinylab.evaluate(model, tokenizer, prompted, **common)}

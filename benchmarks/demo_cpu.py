@@ -61,17 +61,22 @@ import capitals_protocol as protocol  # noqa: E402
 import torch  # noqa: E402
 
 import tinylab  # noqa: E402
-from tinylab.adapter import TinyLoRAConfig, apply_tinylora  # noqa: E402
-from tinylab.adapter_file import load_adapter, save_adapter  # noqa: E402
-from tinylab.budget import plan_budget  # noqa: E402
-from tinylab.evaluation import evaluate  # noqa: E402
-from tinylab.grpo import GRPOConfig, train_grpo  # noqa: E402
-from tinylab.importance import module_importance  # noqa: E402
-from tinylab.models import load_model  # noqa: E402
-from tinylab.rollout import render_prompts  # noqa: E402
-from tinylab.run import StopTraining  # noqa: E402
-from tinylab.sft import SFTConfig, train_sft  # noqa: E402
-from tinylab.tasks.base import RewardShape  # noqa: E402
+from tinylab import (  # noqa: E402
+    GRPOConfig,
+    SFTConfig,
+    StopTraining,
+    TinyLoRAConfig,
+    apply_tinylora,
+    evaluate,
+    load_adapter,
+    load_model,
+    module_importance,
+    plan_budget,
+    save_adapter,
+    train_grpo,
+    train_sft,
+)
+from tinylab.tasks import RewardShape  # noqa: E402
 from tinylab.tasks.capitals import CAPITALS, CapitalAnswerTask, CapitalsTask  # noqa: E402
 
 
@@ -90,7 +95,7 @@ def knowledge_probe(model, tokenizer) -> dict[str, float]:
     hits = dict.fromkeys(contexts, 0)
     examples = task.examples("test", None, None)
     for ex in examples:
-        rendered = render_prompts(tokenizer, [ex.prompt])[0]
+        rendered = tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True)
         for label, (suffix, table) in contexts.items():
             ids = tokenizer(rendered + suffix.format(c=country_of[ex.answer]), add_special_tokens=False).input_ids
             logits = model(torch.tensor([ids])).logits[0, -1]
