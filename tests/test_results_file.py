@@ -22,7 +22,8 @@ add_results_option = results_file_module.add_results_option
 def test_printed_text_goes_to_the_screen_and_under_the_header(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmarks/adapter.py", "--threads", "1"])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("TINYLAB_CACHE", raising=False)
+    for name in ("TINYLAB_CACHE", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TINYLAB_QUICK", "TINYLAB_GSM8K"):
+        monkeypatch.delenv(name, raising=False)  # the command line names only what this test set
     with results_file("adapter", folder=tmp_path) as path:
         os.environ["TINYLAB_CACHE"] = "/tmp/cold"  # set by the benchmark itself: not part of the command
         print("ratio adapted / base: 1.013")

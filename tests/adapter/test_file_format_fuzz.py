@@ -11,12 +11,17 @@ Each strategy below feeds generated files through the loader and checks the cont
   /proc/self/clear_refs, so allocations made in C by torch and numpy count too);
 - when `load_adapter` refuses a file, nothing is attached to the model.
 
+Every test here and in the load-level file runs alone in a fresh process (`fresh_process` marker,
+tests/fresh_process.py): the bounds measure the loader's call and nothing else, never what other
+tests left in a shared pytest worker (under two xdist workers, the large-allocation check once saw
+no peak there).
+
 Most inputs go through `read_adapter` on a file in a tmp folder (parse level); fewer go through
 `load_adapter` on a tiny llama. `BUDGET` is the number of generated inputs per strategy (hypothesis
 `max_examples`, derandomized so CI sees the same inputs every run), 10,000+ in total; each test
-asserts that it ran its share. The load-level strategies are in `test_fuzz_adapter_load.py`, which
-shares this file's measuring, corpus and counts; `pytest tests/test_fuzz_adapter_*.py -s` prints the
-counts, the slowest input and the largest memory peak.
+asserts that it ran its share. The load-level strategies are in `test_file_format_fuzz_load.py`; the
+measuring and the corpus are in tests/testkit.py. `pytest tests/adapter/test_file_format_fuzz*.py -s`
+prints per strategy the count, the slowest input and the largest memory peak.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ from tinylab.adapter.file_format import (
     read_adapter,
 )
 from tinylab.model.tiny import tiny_model
+
+pytestmark = pytest.mark.fresh_process  # each test alone in a fresh process: see tests/fresh_process.py
 
 
 @pytest.fixture(scope="module")

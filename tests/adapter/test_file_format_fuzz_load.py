@@ -1,6 +1,6 @@
-"""Fuzzing `load_adapter` (the load-level strategies of `test_fuzz_adapter_file.py`, whose measuring,
-corpus, fixtures and counts this file shares): every file loads correctly or raises AdapterFileError,
-fast and small, and a refused file attaches nothing."""
+"""Fuzzing `load_adapter` (the load-level strategies of `test_file_format_fuzz.py`, whose measuring and
+corpus, in tests/testkit.py, this file shares; each test runs alone in a fresh process): every file
+loads correctly or raises AdapterFileError, fast and small, and a refused file attaches nothing."""
 
 from __future__ import annotations
 
@@ -9,11 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from testkit import (
-    BUDGET,
-    COUNTS,
-    LOADED,
-    PEAK,
-    SLOWEST,
     blob_of,
     fuzz,
     load_file,
@@ -26,6 +21,8 @@ from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
 from tinylab.adapter.file_format import MAX_FILE_BYTES, AdapterFileError, base_fingerprint
 from tinylab.adapter.targets import count_params
 from tinylab.model.tiny import tiny_model
+
+pytestmark = pytest.mark.fresh_process  # each test alone in a fresh process: see tests/fresh_process.py
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +38,6 @@ def corpus(tiny, tmp_path_factory) -> list[bytes]:
 @pytest.fixture(autouse=True)
 def _no_svd_files(monkeypatch):
     monkeypatch.setenv("TINYLAB_SVD_DISK_CACHE", "0")  # loads must not write into the user's cache
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _session_summary():
-    """After the file's tests: the session's counts, slowest input and largest memory peak (`-s` shows them).
-    Each test asserts its own share of `BUDGET`; this only reports."""
-    yield
-    fuzzed = {s: COUNTS[s] for s in BUDGET}
-    others = {s: n for s, n in COUNTS.items() if s not in BUDGET}
-    print(f"\nadapter-file fuzzing: {sum(fuzzed.values())} generated inputs + {sum(others.values())} fixed ones "
-          f"{others}; {sum(LOADED.values())} loaded; slowest {max(SLOWEST.values(), default=0) * 1e3:.1f} ms CPU; "
-          f"largest peak +{max(PEAK.values(), default=0) / 2**20:.1f} MiB")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,9 +33,10 @@ def _adapted(arch, config, seed=1, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-@pytest.mark.parametrize("pad_to", [None, 8])
-def test_peft_lora_gives_the_tinylora_logits(tmp_path, arch, pad_to):
-    config = TinyLoRAConfig(u=13, n_tie="all") if pad_to is None else TinyLoRAConfig(u=2, n_tie=3)
+@pytest.mark.parametrize("r, pad_to", [(2, None), (1, None), (2, 8)])
+def test_peft_lora_gives_the_tinylora_logits(tmp_path, arch, r, pad_to):
+    """The default is the adapter's own rank (rank 1 too: vLLM's max_lora_rank takes 1); pad_to=8 pads."""
+    config = TinyLoRAConfig(r=r, u=13, n_tie="all") if pad_to is None else TinyLoRAConfig(u=2, n_tie=3)
     model, adapter = _adapted(arch, config)
     ids = _ids()
     with torch.no_grad():

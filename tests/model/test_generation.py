@@ -3,7 +3,14 @@ import torch
 from torch import nn
 
 from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prompts
-from tinylab.model.generation import completion_logprobs, generate, greedy_from_prefill, stop_token_ids
+from tinylab.model.generation import (
+    cache_argument,
+    completion_logprobs,
+    generate,
+    greedy_from_prefill,
+    new_cache,
+    stop_token_ids,
+)
 from tinylab.model.tiny import tiny_model
 
 PROMPTS = [
@@ -220,28 +227,24 @@ def test_generate_and_logprobs_on_cuda(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_from_prefill_continues_as_generate(dtype, gpu_stand_in):
     """A prefill of prompt + continuation, its continuation cropped off, continues as generate does."""
-    from transformers import DynamicCache
-
     from tinylab.model.batch import teacher_forced_batch
 
     model, tok = tiny_model("llama", seed=0, dtype=dtype)
     expected = generate(model, tok, PROMPTS, max_new_tokens=5, temperature=0).completions
     batch = teacher_forced_batch(tok, PROMPTS, [[5, 6, 7]] * len(PROMPTS), model.device)
     P = batch.input_ids.shape[1] - 3
+    cache = new_cache()
     with torch.no_grad(), gpu_stand_in():
         positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+3]
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions,
-                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=4)
-        out.past_key_values.crop(-3)
-        got = greedy_from_prefill(model, tok, out.past_key_values, out.logits[:, 0],
-                                  batch.attention_mask[:, :P], max_new_tokens=5)
+                    use_cache=True, logits_to_keep=4, **{cache_argument(model): cache})
+        cache.crop(-3)
+        got = greedy_from_prefill(model, tok, cache, out.logits[:, 0], batch.attention_mask[:, :P], max_new_tokens=5)
     assert got == expected
     with pytest.raises(ValueError, match="max_new_tokens=0"):
-        greedy_from_prefill(model, tok, out.past_key_values, out.logits[:, 0], batch.attention_mask[:, :P],
-                            max_new_tokens=0)
+        greedy_from_prefill(model, tok, cache, out.logits[:, 0], batch.attention_mask[:, :P], max_new_tokens=0)
     with pytest.raises(ValueError, match=r"expected \[B, V\] and \[B, P\]"):
-        greedy_from_prefill(model, tok, out.past_key_values, out.logits, batch.attention_mask[:, :P],
-                            max_new_tokens=2)
+        greedy_from_prefill(model, tok, cache, out.logits, batch.attention_mask[:, :P], max_new_tokens=2)
 
 
 @pytest.mark.gpu
@@ -249,8 +252,64 @@ def test_greedy_from_prefill_on_cuda():
     model, tok = tiny_model("llama", seed=0)
     model.to("cuda")
     ids, mask = left_pad(prompt_rows(tok, PROMPTS), pad_token_id(tok), "cuda")  # [B, P]
+    cache = new_cache()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1)
-    got = greedy_from_prefill(model, tok, out.past_key_values, out.logits[:, -1], mask, max_new_tokens=4)
+                    use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+    got = greedy_from_prefill(model, tok, cache, out.logits[:, -1], mask, max_new_tokens=4)
     assert got == generate(model, tok, PROMPTS, max_new_tokens=4, temperature=0).completions
+
+
+def test_generation_uses_the_current_cache_api_without_deprecation_warnings():
+    """tinylab's own model calls (sampling, greedy, scoring with a shared prompt, the knob readout's
+    prefill and greedy continuation) raise no FutureWarning or DeprecationWarning, and transformers
+    logs no deprecation (it logs the output's `past_key_values` alias instead of warning)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from tinylab.analysis.readout import Reader
+    from tinylab.measures.gold import GoldSet
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    hf_logger = hf_logging.get_logger("transformers")
+    level = hf_logger.level
+    logging.Logger.warning_once.cache_clear()  # a warning logged once before this test is logged again
+    hf_logger.addHandler(handler)
+    hf_logger.setLevel(logging.WARNING)
+    try:
+        for arch in ("llama", "qwen2", "gemma"):
+            model, tok = tiny_model(arch, seed=0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)
+                warnings.simplefilter("error", DeprecationWarning)
+                sampled = generate(model, tok, PROMPTS, n=2, max_new_tokens=4, seed=0)
+                greedy = generate(model, tok, PROMPTS, max_new_tokens=4, temperature=0)
+                completion_logprobs(model, sampled.input_ids, sampled.attention_mask, sampled.completion_mask,
+                                    group_size=2)
+                gold = GoldSet(model, tok, [(p, "a b") for p in PROMPTS])  # the reply prompts: one shared prefill
+                readout = Reader(model, tok, PROMPTS, gold, max_new_tokens=4)()
+            assert readout.replies == greedy.completions  # the cache the readout continues from is used
+    finally:
+        hf_logger.removeHandler(handler)
+        hf_logger.setLevel(level)
+    deprecations = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+    assert not deprecations, deprecations
+
+
+def test_cache_argument_follows_the_forward_signature():
+    """The cache keyword is read from the model's forward; a wrapper taking **kwargs gets the installed
+    transformers' name (a wrong name would be swallowed by **kwargs and decode without a cache)."""
+    import transformers
+
+    class Wrapper(nn.Module):
+        def forward(self, **kwargs):
+            return kwargs
+
+    model, _ = tiny_model("llama", seed=0)
+    renamed = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 24)
+    assert cache_argument(model) == ("cache" if renamed else "past_key_values")
+    assert cache_argument(Wrapper()) == cache_argument(model)

@@ -94,7 +94,7 @@ def _check_drive(inspector: HeadInspector) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inspector_keeps_to_the_models_device(gpu_stand_in, dtype):
     """Built and driven with torch's default device elsewhere than the model (meta)."""
-    model, tokenizer, adapter = planted_head(dtype)
+    model, tokenizer, adapter = planted_head(dtype=dtype)
     with gpu_stand_in():
         inspector = _drive(model, tokenizer, adapter)
     _check_drive(inspector)
@@ -103,5 +103,5 @@ def test_inspector_keeps_to_the_models_device(gpu_stand_in, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inspector_on_cuda(dtype):
-    model, tokenizer, adapter = planted_head(dtype)
+    model, tokenizer, adapter = planted_head(dtype=dtype)
     _check_drive(_drive(model.to("cuda"), tokenizer, adapter))

@@ -18,6 +18,7 @@ The model stays where it is: any device and dtype (replies are generated on the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,8 @@ from tinylab.tasks.base import Example, Task
 __all__ = ["CONTROLS", "MEASURES", "Comparison", "EvalReport", "RandomControl", "compare", "evaluate"]
 
 CONTROLS = ("prompt", "random")
+_RATES = {"strict": "strict", "flexible": "flexible", "format": "formatted", "mean_length": "mean_length",
+          "truncated": "truncated"}  # Comparison.record's names -> EvalReport fields
 
 
 class EvalReport(NamedTuple):
@@ -114,6 +117,28 @@ class Comparison(NamedTuple):
         for name, other in (self.others or {}).items():
             frame[name] = [getattr(other, r) for r in rows]
         return frame
+
+    def record(self) -> dict:
+        """The numbers as JSON-ready data: the task, split and example count; per model (base, adapted,
+        the prompt control and other vectors when present) its rates; per comparison (adapted vs base,
+        vs the prompt control, vs each other vector) and measure the paired statistics
+        (`PairedDifference` fields and `beyond_noise`); the random-direction control's rates per draw."""
+        def rates(report: EvalReport) -> dict:
+            return {m: getattr(report, r) for m, r in _RATES.items()}
+
+        def stats(by_measure: dict[str, PairedDifference]) -> dict:
+            return {m: {**dataclasses.asdict(d), "beyond_noise": d.beyond_noise} for m, d in by_measure.items()}
+
+        models = {"base": self.base, "adapted": self.adapted, "prompt_control": self.prompt, **(self.others or {})}
+        pairs = {"adapted_vs_base": self.paired, "adapted_vs_prompt_control": self.prompt_paired,
+                 **{f"adapted_vs_{name}": d for name, d in (self.others_paired or {}).items()}}
+        return {
+            "task": self.adapted.task, "split": self.adapted.split, "n": self.adapted.n,
+            "params": self.adapted.params, "max_new_tokens": self.adapted.max_new_tokens,
+            "rates": {name: rates(r) for name, r in models.items() if r is not None},
+            "paired": {name: stats(d) for name, d in pairs.items() if d is not None},
+            "random_control": None if self.random is None else [rates(r) for r in self.random.reports],
+        }
 
     def report(self) -> str:
         """One line per measure: rates, paired 95% interval, gained/lost, McNemar p, noise or not;

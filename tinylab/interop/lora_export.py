@@ -32,10 +32,14 @@ def export_lora(adapter: TinyLoRA, folder: str | os.PathLike, *, pad_to: int | N
     """Write `adapter`'s update as a PEFT LoRA checkpoint folder; returns the folder.
 
     `PeftModel.from_pretrained(base_model, folder)` then gives the adapted model's logits (to fp32
-    rounding). The rank is the adapter's r (2 by default). vLLM's `--enable-lora` needs rank >= 8
-    (`max_lora_rank` is one of 8, 16, 32, ...) and LoRAX pads ranks to 8: pass `pad_to=8` to add
-    zero rows to A and zero columns to B (the same update; lora_alpha = the padded rank keeps the
-    scaling at 1).
+    rounding). The rank is the adapter's own r (2 by default), with no padding: vLLM's
+    `LLM(..., enable_lora=True, max_lora_rank=R)` takes R in {1, 8, 16, 32, 64, 128, 256, 320,
+    512} and loads any adapter of rank <= R as it is (a rank-2 export with `max_lora_rank=8`). An
+    adapter above `max_lora_rank` kills vLLM's offline engine: that call and every later one raise
+    `EngineDeadError` (the cause, "LoRA rank 16 is greater than max_lora_rank 8", shows only in
+    the engine's log), so set `max_lora_rank` to at least the largest rank you serve.
+    `pad_to=k` (>= r) adds zero rows to A and zero columns to B for servers that want a fixed rank
+    (the same update; lora_alpha = k keeps the scaling at 1).
     """
     from peft import LoraConfig
     from safetensors.torch import save_file

