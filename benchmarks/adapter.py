@@ -42,12 +42,14 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 from peft import TinyLoraConfig, get_peft_model  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 import tinylab.adapter.svd as svd_engine  # noqa: E402
 from tinylab.adapter.attach import apply_tinylora  # noqa: E402
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig  # noqa: E402
 from tinylab.adapter.file_format import save_adapter  # noqa: E402
 from tinylab.model.device import resolve_device, resolve_dtype  # noqa: E402
+from tinylab.model.generation import cache_argument, new_cache  # noqa: E402
 from tinylab.model.loading import load_model  # noqa: E402
 
 THIRTEEN = TinyLoRAConfig(u=13, n_tie="all")  # 13 params: one u=13 vector shared by all 210 maps
@@ -156,17 +158,17 @@ def bench_decode(models: dict, ids: torch.Tensor, rounds: int, per_switch: int =
     step. Each round times `per_switch` steps per model (the adapter switches between them)."""
     step = ids[:, -1:]  # [B, 1]
     mask = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long, device=ids.device)  # [B, L + 1]
-    caches = {}
+    caches = {k: new_cache() for k in models}
     for k, get in models.items():
         with torch.inference_mode():
-            caches[k] = get()(ids, use_cache=True).past_key_values
+            get()(ids, use_cache=True, **{cache_argument(get()): caches[k]})
     times = {k: [] for k in models}
     for i in range(rounds // per_switch + 1):
         for k in _order(list(models), i):
             m, c = models[k](), caches[k]
             with torch.inference_mode():
                 for j in range(per_switch + 1):
-                    t = _clock(lambda m=m, c=c: m(step, past_key_values=c, attention_mask=mask, use_cache=True))
+                    t = _clock(lambda m=m, c=c: m(step, attention_mask=mask, use_cache=True, **{cache_argument(m): c}))
                     c.crop(-1)  # back to the prompt: every step sees the same cache length
                     if i >= 1 and j >= 1:  # the first round and the first step after a switch warm up
                         times[k].append(t)
@@ -207,6 +209,7 @@ def main() -> None:
                         help="torch intra-op threads (default: torch's); 1 is steadier on a loaded machine")
     parser.add_argument("--device", default="auto", help="where the models run (tinylab.load_model's device)")
     parser.add_argument("--dtype", default="auto", help="the models' weight dtype (tinylab.load_model's dtype)")
+    add_results_option(parser, "adapter")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -274,4 +277,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("adapter")):
+        main()

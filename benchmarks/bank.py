@@ -37,9 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab import AdapterBank, TinyLoRAConfig, apply_tinylora, export_lora, load_model, save_adapter  # noqa: E402
+from tinylab.model.generation import cache_argument, new_cache  # noqa: E402
 
 THIRTEEN = TinyLoRAConfig(u=13, n_tie="all")
 
@@ -56,16 +57,15 @@ def prefill(model, ids: torch.Tensor, extra: dict) -> float:
 def decode(model, ids: torch.Tensor, new_tokens: int, extra: dict) -> tuple[float, torch.Tensor]:
     """Greedy decoding of `new_tokens` for every row at once: (seconds of the decode steps, tokens [B, L])."""
     B, P = ids.shape
-    cache = DynamicCache()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+    cache, cache_kw = new_cache(), cache_argument(model)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kw: cache}, **extra)
     token = out.logits[:, -1].argmax(-1)  # [B]
     tokens = [token]
     mask = torch.ones(B, P, dtype=torch.long, device=ids.device)  # [B, P]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
         mask = torch.cat([mask, mask[:, :1]], dim=1)  # [B, P + steps so far + 1]
-        out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=out.past_key_values,
-                    use_cache=True, **extra)
+        out = model(input_ids=token[:, None], attention_mask=mask, use_cache=True, **{cache_kw: cache}, **extra)
         token = out.logits[:, -1].argmax(-1)  # [B]
         tokens.append(token)
     return time.perf_counter() - start, torch.stack(tokens, 1)
@@ -190,6 +190,7 @@ def main():
     ap.add_argument("--peft-adapters", type=int, default=64)
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=None)
+    add_results_option(ap, "bank")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,4 +237,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("bank")):
+        main()

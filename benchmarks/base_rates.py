@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab import tasks  # noqa: E402
 from tinylab.evaluation.report import evaluate  # noqa: E402
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--gsm8k-tokens", type=int, default=256, help="max_new_tokens for gsm8k")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+    add_results_option(parser, "base_rates")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,4 +54,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("base_rates")):
+        main()

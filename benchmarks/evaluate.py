@@ -14,12 +14,14 @@ zero-shot, greedy); prints both strict and flexible scores and on how many probl
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab.evaluation.report import evaluate  # noqa: E402
 from tinylab.model.loading import load_model  # noqa: E402
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--harness", action="store_true", help="GSM8K scored by tinylab and by lm-eval (see above)")
+    add_results_option(parser, "evaluate (evaluate_harness with --harness)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,4 +83,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("evaluate_harness" if "--harness" in sys.argv else "evaluate")):
+        main()

@@ -9,8 +9,13 @@ maps), 4 prompts x 8 completions, up to 16 new tokens, a reward that is random p
    the activation gradients any trainer of v needs)               goal <= 1.15
 2. our step / TRL GRPOTrainer step, same model, adapter, batch, token limit   goal <= 0.5
 3. generation with the adapter merged into the weights / unmerged (is merging worth it?)
+4. a step with experiment tracking / without (`report_to`: Trackio, TensorBoard, W&B offline when
+   installed), same seed so the same prompts, completions and updates; seconds per step counted
+   from one step's callbacks to the next, so the tracker's logging is inside        goal <= 1.02
+   Also printed: the tracker's own seconds per step (inside its callback) over the step, and the
+   one-off seconds to open and close it. Written to benchmarks/results/grpo_tracking.txt too.
 
-Usage: .venv/bin/python benchmarks/grpo.py [--steps 4] [--threads 2]
+Usage: .venv/bin/python benchmarks/grpo.py [--steps 4] [--threads 2] [--tracking-only]
      [--device auto|cpu|cuda|cuda:1|mps] [--dtype auto|float32|bfloat16|float16]
 `--device` / `--dtype` go to `tinylab.load_model` (auto: CUDA, then MPS, else the CPU; bf16 on a GPU
 that runs it). The ratios compare steps on the same device and dtype; the first line printed
@@ -21,16 +26,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab.adapter.attach import apply_tinylora  # noqa: E402
 from tinylab.model.device import resolve_device, resolve_dtype  # noqa: E402
@@ -39,6 +47,9 @@ from tinylab.model.loading import load_model
 from tinylab.tasks.base import completion_text  # noqa: E402
 from tinylab.tasks.capitals import CapitalsTask  # noqa: E402
 from tinylab.train.grpo import GRPOConfig, train_grpo  # noqa: E402
+from tinylab.train.tracking import Tracking  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "grpo_tracking.txt"
 
 
 class RandomReward(CapitalsTask):
@@ -77,12 +88,83 @@ def base_step_time(model, tokenizer, adapter, prompts, config, seed) -> tuple[fl
     return gen, fwd_bwd, int(r.completion_mask.sum())
 
 
+class _Clock:
+    """A callback noting the time after each step's callbacks: step k's seconds = t[k] - t[k-1]."""
+
+    def __init__(self):
+        self.times = []
+
+    def on_start(self, run):
+        self.times.append(time.perf_counter())
+
+    def __call__(self, entry):
+        self.times.append(time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+
+class _Timed:
+    """A tracker, with the seconds spent inside it: opening, each step, closing."""
+
+    def __init__(self, tracker: Tracking):
+        self.tracker, self.open_s, self.close_s, self.step_s = tracker, 0.0, 0.0, []
+
+    def on_start(self, run):
+        t0 = time.perf_counter()
+        self.tracker.on_start(run)
+        self.open_s = time.perf_counter() - t0
+
+    def __call__(self, entry):
+        t0 = time.perf_counter()
+        self.tracker(entry)
+        self.step_s.append(time.perf_counter() - t0)
+
+    def on_end(self, run):
+        t0 = time.perf_counter()
+        self.tracker.on_end(run)
+        self.close_s = time.perf_counter() - t0
+
+
+def tracking_cost(model, tokenizer, adapter, task, config, backends, folder: str) -> list[str]:
+    """Lines comparing the same run (same seed) without logging and with each backend, in one process.
+
+    Runs "none" first and last (drift on a shared machine shows as a gap between the two); the first
+    step of each run is warm-up and left out; medians of the rest.
+    """
+    walls, inside, one_off = {}, {}, {}
+    for i, backend in enumerate(["none", *backends, "none"]):
+        adapter.set_vector(torch.zeros(adapter.num_params))
+        clock = _Clock()
+        where = os.path.join(folder, backend)  # trackio: its TRACKIO_DIR (set before trackio is imported)
+        timed = None if backend == "none" else _Timed(Tracking(backend, project="bench", name=f"{backend}-{i}",
+                                                                directory=where))
+        run_config = GRPOConfig(**{**config.__dict__, "checkpoint_dir": tempfile.mkdtemp(prefix="bench-grpo-")})
+        train_grpo(model, tokenizer, adapter, task, run_config, callbacks=[c for c in (timed, clock) if c])
+        walls.setdefault(backend, []).extend(clock.step_seconds()[1:])
+        if timed is not None:
+            inside[backend] = timed.step_s[1:]
+            one_off[backend] = (timed.open_s, timed.close_s)
+    adapter.set_vector(torch.zeros(adapter.num_params))
+    base = statistics.median(walls["none"])
+    lines = [f"step without logging {base:7.3f} s  (median of {len(walls['none'])} steps, two runs: first and last)"]
+    for backend in backends:
+        wall, own = statistics.median(walls[backend]), statistics.median(inside[backend])
+        lines.append(f"ratio step with {backend:<11} / without = {wall / base:.3f}   (goal <= 1.02; "
+                     f"{wall:.3f} s vs {base:.3f} s)")
+        lines.append(f"      {backend:<11} own time per step {own * 1e3:7.2f} ms = {own / base:.4f} of a step; "
+                     f"opening {one_off[backend][0]:.2f} s, closing {one_off[backend][1]:.2f} s (once per run)")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="steps per timed run; the first is warm-up")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="where the model runs (tinylab.load_model's device)")
     parser.add_argument("--dtype", default="auto", help="the model's weight dtype (tinylab.load_model's dtype)")
+    add_results_option(parser, "grpo")
+    parser.add_argument("--tracking-only", action="store_true", help="only ratio 4 (experiment tracking)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -94,6 +176,21 @@ def main():
     config = GRPOConfig(prompts_per_step=4, group_size=8, max_new_tokens=16, lr=1e-3, steps=args.steps, seed=0)
     pool = task.examples("train", None, 0)
     prompts = [e.prompt for e in pool[:4]]
+    header = (f"SmolLM2-135M on {device} in {dtype}, 13 params, 4 prompts x 8 completions, <= 16 new tokens, "
+              f"{args.threads} threads, median of {args.steps - 1} steps after warm-up")
+
+    # Experiment tracking: the same run without logging and with each tracker that is installed
+    backends = [b for b in ("trackio", "tensorboard", "wandb") if importlib.util.find_spec(b) is not None]
+    os.environ["WANDB_MODE"] = "offline"  # benchmark runs are not uploaded anywhere
+    with tempfile.TemporaryDirectory(prefix="bench-tracking-") as folder:
+        tracking = tracking_cost(model, tokenizer, adapter, task, config, backends, folder)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text("\n".join(["$ python benchmarks/grpo.py (ratio 4: experiment tracking)", header, *tracking,
+                                   ""]))
+    if args.tracking_only:
+        print(header)
+        print("\n".join(tracking))
+        return
 
     # Our loop (steps after the first; the first includes one-off warm-up)
     run = train_grpo(model, tokenizer, adapter, task,
@@ -133,8 +230,7 @@ def main():
     trl = statistics.median(log.step_time for log in trl_logs)
     trl_tokens = statistics.mean(log.completion_len for log in trl_logs) * 32
 
-    print(f"SmolLM2-135M on {device} in {dtype}, 13 params, 4 prompts x 8 completions, <= 16 new tokens, "
-          f"{args.threads} threads, median of {args.steps - 1} steps after warm-up")
+    print(header)
     print(f"our step            {ours:7.2f} s  (generation {ours_gen:.2f} s, fwd/bwd {ours_fb:.2f} s, "
           f"{ours_tokens:.0f} completion tokens)")
     print(f"base gen + fwd/bwd  {base_gen + base_fb:7.2f} s  (generation {base_gen:.2f} s, fwd/bwd {base_fb:.2f} s, "
@@ -145,7 +241,9 @@ def main():
     print(f"ratio generation merged / unmerged    = "
           f"{statistics.median(times['merged']) / statistics.median(times['active']):.2f}   "
           f"(merge+unmerge included; < 1 means merging helps)")
+    print("\n".join(tracking))
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("grpo")):
+        main()

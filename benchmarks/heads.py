@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from demo_cpu import CapitalChoices, ShapedCapitals  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
+from shaped_capitals import CapitalChoices, ShapedCapitals  # noqa: E402
 
 from tinylab.adapter.file_format import load_adapter  # noqa: E402
 from tinylab.analysis.heads import EVIDENCE, ablate_heads, head_effects  # noqa: E402
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda, mps")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that runs it, else fp32), float32, ...")
+    add_results_option(parser, "heads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 160)
@@ -57,7 +59,7 @@ def main() -> None:
     adapter = load_adapter(model, args.adapter)
     shape = dict(starts=0.0, short=0.0) if args.reward == "exact" else dict(starts=0.5, short=0.3)
     if args.task == "answer":
-        task = CapitalAnswerTask()
+        task = CapitalAnswerTask(countries="world")  # the countries demo_cpu.py trains and tests on
     else:
         task = (CapitalChoices if args.task == "choice" else ShapedCapitals)(**shape)
     prompts = task.examples("test", None, None)[: args.prompts]
@@ -82,4 +84,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("heads")):
+        main()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -26,6 +27,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab import tasks  # noqa: E402
 from tinylab.adapter.attach import apply_tinylora  # noqa: E402
@@ -189,6 +191,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that runs it, else fp32), float32, ...")
+    add_results_option(parser, "importance (importance_rank with --rank)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,4 +202,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("importance_rank" if "--rank" in sys.argv else "importance")):
+        main()

@@ -38,6 +38,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 from tinylab.widgets.knobs import KnobPanel  # noqa: E402
 
 import tinylab  # noqa: E402
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    add_results_option(parser, "knobs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -123,4 +125,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with results_file(results_name("knobs")):
+        main()

@@ -12,12 +12,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # and removed at its end.
 if "TINYLAB_TEST_CACHE" not in os.environ:
     os.environ["TINYLAB_TEST_CACHE"] = tempfile.mkdtemp(prefix="tinylab-test-cache-")
+    os.environ["TINYLAB_TEST_CACHE_OWNER"] = str(os.getpid())
 os.environ["TINYLAB_CACHE"] = os.environ["TINYLAB_TEST_CACHE"]
+# Trackio reads TRACKIO_DIR once, when it is first imported (importing trl imports it): every Trackio
+# run of the session goes into that folder too, never into ~/.cache/huggingface/trackio.
+os.environ["TRACKIO_DIR"] = os.path.join(os.environ["TINYLAB_TEST_CACHE"], "trackio")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models run fastest on one thread
+
+pytest_plugins = ["fresh_process"]  # tests marked fresh_process run alone in a fresh child process
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +59,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """The process that made the session's cache folder removes it (not xdist's workers)."""
-    if not hasattr(session.config, "workerinput"):
+    """The process that made the session's cache folder removes it (not xdist's workers, nor the
+    child processes of fresh_process tests)."""
+    if os.environ.get("TINYLAB_TEST_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["TINYLAB_TEST_CACHE"], ignore_errors=True)

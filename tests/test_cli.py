@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from test_distributed import TASK  # a task whose reward differs within every group
+from testkit import DISTINCT_TASK_SOURCE  # a task whose reward differs within every group
 
 from tinylab import load_adapter
 from tinylab.cli import main
@@ -52,14 +52,15 @@ def _fails(argv, capsys) -> str:
 
 
 def test_train_writes_adapter_history_and_config(tmp_path, capsys):
-    (tmp_path / "distinct.py").write_text(TASK)
+    (tmp_path / "distinct.py").write_text(DISTINCT_TASK_SOURCE)
     out = tmp_path / "out"
     assert main(["train", "--preset", "tiny-cpu", "--out", str(out), f"task={tmp_path / 'distinct.py'}:Distinct",
                  "steps=2", "u=2", f"checkpoint_dir={tmp_path / 'run'}"]) == 0
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"tinylab train: rank 0 of 1, writes {out}: vector [")
     vector = json.loads(line.partition(": vector ")[2])
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.tlra", "config.json", "history.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.tlra", "comparison.csv", "comparison.json",
+                                                     "comparison.txt", "config.json", "history.csv"]
     config = json.loads((out / "config.json").read_text())
     assert (config["preset"], config["backend"], config["world_size"]) == ("tiny-cpu", "tinylab", 1)
     assert config["adapter"]["u"] == 2 and config["training"]["steps"] == 2 and config["task"].endswith(":Distinct")
@@ -68,6 +69,41 @@ def test_train_writes_adapter_history_and_config(tmp_path, capsys):
     adapter = load_adapter(tiny_model("llama")[0], out / "adapter.tlra")
     assert adapter.num_params == 2 and torch.allclose(adapter.vector(), torch.tensor(vector))
     assert any(x != 0 for x in vector)
+
+
+def test_train_ends_with_the_held_out_comparison_printed_and_saved(tmp_path, capsys):
+    """`tinylab train` closes with tinylab.compare on held-out examples, with the prompt control: the
+    report on stdout and in comparison.txt, the numbers in comparison.json equal to a compare() of the
+    saved adapter run afresh, one row per example in comparison.csv."""
+    from tinylab import compare, tasks
+
+    out = tmp_path / "out"
+    assert main(["train", "--preset", "tiny-cpu", "--out", str(out), "--eval-n", "6", "steps=1", "lr=1.0"]) == 0
+    printed = capsys.readouterr().out
+    text = (out / "comparison.txt").read_text()
+    assert printed == text and "adapted vs prompt control" in text and "McNemar p" in text
+    record = json.loads((out / "comparison.json").read_text())
+    assert (record["task"], record["split"], record["n"]) == ("compare", "test", 6)
+    assert set(record["paired"]) == {"adapted_vs_base", "adapted_vs_prompt_control"}
+    model, tok = tiny_model("llama")
+    again = compare(model, tok, tasks.get("compare"), out / "adapter.tlra", n=6, controls=("prompt",), progress=False)
+    assert record == json.loads(json.dumps(again.record()))
+    table = pd.read_csv(out / "comparison.csv")
+    assert len(table) == 6 and {"base_reply", "adapted_reply", "prompt_reply"} <= set(table.columns)
+
+
+def test_train_without_a_prompt_control_or_a_comparison(tmp_path, capsys):
+    (tmp_path / "distinct.py").write_text(DISTINCT_TASK_SOURCE)
+    task = f"task={tmp_path / 'distinct.py'}:Distinct"
+    assert main(["train", "--preset", "tiny-cpu", "--out", str(tmp_path / "a"), "--eval-n", "500", task,
+                 "steps=1", f"checkpoint_dir={tmp_path / 'run_a'}"]) == 0
+    record = json.loads((tmp_path / "a" / "comparison.json").read_text())
+    assert record["n"] == 6 and set(record["paired"]) == {"adapted_vs_base"}  # all 6 held-out examples
+    assert "no prompt control: task 'distinct'" in capsys.readouterr().out
+    assert main(["train", "--preset", "tiny-cpu", "--out", str(tmp_path / "b"), "--eval-n", "0", task,
+                 "steps=1", f"checkpoint_dir={tmp_path / 'run_b'}"]) == 0
+    assert not list((tmp_path / "b").glob("comparison.*"))
+    assert "--eval-n -1: allowed: 0" in _fails(["train", "--preset", "tiny-cpu", "--eval-n", "-1"], capsys)
 
 
 def test_train_checks_everything_before_loading_a_model(tmp_path, capsys, monkeypatch):
@@ -100,7 +136,7 @@ def test_train_trl_refuses_an_unknown_trl_field(tmp_path, capsys, monkeypatch):
     import tinylab.model.loading
 
     monkeypatch.setattr(tinylab.model.loading, "load_model", lambda *a, **k: 1 / 0)  # checked before any model loads
-    (tmp_path / "distinct.py").write_text(TASK)
+    (tmp_path / "distinct.py").write_text(DISTINCT_TASK_SOURCE)
     err = _fails(["train", "--preset", "tiny-cpu", "--backend", "trl", "--out", str(tmp_path / "out"),
                   f"task={tmp_path / 'distinct.py'}:Distinct", "--trl", "use_vlm=true"], capsys)
     assert "unknown field of TRL's GRPOConfig 'use_vlm' (did you mean 'use_vllm'?)" in err

@@ -284,3 +284,44 @@ def test_adapter_file_for_another_base_model(tiny, tmp_path):
                                                r"; this model is llama/2 with weights [0-9a-f]{16}"):
         load_adapter(other, path)
     assert issubclass(AdapterFileError, ValueError) and not find_adapter(other)
+
+
+def test_an_adapter_of_another_model_gets_the_same_error_everywhere(tmp_path):
+    from tinylab import GRPOConfig, compare, evaluate, head_effects, train_grpo
+
+    model, tok = tiny_model("llama", seed=0)
+    other, _ = tiny_model("llama", seed=1)
+    foreign = apply_tinylora(other, u=2, n_tie="all")
+    message = "this adapter is not attached to this model"
+    calls = [
+        lambda: train_grpo(model, tok, foreign, "capitals", GRPOConfig(steps=1, checkpoint_dir=str(tmp_path / "r"))),
+        lambda: evaluate(model, tok, "capitals", n=2, adapter=foreign),
+        lambda: compare(model, tok, "capitals", foreign, n=2),
+        lambda: head_effects(model, tok, foreign, ["Hi"]),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call()
+    foreign.remove()
+    with pytest.raises(ValueError, match=message):
+        save_adapter(foreign, tmp_path / "a.tlra")
+
+
+def test_a_task_name_is_resolved_the_same_way_everywhere(tmp_path):
+    from tinylab import GRPOConfig, evaluate, module_importance, train_grpo
+
+    model, tok = tiny_model("llama", seed=0)
+    adapter = apply_tinylora(model, u=2, n_tie="all")
+    config = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=3,
+                        checkpoint_dir=str(tmp_path / "ok"))
+    run = train_grpo(model, tok, adapter, "capitals", config)  # a name works where a Task does
+    assert run.status == "finished" and run.task_name == "capitals"
+    unknown = r"unknown task 'capitols'; choose one of \['arithmetic', 'capitals'"
+    calls = [
+        lambda: train_grpo(model, tok, adapter, "capitols", config),
+        lambda: evaluate(model, tok, "capitols", n=2),
+        lambda: module_importance(tiny_model("llama", seed=2)[0], tok, "capitols", n_prompts=2),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=unknown):
+            call()

@@ -2,13 +2,17 @@
 
     tinylab info   [--model NAME]                    modules, layers, heads, counts for a few budgets
     tinylab attach --params N [--model NAME] [--json] the config that gives N params, and its count
-    tinylab train  --preset NAME [--backend tinylab|trl] [--out DIR] [--trl KEY=VALUE ...] [key=value ...]
+    tinylab train  --preset NAME [--backend tinylab|trl] [--out DIR] [--eval-n N] [--trl KEY=VALUE ...] [key=value ...]
 
 `train` loads the preset's model (`load_model`: on a GPU when there is one), attaches its adapter,
 trains with `train_grpo` (backend tinylab, one process) or TRL's GRPOTrainer (backend trl: runs
 under `torchrun` or `accelerate launch`, see docs/scaling.md), and writes into --out (rank 0 only):
 `adapter.tlra` (the adapter file), `history.csv` (one row per step) and `config.json` (the preset
-after overrides, the backend and the world size). Every process logs one line to stderr:
+after overrides, the backend and the world size). Then it compares the trained adapter with the
+base model on --eval-n held-out examples (`tinylab.compare`: greedy replies, paired statistics,
+and the prompt control when the task has one), prints the report and writes it next to the adapter:
+`comparison.txt` (the report), `comparison.json` (`Comparison.record()`) and `comparison.csv` (one
+row per example: prompt, gold, each model's reply and scores). Every process logs one line to stderr:
 `tinylab train: rank R of W, writes DIR|nothing: vector [...]`. `key=value` pairs are preset
 overrides (checked as `tinylab.preset` checks them); `task=path/to/file.py:Name` (or
 `module:Name`) trains on your own task class or factory; `--trl KEY=VALUE` sets a TRL GRPOConfig
@@ -31,7 +35,7 @@ from tinylab.adapter.attach import apply_tinylora
 from tinylab.adapter.config import TinyLoRAConfig
 from tinylab.adapter.targets import count_params, plan_modules
 
-__all__ = ["main", "model_info", "parse_trl"]
+__all__ = ["main", "model_info", "parse_args", "parse_trl"]
 
 
 def _load(name: str | None):
@@ -161,6 +165,7 @@ def _train(args) -> int:
 
         check_trl_fields(trl_fields)
     task = _task(p.task, p.task_options)
+    eval_n = _held_out(task, args.eval_n)  # a bad count fails here, before training
     model, tokenizer = load_model(p.model, dtype=p.dtype)
     adapter = apply_tinylora(model, p.adapter)
     if args.backend == "tinylab":
@@ -190,7 +195,34 @@ def _train(args) -> int:
         write_atomic(out / "history.csv", lambda tmp: history.to_csv(tmp, index=False))
         record = json.dumps(_record(p, args.backend, world), indent=2) + "\n"
         write_atomic(out / "config.json", lambda tmp: Path(tmp).write_text(record))
+        if eval_n:
+            _compare_held_out(adapter, tokenizer, task, eval_n, out)
     return 0
+
+
+def _held_out(task, wanted: int) -> int:
+    """How many held-out ("test") examples the closing comparison evaluates: `wanted`, at most all."""
+    if not isinstance(wanted, int) or wanted < 0:
+        raise ValueError(f"--eval-n {wanted!r}: allowed: 0 (no comparison) or a positive number of held-out examples")
+    return min(wanted, len(task.examples("test", None, None))) if wanted else 0
+
+
+def _compare_held_out(adapter, tokenizer, task, n: int, out: Path) -> None:
+    """Base vs adapted on `n` held-out examples, with the prompt control when the task has one:
+    printed, and written next to the adapter (module docstring)."""
+    from tinylab.basics.atomic import write_atomic
+    from tinylab.evaluation.report import compare
+
+    controls = ("prompt",) if callable(getattr(task, "control_prompt", None)) else ()
+    result = compare(adapter.model, tokenizer, task, adapter, n=n, split="test", controls=controls, progress=False)
+    text = result.report() + "\n"
+    if not controls:
+        text += f"(no prompt control: task {task.name!r} has no control_prompt method)\n"
+    sys.stdout.write(text)
+    record = json.dumps(result.record(), indent=2) + "\n"
+    write_atomic(out / "comparison.txt", lambda tmp: Path(tmp).write_text(text))
+    write_atomic(out / "comparison.json", lambda tmp: Path(tmp).write_text(record))
+    write_atomic(out / "comparison.csv", lambda tmp: result.table.to_csv(tmp, index=False))
 
 
 def _harness(args) -> int:
@@ -217,7 +249,8 @@ def parse_trl(pair: str) -> tuple[str, object]:
     return key.strip(), parse_value(text.strip())
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as `main` reads it (argparse's usage error and exit 2 on a bad one)."""
     parser = argparse.ArgumentParser(prog="tinylab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="modules, layers, heads and parameter counts for a few budgets")
@@ -229,10 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     attach.add_argument("--strategy", default="tiled", choices=["tiled", "top", "proportional"])
     attach.add_argument("--u", type=int, default=1)
     attach.add_argument("--json", action="store_true")
-    train = sub.add_parser("train", help="train a preset's adapter; writes adapter.tlra, history.csv, config.json")
+    train = sub.add_parser("train", help="train a preset's adapter, then compare it with the base model on held-out "
+                                          "examples; writes adapter.tlra, history.csv, config.json, comparison.*")
     train.add_argument("--preset", required=True, help="a preset name (tinylab.train.presets.names())")
     train.add_argument("--backend", default="tinylab", choices=["tinylab", "trl"])
     train.add_argument("--out", default="tinylab-run", help="folder for the files (written by rank 0 only)")
+    train.add_argument("--eval-n", type=int, default=128, metavar="N",
+                       help="held-out examples for the closing comparison (at most the task's test split; 0: none)")
     train.add_argument("--trl", action="append", default=[], metavar="KEY=VALUE", help="a TRL GRPOConfig field")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. steps=2 lr=3e-3")
     harness = sub.add_parser("harness", help="GSM8K scored by lm-evaluation-harness on the (adapted) model")
@@ -247,13 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # reported by the command's own parser, so its usage line lists the allowed options
         {"info": info, "attach": attach, "train": train, "harness": harness}[args.command].error(
             f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
         return {"info": _info, "attach": _attach, "train": _train, "harness": _harness}[args.command](args)
     except (ValueError, TypeError) as err:
-        parser.exit(2, f"tinylab {args.command}: error: {err}\n")
+        sys.stderr.write(f"tinylab {args.command}: error: {err}\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Notebook components for tinylab (ipywidgets + plotly)."""
 
 from .budget import BudgetSlider
+from .budget_sweep_plot import budget_sweep_figure
 from .heads import HeadInspector
 from .heatmap import ImportanceHeatmap
 from .knobs import KnobPanel, landscape_figure, sweep_figure
 from .static import show_png, static_figures
 from .training import TrainingPanel
 
-__all__ = ["BudgetSlider", "HeadInspector", "ImportanceHeatmap", "KnobPanel", "TrainingPanel", "landscape_figure",
-           "show_png", "static_figures", "sweep_figure"]
+__all__ = ["BudgetSlider", "HeadInspector", "ImportanceHeatmap", "KnobPanel", "TrainingPanel", "budget_sweep_figure",
+           "landscape_figure", "show_png", "static_figures", "sweep_figure"]

@@ -31,7 +31,7 @@ from tinylab.model.attention import attention_blocks, eager_attention, observe_h
 from tinylab.model.batch import left_pad, pad_token_id, prompt_rows
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
-from tinylab.model.generation import greedy_from_prefill
+from tinylab.model.generation import cache_argument, greedy_from_prefill, new_cache
 
 __all__ = ["Reader", "Readout"]
 
@@ -73,19 +73,17 @@ class Reader:
     @torch.no_grad()
     def __call__(self) -> Readout:
         """Replies, gold log-probs and head activity of the model as it is now."""
-        from transformers import DynamicCache
-
         replies, activity, means = [], [], []
         with eval_mode(self.model):
             for ids, mask, continuation in self.batches:
                 L = 0 if continuation is None else continuation.shape[1]
                 P = ids.shape[1] - L
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+L], as generation numbers them
+                cache = new_cache()
                 with eager_attention(self.model), observe_heads(self.blocks) as (patterns, outputs):
-                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                     past_key_values=DynamicCache(), use_cache=True, logits_to_keep=L + 1)
+                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                     logits_to_keep=L + 1, **{cache_argument(self.model): cache})
                 activity.append(HeadActivity(dict(patterns), dict(outputs), mask).first(P))
-                cache = out.past_key_values
                 if continuation is not None:
                     logits = out.logits[:, :-1].float()  # [B, L, V]: position t predicts continuation token t
                     picked = logits.gather(-1, ids[:, P:, None]).squeeze(-1)  # [B, L]

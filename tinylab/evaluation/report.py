@@ -8,7 +8,7 @@ replies do not depend on `batch_size`.
 
 `compare` evaluates the same examples twice: the base model (inside `adapter.disabled()`, never a
 second copy) and the adapted one, lines the replies up in one table, and reports for strict,
-flexible and format the paired difference (`tinylab.paired`: bootstrap interval, exact McNemar p,
+flexible and format the paired difference (`tinylab.paired`: Newcombe's paired 95% interval, exact McNemar p,
 examples gained and lost). With `controls=("prompt", "random")` it also evaluates the prompt
 control (the base model, the task's control prompt) and the random-direction control (the
 adapter's vectors at the same norms in random directions), see `tinylab.evaluation.controls`.
@@ -18,6 +18,7 @@ The model stays where it is: any device and dtype (replies are generated on the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,8 @@ from tinylab.tasks.base import Example, Task
 __all__ = ["CONTROLS", "MEASURES", "Comparison", "EvalReport", "RandomControl", "compare", "evaluate"]
 
 CONTROLS = ("prompt", "random")
+_RATES = {"strict": "strict", "flexible": "flexible", "format": "formatted", "mean_length": "mean_length",
+          "truncated": "truncated"}  # Comparison.record's names -> EvalReport fields
 
 
 class EvalReport(NamedTuple):
@@ -114,6 +117,28 @@ class Comparison(NamedTuple):
         for name, other in (self.others or {}).items():
             frame[name] = [getattr(other, r) for r in rows]
         return frame
+
+    def record(self) -> dict:
+        """The numbers as JSON-ready data: the task, split and example count; per model (base, adapted,
+        the prompt control and other vectors when present) its rates; per comparison (adapted vs base,
+        vs the prompt control, vs each other vector) and measure the paired statistics
+        (`PairedDifference` fields and `beyond_noise`); the random-direction control's rates per draw."""
+        def rates(report: EvalReport) -> dict:
+            return {m: getattr(report, r) for m, r in _RATES.items()}
+
+        def stats(by_measure: dict[str, PairedDifference]) -> dict:
+            return {m: {**dataclasses.asdict(d), "beyond_noise": d.beyond_noise} for m, d in by_measure.items()}
+
+        models = {"base": self.base, "adapted": self.adapted, "prompt_control": self.prompt, **(self.others or {})}
+        pairs = {"adapted_vs_base": self.paired, "adapted_vs_prompt_control": self.prompt_paired,
+                 **{f"adapted_vs_{name}": d for name, d in (self.others_paired or {}).items()}}
+        return {
+            "task": self.adapted.task, "split": self.adapted.split, "n": self.adapted.n,
+            "params": self.adapted.params, "max_new_tokens": self.adapted.max_new_tokens,
+            "rates": {name: rates(r) for name, r in models.items() if r is not None},
+            "paired": {name: stats(d) for name, d in pairs.items() if d is not None},
+            "random_control": None if self.random is None else [rates(r) for r in self.random.reports],
+        }
 
     def report(self) -> str:
         """One line per measure: rates, paired 95% interval, gained/lost, McNemar p, noise or not;
@@ -220,8 +245,8 @@ def evaluate(model: nn.Module, tokenizer, task: str | Task, *, n: int, split: st
             handle.remove()
 
 
-def _paired(before: EvalReport, after: EvalReport, seed: int) -> dict[str, PairedDifference]:
-    return {m: paired(list(before.table[c]), list(after.table[c]), seed=seed) for m, c in MEASURES.items()}
+def _paired(before: EvalReport, after: EvalReport) -> dict[str, PairedDifference]:
+    return {m: paired(list(before.table[c]), list(after.table[c])) for m, c in MEASURES.items()}
 
 
 @torch.no_grad()
@@ -235,7 +260,7 @@ def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, s
     The table's `change` column reads "gained" / "lost" (strict correctness), "kept" or "neither".
     `controls`: any of "prompt" (the base model with the task's `control_prompt`; its replies go in
     the table as `prompt_*` columns) and "random" (`draws` seeded random directions at the trained
-    norms, `control_seed` seeds them and the bootstrap; the adapter's vectors are restored after).
+    norms, `control_seed` seeds them; the adapter's vectors are restored after).
     `vectors`: other vectors of the same adapter by name, each scored as its own row with its paired
     statistics against the adapted model, e.g. `{"SFT": sft_run.vector}` for SFT at the same budget
     (an adapter of the same config trained by `train_sft`); replies go in the table as `<name>_*`.
@@ -287,8 +312,8 @@ def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, s
     table["change"] = [
         "kept" if b and a else "lost" if b else "gained" if a else "neither" for b, a in zip(before, after)
     ]
-    return Comparison(base=base, adapted=adapted, table=table, paired=_paired(base, adapted, control_seed),
-                      prompt=prompt, prompt_paired=None if prompt is None else _paired(prompt, adapted, control_seed),
+    return Comparison(base=base, adapted=adapted, table=table, paired=_paired(base, adapted),
+                      prompt=prompt, prompt_paired=None if prompt is None else _paired(prompt, adapted),
                       random=random, others=others or None,
-                      others_paired={name: _paired(other, adapted, control_seed) for name, other in others.items()}
+                      others_paired={name: _paired(other, adapted) for name, other in others.items()}
                       or None)

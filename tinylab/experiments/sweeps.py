@@ -18,11 +18,19 @@ each). A script that asks for workers needs the `if __name__ == "__main__":` gua
 processes need; a notebook does not. With `out`, every point writes its run folder (vector and
 history, kept if it is interrupted), its adapter file and its row in `results.jsonl` (rewritten
 atomically) as it finishes; calling again with the same settings skips the finished points, so an interrupted sweep resumes where it stopped.
+
+`report_to="trackio" | "tensorboard" | "wandb"` logs every point as its own run (named by the
+point, e.g. `grpo-00013-seed0`) in one group per sweep (Trackio and W&B group; TensorBoard
+subfolder `<project>/<group>/`), with each point's held-out rates as `eval/strict`,
+`eval/flexible`, `eval/formatted` and `eval/mean_length` at its last step (`tinylab.train.tracking`).
+Where the runs go and under which project come from `training` (`tracking_dir`, `project`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import time
@@ -38,6 +46,7 @@ from tinylab.basics.atomic import write_bytes_atomic
 from tinylab.basics.checks import check_choice, check_int
 from tinylab.evaluation.paired_stats import paired
 from tinylab.measures.replies import MEASURES
+from tinylab.train.tracking import REPORT_TO, TRACKING_FIELDS, Tracking
 
 __all__ = ["SweepPoint", "budget_sweep", "method_differences", "run_point"]
 
@@ -62,6 +71,8 @@ def run_point(model, tokenizer, task, point: SweepPoint, training, *, n_eval: in
     `training` is a GRPOConfig (SFT uses `SFTConfig.from_grpo` of it). Returns one row: the point,
     the adapter's real parameter count, steps run, the three rates, per-prompt outcomes
     (`strict_outcomes`, `flexible_outcomes`, `format_outcomes`), timings and the trained `vector`.
+    With `training.report_to`, the run is logged under the point's name in `training.run_group`,
+    and the held-out rates after it (`eval/...`).
     """
     from tinylab.adapter.attach import apply_tinylora
     from tinylab.adapter.file_format import save_adapter
@@ -72,16 +83,22 @@ def run_point(model, tokenizer, task, point: SweepPoint, training, *, n_eval: in
 
     plan = plan_budget(model, point.budget, strategy=strategy)
     run_dir = None if out is None else _fresh_run_dir(Path(out) / "runs" / point.name)
-    training = dataclasses.replace(training, seed=point.seed, checkpoint_dir=run_dir)
+    training = dataclasses.replace(training, seed=point.seed, checkpoint_dir=run_dir, run_name=point.name)
+    tracker = Tracking.from_config(training) if training.report_to != "none" else None
     adapter = apply_tinylora(model, dataclasses.replace(plan.config, seed=point.seed))
     try:
         start = time.perf_counter()
-        if point.method == "GRPO":
-            run = train_grpo(model, tokenizer, adapter, task, training)
-        else:
-            run = train_sft(model, tokenizer, adapter, task, SFTConfig.from_grpo(training))
-        train_seconds = time.perf_counter() - start
-        report = evaluate(model, tokenizer, task, n=n_eval, adapter=adapter, progress=False)
+        callbacks = [tracker] if tracker is not None else []
+        with tracker if tracker is not None else contextlib.nullcontext():  # open until the scores are logged
+            if point.method == "GRPO":
+                run = train_grpo(model, tokenizer, adapter, task, training, callbacks=callbacks)
+            else:
+                run = train_sft(model, tokenizer, adapter, task, SFTConfig.from_grpo(training), callbacks=callbacks)
+            train_seconds = time.perf_counter() - start
+            report = evaluate(model, tokenizer, task, n=n_eval, adapter=adapter, progress=False)
+            if tracker is not None:
+                tracker.log_scores(dict(strict=report.strict, flexible=report.flexible, formatted=report.formatted,
+                                        mean_length=report.mean_length), step=run.step)
         vector = adapter.vector().tolist()
         if out is not None:
             save_adapter(adapter, Path(out) / f"{point.name}.tlra")
@@ -149,18 +166,26 @@ def _finished(out: Path) -> dict[SweepPoint, dict]:
 def budget_sweep(preset: str, budgets: Sequence[int], seeds: Sequence[int], *, training=None,
                  methods: Iterable[str] = METHODS, n_eval: int = 129, strategy: str = "tiled", workers: int = 1,
                  threads: int | None = None, out: str | os.PathLike | None = None, model=None, tokenizer=None,
-                 on_row: Callable[[dict], None] | None = None) -> pd.DataFrame:
+                 on_row: Callable[[dict], None] | None = None, report_to: str | None = None,
+                 group: str | None = None) -> pd.DataFrame:
     """Every (method, budget, seed) point of `preset`'s model and task; one row per point (see `run_point`).
 
     `training`: the GRPOConfig (default: the preset's). `workers=1` runs here, on `model` and
     `tokenizer` if given (else the preset's model is loaded); more workers load it once each.
     `on_row(row)` is called as each point finishes (in finishing order); the returned frame is in
-    point order: budgets, then seeds, then methods.
+    point order: budgets, then seeds, then methods. `report_to` (default: `training.report_to`) logs
+    each point as a run in `group` (default: `training.run_group`, else the `out` folder's name, else
+    `<preset>-sweep-<time>`); the tracking fields are not sweep settings (a resumed sweep may change them).
     """
     from tinylab.train.presets import preset as get_preset
 
     p = get_preset(preset)
     training = p.training if training is None else training
+    report_to = training.report_to if report_to is None else check_choice("report_to", report_to, REPORT_TO)
+    if report_to != "none":
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        group = group or training.run_group or (Path(out).name if out is not None else f"{preset}-sweep-{stamp}")
+    training = dataclasses.replace(training, report_to=report_to, run_group=group if report_to != "none" else None)
     methods = tuple(check_choice("methods", m, METHODS) for m in methods)
     budgets = [check_int("budgets", b, low=1) for b in budgets]
     seeds = [check_int("seeds", s) for s in seeds]
@@ -173,8 +198,8 @@ def budget_sweep(preset: str, budgets: Sequence[int], seeds: Sequence[int], *, t
     on_disk: dict[SweepPoint, dict] = {}  # every finished point in `out`, also those this call does not ask for
     if out is not None:
         out = Path(out)
-        _settings_file(out, dict(preset=preset, training=dataclasses.asdict(training), n_eval=n_eval,
-                                 strategy=strategy))
+        settings = {k: v for k, v in dataclasses.asdict(training).items() if k not in TRACKING_FIELDS}
+        _settings_file(out, dict(preset=preset, training=settings, n_eval=n_eval, strategy=strategy))
         on_disk = _finished(out)
     done = {pt: row for pt, row in on_disk.items() if pt in points}
 
@@ -207,8 +232,8 @@ def budget_sweep(preset: str, budgets: Sequence[int], seeds: Sequence[int], *, t
     return pd.DataFrame([done[pt] for pt in points])
 
 
-def method_differences(results: pd.DataFrame, *, a: str = "GRPO", b: str = "SFT", measure: str = "strict",
-                       seed: int = 0) -> pd.DataFrame:
+def method_differences(results: pd.DataFrame, *, a: str = "GRPO", b: str = "SFT",
+                       measure: str = "strict") -> pd.DataFrame:
     """Per budget and seed, `a` minus `b` on `measure`, paired over the same held-out prompts.
 
     One row per (budget, seed) with `tinylab.paired`'s fields (`diff`, `low`, `high`, `p_value`,
@@ -221,7 +246,7 @@ def method_differences(results: pd.DataFrame, *, a: str = "GRPO", b: str = "SFT"
         by_method = {m: r for m, r in zip(part["method"], part[column])}
         if a not in by_method or b not in by_method:
             continue
-        d = paired(by_method[b], by_method[a], seed=seed)
+        d = paired(by_method[b], by_method[a])
         rows.append(dict(budget=budget, params=int(part["params"].iloc[0]), seed=run_seed,
                          **dataclasses.asdict(d), beyond_noise=d.beyond_noise))
     if not rows:

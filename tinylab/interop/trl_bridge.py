@@ -13,6 +13,8 @@ and the GRPOConfig fields translated:
     lr -> learning_rate (constant, Adam with weight_decay=0, no gradient clipping, like train_grpo)
     clip -> epsilon (0.2 when None; with inner_epochs=1 the ratio is 1 and clipping never acts)
     inner_epochs -> num_iterations       scale_rewards -> scale_rewards   loss_type = "dapo" (token-level)
+    report_to, project, run_name (else the output folder's name) -> the same fields, and TRL's TensorBoard
+        and W&B callbacks write where `train_grpo`'s would (`tinylab.interop.trl_tracking`)
 
 `kl > 0` is refused: TRL would load a second copy of the model as the reference, where
 `train_grpo` uses the adapter switched off. `TRLStepLogs` forwards TRL's logs as StepLogs to
@@ -33,11 +35,11 @@ again, with the trained v (PEFT is unloaded from the model; the handle passed in
 
 What was run here (CPU only, no GPU): the PEFT path trains on the CPU with transformers
 generation; the weights the bridge pushes are the base model's parameter names, each adapted one
-round(W + dW), and W is untouched after repeated syncs (tests/test_vllm_sync.py, without vLLM). In
+round(W + dW), and W is untouched after repeated syncs (tests/interop/test_vllm_sync.py, without vLLM). In
 the vLLM environment (`make vllm`, benchmarks/vllm_grpo.py) TRL's GRPO with `use_vllm=True,
 vllm_mode="colocate"` runs on the CPU: the vector changes, vLLM's greedy tokens equal the adapted
 model's, and the base weights are bit-exact after the syncs. Two CPU processes under torchrun and
-accelerate launch train one vector (tests/test_distributed.py, without PEFT). Not run here: vLLM
+accelerate launch train one vector (tests/interop/test_distributed.py, without PEFT). Not run here: vLLM
 on a GPU, server mode, bf16 mixed precision, FSDP/DeepSpeed.
 """
 
@@ -54,6 +56,7 @@ import torch
 
 from tinylab import tasks
 from tinylab.adapter.attach import check_adapter
+from tinylab.interop.trl_tracking import point_trl_logging, trl_report_fields, trl_run_name
 from tinylab.model.device import model_device
 from tinylab.train.grpo import GRPOConfig, train_pool
 from tinylab.train.presets import unknown_message
@@ -122,9 +125,13 @@ def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, worl
         top_p=1.0, top_k=0, max_steps=config.steps, seed=config.seed, data_seed=config.seed,
         beta=0.0, epsilon=config.clip if config.clip is not None else 0.2, num_iterations=config.inner_epochs,
         scale_rewards=config.scale_rewards, loss_type="dapo",
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        logging_steps=1, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        **trl_report_fields(config, output_dir),  # report_to passed through: one dashboard for both backends
     )
     from trl import GRPOConfig as TRLGRPOConfig
+
+    if "project" not in TRLGRPOConfig.__dataclass_fields__:  # transformers < 5: W&B and Trackio use their env
+        args.pop("project")
 
     if "activation_checkpointing" in TRLGRPOConfig.__dataclass_fields__:  # transformers >= 5.x name
         args["activation_checkpointing"] = args.pop("gradient_checkpointing")
@@ -334,6 +341,7 @@ def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbac
         if peft:  # the model as it was, without PEFT's modules (the adapter passed in stays removed)
             trained.unload()
         raise
+    point_trl_logging(trainer, config, trl_run_name(config, output_dir))
     if args.use_vllm:
         from tinylab.interop.vllm_sync import use_exact_sync
 

@@ -24,6 +24,7 @@ prompt 1's, ...
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -35,7 +36,8 @@ from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prom
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
 
-__all__ = ["Rollout", "completion_logprobs", "generate", "greedy_from_prefill", "positions_of", "render_prompts",
+__all__ = ["Rollout", "cache_argument", "completion_logprobs", "generate", "greedy_from_prefill", "new_cache",
+           "positions_of", "render_prompts",
            "stop_token_ids"]  # render_prompts: tinylab.model.batch's, re-exported
 
 
@@ -70,6 +72,27 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def new_cache():
+    """An empty KV cache (transformers' `DynamicCache`): the model fills it in place, layer by layer."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which `model`'s forward takes its KV cache: "cache" (transformers >= 5.24,
+    where "past_key_values" is a deprecated alias due to go in 5.40) or "past_key_values" (before).
+    Read from the forward's signature; a forward that names neither (a wrapper taking **kwargs)
+    gets the name of the installed transformers."""
+    parameters = inspect.signature(model.forward).parameters
+    if "cache" in parameters or "past_key_values" in parameters:
+        return "cache" if "cache" in parameters else "past_key_values"
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
+
+
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
 
@@ -92,14 +115,14 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
                     prefilled=None):
     """Prefill the unique prompts once (or take `prefilled`: the cache and last logits [b, V] of
     that prefill, already run), repeat their cache n times, then decode token by token."""
-    from transformers import DynamicCache
-
+    cache_kw = cache_argument(model)
     if prefilled is None:
         keep = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row
         ids, mask = ids[:, keep:], mask[:, keep:]  # [b, p]
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask),
-                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-        prefilled = out.past_key_values, out.logits[:, -1]  # cache, [b, V]
+        cache = new_cache()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), use_cache=True,
+                    logits_to_keep=1, **{cache_kw: cache})
+        prefilled = cache, out.logits[:, -1]  # [b, V]
     cache, logits = prefilled
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -118,8 +141,8 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [b*n, p+t+1]
         position = position + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
-                    use_cache=True)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                    **{cache_kw: cache})
         logits = out.logits[:, -1]  # [b*n, V]
     completion = torch.stack(tokens, dim=1)  # [b*n, l]
     is_stop = torch.isin(completion, stops)  # [b*n, l]
@@ -239,22 +262,19 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
 
 def _shared_prompt_logits(model, input_ids, attention_mask, positions, L, g) -> torch.Tensor:
     """Logits for the last L positions, running each group's shared prompt once."""
-    from transformers import DynamicCache
-
     P = input_ids.shape[1] - L
     prompt_ids, prompt_mask = input_ids[::g, :P], attention_mask[::g, :P]  # [B/G, P]
     if not (torch.equal(input_ids[:, :P], prompt_ids.repeat_interleave(g, dim=0))
             and torch.equal(attention_mask[:, :P], prompt_mask.repeat_interleave(g, dim=0))):
         raise ValueError(f"group_size={g} but rows within a group have different prompts; "
                          "pass group_size=1 or rows in prompt-major order")
-    cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[::g, :P],
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache, cache_kw = new_cache(), cache_argument(model)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[::g, :P], use_cache=True,
+                logits_to_keep=1, **{cache_kw: cache})
     first = out.logits[:, -1:].float().repeat_interleave(g, dim=0)  # [B, 1, V]: predicts completion token 0
     if L == 1:
         return first
-    cache = out.past_key_values
     cache.batch_repeat_interleave(g)
     out = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
-                position_ids=positions[:, P:-1], past_key_values=cache, use_cache=True)
+                position_ids=positions[:, P:-1], use_cache=True, **{cache_kw: cache})
     return torch.cat([first, out.logits.float()], dim=1)  # [B, L, V]

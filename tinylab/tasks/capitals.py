@@ -1,9 +1,23 @@
 """Capital cities: knowledge the embedded model has but buries in verbose replies.
 
-"What is the capital of France? Answer with the city name only." A log-probability probe ranks the
-right capital first before any training (`benchmarks/demo_cpu.py --probe-knowledge`), yet the
-base model answers in sentences, so this task measures whether a few scalars can surface knowledge.
+"What is the capital of France? Answer with the city name only." The base model answers in
+sentences, so this task measures whether a few scalars can surface knowledge
+(`benchmarks/demo_cpu.py --probe-knowledge` shows where the base model ranks the right capital).
 The split is by country: a held-out country is never asked about in training, in any phrasing.
+
+Which countries (`countries`):
+- "common" (the default): `CAPITALS`, 108 well-known countries, split train / test by `split_seed`
+  and `test_fraction`. Every one is in the world set with the same capital (spellings equal up to
+  accents and punctuation, which the reading ignores; "the Czech Republic" is GeoNames' "Czechia").
+- "world": the UN member states from GeoNames (`tinylab.tasks.world_capitals`, 186 countries),
+  split train / validation / test by the committed `capitals_split.json`. Choose recipes on
+  "validation"; score "test" once, at the end.
+
+Which phrasings (`phrasing`): "task" (the default) asks in the task's own templates, the only
+ones training sees; "held_out" asks in other templates (`HELD_OUT_TEMPLATES`: the same
+instruction after a differently worded question), never used by any training prompt. Score a
+trained adapter on `CapitalsTask(countries="world", phrasing="held_out").examples("test")` to
+see whether a gain survives new countries and new wording together.
 
 Reading a reply (case, accents, punctuation and quotes ignored):
 - strict: the first non-empty line is the city (or an accepted alias, e.g. Kiev for Kyiv);
@@ -19,10 +33,14 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from tinylab.tasks.base import EXACT_MATCH, Example, RewardShape, Score
+from tinylab.tasks import world_capitals
+from tinylab.tasks.base import EXACT_MATCH, Example, RewardShape, Score, sample
 from tinylab.tasks.synthetic import SyntheticTask
 
-__all__ = ["ANSWER_TEMPLATES", "CAPITALS", "TEMPLATES", "CapitalAnswerTask", "CapitalsTask"]
+__all__ = [
+    "ANSWER_HELD_OUT_TEMPLATES", "ANSWER_TEMPLATES", "CAPITALS", "COUNTRY_SETS", "HELD_OUT_TEMPLATES", "PHRASINGS",
+    "TEMPLATES", "CapitalAnswerTask", "CapitalsTask",
+]
 
 # (country as it reads after "the capital of", capital, accepted aliases...)
 CAPITALS: tuple[tuple[str, ...], ...] = (
@@ -62,8 +80,17 @@ TEMPLATES = (
     "Name the capital city of {country}. Answer with the city name only.",
     "Which city is the capital of {country}? Answer with the city name only.",
 )
+HELD_OUT_TEMPLATES = (
+    "Tell me the capital of {country}. Answer with the city name only.",
+    "What city serves as the capital of {country}? Answer with the city name only.",
+    "Quick geography question: the capital of {country} is which city? Answer with the city name only.",
+)
 ANSWER_TEMPLATES = tuple(t.replace("Answer with the city name only.", 'End your reply with "Answer: <city>".')
                          for t in TEMPLATES)
+ANSWER_HELD_OUT_TEMPLATES = tuple(
+    t.replace("Answer with the city name only.", 'End your reply with "Answer: <city>".') for t in HELD_OUT_TEMPLATES)
+COUNTRY_SETS = ("common", "world")
+PHRASINGS = ("task", "held_out")
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 _ANSWER_LINE = re.compile(r"answer\s*:[ \t]*(.*)", re.IGNORECASE)
 _STRIP = "\"'`*_.,;:!?()[]{}<> "
@@ -81,10 +108,13 @@ def _key(text: str) -> str:
 
 
 class CapitalsTask(SyntheticTask):
-    """Name a country's capital with the city name only; split by country (40% held out by default).
+    """Name a country's capital with the city name only; split by country.
 
-    `templates`: how the question is phrased, each with `{country}` (None: `default_templates`); every
-    country is asked in every phrasing. `CAPITALS` holds the countries with their aliases.
+    `countries`: "common" (`CAPITALS`, split train / test, 40% test by default) or "world" (186 UN
+    member states, the committed train / validation / test split); see the module docstring.
+    `phrasing`: "task" (`default_templates`) or "held_out" (`held_out_templates`, never trained on).
+    `templates`: your own phrasings, each with `{country}` (instead of `phrasing`); every country is
+    asked in every phrasing.
 
     >>> task = CapitalsTask()
     >>> task.reward(["Paris", "The capital of France is Paris.", "Lyon"], ["Paris", "Paris", "Paris"])
@@ -93,27 +123,71 @@ class CapitalsTask(SyntheticTask):
     [1.0, 0.2]
     >>> task.score("**Kiev**", "Kyiv")
     Score(formatted=True, correct_strict=True, correct_flexible=True, extracted='Kiev')
+    >>> world = CapitalsTask(countries="world", phrasing="held_out")
+    >>> sorted(len(world.examples(s, None, None)) // 3 for s in ("train", "validation", "test"))
+    [28, 56, 102]
     """
 
     name = "capitals"
     max_new_tokens = 16
     default_templates = TEMPLATES
+    held_out_templates = HELD_OUT_TEMPLATES
 
-    def __init__(self, *, templates: tuple[str, ...] | None = None, split_seed: int = 0, test_fraction: float = 0.4,
-                 shape: RewardShape = EXACT_MATCH):
-        templates = self.default_templates if templates is None else templates
+    def __init__(self, *, countries: str = "common", phrasing: str = "task", templates: tuple[str, ...] | None = None,
+                 split_seed: int = 0, test_fraction: float = 0.4, shape: RewardShape = EXACT_MATCH):
+        if countries not in COUNTRY_SETS:
+            raise ValueError(f"countries={countries!r} is not allowed: one of {list(COUNTRY_SETS)}")
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing={phrasing!r} is not allowed: one of {list(PHRASINGS)}")
+        if templates is not None and phrasing != "task":
+            raise ValueError(f"phrasing={phrasing!r} and templates={templates!r}: give one of the two")
+        if countries == "world" and (split_seed, test_fraction) != (0, 0.4):
+            raise ValueError(f"split_seed={split_seed!r}, test_fraction={test_fraction!r}: the world set's split is "
+                             "the committed one (tinylab/tasks/capitals_split.json); leave both at their defaults")
+        if templates is None:
+            templates = self.default_templates if phrasing == "task" else self.held_out_templates
         if isinstance(templates, str) or not templates or any("{country}" not in t for t in templates):
             raise ValueError(f"templates={templates!r} is not allowed: a non-empty tuple of strings with '{{country}}'")
         super().__init__(split_seed=split_seed, test_fraction=test_fraction, shape=shape)
-        self.templates = tuple(templates)
-        self._aliases = {_key(city): (city, *aliases) for _, city, *aliases in CAPITALS}
+        self.countries, self.phrasing, self.templates = countries, phrasing, tuple(templates)
+        if countries == "common":
+            self._rows = [(country, country, city, tuple(aliases)) for country, city, *aliases in CAPITALS]
+        else:
+            self._rows = [(c.code, c.name, c.capital, c.aliases) for c in world_capitals.countries()]
+        self._aliases = {_key(city): (city, *aliases) for _, _, city, aliases in self._rows}
 
     def _groups(self):
         return [
-            (country, [Example([{"role": "user", "content": t.format(country=country)}], city,
-                               self._solution(country, city)) for t in self.templates])
-            for country, city, *_ in CAPITALS
+            (key, [Example([{"role": "user", "content": t.format(country=country)}], city,
+                           self._solution(country, city)) for t in self.templates])
+            for key, country, city, _ in self._rows
         ]
+
+    def _split(self) -> dict[str, list[Example]]:
+        if self.countries == "common":
+            return super()._split()
+        if self._parts is None:
+            groups = dict(self._groups())
+            self._parts = {name: [e for code in codes for e in groups[code]]
+                           for name, codes in world_capitals.split().items()}
+        return self._parts
+
+    def examples(self, split: str = "train", n: int | None = None, seed: int | None = 0) -> list[Example]:
+        """`n` examples of `split` (all when None; a fixed order when `seed` is None): "train" or
+        "test", and "validation" too with `countries="world"`."""
+        parts = self._split()
+        if split not in parts:
+            raise ValueError(f"split={split!r} is not a split of task {self.name!r} with countries={self.countries!r}; "
+                             f"choose one of {[s for s in ('train', 'validation', 'test') if s in parts]}")
+        return sample(parts[split], n, seed, f"{self.name}/{split}")
+
+    def capitals(self) -> list[str]:
+        """The gold capital of every country of the task, in the task's order."""
+        return [city for _, _, city, _ in self._rows]
+
+    def capitals_named(self, completion: str) -> int:
+        """How many of the task's capitals `completion` names (a guard against replies that list cities)."""
+        return sum(self._mentions(completion, city) for city in self.capitals())
 
     def _solution(self, country: str, city: str) -> str:
         """The reference reply for SFT: the city alone."""
@@ -143,12 +217,11 @@ class CapitalAnswerTask(CapitalsTask):
     """Capitals with the answer on a final "Answer: <city>" line, as GSM8K ends with "#### <number>".
 
     'What is the capital of Norway? End your reply with "Answer: <city>".' The base model replies
-    "The capital of Norway is Oslo." and stops: right city, no answer line. Its knowledge is
-    reachable there and hardly earlier: over the 108 capitals, the first token it ranks highest
-    is the right one for 81% of held-out countries right after "The capital of X is", but for 7%
-    at the start of the reply and 28% after "The capital of X is **" (measured with
-    `benchmarks/demo_cpu.py --probe-knowledge`). So a format asking for the city first (as
-    `CapitalsTask` does) buries the knowledge; this one lets the sentence come first.
+    "The capital of Norway is Oslo." and stops: right city, no answer line. Its knowledge is more
+    reachable right after "The capital of X is" than at the start of a reply (`benchmarks/demo_cpu.py
+    --probe-knowledge` prints how often the right capital ranks first in each place). So a format
+    asking for the city first (as `CapitalsTask` does) buries the knowledge; this one lets the
+    sentence come first.
 
     Reading a reply (case, accents, punctuation, quotes and markdown around the city ignored):
     - formatted: an "Answer:" line whose text after the last "Answer:" has 1 to 4 words;
@@ -166,6 +239,7 @@ class CapitalAnswerTask(CapitalsTask):
     split_name = "capitals"  # the same held-out countries as `CapitalsTask`
     max_new_tokens = 24
     default_templates = ANSWER_TEMPLATES
+    held_out_templates = ANSWER_HELD_OUT_TEMPLATES
 
     def _solution(self, country: str, city: str) -> str:
         """The reference reply for SFT: 'The capital of X is Y.' then 'Answer: Y'."""

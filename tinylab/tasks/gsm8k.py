@@ -13,7 +13,7 @@ Reading a reply (both regexes are lm-eval-harness `gsm8k.yaml`'s):
 - correctness compares numbers, not strings: `18.00` equals `18` (Decimal equality), which is what a
   researcher means by a right answer. Strings that are not numbers (`1.2.3`) compare as strings.
 
-Deliberate differences from lm-eval (each pinned by a case in tests/test_gsm8k.py): lm-eval takes
+Deliberate differences from lm-eval (each pinned by a case in tests/tasks/test_gsm8k.py): lm-eval takes
 the *first* `####` match anywhere in the reply, we take the last one within the last 300
 characters (the paper's reward); lm-eval's flexible match can be a digitless run such as `...`
 after the last number, ours skips it; lm-eval compares strings (`18.00` != `18`), we compare numbers.

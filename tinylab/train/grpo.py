@@ -44,6 +44,7 @@ from tinylab.model.device import model_device
 from tinylab.model.generation import completion_logprobs, generate
 from tinylab.train.records import step_log
 from tinylab.train.run import Run, launch, register_loop, step_indices
+from tinylab.train.tracking import check_tracking_fields
 
 __all__ = ["GRPOConfig", "group_advantages", "policy_loss", "train_grpo", "train_pool"]
 
@@ -80,6 +81,17 @@ class GRPOConfig:
     """Also checkpoint every this many steps (0 = only when the run ends or stops)."""
     checkpoint_dir: str | None = None
     """Checkpoint folder; None = a new folder under the tinylab cache (`runs/`)."""
+    report_to: str = "none"
+    """Where each step is also logged: "none", "trackio", "tensorboard" or "wandb" (`tinylab.train.tracking`;
+    the packages: pip install "tinylab[track]")."""
+    project: str = "tinylab"
+    """The tracker's project (Trackio and W&B project; TensorBoard: a folder under `tracking_dir`)."""
+    run_name: str | None = None
+    """The run's name in the tracker; None = the checkpoint folder's name."""
+    run_group: str | None = None
+    """A group of runs in the tracker (Trackio and W&B group; TensorBoard: a subfolder), e.g. one sweep."""
+    tracking_dir: str | None = None
+    """Where the tracker writes; None = its default (Trackio: TRACKIO_DIR, TensorBoard: ./runs, W&B: ./wandb)."""
 
     def __post_init__(self):
         if self.max_new_tokens is not None:
@@ -99,6 +111,7 @@ class GRPOConfig:
         check_number("kl", self.kl, low=0)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
             object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
+        check_tracking_fields(self)
 
 
 def _or_none(check, name: str, value, **bounds) -> None:

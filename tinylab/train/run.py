@@ -43,6 +43,7 @@ from tinylab.train.run_folder import (
     read_state,
     save_run_folder,
 )
+from tinylab.train.tracking import attach_tracking
 
 __all__ = ["LOOPS", "Loop", "Run", "launch", "register_loop", "step_indices"]
 
@@ -100,6 +101,7 @@ class Run:
 
     `run.stop()` may be called from any thread; the loop reads the flag before each step.
     Callbacks are callables taking a StepLog; optional methods `on_start(run)` and `on_end(run)`.
+    With `config.report_to` other than "none", a `tinylab.train.tracking.Tracking` is the first callback.
     """
 
     def __init__(self, kind: str, config, adapter, task_name: str, *, body: Callable[[Run], None] | None = None,
@@ -108,7 +110,7 @@ class Run:
         self.config = config
         self.adapter = adapter
         self.task_name = task_name
-        self.callbacks = list(callbacks)
+        self.callbacks = attach_tracking(list(callbacks), config)  # config.report_to: Trackio, TensorBoard, W&B
         for cb in self.callbacks:
             if not callable(cb):
                 raise TypeError(f"callback {cb!r} is not callable; a callback takes one StepLog")

@@ -1,0 +1,334 @@
+"""What several test files share: toy tasks, planted adapters, and the adapter-file fuzzing harness.
+
+One module, imported by name (`from testkit import WordTask`): pytest puts `tests/` on the path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import struct
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.adapter.file_format import AdapterFileError, load_adapter, read_adapter, save_adapter
+from tinylab.model.tiny import tiny_model
+from tinylab.tasks.base import Example as TaskExample
+
+# ---------------------------------------------------------------------------------------------
+# Toy tasks (the Task protocol, on a tiny model)
+
+
+class Example(NamedTuple):
+    prompt: object
+    answer: str
+    solution: str | None = None
+
+
+class Score(NamedTuple):
+    formatted: bool
+    correct_strict: bool
+    correct_flexible: bool
+    extracted: str | None
+
+
+class WordTask:
+    """Follows the Task protocol; rewards the number of distinct characters (always some spread)."""
+
+    name = "toy"
+    max_new_tokens = 6
+    WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "peach"]
+
+    def __init__(self, nan_on_call: int | None = None):
+        self.calls = 0
+        self.nan_on_call = nan_on_call
+
+    def examples(self, split, n, seed):
+        words = self.WORDS[:6] if split == "train" else self.WORDS[6:]
+        rng = random.Random(seed)
+        words = rng.sample(words, len(words))[:n]  # n=None: all
+        return [Example([{"role": "user", "content": f"Say {w}."}], w, f"{w}.") for w in words]
+
+    def reward(self, completions, answers, **kwargs):
+        self.calls += 1
+        if self.calls == self.nan_on_call:
+            return [math.nan] * len(completions)
+        return [len(set(c)) / 10 for c in completions]
+
+    def score(self, completion, answer):
+        first = completion.strip().split("\n")[0] if completion.strip() else ""
+        return Score(bool(first), first == answer, answer in completion, first or None)
+
+
+class NumberTask:
+    """A tiny task following the Task protocol; its reward varies between samples (reply length)."""
+
+    name = "toy"
+    max_new_tokens = 6
+
+    def examples(self, split="train", n=None, seed=0):
+        n = 8 if n is None else n
+        return [TaskExample([{"role": "user", "content": f"Say the number {i}."}], str(i), f"The number is {i}.")
+                for i in range(n)]
+
+    def reward(self, completions, answers=None, **kwargs):
+        return [float(len(c) % 5) for c in completions]
+
+
+DISTINCT_TASK_SOURCE = '''
+from tinylab.tasks import Example, Score
+
+
+class Distinct:
+    """Reward: distinct characters in the reply / 10 (some spread in every group)."""
+
+    name = "distinct"
+    max_new_tokens = 4
+
+    def examples(self, split, n, seed):
+        words = ["apple", "pear", "plum", "fig", "kiwi", "lime"]
+        return [Example([{"role": "user", "content": f"Say {w}."}], w, f"{w}.") for w in words][:n]
+
+    def reward(self, completions, answers, **kwargs):
+        return [len(set(c)) / 10 for c in completions]
+
+    def score(self, completion, answer):
+        return Score(bool(completion), completion == answer, answer in completion, completion or None)
+'''
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted adapters: updates placed where the tests know they are
+
+
+EXAMPLES = [TaskExample([{"role": "user", "content": f"What is {i} + {i + 1}?"}], str(2 * i + 1)) for i in range(3)]
+EXAMPLES += [TaskExample("Once upon a time", " there was")]
+PLANTED = (1, 2)  # layer, head
+KEY = 1  # the one number that acts
+
+
+def planted_knobs(dtype=torch.float32):
+    """u=3 tied over all 14 modules; every update is zero except q_proj rows of layer 1, head 2, which
+    only number 1 reaches (its P slices for numbers 0 and 2 are zero). Numbers 0 and 2 are non-zero
+    but act on nothing."""
+    model, tokenizer = tiny_model("llama", seed=0, dtype=dtype)
+    adapter = apply_tinylora(model, u=3, n_tie="all")
+    layer, head = PLANTED
+    name = f"model.layers.{layer}.self_attn.q_proj"
+    d = model.model.layers[layer].self_attn.head_dim
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module_name, m in adapter.named_modules():
+            m.U.zero_()
+            if module_name == name:
+                m.U[head * d:(head + 1) * d] = torch.randn(d, m.U.shape[1], generator=g).to(m.U.dtype)  # (d, r)
+                m.P.zero_()
+                m.P[KEY] = torch.eye(m.U.shape[1])  # (r, r): R = v_1 I
+    adapter.set_vector([0.7, 6.0, -0.4])
+    return model, tokenizer, adapter
+
+
+def planted_head(arch="llama", kind="q_proj", layer=1, slot=2, scale=6.0, dtype=torch.float32):
+    """A tiny model whose only non-zero update is on the rows of one head (q) or KV group (k, v) of one layer."""
+    model, tokenizer = tiny_model(arch, seed=0, dtype=dtype)
+    adapter = apply_tinylora(model, n_tie=1, u=1)
+    m = dict(adapter.named_modules())[f"model.layers.{layer}.self_attn.{kind}"]
+    d = model.model.layers[layer].self_attn.head_dim
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        m.U.zero_()
+        m.U[slot * d:(slot + 1) * d] = torch.randn(d, m.U.shape[1], generator=g)  # (d, r) only this head's rows
+        m.P.copy_(torch.eye(m.U.shape[1])[None])  # (1, r, r): R = v * I
+        m.v.fill_(scale)
+    assert (adapter.vector() != 0).sum() == 1
+    return model, tokenizer, adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing the adapter-file loader (tests/adapter/test_file_format_fuzz*.py)
+
+
+BUDGET = {
+    "truncated": 700,  # every cut point of the 6 valid files: exhaustive
+    "wrong_length": 1000,
+    "huge_sizes": 1100,
+    "nan_inf": 1000,
+    "dtype_version": 600,
+    "random_bytes": 1000,
+    "random_bytes_after_magic": 1200,
+    "random_json_header": 1500,
+    "deep_json": 200,
+    "mutated": 1500,
+    "load_foreign_fingerprint": 150,
+    "load_random_config": 400,
+    "load_mutated": 300,
+}
+PARSE_PEAK_BYTES = 16 << 20  # a file is at most 1 MiB; parsing may copy it a few times
+LOAD_PEAK_BYTES = 96 << 20  # the loader allows at most 64 MiB of projections P, plus slack
+TIME_LIMIT_S = 1.0  # CPU seconds of the calling thread per input
+HANG_LIMIT_S = 10.0  # wall seconds per input
+
+COUNTS: Counter = Counter()  # inputs run per strategy in this session
+LOADED: Counter = Counter()  # of which loaded (the rest raised AdapterFileError)
+SLOWEST: dict[str, float] = defaultdict(float)  # CPU seconds of the slowest input
+PEAK: dict[str, int] = defaultdict(int)
+
+FUZZ = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,  # the loader call alone is timed, in measured
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring one call
+
+
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak() -> int:
+    """Set VmHWM (peak RSS) to the current RSS; return the RSS in kB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_kb("VmRSS")
+
+
+class measured:
+    """Count one input; on exit assert the body took < 1 CPU second and raised peak RSS by < `limit` bytes."""
+
+    def __init__(self, strategy: str, limit: int):
+        self.strategy, self.limit = strategy, limit
+
+    def __enter__(self):
+        self.rss = reset_peak()
+        self.start, self.cpu_start = time.perf_counter(), time.thread_time()
+
+    def __exit__(self, *exc):
+        elapsed = time.thread_time() - self.cpu_start
+        wall = time.perf_counter() - self.start
+        grown = (status_kb("VmHWM") - self.rss) * 1024
+        COUNTS[self.strategy] += 1
+        SLOWEST[self.strategy] = max(SLOWEST[self.strategy], elapsed)
+        PEAK[self.strategy] = max(PEAK[self.strategy], grown)
+        assert elapsed < TIME_LIMIT_S, f"{self.strategy}: one input took {elapsed:.3f} s of CPU time"
+        assert wall < HANG_LIMIT_S, f"{self.strategy}: one input took {wall:.1f} s"
+        assert grown < self.limit, f"{self.strategy}: one input raised peak memory by {grown / 2**20:.1f} MiB"
+        return False
+
+
+def parse_file(blob: bytes, path: Path, strategy: str):
+    """read_adapter on `blob`: (config, header, values), checked against the bytes, or the AdapterFileError."""
+    path.write_bytes(blob)
+    with measured(strategy, PARSE_PEAK_BYTES):
+        try:
+            result = read_adapter(path)
+        except AdapterFileError as err:
+            return err
+    LOADED[strategy] += 1
+    config, header, values = result
+    assert isinstance(config, TinyLoRAConfig) and set(header) == {"n", "cfg", "arch", "fp"}
+    assert values.dtype == torch.float32 and values.shape == (header["n"],) and torch.isfinite(values).all()
+    assert header["n"] % config.u == 0
+    (header_len,) = struct.unpack("<H", blob[6:8])
+    assert len(blob) == 8 + header_len + header["n"] * (4 if blob[5] == 0 else 2)
+    return result
+
+
+def load_file(model, blob: bytes, path: Path, strategy: str):
+    """load_adapter on `blob`: a success gives exactly the file's vector, a refusal attaches nothing."""
+    path.write_bytes(blob)
+    with measured(strategy, LOAD_PEAK_BYTES):
+        try:
+            adapter = load_adapter(model, path)
+        except AdapterFileError as err:
+            assert not find_adapter(model), "a refused file left an adapter attached"
+            return err
+    LOADED[strategy] += 1
+    try:
+        config, header, values = read_adapter(path)
+        assert adapter.config == config and adapter.num_params == header["n"]
+        assert torch.equal(adapter.vector(), values)
+    finally:
+        adapter.remove()
+    return adapter
+
+
+def fuzz(strategy: str, test, *args) -> None:
+    """Run the hypothesis `test` for BUDGET[strategy] inputs and check that they all ran."""
+    before = COUNTS[strategy]
+    settings(FUZZ, max_examples=BUDGET[strategy])(test)(*args)
+    ran = COUNTS[strategy] - before
+    assert ran >= BUDGET[strategy], f"{strategy}: ran {ran} < {BUDGET[strategy]} inputs"
+    print(f"\n{strategy:26s} {ran:6d} inputs, {LOADED[strategy]:5d} loaded, "
+          f"slowest {SLOWEST[strategy] * 1e3:7.2f} ms CPU, peak +{PEAK[strategy] / 2**20:5.1f} MiB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid files to start from
+
+
+def blob_of(header, payload: bytes, *, dtype: int = 0, version: int = 1) -> bytes:
+    h = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    return b"TLRA" + struct.pack("<BBH", version, dtype, len(h)) + h + payload
+
+
+def split_blob(blob: bytes) -> tuple[dict, bytes]:
+    (header_len,) = struct.unpack("<H", blob[6:8])
+    return json.loads(blob[8 : 8 + header_len]), blob[8 + header_len :]
+
+
+CONFIGS = [
+    (TinyLoRAConfig(u=13, n_tie="all"), "fp32"),
+    (TinyLoRAConfig(u=13, n_tie="all"), "bf16"),
+    (TinyLoRAConfig(), "fp32"),
+    (TinyLoRAConfig(u=2, n_tie=2, tie="structured"), "bf16"),
+    (TinyLoRAConfig(r=4, u=3, layers=(1,), targets=("q_proj", "v_proj")), "fp32"),
+    (TinyLoRAConfig(u=1, n_tie=7, svd="lowrank", seed=5), "fp32"),
+]
+
+
+def make_corpus(tiny, folder: Path) -> list[bytes]:
+    """Valid files for the tiny llama (seed 0): fp32 and bf16, tied and untied, both tying styles."""
+    blobs = []
+    for i, (config, dtype) in enumerate(CONFIGS):
+        adapter = apply_tinylora(tiny, config)
+        adapter.set_vector(torch.randn(adapter.num_params, generator=torch.Generator().manual_seed(i)))
+        blobs.append(save_adapter(adapter, folder / f"{i}.tlra", dtype=dtype).read_bytes())
+        adapter.remove()
+    return blobs
+
+
+@st.composite
+def mutated(draw, corpus):
+    """A valid file with 1-8 random bit flips, byte overwrites, insertions or deletions."""
+    blob = bytearray(draw(st.sampled_from(corpus)))
+    for _ in range(draw(st.integers(1, 8))):
+        op = draw(st.sampled_from(["flip", "set", "insert", "delete"]))
+        i = draw(st.integers(0, max(0, len(blob) - 1)))
+        if op == "insert":
+            blob[i:i] = draw(st.binary(min_size=1, max_size=4))
+        elif not blob:
+            continue
+        elif op == "flip":
+            blob[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set":
+            blob[i] = draw(st.integers(0, 255))
+        else:
+            del blob[i : i + draw(st.integers(1, 4))]
+    return bytes(blob)
