@@ -109,7 +109,7 @@ bench: setup
 	$(BENCH)/demo_cpu.py --threads 1 --budget-min 25 --save test-output/demo
 	$(BENCH)/heads.py --threads 1 test-output/demo/seed0.tlra
 	$(BENCH)/knowledge.py --jobs 2
-	$(BENCH)/merge_precision.py
+	$(BENCH)/merge_precision.py --threads 1
 
 # A clean venv gets pyproject's ranges ([$(LOCK_EXTRAS)], the newest versions allowed), torch's CPU
 # build and the embedded model; pip freeze of it is the lock. Takes a few minutes (downloads).

@@ -15,8 +15,7 @@ vector (PEFT's TinyLoRA under TRL), then checks, each a failure (exit 1) when it
 
 Recorded beside it: TRL's own merge -> push -> unmerge iterator run --passes (5) times on the
 same model (nothing pushed), and the largest drift it leaves in W (W is restored afterwards).
-Output printed and written to --out (benchmarks/results/vllm_grpo.txt) with date, commit, machine
-and command. Run: .venv-vllm/bin/python benchmarks/vllm_grpo.py
+Everything printed also goes to benchmarks/results/vllm_grpo.txt (benchmarks/results_file.py). Run: .venv-vllm/bin/python benchmarks/vllm_grpo.py
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -35,9 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from vllm_serving import Report, header, replies  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
+from vllm_serving import Report, replies, versions  # noqa: E402
 
 WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "peach"]
 
@@ -65,18 +62,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--passes", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vllm_grpo.txt")
+    add_results_option(parser, "vllm_grpo")
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(1)
-    report = Report(args.out)
+    report = Report()
+    report(versions())
     try:
         run(args, report)
-    except Exception as err:
+    except Exception as err:  # recorded in the results file, then the run fails
         report(f"FAILED: {type(err).__name__}: {err}")
         report.failures.append(type(err).__name__)
-    report(f"result: {'FAIL (' + ', '.join(report.failures) + ')' if report.failures else 'PASS'}")
-    report.write(header(argv))
-    return 1 if report.failures else 0
+    return report.finish()
 
 
 def expect(report, what: str, ok: bool) -> None:
@@ -120,6 +116,9 @@ def run(args, report) -> None:
                            use_vllm=True, vllm_mode="colocate")
     report(f"trainer with colocated vLLM built in {time.perf_counter() - start:.1f} s "
            f"(u=13, n_tie='all', PEFT TinyLoRA; GRPO {config.prompts_per_step} prompts x {config.group_size})")
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # TRL's per-step log dicts: the checks below are the output
     generation = trainer.vllm_generation
     llm = generation.llm
 
@@ -181,4 +180,8 @@ def trl_drift(generation, peft, passes: int) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    import vllm  # noqa: F401  (before the results file takes stdout: vLLM's log lines stay off it)
+
+    with results_file(results_name("vllm_grpo")):
+        code = main(sys.argv)
+    sys.exit(code)
