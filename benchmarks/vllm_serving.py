@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # vLLM's log lines off the results file
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # one thread (OMP_NUM_THREADS), no pinning
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
