@@ -96,3 +96,13 @@ def test_every_benchmark_writes_its_results_file_and_make_runs_it():
     skipped = [p.name for p in scripts if f"$(BENCH)/{p.name}" not in recipes["bench"]
                and f"benchmarks/{p.name}" not in recipes["vllm"]]  # the vLLM checks run in their own venv
     assert not skipped, f"neither make bench nor make vllm runs {skipped}"
+
+
+def test_every_results_file_says_when_where_and_how_it_ran():
+    # the header lines results_file writes (hand-assembled files of earlier runs carry the same four)
+    files = sorted((REPO / "benchmarks" / "results").glob("*.txt"))
+    assert files
+    lacking = {p.name: [key for key in ("date", "commit", "machine", "command")
+                        if not any(line.startswith(f"# {key}: ") for line in p.read_text().splitlines()[:8])]
+               for p in files}
+    assert not {name: keys for name, keys in lacking.items() if keys}, lacking
