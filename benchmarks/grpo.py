@@ -13,7 +13,8 @@ maps), 4 prompts x 8 completions, up to 16 new tokens, a reward that is random p
    installed), same seed so the same prompts, completions and updates; seconds per step counted
    from one step's callbacks to the next, so the tracker's logging is inside        goal <= 1.02
    Also printed: the tracker's own seconds per step (inside its callback) over the step, and the
-   one-off seconds to open and close it. Written to benchmarks/results/grpo_tracking.txt too.
+   one-off seconds to open and close it. With --tracking-only, only this, into
+   benchmarks/results/grpo_tracking.txt (else everything goes to grpo.txt).
 
 Usage: .venv/bin/python benchmarks/grpo.py [--steps 4] [--threads 2] [--tracking-only]
      [--device auto|cpu|cuda|cuda:1|mps] [--dtype auto|float32|bfloat16|float16]
@@ -29,9 +30,9 @@ import hashlib
 import importlib.util
 import os
 import statistics
+import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -48,8 +49,6 @@ from tinylab.tasks.base import completion_text  # noqa: E402
 from tinylab.tasks.capitals import CapitalsTask  # noqa: E402
 from tinylab.train.grpo import GRPOConfig, train_grpo  # noqa: E402
 from tinylab.train.tracking import Tracking  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results" / "grpo_tracking.txt"
 
 
 class RandomReward(CapitalsTask):
@@ -184,10 +183,7 @@ def main():
     os.environ["WANDB_MODE"] = "offline"  # benchmark runs are not uploaded anywhere
     with tempfile.TemporaryDirectory(prefix="bench-tracking-") as folder:
         tracking = tracking_cost(model, tokenizer, adapter, task, config, backends, folder)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text("\n".join(["$ python benchmarks/grpo.py (ratio 4: experiment tracking)", header, *tracking,
-                                   ""]))
-    if args.tracking_only:
+    if args.tracking_only:  # its own results file, grpo_tracking.txt (see __main__)
         print(header)
         print("\n".join(tracking))
         return
@@ -245,5 +241,5 @@ def main():
 
 
 if __name__ == "__main__":
-    with results_file(results_name("grpo")):
+    with results_file(results_name("grpo_tracking" if "--tracking-only" in sys.argv else "grpo")):
         main()

@@ -22,44 +22,28 @@ embedded SmolLM2-135M-Instruct:
    (replies of the merged model identical to the unmerged one's; of the unmerged bf16 model to the
    float32 one's; replies the update changes vs the base).
 
-Everything printed is also written to --out (benchmarks/results/merge_precision.txt) with the
-date, commit, machine and command. Run: .venv/bin/python benchmarks/merge_precision.py
+Everything printed is also written to benchmarks/results/merge_precision.txt (`--results NAME`;
+benchmarks/results_file.py) with the date, commit, machine and command. Run: .venv/bin/python benchmarks/merge_precision.py
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab import SFTConfig, apply_tinylora, load_model, plan_budget, train_sft  # noqa: E402
 from tinylab.interop.vllm_sync import merged_weights  # noqa: E402
 from tinylab.model.generation import completion_logprobs, generate  # noqa: E402
 from tinylab.tasks import CapitalsTask  # noqa: E402
-
-
-def header(argv: list[str]) -> list[str]:
-    root = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return [f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-            f"commit: {commit}{' (uncommitted changes)' if dirty else ''}",
-            f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f}",
-            f"command: {' '.join(shlex.quote(a) for a in ['python', *argv])}"]
 
 
 @torch.no_grad()
@@ -140,14 +124,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "merge_precision.txt")
+    add_results_option(parser, "merge_precision")
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(args.threads)
-    lines = []
 
     def report(line=""):
         print(line, flush=True)
-        lines.append(line)
 
     start = time.perf_counter()
     fp32, tok = load_model(device="cpu", dtype="float32")
@@ -165,10 +147,10 @@ def main(argv: list[str]) -> int:
     for budget in args.budgets:
         one_budget(args, budget, fp32, bf16, merged, tok, task, prompts, report)
     report(f"(total {time.perf_counter() - start:.0f} s)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header(argv) + [""] + lines) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    with results_file(results_name("merge_precision")):
+        code = main(sys.argv)
+    sys.exit(code)

@@ -15,8 +15,8 @@ vector (PEFT's TinyLoRA under TRL), then checks, each a failure (exit 1) when it
 
 Recorded beside it: TRL's own merge -> push -> unmerge iterator run --passes (5) times on the
 same model (nothing pushed), and the largest drift it leaves in W (W is restored afterwards).
-Output printed and written to --out (benchmarks/results/vllm_grpo.txt) with date, commit, machine
-and command. Run: .venv-vllm/bin/python benchmarks/vllm_grpo.py
+Output printed and written to benchmarks/results/vllm_grpo.txt (`--results NAME`;
+benchmarks/results_file.py) with date, commit, machine and command. Run: .venv-vllm/bin/python benchmarks/vllm_grpo.py
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllm_serving import Report, header, replies  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
+from vllm_serving import Report, replies, versions  # noqa: E402
 
 WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "peach"]
 
@@ -65,17 +66,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--passes", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vllm_grpo.txt")
+    add_results_option(parser, "vllm_grpo")
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(1)
-    report = Report(args.out)
+    report = Report()
     try:
+        report(versions())
         run(args, report)
     except Exception as err:
         report(f"FAILED: {type(err).__name__}: {err}")
         report.failures.append(type(err).__name__)
     report(f"result: {'FAIL (' + ', '.join(report.failures) + ')' if report.failures else 'PASS'}")
-    report.write(header(argv))
     return 1 if report.failures else 0
 
 
@@ -181,4 +182,6 @@ def trl_drift(generation, peft, passes: int) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    with results_file(results_name("vllm_grpo")):  # written also when a check fails (main returns 1)
+        code = main(sys.argv)
+    sys.exit(code)

@@ -23,8 +23,8 @@ on the embedded SmolLM2-135M-Instruct in float32, one compute thread for each si
    to --new-tokens (48) tokens, rows cycling over the mixed batch's prompts and adapters, through
    vLLM and through the bank, rounds interleaved, medians, and the ratio vLLM / bank.
 
-Everything printed is also written to --out (benchmarks/results/vllm_serving.txt) with the date,
-commit, machine and command. `if __name__ == "__main__":` is required: vLLM spawns its engine.
+Everything printed is also written to benchmarks/results/vllm_serving.txt (`--results NAME`;
+benchmarks/results_file.py) with the date, commit, machine and command. `if __name__ == "__main__":` is required: vLLM spawns its engine.
 Run: .venv-vllm/bin/python benchmarks/vllm_serving.py [--prompts 8] [--rounds 3]
 """
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -46,20 +45,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 TOPICS = ["Paris", "the ocean", "a bicycle", "coffee", "winter", "the moon", "a library", "chess", "rivers",
           "bread", "a volcano", "trains"]
 
 
 class Report:
-    """Lines printed as they come and written to a results file at the end (also after a failure)."""
+    """Lines printed as they come (results_file keeps them in the results file, also after a failure:
+    `main` records the failure and returns its exit code)."""
 
-    def __init__(self, path: Path):
-        self.path, self.lines, self.failures = path, [], []
+    def __init__(self):
+        self.failures = []
 
     def __call__(self, line: str = "") -> None:
         print(line, flush=True)
-        self.lines.append(line)
 
     def check(self, what: str, ours: list[list[int]], theirs: list[list[int]]) -> None:
         same = sum(a == b for a, b in zip(ours, theirs))
@@ -67,30 +67,13 @@ class Report:
         if same != len(ours) or len(ours) != len(theirs):
             self.failures.append(what)
 
-    def write(self, header: list[str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("\n".join(header + [""] + self.lines) + "\n")
 
-
-def header(argv: list[str]) -> list[str]:
-    import platform
-    import subprocess
-
+def versions() -> str:
+    """The versions the results depend on beyond torch (which the results file's header names)."""
     import transformers
     import vllm
 
-    root = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    return [f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", f"commit: {commit}{' (uncommitted changes)' if dirty else ''}",
-            f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), "
-            f"load average {os.getloadavg()[0]:.2f}",
-            f"versions: vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
-            f"command: {' '.join(shlex.quote(a) for a in ['python', *argv])}"]
+    return f"versions: vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def replies(rollout) -> list[list[int]]:
@@ -186,17 +169,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--norm", type=float, default=0.5, help="|v| of the strong adapters")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vllm_serving.txt")
+    add_results_option(parser, "vllm_serving")
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(1)
-    report = Report(args.out)
+    report = Report()
     try:
+        report(versions())
         run(args, report)
     except Exception as err:  # recorded in the results file, then the run fails
         report(f"FAILED: {type(err).__name__}: {err}")
         report.failures.append(type(err).__name__)
     report(f"result: {'FAIL (' + ', '.join(report.failures) + ')' if report.failures else 'PASS'}")
-    report.write(header(argv))
     return 1 if report.failures else 0
 
 
@@ -284,4 +267,6 @@ def _rank16(setup, folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    with results_file(results_name("vllm_serving")):  # written also when a check fails (main returns 1)
+        code = main(sys.argv)
+    sys.exit(code)
