@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
 # What the lock holds: pyproject's dependencies and these extras (every extra but scale: vLLM and
 # DeepSpeed want CUDA builds or an environment of their own, docs/scaling.md), the embedded model.
-LOCK_EXTRAS := lab,dev,eval,track
+LOCK_EXTRAS := lab,dev,eval,track,wandb
 # The CPU build of torch 2.13.0 lies on the CI machines' disk: `pip install torch==2.13.0` takes it
 # (uv does not look there). The lock records it as torch==2.13.0.
 TORCH_SPEC := torch==2.13.0

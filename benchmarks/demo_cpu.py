@@ -234,7 +234,7 @@ def print_report(payload: dict) -> None:
     print(f"capitals_answer, world set, {args['split']}: exact-match reward (format credit {args['format_credit']:g}), "
           f"lr {args['lr']:g}, {args['prompts']} prompts x {args['group']} samples, temperature {args['temperature']:g}, "
           f"clip {args['clip']} x {args['inner_epochs']} updates per batch, at most {args['steps']} steps or "
-          f"{args['budget_min']:g} min of {args['budget_clock']} time per seed, v chosen on training prompts every {args['select_every']} steps; "
+          f"{args['budget_min']:g} min of {args.get('budget_clock', 'wall')} time per seed, v chosen on training prompts every {args['select_every']} steps; "
           f"{args['jobs']} processes, {args['threads']} torch thread(s) each")
     print("knowledge strata (base model's probability of the capital after 'The capital of X is'), countries:")
     print("\n".join(protocol.strata_lines(payload["strata"])))

@@ -22,8 +22,8 @@ embedded SmolLM2-135M-Instruct:
    (replies of the merged model identical to the unmerged one's; of the unmerged bf16 model to the
    float32 one's; replies the update changes vs the base).
 
-Everything printed also goes to benchmarks/results/merge_precision.txt (benchmarks/results_file.py).
-Run: .venv/bin/python benchmarks/merge_precision.py --threads 1
+Everything printed is also written to benchmarks/results/merge_precision.txt (`--results NAME`;
+benchmarks/results_file.py) with the date, commit, machine and command. Run: .venv/bin/python benchmarks/merge_precision.py
 """
 
 from __future__ import annotations
@@ -127,7 +127,9 @@ def main(argv: list[str]) -> int:
     add_results_option(parser, "merge_precision")
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(args.threads)
-    report = print
+
+    def report(line=""):
+        print(line, flush=True)
 
     start = time.perf_counter()
     fp32, tok = load_model(device="cpu", dtype="float32")

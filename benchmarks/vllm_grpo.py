@@ -15,7 +15,8 @@ vector (PEFT's TinyLoRA under TRL), then checks, each a failure (exit 1) when it
 
 Recorded beside it: TRL's own merge -> push -> unmerge iterator run --passes (5) times on the
 same model (nothing pushed), and the largest drift it leaves in W (W is restored afterwards).
-Everything printed also goes to benchmarks/results/vllm_grpo.txt (benchmarks/results_file.py). Run: .venv-vllm/bin/python benchmarks/vllm_grpo.py
+Output printed and written to benchmarks/results/vllm_grpo.txt (`--results NAME`;
+benchmarks/results_file.py) with date, commit, machine and command. Run: .venv-vllm/bin/python benchmarks/vllm_grpo.py
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # vLLM's log lines off the results file
@@ -34,6 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 from vllm_serving import Report, replies, versions  # noqa: E402
 
@@ -67,13 +71,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(1)
     report = Report()
-    report(versions())
     try:
+        report(versions())
         run(args, report)
-    except Exception as err:  # recorded in the results file, then the run fails
+    except Exception as err:
         report(f"FAILED: {type(err).__name__}: {err}")
         report.failures.append(type(err).__name__)
-    return report.finish()
+    report(f"result: {'FAIL (' + ', '.join(report.failures) + ')' if report.failures else 'PASS'}")
+    return 1 if report.failures else 0
 
 
 def expect(report, what: str, ok: bool) -> None:
@@ -181,8 +186,6 @@ def trl_drift(generation, peft, passes: int) -> float:
 
 
 if __name__ == "__main__":
-    import vllm  # noqa: F401  (before the results file takes stdout: vLLM's log lines stay off it)
-
-    with results_file(results_name("vllm_grpo")):
+    with results_file(results_name("vllm_grpo")):  # written also when a check fails (main returns 1)
         code = main(sys.argv)
     sys.exit(code)

@@ -23,8 +23,8 @@ on the embedded SmolLM2-135M-Instruct in float32, one compute thread for each si
    to --new-tokens (48) tokens, rows cycling over the mixed batch's prompts and adapters, through
    vLLM and through the bank, rounds interleaved, medians, and the ratio vLLM / bank.
 
-Everything printed also goes to benchmarks/results/vllm_serving.txt (benchmarks/results_file.py:
-date, commit, machine, command). `if __name__ == "__main__":` is required: vLLM spawns its engine.
+Everything printed is also written to benchmarks/results/vllm_serving.txt (`--results NAME`;
+benchmarks/results_file.py) with the date, commit, machine and command. `if __name__ == "__main__":` is required: vLLM spawns its engine.
 Run: .venv-vllm/bin/python benchmarks/vllm_serving.py [--prompts 8] [--rounds 3]
 """
 
@@ -53,7 +53,8 @@ TOPICS = ["Paris", "the ocean", "a bicycle", "coffee", "winter", "the moon", "a 
 
 
 class Report:
-    """Lines printed as they come (benchmarks/results_file.py keeps them), and the failed checks."""
+    """Lines printed as they come (results_file keeps them in the results file, also after a failure:
+    `main` records the failure and returns its exit code)."""
 
     def __init__(self):
         self.failures = []
@@ -67,12 +68,9 @@ class Report:
         if same != len(ours) or len(ours) != len(theirs):
             self.failures.append(what)
 
-    def finish(self) -> int:
-        self(f"result: {'FAIL (' + ', '.join(self.failures) + ')' if self.failures else 'PASS'}")
-        return 1 if self.failures else 0
-
 
 def versions() -> str:
+    """The versions the results depend on beyond torch (which the results file's header names)."""
     import transformers
     import vllm
 
@@ -176,13 +174,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(1)
     report = Report()
-    report(versions())
     try:
+        report(versions())
         run(args, report)
     except Exception as err:  # recorded in the results file, then the run fails
         report(f"FAILED: {type(err).__name__}: {err}")
         report.failures.append(type(err).__name__)
-    return report.finish()
+    report(f"result: {'FAIL (' + ', '.join(report.failures) + ')' if report.failures else 'PASS'}")
+    return 1 if report.failures else 0
 
 
 def run(args, report) -> None:
@@ -269,8 +268,6 @@ def _rank16(setup, folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    import vllm  # noqa: F401  (before the results file takes stdout: vLLM's log lines stay off it)
-
-    with results_file(results_name("vllm_serving")):
+    with results_file(results_name("vllm_serving")):  # written also when a check fails (main returns 1)
         code = main(sys.argv)
     sys.exit(code)

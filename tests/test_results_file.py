@@ -82,7 +82,7 @@ def test_a_run_that_fails_before_printing_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_every_benchmark_writes_its_results_file_and_make_bench_runs_it():
+def test_every_benchmark_writes_its_results_file_and_make_runs_it():
     # each script under benchmarks/ (a file run as __main__; modules the scripts share aside) opens a results
     # file around what it prints
     scripts = sorted(p for p in (REPO / "benchmarks").glob("*.py")
@@ -91,7 +91,18 @@ def test_every_benchmark_writes_its_results_file_and_make_bench_runs_it():
     lacking = [p.name for p in scripts
                if not all(call in p.read_text() for call in ("results_file(", "results_name(", "add_results_option("))]
     assert not lacking, f"these benchmarks write no results file: {lacking}"
-    bench = (REPO / "Makefile").read_text().split("\nbench:")[1].split("\n\n")[0]
-    vllm = (REPO / "Makefile").read_text().split("\nvllm:")[1].split("\n\n")[0]  # scripts of the vLLM environment
-    skipped = [p.name for p in scripts if f"$(BENCH)/{p.name}" not in bench and f"benchmarks/{p.name}" not in vllm]
+    makefile = (REPO / "Makefile").read_text()
+    recipes = {target: makefile.split(f"\n{target}:")[1].split("\n\n")[0] for target in ("bench", "vllm")}
+    skipped = [p.name for p in scripts if f"$(BENCH)/{p.name}" not in recipes["bench"]
+               and f"benchmarks/{p.name}" not in recipes["vllm"]]  # the vLLM checks run in their own venv
     assert not skipped, f"neither make bench nor make vllm runs {skipped}"
+
+
+def test_every_results_file_says_when_where_and_how_it_ran():
+    # the header lines results_file writes (hand-assembled files of earlier runs carry the same four)
+    files = sorted((REPO / "benchmarks" / "results").glob("*.txt"))
+    assert files
+    lacking = {p.name: [key for key in ("date", "commit", "machine", "command")
+                        if not any(line.startswith(f"# {key}: ") for line in p.read_text().splitlines()[:8])]
+               for p in files}
+    assert not {name: keys for name, keys in lacking.items() if keys}, lacking

@@ -8,14 +8,13 @@ import glob
 import json
 import math
 import os
-import random
 import struct
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
+import testkit
 import torch
 
 from tinylab.adapter.attach import apply_tinylora
@@ -26,37 +25,11 @@ from tinylab.train.sft import SFTConfig, train_sft
 from tinylab.train.tracking import TRL_NAMES, Tracking, step_metrics
 
 
-class Example(NamedTuple):
-    prompt: object
-    answer: str
-    solution: str | None = None
-
-
-class Score(NamedTuple):
-    formatted: bool
-    correct_strict: bool
-    correct_flexible: bool
-    extracted: str | None
-
-
-class WordTask:
-    """Rewards the number of distinct characters of a reply: every group has spread, so v moves."""
+class WordTask(testkit.WordTask):
+    """testkit's word task (distinct characters rewarded: every group has spread, so v moves), shorter replies."""
 
     name = "words"
     max_new_tokens = 4
-    WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "peach"]
-
-    def examples(self, split, n, seed):
-        words = self.WORDS[:6] if split == "train" else self.WORDS[6:]
-        words = random.Random(seed).sample(words, len(words))[:n]
-        return [Example([{"role": "user", "content": f"Say {w}."}], w, f"{w}.") for w in words]
-
-    def reward(self, completions, answers, **kwargs):
-        return [len(set(c)) / 10 for c in completions]
-
-    def score(self, completion, answer):
-        first = completion.strip().split("\n")[0] if completion.strip() else ""
-        return Score(bool(first), first == answer, answer in completion, first or None)
 
 
 CONFIG = GRPOConfig(prompts_per_step=2, group_size=3, max_new_tokens=4, lr=0.05, steps=2, seed=0, clip=0.2)

@@ -23,10 +23,10 @@ corrected estimate, 0 when a margin of the 2x2 table is empty):
     high = diff + sqrt((u2 - after)^2 - 2 phi (u2 - after)(before - l1) + (before - l1)^2)
 
 It stays inside [-1, 1] and keeps a width where the data sit at the boundary: 20 examples that all
-went wrong -> right give +100 points with the interval [+77.2, +100], not a single point. Until
-issue 25 this module gave a paired percentile bootstrap instead (with `n_boot` and `seed`
-arguments), which collapses to zero width whenever every changed example changed the same way or
-none changed.
+went wrong -> right give +100 points with the interval [+77.2, +100], not a single point. Earlier
+versions of this module gave a paired percentile bootstrap instead (with `n_boot` and `seed`
+arguments, now gone), which collapses to zero width whenever every changed example changed the same
+way or none changed; results saved by them (notebook outputs, older results files) show its intervals.
 """
 
 from __future__ import annotations
@@ -106,9 +106,7 @@ def _wilson(right: int, n: int) -> tuple[float, float]:
 
 def _newcombe_interval(both: int, lost: int, gained: int, neither: int) -> tuple[float, float]:
     """Newcombe's method-10 95% interval for `after - before` from the paired 2x2 table: `both` right
-    before and after, `lost` right only before, `gained` right only after, `neither` right.
-
-    """
+    before and after, `lost` right only before, `gained` right only after, `neither` right."""
     n = both + lost + gained + neither
     before, after = (both + lost) / n, (both + gained) / n
     l1, u1 = _wilson(both + lost, n)
@@ -117,10 +115,10 @@ def _newcombe_interval(both: int, lost: int, gained: int, neither: int) -> tuple
     cross = both * neither - lost * gained  # > 0: the outcomes agree more often than chance would
     corrected = cross - n / 2 if cross > n / 2 else 0.0 if cross >= 0 else cross
     phi = corrected / math.sqrt(margins) if margins else 0.0
-    down, up = after - l2, u1 - before  # how far `after` can fall, how far `before` can rise
-    low = (after - before) - math.sqrt(max(0.0, down**2 - 2 * phi * down * up + up**2))
-    up, down = u2 - after, before - l1
-    high = (after - before) + math.sqrt(max(0.0, up**2 - 2 * phi * up * down + down**2))
+    after_down, before_up = after - l2, u1 - before  # the two ways diff can be smaller
+    after_up, before_down = u2 - after, before - l1  # the two ways it can be larger
+    low = (after - before) - math.sqrt(max(0.0, after_down**2 - 2 * phi * after_down * before_up + before_up**2))
+    high = (after - before) + math.sqrt(max(0.0, after_up**2 - 2 * phi * after_up * before_down + before_down**2))
     return max(-1.0, low), min(1.0, high)
 
 

@@ -45,7 +45,7 @@ class SFTConfig:
     """Checkpoint folder; None = a new folder under the tinylab cache (`runs/`)."""
     report_to: str = "none"
     """Where each step is also logged: "none", "trackio", "tensorboard" or "wandb" (`tinylab.train.tracking`;
-    the packages: pip install "tinylab[track]")."""
+    the packages: pip install "tinylab[track]", for W&B "tinylab[wandb]")."""
     project: str = "tinylab"
     """The tracker's project (Trackio and W&B project; TensorBoard: a folder under `tracking_dir`)."""
     run_name: str | None = None

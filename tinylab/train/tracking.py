@@ -35,6 +35,7 @@ training.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -221,7 +222,7 @@ def check_installed(report_to: str, directory: str | os.PathLike | None = None) 
         trackio_dir(directory)
     elif report_to != "none":
         try:
-            __import__(report_to)  # the package is named as the tool: tensorboard, wandb
+            importlib.import_module(report_to)  # the package is named as the tool: tensorboard, wandb
         except ImportError as err:
             raise _missing(report_to, report_to, err) from None
 
