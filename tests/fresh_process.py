@@ -34,6 +34,9 @@ def pytest_runtest_protocol(item, nextitem):
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     for report in run_fresh(item):
         item.ihook.pytest_runtest_logreport(report=report)
+    # the item ran in the child; here, tear down what the next item does not share (as pytest's own
+    # protocol does after each item), so a folder set up for earlier tests is not left on the stack
+    item.session._setupstate.teardown_exact(nextitem)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
 

@@ -43,7 +43,8 @@ def test_two_processes_train_one_vector_and_rank_0_writes(tmp_path, launcher):
     assert ranks[0][1] == str(out) and ranks[1][1] == "nothing"  # only rank 0 writes
     vector = ranks[0][2]
     assert ranks[1][2] == vector and any(x != 0 for x in vector)  # one vector, changed from zero
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.tlra", "config.json", "history.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.tlra", "comparison.csv", "comparison.json",
+                                                      "comparison.txt", "config.json", "history.csv"]
     config = json.loads((out / "config.json").read_text())
     assert (config["world_size"], config["backend"], config["training"]["steps"]) == (2, "trl", 2)
     assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 2  # header + 2 steps
