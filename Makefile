@@ -34,7 +34,7 @@ export TINYLAB_GSM8K ?= $(abspath $(wildcard ../shared/data/gsm8k))
 QUICK := TINYLAB_QUICK=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 NBVAL := --nbval-lax --nbval-current-env --sanitize-with notebooks/sanitize.cfg
 
-.PHONY: setup browser-deps test unit notebooks browser lint lab lab-browser bench lock clean vllm-env vllm vllm-lock
+.PHONY: setup browser-deps test unit notebooks browser lint lab lab-browser bench capitals-bench lock clean vllm-env vllm vllm-lock
 # `make -j` must not run the test steps side by side (they share the 2 cores and the model cache)
 .NOTPARALLEL:
 
@@ -102,14 +102,38 @@ bench: setup
 	$(BENCH)/evaluate.py --threads 1
 	$(BENCH)/evaluate.py --threads 1 --harness --n 20
 	$(BENCH)/grpo.py --threads 1
+	$(BENCH)/grpo.py --threads 1 --tracking-only
 	$(BENCH)/importance.py --threads 1
 	$(BENCH)/base_rates.py --threads 1
 	$(BENCH)/knobs.py --threads 1
 	$(BENCH)/bank.py --threads 1
-	$(BENCH)/demo_cpu.py --threads 1 --budget-min 25 --save test-output/demo
+	$(MAKE) --no-print-directory capitals-bench
 	$(BENCH)/heads.py --threads 1 test-output/demo/seed0.tlra
-	$(BENCH)/knowledge.py --jobs 2
 	$(BENCH)/merge_precision.py --threads 1
+
+# The capitals protocol (issue 25): recipes compared on the validation countries, 2 seeds each
+# (recipe_choice.py picks one), then the chosen recipe scored once on the test countries, 3 seeds.
+# KNOWLEDGE_RECIPES / DEMO_RECIPES: name -> the script's flags; *_CHOSEN: the one recipe_choice.py chose.
+KNOWLEDGE_RECIPES := lr5e-3= lr2e-3=--lr%2e-3 lr1e-2=--lr%1e-2 on-policy=--inner-epochs%1
+KNOWLEDGE_CHOSEN := lr5e-3=
+DEMO_RECIPES := two-updates= on-policy=--inner-epochs%1
+DEMO_CHOSEN := two-updates=
+VALIDATION := test-output/validation
+flags = $(subst %, ,$(word 2,$(subst =, ,$(1))))
+recipe = $(word 1,$(subst =, ,$(1)))
+capitals-bench: setup
+	mkdir -p $(VALIDATION)
+	$(foreach r,$(KNOWLEDGE_RECIPES),$(BENCH)/knowledge.py --split validation --seeds 0 1 --jobs 2 $(call flags,$(r)) \
+	  --results knowledge_validation_$(call recipe,$(r)) --outcomes $(VALIDATION)/knowledge_$(call recipe,$(r)).json &&) true
+	$(BENCH)/recipe_choice.py --results recipe_choice_knowledge --measures flexible \
+	  $(foreach r,$(KNOWLEDGE_RECIPES),--recipe $(call recipe,$(r))=$(VALIDATION)/knowledge_$(call recipe,$(r)).json)
+	$(BENCH)/knowledge.py --split test --jobs 2 $(call flags,$(KNOWLEDGE_CHOSEN)) --outcomes benchmarks/results/knowledge_test.json
+	$(foreach r,$(DEMO_RECIPES),$(BENCH)/demo_cpu.py --split validation --seeds 0 1 --jobs 2 --no-sft --draws 1 \
+	  $(call flags,$(r)) --results demo_validation_$(call recipe,$(r)) --outcomes $(VALIDATION)/demo_$(call recipe,$(r)).json &&) true
+	$(BENCH)/recipe_choice.py --results recipe_choice_demo --measures strict format flexible \
+	  $(foreach r,$(DEMO_RECIPES),--recipe $(call recipe,$(r))=$(VALIDATION)/demo_$(call recipe,$(r)).json)
+	$(BENCH)/demo_cpu.py --split test --jobs 2 --no-sft $(call flags,$(DEMO_CHOSEN)) --save test-output/demo \
+	  --results demo_test --outcomes benchmarks/results/demo_test.json
 
 # A clean venv gets pyproject's ranges ([$(LOCK_EXTRAS)], the newest versions allowed), torch's CPU
 # build and the embedded model; pip freeze of it is the lock. Takes a few minutes (downloads).

@@ -20,16 +20,14 @@ then trained vs base and trained vs the prompt control (`tinylab.paired`), overa
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 import tinylab
+from tinylab.measures.capital_knowledge import capital_knowledge
 from tinylab.tasks import world_capitals
 
 SETS = {"validation": ("validation", "task"), "test": ("test", "task"),
@@ -38,25 +36,10 @@ MEASURES = {"strict": "correct_strict", "flexible": "correct_flexible", "format"
 ROWS = ("base", "prompt control", "trained")
 
 
-@torch.no_grad()
 def probe_strata(model, tokenizer) -> dict[str, dict]:
     """Capital -> {"country", "code", "p", "stratum"} for every country of the world set (base model)."""
-    out = {}
-    for country in world_capitals.countries():
-        messages = [{"role": "user", "content": f"What is the capital of {country.name}?"}]
-        prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prefix += f"The capital of {country.name} is"
-        start = tokenizer(prefix, add_special_tokens=False).input_ids
-        best = -math.inf
-        for name in (country.capital, *country.aliases):
-            tail = tokenizer(f" {name}", add_special_tokens=False).input_ids
-            logits = model(torch.tensor([start + tail], device=model.device)).logits[0, len(start) - 1:-1]  # [L, V]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            best = max(best, logprobs.gather(-1, torch.tensor(tail, device=model.device)[:, None]).sum().item())
-        p = math.exp(best)
-        out[country.capital] = {"country": country.name, "code": country.code, "p": p,
-                                "stratum": world_capitals.stratum(min(p, 1.0))}
-    return out
+    return {capital: {"country": k.country, "code": k.code, "p": k.p, "stratum": k.stratum}
+            for capital, k in capital_knowledge(model, tokenizer).items()}
 
 
 class _Fixed:

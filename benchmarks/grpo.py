@@ -12,11 +12,12 @@ maps), 4 prompts x 8 completions, up to 16 new tokens, a reward that is random p
 4. a step with experiment tracking / without (`report_to`: Trackio, TensorBoard, W&B offline when
    installed), same seed so the same prompts, completions and updates; CPU seconds per step of this
    process and the ones it starts (W&B's service), counted from one step's callbacks to the next, so
-   the tracker's logging and its threads are inside                                   goal <= 1.02
-   Also printed: the wall-time ratio (on a shared machine mostly noise, see the two runs without
-   logging), the tracker's own time per step inside its callback, and the one-off seconds to open
-   and close it. With --tracking-only, only this, into benchmarks/results/grpo_tracking.txt
-   (else everything goes to grpo.txt).
+   the tracker's logging and its threads are inside; runs with and without logging alternate, and each
+   step is compared with the same step of the runs around it                          goal <= 1.02
+   Also printed: the wall-time ratio, the noise (the two runs without logging around a backend, one
+   against the other), the tracker's own time per step inside its callback, and the one-off seconds
+   to open and close it. Only with --tracking-only, into benchmarks/results/grpo_tracking.txt (ratios
+   1-3 go to grpo.txt).
 
 Usage: .venv/bin/python benchmarks/grpo.py [--steps 4] [--threads 2] [--tracking-only]
      [--device auto|cpu|cuda|cuda:1|mps] [--dtype auto|float32|bfloat16|float16]
@@ -155,13 +156,20 @@ class _Timed:
 def tracking_cost(model, tokenizer, adapter, task, config, backends, folder: str) -> list[str]:
     """Lines comparing the same run (same seed) without logging and with each backend, in one process.
 
-    The cost ratio is in CPU seconds per step, callbacks included, counting the tracker's own threads
-    and processes: on a machine whose cores other jobs share, wall time per step moves by more than
-    the 2% asked (the two runs without logging, first and last, show by how much), CPU time much less.
-    The first step of each run is warm-up and left out; medians of the rest.
+    Runs alternate: without, with the first backend, without, with the second, ..., without. Every run
+    has the same seed, so the same prompts, completions and updates; each backend's step k is compared
+    with step k of the runs just before and after it (their mean), which cancels the machine's drift
+    over the minutes the runs take, and the median of those per-step ratios is the cost. The same
+    comparison between the two runs without logging around each backend is the noise: a cost within
+    it is not measured to be above zero. CPU seconds per step, callbacks included, counting the
+    tracker's own threads and processes (wall time moves more on a machine whose cores other jobs
+    share). The first step of each run is warm-up and left out.
     """
-    steps, inside, one_off = {}, {}, {}
-    for i, backend in enumerate(["none", *backends, "none"]):
+    order = ["none"]
+    for backend in backends:
+        order += [backend, "none"]
+    runs, inside, one_off = [], {}, {}
+    for i, backend in enumerate(order):
         adapter.set_vector(torch.zeros(adapter.num_params))
         clock = _Clock()
         where = os.path.join(folder, backend)  # trackio: its TRACKIO_DIR (set before trackio is imported)
@@ -169,23 +177,26 @@ def tracking_cost(model, tokenizer, adapter, task, config, backends, folder: str
                                                                 directory=where))
         run_config = GRPOConfig(**{**config.__dict__, "checkpoint_dir": tempfile.mkdtemp(prefix="bench-grpo-")})
         train_grpo(model, tokenizer, adapter, task, run_config, callbacks=[c for c in (timed, clock) if c])
-        steps.setdefault(backend if i else "none-first", []).extend(clock.steps()[1:])
+        runs.append(clock.steps()[1:])  # [(wall, cpu)] per step after the first
         if timed is not None:
             inside[backend] = timed.step_s[1:]
             one_off[backend] = (timed.open_s, timed.close_s)
     adapter.set_vector(torch.zeros(adapter.num_params))
-    first, last = steps.pop("none-first"), steps.pop("none")
-    base_wall = statistics.median(w for w, _ in first + last)
-    base_cpu = statistics.median(c for _, c in first + last)
-    lines = [f"step without logging: CPU {base_cpu:.3f} s, wall {base_wall:.3f} s (medians of {len(first + last)} "
-             f"steps; wall {statistics.median(w for w, _ in first):.3f} s in the first run, "
-             f"{statistics.median(w for w, _ in last):.3f} s in the last)"]
-    for backend in backends:
-        cpu = statistics.median(c for _, c in steps[backend])
-        wall = statistics.median(w for w, _ in steps[backend])
+    base = [step for i, run in enumerate(runs) if order[i] == "none" for step in run]
+    base_wall, base_cpu = statistics.median(w for w, _ in base), statistics.median(c for _, c in base)
+    lines = [f"step without logging: CPU {base_cpu:.3f} s, wall {base_wall:.3f} s (medians of {len(base)} steps in "
+             f"{order.count('none')} runs, alternated with the runs with logging)"]
+    for i, backend in enumerate(order):
+        if backend == "none":
+            continue
+        before, with_, after = runs[i - 1], runs[i], runs[i + 1]
+        cpu, wall = (statistics.median(w[k] / ((b[k] + a[k]) / 2) for b, w, a in zip(before, with_, after))
+                     for k in (1, 0))  # median over steps of with / mean(before, after): CPU, then wall
+        noise = statistics.median(a[1] / b[1] for b, a in zip(before, after))
         own = statistics.median(inside[backend])
-        lines.append(f"ratio step with {backend:<11} / without = {cpu / base_cpu:.3f} in CPU time   (goal <= 1.02; "
-                     f"{cpu:.3f} s vs {base_cpu:.3f} s); wall {wall / base_wall:.3f}")
+        lines.append(f"ratio step with {backend:<11} / without = {cpu:.3f} in CPU time   (goal <= 1.02; median "
+                     f"of {len(with_)} per-step ratios to the runs before and after); wall {wall:.3f}; "
+                     f"noise (run after / run before, without logging) {noise:.3f}")
         lines.append(f"      {backend:<11} inside its callback {own * 1e3:.2f} ms per step = {own / base_wall:.5f} of "
                      f"a step; opening {one_off[backend][0]:.2f} s, closing {one_off[backend][1]:.2f} s (once a run)")
     return lines
@@ -213,12 +224,11 @@ def main():
     header = (f"SmolLM2-135M on {device} in {dtype}, 13 params, 4 prompts x 8 completions, <= 16 new tokens, "
               f"{args.threads} threads, median of {args.steps - 1} steps after warm-up")
 
-    # Experiment tracking: the same run without logging and with each tracker that is installed
-    backends = [b for b in ("trackio", "tensorboard", "wandb") if importlib.util.find_spec(b) is not None]
-    os.environ["WANDB_MODE"] = "offline"  # benchmark runs are not uploaded anywhere
-    with tempfile.TemporaryDirectory(prefix="bench-tracking-") as folder:
-        tracking = tracking_cost(model, tokenizer, adapter, task, config, backends, folder)
-    if args.tracking_only:  # its own results file, grpo_tracking.txt (see __main__)
+    if args.tracking_only:  # ratio 4 alone, into its own results file, grpo_tracking.txt (see __main__)
+        backends = [b for b in ("trackio", "tensorboard", "wandb") if importlib.util.find_spec(b) is not None]
+        os.environ["WANDB_MODE"] = "offline"  # benchmark runs are not uploaded anywhere
+        with tempfile.TemporaryDirectory(prefix="bench-tracking-") as folder:
+            tracking = tracking_cost(model, tokenizer, adapter, task, config, backends, folder)
         print(header)
         print("\n".join(tracking))
         return
@@ -272,7 +282,6 @@ def main():
     print(f"ratio generation merged / unmerged    = "
           f"{statistics.median(times['merged']) / statistics.median(times['active']):.2f}   "
           f"(merge+unmerge included; < 1 means merging helps)")
-    print("\n".join(tracking))
 
 
 if __name__ == "__main__":

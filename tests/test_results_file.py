@@ -92,8 +92,9 @@ def test_every_benchmark_writes_its_results_file_and_make_runs_it():
                if not all(call in p.read_text() for call in ("results_file(", "results_name(", "add_results_option("))]
     assert not lacking, f"these benchmarks write no results file: {lacking}"
     makefile = (REPO / "Makefile").read_text()
-    recipes = {target: makefile.split(f"\n{target}:")[1].split("\n\n")[0] for target in ("bench", "vllm")}
-    skipped = [p.name for p in scripts if f"$(BENCH)/{p.name}" not in recipes["bench"]
+    recipes = {target: makefile.split(f"\n{target}:")[1].split("\n\n")[0] for target in ("bench", "capitals-bench", "vllm")}
+    assert "capitals-bench" in recipes["bench"]  # make bench runs the capitals protocol too
+    skipped = [p.name for p in scripts if f"$(BENCH)/{p.name}" not in recipes["bench"] + recipes["capitals-bench"]
                and f"benchmarks/{p.name}" not in recipes["vllm"]]  # the vLLM checks run in their own venv
     assert not skipped, f"neither make bench nor make vllm runs {skipped}"
 

@@ -42,9 +42,9 @@ from tinylab.basics.seeds import derived_seed
 from tinylab.model.batch import render_prompts
 from tinylab.model.device import model_device
 from tinylab.model.generation import completion_logprobs, generate
+from tinylab.train.loop_config import LoopConfig
 from tinylab.train.records import step_log
 from tinylab.train.run import Run, launch, register_loop, step_indices
-from tinylab.train.tracking import check_tracking_fields
 
 __all__ = ["GRPOConfig", "group_advantages", "policy_loss", "train_grpo", "train_pool"]
 
@@ -52,8 +52,11 @@ _SCALES = ("group", "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPOConfig:
-    """How GRPO trains the adapter. `dataclasses.replace(config, lr=3e-3)` is the sweep API."""
+class GRPOConfig(LoopConfig):
+    """How GRPO trains the adapter. `dataclasses.replace(config, lr=3e-3)` is the sweep API.
+
+    Checkpointing and tracking (`checkpoint_every`, `checkpoint_dir`, `report_to`, `project`, `run_name`,
+    `run_group`, `tracking_dir`) are `LoopConfig`'s keyword-only fields."""
 
     prompts_per_step: int = 4
     """Distinct prompts sampled each step (>= 1)."""
@@ -77,27 +80,13 @@ class GRPOConfig:
     """Updates per batch of completions (>= 1); more than 1 needs `clip`."""
     kl: float = 0.0
     """Coefficient of the KL penalty to the adapter-disabled model (>= 0; 0 skips the reference pass)."""
-    checkpoint_every: int = 0
-    """Also checkpoint every this many steps (0 = only when the run ends or stops)."""
-    checkpoint_dir: str | None = None
-    """Checkpoint folder; None = a new folder under the tinylab cache (`runs/`)."""
-    report_to: str = "none"
-    """Where each step is also logged: "none", "trackio", "tensorboard" or "wandb" (`tinylab.train.tracking`;
-    the packages: pip install "tinylab[track]", for W&B "tinylab[wandb]")."""
-    project: str = "tinylab"
-    """The tracker's project (Trackio and W&B project; TensorBoard: a folder under `tracking_dir`)."""
-    run_name: str | None = None
-    """The run's name in the tracker; None = the checkpoint folder's name."""
-    run_group: str | None = None
-    """A group of runs in the tracker (Trackio and W&B group; TensorBoard: a subfolder), e.g. one sweep."""
-    tracking_dir: str | None = None
-    """Where the tracker writes; None = its default (Trackio: TRACKIO_DIR, TensorBoard: ./runs, W&B: ./wandb)."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.max_new_tokens is not None:
             _or_none(check_int, "max_new_tokens", self.max_new_tokens, low=1)
         for name, low in (("prompts_per_step", 1), ("group_size", 2), ("steps", 1),
-                          ("inner_epochs", 1), ("checkpoint_every", 0)):
+                          ("inner_epochs", 1)):
             check_int(name, getattr(self, name), low=low)
         check_number("temperature", self.temperature, low=0, low_open=True, high=10)
         check_number("lr", self.lr, low=0, low_open=True, high=10)
@@ -109,9 +98,6 @@ class GRPOConfig:
             raise ValueError(f"inner_epochs={self.inner_epochs} needs clip (e.g. clip=0.2): several unclipped "
                              "updates on one batch diverge; allowed without clip: inner_epochs=1")
         check_number("kl", self.kl, low=0)
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
-            object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
-        check_tracking_fields(self)
 
 
 def _or_none(check, name: str, value, **bounds) -> None:

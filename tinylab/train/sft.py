@@ -18,16 +18,18 @@ from tinylab.model.batch import TeacherBatch, teacher_forced_batch
 from tinylab.model.device import model_device
 from tinylab.model.generation import completion_logprobs
 from tinylab.train.grpo import GRPOConfig, train_pool
+from tinylab.train.loop_config import LoopConfig, loop_fields
 from tinylab.train.records import step_log
 from tinylab.train.run import Run, launch, register_loop, step_indices
-from tinylab.train.tracking import TRACKING_FIELDS, check_tracking_fields
 
 __all__ = ["SFTConfig", "train_sft"]
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTConfig:
-    """How SFT trains the adapter. `SFTConfig.from_grpo(grpo_config)` matches a GRPO run's budget."""
+class SFTConfig(LoopConfig):
+    """How SFT trains the adapter. `SFTConfig.from_grpo(grpo_config)` matches a GRPO run's budget.
+
+    Checkpointing and tracking are `LoopConfig`'s keyword-only fields, as in `GRPOConfig`."""
 
     batch_size: int = 4
     """Examples per step (>= 1)."""
@@ -39,37 +41,19 @@ class SFTConfig:
     """Seeds the example order."""
     max_tokens: int = 256
     """Solution tokens kept per example (>= 1); longer solutions are cut."""
-    checkpoint_every: int = 0
-    """Also checkpoint every this many steps (0 = only when the run ends or stops)."""
-    checkpoint_dir: str | None = None
-    """Checkpoint folder; None = a new folder under the tinylab cache (`runs/`)."""
-    report_to: str = "none"
-    """Where each step is also logged: "none", "trackio", "tensorboard" or "wandb" (`tinylab.train.tracking`;
-    the packages: pip install "tinylab[track]", for W&B "tinylab[wandb]")."""
-    project: str = "tinylab"
-    """The tracker's project (Trackio and W&B project; TensorBoard: a folder under `tracking_dir`)."""
-    run_name: str | None = None
-    """The run's name in the tracker; None = the checkpoint folder's name."""
-    run_group: str | None = None
-    """A group of runs in the tracker (Trackio and W&B group; TensorBoard: a subfolder), e.g. one sweep."""
-    tracking_dir: str | None = None
-    """Where the tracker writes; None = its default (Trackio: TRACKIO_DIR, TensorBoard: ./runs, W&B: ./wandb)."""
 
     def __post_init__(self):
-        for name, low in (("batch_size", 1), ("steps", 1), ("max_tokens", 1), ("checkpoint_every", 0)):
+        super().__post_init__()
+        for name, low in (("batch_size", 1), ("steps", 1), ("max_tokens", 1)):
             check_int(name, getattr(self, name), low=low)
         check_number("lr", self.lr, low=0, low_open=True, high=10)
         check_int("seed", self.seed)
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
-            object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
-        check_tracking_fields(self)
 
     @classmethod
     def from_grpo(cls, config: GRPOConfig, **overrides) -> SFTConfig:
         """Same prompts per step, steps, lr, seed, checkpointing and tracking as a GRPO config."""
         fields = dict(batch_size=config.prompts_per_step, lr=config.lr, steps=config.steps, seed=config.seed,
-                      checkpoint_every=config.checkpoint_every, checkpoint_dir=config.checkpoint_dir,
-                      **{name: getattr(config, name) for name in TRACKING_FIELDS})
+                      **loop_fields(config))
         fields.update(overrides)
         return cls(**fields)
 
