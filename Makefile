@@ -34,7 +34,7 @@ export TINYLAB_GSM8K ?= $(abspath $(wildcard ../shared/data/gsm8k))
 QUICK := TINYLAB_QUICK=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 NBVAL := --nbval-lax --nbval-current-env --sanitize-with notebooks/sanitize.cfg
 
-.PHONY: setup browser-deps test unit notebooks browser lint lab lab-browser bench capitals-bench lock clean vllm-env vllm vllm-lock
+.PHONY: setup browser-deps test unit notebooks checks browser lint lab lab-browser bench capitals-bench lock clean vllm-env vllm vllm-lock
 # `make -j` must not run the test steps side by side (they share the 2 cores and the model cache)
 .NOTPARALLEL:
 
@@ -65,7 +65,10 @@ lint: setup
 	$(BIN)/lint-imports
 
 # Each step is its own recipe line: any failing step (or pytest collecting nothing, exit 5) fails make.
-test: setup lint browser-deps unit notebooks browser
+# The unit tests and the notebooks run in one pytest session (`checks`): its two workers share one queue
+# of files, so neither waits idle while the other finishes a long file, and the notebooks' kernels use
+# the session's cache (tests/conftest.py), where the embedded model is already converted.
+test: setup lint browser-deps checks browser
 
 # two pytest workers, one per core (each test runs its tiny models on one torch thread); a test file
 # or a notebook stays on one worker, so module fixtures and a notebook's cells are not split
@@ -76,6 +79,9 @@ unit: setup
 
 notebooks: setup
 	$(QUICK) $(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(NBVAL) notebooks
+
+checks: setup
+	$(QUICK) $(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(NBVAL) -m "not browser" tests notebooks
 
 browser: setup browser-deps
 	$(QUICK) $(BIN)/python -m pytest -q -p no:cacheprovider -m browser tests/test_browser.py
