@@ -120,24 +120,24 @@ bench: setup
 # The capitals protocol (issue 25): recipes compared on the validation countries, 2 seeds each
 # (recipe_choice.py picks one), then the chosen recipe scored once on the test countries, 3 seeds.
 # KNOWLEDGE_RECIPES / DEMO_RECIPES: name -> the script's flags; *_CHOSEN: the one recipe_choice.py chose.
-KNOWLEDGE_RECIPES := lr5e-3= lr2e-3=--lr%2e-3 lr1e-2=--lr%1e-2 on-policy=--inner-epochs%1
-KNOWLEDGE_CHOSEN := lr5e-3=
+KNOWLEDGE_RECIPES := lr5e-3= lr2e-3=--lr%2e-3
+KNOWLEDGE_CHOSEN := lr2e-3=--lr%2e-3
 DEMO_RECIPES := two-updates= on-policy=--inner-epochs%1
 DEMO_CHOSEN := two-updates=
-VALIDATION := test-output/validation
+VALIDATION := benchmarks/results
 flags = $(subst %, ,$(word 2,$(subst =, ,$(1))))
 recipe = $(word 1,$(subst =, ,$(1)))
 capitals-bench: setup
-	mkdir -p $(VALIDATION)
 	$(foreach r,$(KNOWLEDGE_RECIPES),$(BENCH)/knowledge.py --split validation --seeds 0 1 --jobs 2 $(call flags,$(r)) \
-	  --results knowledge_validation_$(call recipe,$(r)) --outcomes $(VALIDATION)/knowledge_$(call recipe,$(r)).json &&) true
+	  --results knowledge_validation_$(call recipe,$(r)) --outcomes $(VALIDATION)/knowledge_validation_$(call recipe,$(r)).json &&) true
 	$(BENCH)/recipe_choice.py --results recipe_choice_knowledge --measures flexible \
-	  $(foreach r,$(KNOWLEDGE_RECIPES),--recipe $(call recipe,$(r))=$(VALIDATION)/knowledge_$(call recipe,$(r)).json)
-	$(BENCH)/knowledge.py --split test --jobs 2 $(call flags,$(KNOWLEDGE_CHOSEN)) --outcomes benchmarks/results/knowledge_test.json
+	  $(foreach r,$(KNOWLEDGE_RECIPES),--recipe $(call recipe,$(r))=$(VALIDATION)/knowledge_validation_$(call recipe,$(r)).json)
+	$(BENCH)/knowledge.py --split test --jobs 2 $(call flags,$(KNOWLEDGE_CHOSEN)) --results knowledge_test \
+	  --outcomes benchmarks/results/knowledge_test.json
 	$(foreach r,$(DEMO_RECIPES),$(BENCH)/demo_cpu.py --split validation --seeds 0 1 --jobs 2 --no-sft --draws 1 \
-	  $(call flags,$(r)) --results demo_validation_$(call recipe,$(r)) --outcomes $(VALIDATION)/demo_$(call recipe,$(r)).json &&) true
+	  $(call flags,$(r)) --results demo_validation_$(call recipe,$(r)) --outcomes $(VALIDATION)/demo_validation_$(call recipe,$(r)).json &&) true
 	$(BENCH)/recipe_choice.py --results recipe_choice_demo --measures strict format flexible \
-	  $(foreach r,$(DEMO_RECIPES),--recipe $(call recipe,$(r))=$(VALIDATION)/demo_$(call recipe,$(r)).json)
+	  $(foreach r,$(DEMO_RECIPES),--recipe $(call recipe,$(r))=$(VALIDATION)/demo_validation_$(call recipe,$(r)).json)
 	$(BENCH)/demo_cpu.py --split test --jobs 2 --no-sft $(call flags,$(DEMO_CHOSEN)) --save test-output/demo \
 	  --results demo_test --outcomes benchmarks/results/demo_test.json
 

@@ -161,7 +161,8 @@ def parallel(script: str, argv: list[str], seeds: list[int], jobs: int) -> list[
 
     def child(seed: int) -> dict:
         out = os.path.join(folder, f"seed{seed}.json")
-        command = [sys.executable, script, *argv, "--jobs", "1", "--seeds", str(seed), "--outcomes", out]
+        command = [sys.executable, script, *argv, "--jobs", "1", "--seeds", str(seed), "--outcomes", out,
+                   "--results", "none"]  # the parent prints the report, into its own results file
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"seed {seed} failed:\n{done.stderr[-3000:]}")

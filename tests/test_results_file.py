@@ -107,3 +107,25 @@ def test_every_results_file_says_when_where_and_how_it_ran():
                         if not any(line.startswith(f"# {key}: ") for line in p.read_text().splitlines()[:8])]
                for p in files}
     assert not {name: keys for name, keys in lacking.items() if keys}, lacking
+
+
+def test_seeds_run_side_by_side_leave_the_results_file_to_the_parent(tmp_path, monkeypatch):
+    # knowledge.py / demo_cpu.py --jobs 2 start one child per seed with the parent's arguments: a child that
+    # also wrote the parent's results file would race it for NAME.txt.partial (and remove it under the parent)
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import capitals_protocol
+
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        out = command[command.index("--outcomes") + 1]
+        capitals_protocol.save(out, {"args": {}, "strata": {}, "seeds": [{"seed": int(command[command.index("--seeds") + 1])}]})
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(capitals_protocol.subprocess, "run", fake_run)
+    parts = capitals_protocol.parallel("benchmarks/knowledge.py", ["--split", "test", "--results", "knowledge_test"],
+                                       [0, 1], 2)
+    assert [p["seeds"][0]["seed"] for p in parts] == [0, 1]
+    for command in commands:
+        assert str(results_name("knowledge", command[2:])).lower() == "none", command  # None or "none": no file
