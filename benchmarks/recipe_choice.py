@@ -41,8 +41,9 @@ def recipe_lines(name: str, payload: dict, measures: list[str]) -> tuple[list[st
     if any(s["set"] != "validation" for s in sets):
         raise SystemExit(f"recipe {name!r}: its outcomes are of {sorted({s['set'] for s in sets})}, not 'validation' "
                          "(choose on validation; run the script with --split validation)")
-    lines = [f"recipe {name}: {len(seeds)} seeds ({', '.join(str(r['seed']) for r in seeds)}), "
-             f"{', '.join(str(r['steps']) for r in seeds)} steps, settings {_settings(payload['args'])}"]
+    steps = [str(r["steps"]) if "steps" in r else "/".join(r.get("notes", [])[:1]).split(",")[0] for r in seeds]
+    lines = [f"recipe {name}: {len(seeds)} seeds ({', '.join(str(r['seed']) for r in seeds)}): "
+             f"{'; '.join(steps)}; settings {_settings(payload['args'])}"]
     summary = {}
     for m in measures:
         base = _rate(sets[0]["rows"]["base"][m])
@@ -52,7 +53,7 @@ def recipe_lines(name: str, payload: dict, measures: list[str]) -> tuple[list[st
             diffs.append(stats.diff)
             parts.append(f"seed {r['seed']} {_rate(s['rows']['trained'][m]):.1%} ({stats.diff * 100:+.1f} "
                          f"[{stats.low * 100:+.1f}, {stats.high * 100:+.1f}], p = {stats.p_value:.2g}: "
-                         f"{'more than noise' if stats.low > 0 or stats.high < 0 else 'within noise'})")
+                         f"{stats.verdict.split(' (')[0]})")
         mean = statistics.mean(diffs)
         lines.append(f"  {m:9s} base {base:.1%}; " + "; ".join(parts) + f"; mean difference {mean * 100:+.1f} points")
         summary.setdefault("diff", mean)

@@ -61,12 +61,17 @@ class PairedDifference:
         """The 95% interval excludes 0 and McNemar's p < 0.05: more than noise at the usual level."""
         return (self.low > 0 or self.high < 0) and self.p_value < 0.05
 
+    @property
+    def verdict(self) -> str:
+        """"more than noise", "within noise (...)" or "borderline (...)", as `line` prints it."""
+        return ("more than noise" if self.beyond_noise
+                else "within noise (the interval includes 0)" if self.low <= 0 <= self.high
+                else "borderline (the interval excludes 0, McNemar p >= 0.05)")
+
     def line(self, label: str = "") -> str:
         """One line: `strict  0.0% -> 41.9%  +41.9 points [95% CI +33.2, +50.5]  gained 54, lost 0 of 129,
         McNemar p = 1.1e-16: more than noise`."""
-        verdict = ("more than noise" if self.beyond_noise
-                   else "within noise (the interval includes 0)" if self.low <= 0 <= self.high
-                   else "borderline (the interval excludes 0, McNemar p >= 0.05)")
+        verdict = self.verdict
         head = f"{label}  " if label else ""
         return (f"{head}{self.before:.1%} -> {self.after:.1%}  {100 * self.diff:+.1f} points "
                 f"[95% CI {100 * self.low:+.1f}, {100 * self.high:+.1f}]  gained {self.gained}, lost {self.lost} "
