@@ -326,3 +326,28 @@ def test_a_run_folder_written_on_the_cpu_resumes_on_cuda(dtype, tmp_path):
     # step 1 (from the folder) is the CPU run's; step 2 sampled on CUDA may pick other tokens, and
     # Adam moves each entry by about lr per step, so the two runs end within 2 lr of each other
     torch.testing.assert_close(run.vector, full.vector, atol=2 * CONFIG.lr, rtol=0)
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_folders(monkeypatch, tmp_path):
+    # the default folder is named by the second and the process: a second run of the same kind and task in
+    # that second (a notebook cell, a README block) must not find the first one's folder and refuse to start
+    import datetime
+
+    import tinylab.train.run_folder as run_folder
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 6, 5, 36, 32)
+
+    monkeypatch.setattr(run_folder.datetime, "datetime", Frozen)
+    monkeypatch.setenv("TINYLAB_CACHE", str(tmp_path))
+    model, tok = tiny_model("llama", seed=0)
+    adapter = apply_tinylora(model, u=2, n_tie="all")
+    config = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=3, steps=1)
+    first = train_grpo(model, tok, adapter, WordTask(), config)
+    second = train_grpo(model, tok, adapter, WordTask(), config)
+    assert first.status == second.status == "finished"
+    assert first.checkpoint_dir != second.checkpoint_dir
+    assert first.checkpoint_dir.parent == second.checkpoint_dir.parent == tmp_path / "runs"
+    assert second.checkpoint_dir.name == first.checkpoint_dir.name + "-2"

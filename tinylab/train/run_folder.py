@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import random
@@ -37,11 +38,20 @@ _NAN = float("nan")
 
 
 def default_dir(kind: str, task_name: str) -> Path:
-    """A new folder under the tinylab cache: `runs/<kind>-<task>-<time>-<pid>`."""
+    """A new, empty folder under the tinylab cache, made here: `runs/<kind>-<task>-<time>-<pid>`, with
+    `-2`, `-3`, ... when a run of this process started in the same second."""
     from tinylab.basics.cache import cache_dir
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return cache_dir() / "runs" / f"{kind}-{task_name}-{stamp}-{os.getpid()}"
+    base = cache_dir() / "runs" / f"{kind}-{task_name}-{stamp}-{os.getpid()}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for k in itertools.count(1):
+        folder = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        try:
+            folder.mkdir()  # atomic: two runs (threads too) never get the same folder
+            return folder
+        except FileExistsError:
+            continue
 
 
 def check_checkpoint_dir(folder: str | os.PathLike, *, allow_existing: bool = False) -> Path:
