@@ -144,8 +144,8 @@ def report(scored: dict, strata: dict[str, dict], measures: tuple[str, ...], *, 
 
 
 def strata_lines(strata: dict[str, dict]) -> list[str]:
-    """How many countries of each split fall in each stratum."""
-    lines = []
+    """How many countries of each split fall in each stratum, under a line saying what the strata are."""
+    lines = ["knowledge strata (base model's probability of the capital after 'The capital of X is'), countries:"]
     for split, codes in world_capitals.split().items():
         codes = set(codes)
         counts = {s: sum(1 for v in strata.values() if v["code"] in codes and v["stratum"] == s)

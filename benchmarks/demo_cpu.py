@@ -236,7 +236,6 @@ def print_report(payload: dict) -> None:
           f"clip {args['clip']} x {args['inner_epochs']} updates per batch, at most {args['steps']} steps or "
           f"{args['budget_min']:g} min of {args.get('budget_clock', 'wall')} time per seed, v chosen on training prompts every {args['select_every']} steps; "
           f"{args['jobs']} processes, {args['threads']} torch thread(s) each")
-    print("knowledge strata (base model's probability of the capital after 'The capital of X is'), countries:")
     print("\n".join(protocol.strata_lines(payload["strata"])))
     for result in payload["seeds"]:
         print(f"seed {result['seed']}: {result['params']} params; " + "; ".join(result["notes"]))

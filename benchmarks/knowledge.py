@@ -120,7 +120,6 @@ def print_report(payload: dict) -> None:
           f"{args['inner_epochs']} updates per batch, at most {args['steps']} steps or {args['minutes']:g} min of "
           f"{args.get('clock', 'wall')} time per seed; "
           f"{args['jobs']} processes, {args['threads']} torch thread each")
-    print("knowledge strata (base model's probability of the capital after 'The capital of X is'), countries:")
     print("\n".join(protocol.strata_lines(payload["strata"])))
     for result in payload["seeds"]:
         print("\n".join(seed_lines(result, payload["strata"], args["minutes"])))

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_file import add_results_option, results_file, results_name  # noqa: E402
-from vllm_serving import Report, replies, versions  # noqa: E402
+from vllm_serving import Report, replies  # noqa: E402
 
 WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "peach"]
 
@@ -70,15 +70,7 @@ def main(argv: list[str]) -> int:
     add_results_option(parser, "vllm_grpo")
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(1)
-    report = Report()
-    try:
-        report(versions())
-        run(args, report)
-    except Exception as err:
-        report(f"FAILED: {type(err).__name__}: {err}")
-        report.failures.append(type(err).__name__)
-    report(f"result: {'FAIL (' + ', '.join(report.failures) + ')' if report.failures else 'PASS'}")
-    return 1 if report.failures else 0
+    return Report().run(run, args)
 
 
 def expect(report, what: str, ok: bool) -> None:

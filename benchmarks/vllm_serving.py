@@ -62,6 +62,18 @@ class Report:
     def __call__(self, line: str = "") -> None:
         print(line, flush=True)
 
+    def run(self, run, args) -> int:
+        """The versions, then `run(args, self)`; an exception is recorded as a failure. Prints PASS or FAIL
+        and returns the exit code (1 on any failure), so the results file keeps what a failed run printed."""
+        try:
+            self(versions())
+            run(args, self)
+        except Exception as err:  # recorded in the results file, then the run fails
+            self(f"FAILED: {type(err).__name__}: {err}")
+            self.failures.append(type(err).__name__)
+        self(f"result: {'FAIL (' + ', '.join(self.failures) + ')' if self.failures else 'PASS'}")
+        return 1 if self.failures else 0
+
     def check(self, what: str, ours: list[list[int]], theirs: list[list[int]]) -> None:
         same = sum(a == b for a, b in zip(ours, theirs))
         self(f"  {what}: {same} of {len(ours)} replies token-identical")
@@ -173,15 +185,7 @@ def main(argv: list[str]) -> int:
     add_results_option(parser, "vllm_serving")
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(1)
-    report = Report()
-    try:
-        report(versions())
-        run(args, report)
-    except Exception as err:  # recorded in the results file, then the run fails
-        report(f"FAILED: {type(err).__name__}: {err}")
-        report.failures.append(type(err).__name__)
-    report(f"result: {'FAIL (' + ', '.join(report.failures) + ')' if report.failures else 'PASS'}")
-    return 1 if report.failures else 0
+    return Report().run(run, args)
 
 
 def run(args, report) -> None:
