@@ -7,7 +7,8 @@ maps), 4 prompts x 8 completions, up to 16 new tokens, a reward that is random p
 1. our step / (generate the same group with the base model + one forward/backward of the base
    model on the full prompt+completion sequences, gradient w.r.t. the input embeddings, i.e.
    the activation gradients any trainer of v needs)               goal <= 1.15
-2. our step / TRL GRPOTrainer step, same model, adapter, batch, token limit   goal <= 0.5
+2. our step / TRL GRPOTrainer step, same model, adapter, batch, token limit   goal <= 0.3
+   (TRL's step runs through the same adapter layer, so a faster adapter speeds up both)
 3. generation with the adapter merged into the weights / unmerged (is merging worth it?)
 4. a step with experiment tracking / without (`report_to`: Trackio, TensorBoard, W&B offline when
    installed), same seed so the same prompts, completions and updates; CPU seconds per step of this
@@ -283,8 +284,9 @@ def main():
     print(f"base gen + fwd/bwd  {base_gen + base_fb:7.2f} s  (generation {base_gen:.2f} s, fwd/bwd {base_fb:.2f} s, "
           f"{base_tokens:.0f} completion tokens)")
     print(f"TRL GRPOTrainer     {trl:7.2f} s  ({trl_tokens:.0f} completion tokens)")
-    print(f"ratio our step / (base gen + fwd/bwd) = {ours / (base_gen + base_fb):.2f}   (goal <= 1.15)")
-    print(f"ratio our step / TRL step             = {ours / trl:.2f}   (goal <= 0.5)")
+    for name, ratio, goal in (("our step / (base gen + fwd/bwd)", ours / (base_gen + base_fb), 1.15),
+                              ("our step / TRL step            ", ours / trl, 0.3)):
+        print(f"ratio {name} = {ratio:.2f}   (goal <= {goal}: {'met' if round(ratio, 2) <= goal else 'NOT MET'})")
     print(f"ratio generation merged / unmerged    = "
           f"{statistics.median(times['merged']) / statistics.median(times['active']):.2f}   "
           f"(merge+unmerge included; < 1 means merging helps)")

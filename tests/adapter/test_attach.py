@@ -305,13 +305,13 @@ def test_forward_without_grad_sees_every_change_of_v_and_of_the_frozen_factors(l
     assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))
 
 
-@pytest.mark.parametrize("r", [2, 6])  # the update is written by r elementwise passes (r <= 4) or a gemm
+@pytest.mark.parametrize("r", [2, 6])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_many_rows_without_grad_match_the_autograd_path_and_are_exact_at_zero(arch, r):
-    """Prefill-sized inputs (> 64 rows) take the path where the base product accumulates onto the
-    update; it must agree with the autograd path (biases included: qwen2's q/k/v have them) and be
-    bit-identical to the base model at v = 0. Both paths write the update with `_low_rank`, so both
-    are also checked against the merged weight W + U diag(S) R Vh, built without it."""
+    """Prefill-sized inputs (120 rows) without grad take the kept-rows path (F.linear, then the
+    rank-r update added in place); it must agree with the autograd path (biases included: qwen2's
+    q/k/v have them) and be bit-identical to the base model at v = 0. Both are also checked against
+    the merged weight W + U diag(S) R Vh, which neither path builds."""
     model, _ = tiny_model(arch, seed=0)
     ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -411,7 +411,7 @@ def _run_on(device: str, dtype: torch.dtype, context):
         for ids, b in zip((short, long), base):
             graph = model(ids).logits.detach()  # the autograd path
             with torch.no_grad():
-                kept = model(ids).logits  # kept rows, F.linear + addmm or _low_rank
+                kept = model(ids).logits  # kept rows, F.linear + addmm_
             torch.testing.assert_close(kept, graph, rtol=0, atol=tol)
             assert (kept.float() - b.float()).abs().max() > 10 * tol  # the update shows
         with torch.no_grad():

@@ -100,10 +100,11 @@ class _EOSAt(nn.Module):
 
     def __init__(self, model, eos):
         super().__init__()
-        self.model, self.eos, self.calls = model, eos, 0
+        self.model, self.eos, self.calls, self.rows = model, eos, 0, []
         self.config, self.generation_config = model.config, model.generation_config
 
     def forward(self, **kw):
+        self.rows.append(kw["input_ids"].shape[0])
         out = self.model(**kw)
         if self.calls == 2:
             out.logits[1::2, -1, :] = -1e4
@@ -115,8 +116,12 @@ class _EOSAt(nn.Module):
 def test_completion_stops_at_eos_and_keeps_it(tiny):
     model, tok = tiny
     eos = tok.eos_token_id
-    r = generate(_EOSAt(model, eos), tok, PROMPTS[:2], n=2, max_new_tokens=6, temperature=0)
+    wrapped = _EOSAt(model, eos)
+    r = generate(wrapped, tok, PROMPTS[:2], n=2, max_new_tokens=6, temperature=0)
     assert r.completion_ids.shape[1] == 6
+    assert wrapped.rows == [2, 4, 4, 2, 2, 2]  # prefill, then the two ended rows leave the decoding batch
+    plain = generate(model, tok, PROMPTS[:2], n=2, max_new_tokens=6, temperature=0)
+    assert torch.equal(r.completion_ids[[0, 2]], plain.completion_ids[[0, 2]])  # the rows that go on
     for row in (1, 3):
         assert r.completion_ids[row, 2] == eos
         assert r.completion_mask[row].tolist() == [1, 1, 1, 0, 0, 0]
@@ -313,3 +318,80 @@ def test_cache_argument_follows_the_forward_signature():
     renamed = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 24)
     assert cache_argument(model) == ("cache" if renamed else "past_key_values")
     assert cache_argument(Wrapper()) == cache_argument(model)
+
+
+@pytest.mark.parametrize("size, block", [(7, 2), (7, 3), (1000, 256), (49152, 256)])
+def test_draw_follows_the_distribution_and_never_draws_a_zero(size, block):
+    """Inverse-CDF sampling in two levels: frequencies match the probabilities (rows need not sum to
+    1), a zero entry is never drawn, also at block edges, and the seed fixes the draws."""
+    from tinylab.model.generation import draw
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(size, generator=g) ** 4  # uneven, some tiny
+    p[torch.randperm(size, generator=g)[:5]] += size / 10  # a few entries with most of the mass
+    p[torch.randperm(size, generator=g)[: size // 3]] = 0  # zeros inside blocks and at their edges
+    p[-1] = 0.0
+    p = p * 3.0  # unnormalised
+    probs = p[None].expand(40_000 if size < 10_000 else 2_000, -1).contiguous()  # [rows, size]
+    picks = draw(probs, torch.Generator().manual_seed(1), block=block)  # [rows]
+    assert picks.dtype == torch.long and picks.device.type == "cpu"
+    assert (p[picks] > 0).all()  # no zero entry ever
+    counts = torch.bincount(picks, minlength=size).double()
+    expected = (p / p.sum()).double() * len(picks)
+    big = expected > 200  # entries with enough draws for a 6-sigma check
+    assert big.sum() >= 2
+    assert ((counts[big] - expected[big]).abs() <= 6 * expected[big].sqrt()).all()
+    assert torch.equal(draw(probs, torch.Generator().manual_seed(1), block=block), picks)
+    one_hot = torch.zeros(4, size)
+    spots = torch.tensor([0, min(block - 1, size - 1), min(block, size - 1), size - 1])
+    one_hot[torch.arange(4), spots] = 1.0
+    assert torch.equal(draw(one_hot, g, block=block), spots)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "opt", "gpt_neox"])
+def test_decoding_cache_decodes_as_the_growing_cache(arch, monkeypatch):
+    """Copying the prefill into a StaticCache (keys and values written in place while decoding) gives
+    the same greedy and sampled completions as the DynamicCache the prefill filled; a cache whose layers
+    are not plain full-attention ones is returned as it is."""
+    from transformers import DynamicCache, StaticCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    import tinylab.model.generation as generation
+
+    model, tok = tiny_model(arch, seed=0)
+    runs = {}
+    for name, convert in (("static", generation.decoding_cache), ("dynamic", lambda model, cache, n: cache)):
+        used = []
+
+        def noted(model, cache, n, convert=convert, used=used):
+            cache = convert(model, cache, n)
+            used.append(type(cache))
+            return cache
+
+        monkeypatch.setattr(generation, "decoding_cache", noted)
+        runs[name] = (generate(model, tok, PROMPTS, n=2, max_new_tokens=6, temperature=0),
+                      generate(model, tok, PROMPTS, n=2, max_new_tokens=6, seed=4), used)
+    monkeypatch.undo()
+    (greedy, sampled, used), (greedy_d, sampled_d, used_d) = runs["static"], runs["dynamic"]
+    assert set(used_d) == {DynamicCache}
+    if arch == "llama":
+        assert set(used) == {StaticCache}  # the common case takes the preallocated cache
+    assert greedy.completions == greedy_d.completions and torch.equal(greedy.completion_ids, greedy_d.completion_ids)
+    assert sampled.completions == sampled_d.completions
+    cache = DynamicCache()
+    cache.layers = [DynamicSlidingWindowLayer(sliding_window=4)]
+    assert generation.decoding_cache(model, cache, 3) is cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_match_log_softmax(dtype):
+    from tinylab.model.generation import token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 50, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 50, (3, 5), generator=g)
+    for temperature in (1.0, 0.7):
+        want = (logits.float() / temperature).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        got = token_logprobs(logits, targets, temperature)
+        assert got.dtype == torch.float32 and got.shape == (3, 5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

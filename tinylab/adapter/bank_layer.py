@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylab.adapter.layer import TinyLoRALinear, low_rank
+from tinylab.adapter.layer import TinyLoRALinear
 
 __all__ = ["BankLinear", "Factors", "bare", "plain", "swapped"]
 
@@ -101,15 +101,13 @@ class BankLinear(nn.Module):
         if self.selected is not None:  # some rows take the base model: only the others get an update
             out = base(x3)  # (B, T, out)
             g = self._update(x3.index_select(0, self.selected))  # (B_a*T, r)
-            delta = low_rank(g, rows, None).view(len(self.selected), x3.shape[1], -1)  # (B_a, T, out)
+            delta = torch.mm(g, rows).view(len(self.selected), x3.shape[1], -1)  # (B_a, T, out)
             return out.index_add_(0, self.selected, delta).view(*x.shape[:-1], -1)
         g = self._update(x3)  # (B*T, r)
         x2 = x3.reshape(-1, x.shape[-1])  # (N, in)
         fast = type(base) is nn.Linear and not (torch.is_grad_enabled() or base._forward_hooks
                                                 or base._forward_pre_hooks)
-        if fast and x2.shape[0] > 64:  # prefill: the update first, the base gemm accumulates onto it
-            out = low_rank(g, rows, base.bias).addmm_(x2, base.weight.T)  # (N, out)
-        elif fast:  # decoding: few rows
+        if fast:  # the base product, then the rank-r update added in place
             out = F.linear(x2, base.weight, base.bias).addmm_(g, rows)  # (N, out)
         else:
             out = torch.addmm(base(x2), g, rows)  # (N, out), out of place: autograd and hooks see base(x)

@@ -34,21 +34,7 @@ from torch.nn.modules import module as _modules
 from tinylab.adapter.svd import tensor_version
 from tinylab.basics.seeds import derived_seed
 
-__all__ = ["TinyLoRALinear", "low_rank", "projection"]
-
-
-def low_rank(h: torch.Tensor, rows: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
-    """start + h @ rows as a new (N, out) tensor: h (N, r), rows (r, out) contiguous, start a bias
-    (out,), a base output (N, out) or None. For r <= 4, r elementwise passes: MKL's K = r gemm is
-    slower than them at many widths on the CPU; from r = 8 the gemm wins (`benchmarks/adapter.py`
-    prints the forward and decode costs)."""
-    r = rows.shape[0]
-    if r > 4:
-        return torch.mm(h, rows) if start is None else torch.addmm(start, h, rows)
-    out = torch.mul(h[:, :1], rows[0]) if start is None else torch.addcmul(start, h[:, :1], rows[0])
-    for i in range(1, r):
-        out.addcmul_(h[:, i : i + 1], rows[i])  # (N, out) += h_i (U diag(S) R)_i
-    return out
+__all__ = ["TinyLoRALinear", "projection"]
 
 
 class TinyLoRALinear(nn.Module):
@@ -162,13 +148,11 @@ class TinyLoRALinear(nn.Module):
         U diag(S) R (out, r) = sum_i v_i G_i with G_i = U diag(S) P_i: G depends only on the frozen
         buffers and is kept (rebuilt if one is replaced or written in place). Under autograd each
         call rebuilds U diag(S) R from v (one small product), so a v changed by any optimizer, fused
-        or not, is always seen; the update is added out of place, so y stays as hooks saw it
-        (`low_rank` for many rows). Without grad (generation, evaluation) the rows are kept until
-        v changes, and a plain `nn.Linear` base is called as `F.linear`:
-        - v = 0: the base's own `F.linear`, so the output is bit-identical to the base model's;
-        - few rows (decoding, where Python overhead is most of the cost): base, then one addmm;
-        - many rows (prefill): the rank-r update is written first (`low_rank`) and the base
-          product accumulates onto it (gemm with beta = 1): no extra read-write pass over the output.
+        or not, is always seen; the update is added out of place, so y stays as hooks saw it. Without
+        grad (generation, evaluation) the rows are kept until v changes, and a plain `nn.Linear`
+        base is called as `F.linear` with the rank-r update added in place (one K = r gemm):
+        at v = 0 the output is the base's own `F.linear`, bit-identical to the base model's.
+        `benchmarks/adapter.py` prints the prefill and decode cost against the base model.
         """
         base = self._modules["base"]
         if not self.enabled or self.merged_R is not None:
@@ -179,23 +163,14 @@ class TinyLoRALinear(nn.Module):
             if rows is None:
                 return F.linear(x, weight, bias)
             x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-            h = F.linear(x2, self._buffers["Vh"])  # (N, r)
-            if x2.shape[0] <= 64:
-                out = F.linear(x2, weight, bias).addmm_(h, rows)  # (N, out)
-            else:
-                out = low_rank(h, rows, bias)  # (N, out): the update
-                out.addmm_(x2, weight.T)  # (N, out) += x W^T, inside the gemm
+            out = F.linear(x2, weight, bias).addmm_(F.linear(x2, self._buffers["Vh"]), rows)  # (N, out)
             return out.view(*x.shape[:-1], out.shape[-1])
         y = base(x)  # (..., out): hooks see it unchanged, autograd keeps it
         rows = self._update().T.to(y.dtype) if torch.is_grad_enabled() else self._kept_rows(y.dtype)  # (r, out)
         if rows is None:
             return y
-        r = rows.shape[0]
-        h = F.linear(x, self._buffers["Vh"]).reshape(-1, r)  # (N, r)
-        out = y.reshape(-1, y.shape[-1])  # (N, out)
-        if out.shape[0] <= 64:
-            return torch.addmm(out, h, rows).view(y.shape)
-        return low_rank(h, rows.contiguous(), out).view(y.shape)  # a new tensor: y stays as hooks saw it
+        h = F.linear(x, self._buffers["Vh"]).reshape(-1, rows.shape[0])  # (N, r)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h, rows).view(y.shape)  # a new tensor: y stays as hooks saw it
 
     @torch.no_grad()
     def merge(self) -> None:

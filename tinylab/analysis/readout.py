@@ -31,7 +31,7 @@ from tinylab.model.attention import attention_blocks, eager_attention, observe_h
 from tinylab.model.batch import left_pad, pad_token_id, prompt_rows
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
-from tinylab.model.generation import cache_argument, greedy_from_prefill, new_cache
+from tinylab.model.generation import cache_argument, greedy_from_prefill, new_cache, token_logprobs
 
 __all__ = ["Reader", "Readout"]
 
@@ -85,9 +85,8 @@ class Reader:
                                      logits_to_keep=L + 1, **{cache_argument(self.model): cache})
                 activity.append(HeadActivity(dict(patterns), dict(outputs), mask).first(P))
                 if continuation is not None:
-                    logits = out.logits[:, :-1].float()  # [B, L, V]: position t predicts continuation token t
-                    picked = logits.gather(-1, ids[:, P:, None]).squeeze(-1)  # [B, L]
-                    token_lp = (picked - torch.logsumexp(logits, -1)) * continuation.to(logits.dtype)  # [B, L]
+                    token_lp = token_logprobs(out.logits[:, :-1], ids[:, P:])  # [B, L]: position t predicts token t
+                    token_lp = token_lp * continuation.to(token_lp.dtype)  # [B, L]
                     means.append(mean_logprob(token_lp, continuation))  # [B]
                     cache.crop(-L)  # the prompt's keys and values only
                 replies += greedy_from_prefill(self.model, self.tokenizer, cache, out.logits[:, 0], mask[:, :P],

@@ -2,16 +2,17 @@
 
 `generate` renders the prompts (chat template with the generation prompt, or the raw string),
 left-pads them, runs each unique prompt through the model once, copies its KV cache `n` times
+(into a preallocated `StaticCache` where the model allows, so a decoded token is written in place)
 and samples the `n` completions token by token from a seeded `torch.Generator` (so a seed gives
 the same completions in any process and leaves the global RNG alone). A completion stops at the
 first end-of-sequence token, which it keeps (the policy has to learn to stop, too).
 
 Where the randomness lives: the generator is always a CPU generator, and each token is drawn on
-the CPU from the fp32 probabilities copied there (`torch.multinomial`). A seed therefore gives
-the same random stream whatever the model's device and whatever torch's default device; the
-completions agree across devices as far as the models' logits agree (a GPU's bf16 logits differ
-from a CPU's fp32 ones in the last bits, and a token can flip where two are nearly tied). The
-price on a GPU is one [rows, vocab] fp32 copy to the host per generated token; everything else
+the CPU from the fp32 probabilities copied there (`draw`: one uniform number per row). A seed
+therefore gives the same random stream whatever the model's device and whatever torch's default
+device; the completions agree across devices as far as the models' logits agree (a GPU's bf16
+logits differ from a CPU's fp32 ones in the last bits, and a token can flip where two are nearly
+tied). The price on a GPU is one [rows, vocab] fp32 copy to the host per generated token; everything else
 (the model calls, the cache, the masks) stays on the model's device.
 
 `completion_logprobs` scores completion tokens under the model with the positions generation
@@ -36,9 +37,9 @@ from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prom
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
 
-__all__ = ["Rollout", "cache_argument", "completion_logprobs", "generate", "greedy_from_prefill", "new_cache",
-           "positions_of", "render_prompts",
-           "stop_token_ids"]  # render_prompts: tinylab.model.batch's, re-exported
+__all__ = ["Rollout", "cache_argument", "completion_logprobs", "decoding_cache", "draw", "generate",
+           "greedy_from_prefill", "new_cache", "positions_of", "render_prompts", "stop_token_ids",
+           "token_logprobs"]  # render_prompts: tinylab.model.batch's, re-exported
 
 
 class Rollout(NamedTuple):
@@ -103,18 +104,63 @@ def _context_length(model: nn.Module) -> int | None:
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     """One token per row, on the logits' device: argmax at temperature 0, else drawn on the CPU from
-    the CPU `generator` (see the module docstring)."""
+    the CPU `generator` (`draw`)."""
     if temperature == 0:
         return logits.argmax(-1)  # [B]
-    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()  # [B, V] fp32 on the CPU
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)  # [B]
+    scaled = logits.float() if temperature == 1 else logits.float() / temperature  # [B, V]
+    return draw(torch.softmax(scaled, dim=-1).cpu(), generator).to(logits.device)  # [B]
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator, block: int = 256) -> torch.Tensor:
+    """One index per row of `probs` [B, V] (CPU, non-negative, rows need not sum to 1), drawn with
+    probability proportional to its entry, from one uniform number per row of the CPU `generator`:
+    the inverse of the cumulative distribution, in fp64, in two levels (sums of blocks of `block`
+    entries, then the chosen block's entries). `torch.multinomial` draws one random number per entry
+    and row instead, most of a decoding step's sampling time at a 50k vocabulary. An entry of 0 is
+    never drawn. Returns [B] long on the CPU."""
+    rows, size = probs.shape
+    blocks = -(-size // block)
+    padded = nn.functional.pad(probs, (0, blocks * block - size)).view(rows, blocks, block)  # [B, nb, block]
+    cdf = padded.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, nb]
+    u = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device="cpu") * cdf[:, -1:]  # [B, 1]
+    b = torch.searchsorted(cdf, u, right=True).clamp_(max=blocks - 1)  # [B, 1]: first block with cdf > u
+    before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(u))  # [B, 1]
+    share = ((u - before) / (cdf.gather(1, b) - before)).clamp_(0, 1)  # [B, 1]: where u falls in block b
+    inner = padded.gather(1, b[:, :, None].expand(rows, 1, block)).squeeze(1).cumsum(-1, dtype=torch.float64)  # [B, block]
+    t = torch.searchsorted(inner, share * inner[:, -1:], right=True)  # [B, 1]: first entry with cdf > u
+    last = (inner < inner[:, -1:]).sum(-1, keepdim=True)  # [B, 1]: the block's last non-zero entry
+    return (b * block + torch.minimum(t, last)).squeeze(-1)  # [B]
+
+
+def decoding_cache(model: nn.Module, cache, new_tokens: int):
+    """`cache`'s keys and values in a transformers `StaticCache` with room for `new_tokens` more, so
+    each decoded token is written in place (a `DynamicCache` copies every layer's whole cache to
+    append one token). Returns `cache` itself before transformers 5 (whose static layers work
+    differently), when its layers are not all plain full-attention `DynamicLayer`s, or when the
+    model's config asks for other static layers (sliding windows, ...)."""
+    import transformers
+    from transformers import StaticCache
+    from transformers.cache_utils import DynamicLayer, StaticLayer
+
+    layers, config = getattr(cache, "layers", None), getattr(model, "config", None)
+    if (int(transformers.__version__.split(".")[0]) < 5 or not layers or config is None
+            or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers)):
+        return cache
+    with torch.device(layers[0].keys.device):  # StaticLayer makes its length counter without a device
+        static = StaticCache(config=config, max_cache_len=cache.get_seq_length() + new_tokens)
+    if len(static.layers) != len(layers) or any(type(layer) is not StaticLayer for layer in static.layers):
+        return cache
+    for i, layer in enumerate(layers):
+        static.update(layer.keys, layer.values, i)
+    return static
 
 
 @torch.no_grad()
 def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator, stops, pad_id,
                     prefilled=None):
     """Prefill the unique prompts once (or take `prefilled`: the cache and last logits [b, V] of
-    that prefill, already run), repeat their cache n times, then decode token by token."""
+    that prefill, already run), repeat their cache n times, then decode token by token; once an
+    eighth of the rows in the batch have ended, they are dropped from it (and from the cache)."""
     cache_kw = cache_argument(model)
     if prefilled is None:
         keep = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row
@@ -126,25 +172,30 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
     cache, logits = prefilled
     if n > 1:
         cache.batch_repeat_interleave(n)
-    logits = logits.repeat_interleave(n, dim=0)  # [b*n, V]
-    mask = mask.repeat_interleave(n, dim=0)  # [b*n, p]
-    position = positions_of(mask)[:, -1:]  # [b*n, 1]
+    cache = decoding_cache(model, cache, max_new_tokens)
+    logits = logits.repeat_interleave(n, dim=0)  # [a, V]: a = rows still in the decoding batch
+    mask = mask.repeat_interleave(n, dim=0)  # [a, p]
+    position = positions_of(mask)[:, -1:]  # [a, 1]
     stops = torch.tensor(stops, dtype=torch.long, device=mask.device)  # [s]
-    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # [b*n]
-    tokens = []
+    completion = torch.full((mask.shape[0], max_new_tokens), pad_id, dtype=torch.long, device=mask.device)  # [b*n, max]
+    alive = torch.arange(mask.shape[0], device=mask.device)  # [a]: their rows in `completion`
+    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # [a]: ended, not yet dropped
     for t in range(max_new_tokens):
-        token = _sample(logits, temperature, generator)  # [b*n]
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens.append(token)
+        token = _sample(logits, temperature, generator)  # [a]
+        completion[alive, t] = torch.where(done, torch.full_like(token, pad_id), token)
         done = done | torch.isin(token, stops)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [b*n, p+t+1]
+        if 8 * int(done.sum()) >= len(done) and hasattr(cache, "reorder_cache"):
+            keep = (~done).nonzero().squeeze(-1)  # [a']: an eighth of the rows have ended, stop computing them
+            cache.reorder_cache(keep)
+            alive, done, token, mask, position = alive[keep], done[keep], token[keep], mask[keep], position[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [a, p+t+1]
         position = position + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
                     **{cache_kw: cache})
-        logits = out.logits[:, -1]  # [b*n, V]
-    completion = torch.stack(tokens, dim=1)  # [b*n, l]
+        logits = out.logits[:, -1]  # [a, V]
+    completion = completion[:, :t + 1]  # [b*n, l]
     is_stop = torch.isin(completion, stops)  # [b*n, l]
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # tokens after the first stop token
     completion_mask = (~after_stop).long()  # [b*n, l]
@@ -212,7 +263,8 @@ def greedy_from_prefill(model: nn.Module, tokenizer, cache, logits: torch.Tensor
     """Greedy replies continuing a prefill the caller already ran (e.g. in the forward that scored
     the same prompts): `cache` holds the left-padded prompts' keys and values, `mask` [B, P] is their
     attention mask and `logits` [B, V] the last prompt position's. The same decoding as
-    `generate(..., temperature=0)`, without running the prompts again; the cache grows."""
+    `generate(..., temperature=0)`, without running the prompts again; `cache` is spent (decoding may
+    grow it, or copy it into a `decoding_cache`)."""
     check_int("max_new_tokens", max_new_tokens, low=1)
     if logits.dim() != 2 or mask.dim() != 2 or logits.shape[0] != mask.shape[0]:
         raise ValueError(f"logits {tuple(logits.shape)} and mask {tuple(mask.shape)}: expected [B, V] and [B, P]")
@@ -249,19 +301,25 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     if group_size == 1:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
                     logits_to_keep=L + 1)
-        logits = out.logits[:, :-1].float()  # [B, L, V]: position t predicts completion token t
+        logprobs = token_logprobs(out.logits[:, :-1], input_ids[:, -L:], temperature)  # [B, L]
     else:
-        logits = _shared_prompt_logits(model, input_ids, attention_mask, positions, L, group_size)  # [B, L, V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, -L:]  # [B, L]
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, L]
-    logprobs = picked - torch.logsumexp(logits, dim=-1)  # [B, L]
+        logprobs = _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, group_size, temperature)
     return logprobs * completion_mask.to(logprobs.dtype)
 
 
-def _shared_prompt_logits(model, input_ids, attention_mask, positions, L, g) -> torch.Tensor:
-    """Logits for the last L positions, running each group's shared prompt once."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) under softmax(logits / temperature), fp32 whatever the logits' dtype: logits
+    [..., V], targets [...] long -> [...]. One fused log-softmax and pick (`F.cross_entropy`), whose
+    backward is one pass over the logits."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    flat = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return -flat.view(targets.shape)
+
+
+def _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, g, temperature) -> torch.Tensor:
+    """Log-probabilities of the last L tokens [B, L], running each group's shared prompt once."""
     P = input_ids.shape[1] - L
     prompt_ids, prompt_mask = input_ids[::g, :P], attention_mask[::g, :P]  # [B/G, P]
     if not (torch.equal(input_ids[:, :P], prompt_ids.repeat_interleave(g, dim=0))
@@ -271,10 +329,13 @@ def _shared_prompt_logits(model, input_ids, attention_mask, positions, L, g) -> 
     cache, cache_kw = new_cache(), cache_argument(model)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[::g, :P], use_cache=True,
                 logits_to_keep=1, **{cache_kw: cache})
-    first = out.logits[:, -1:].float().repeat_interleave(g, dim=0)  # [B, 1, V]: predicts completion token 0
+    B = input_ids.shape[0]
+    first = out.logits[:, -1:].expand(-1, g, -1)  # [B/G, G, V]: the group's shared logits for completion token 0
+    first = token_logprobs(first, input_ids[:, P].view(-1, g), temperature).view(B, 1)  # [B, 1]
     if L == 1:
         return first
     cache.batch_repeat_interleave(g)
     out = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
                 position_ids=positions[:, P:-1], use_cache=True, **{cache_kw: cache})
-    return torch.cat([first, out.logits.float()], dim=1)  # [B, L, V]
+    rest = token_logprobs(out.logits, input_ids[:, P + 1:], temperature)  # [B, L-1]
+    return torch.cat([first, rest], dim=1)  # [B, L]
