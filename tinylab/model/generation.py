@@ -159,8 +159,8 @@ def decoding_cache(model: nn.Module, cache, new_tokens: int):
 def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator, stops, pad_id,
                     prefilled=None):
     """Prefill the unique prompts once (or take `prefilled`: the cache and last logits [b, V] of
-    that prefill, already run), repeat their cache n times, then decode token by token; once an
-    eighth of the rows in the batch have ended, they are dropped from it (and from the cache)."""
+    that prefill, already run), repeat their cache n times, then decode token by token. Every row
+    stays in the batch to the end: a model wrapped per row (`AdapterBank.rows`) needs its rows fixed."""
     cache_kw = cache_argument(model)
     if prefilled is None:
         keep = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row
@@ -173,29 +173,25 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
     if n > 1:
         cache.batch_repeat_interleave(n)
     cache = decoding_cache(model, cache, max_new_tokens)
-    logits = logits.repeat_interleave(n, dim=0)  # [a, V]: a = rows still in the decoding batch
-    mask = mask.repeat_interleave(n, dim=0)  # [a, p]
-    position = positions_of(mask)[:, -1:]  # [a, 1]
+    logits = logits.repeat_interleave(n, dim=0)  # [b*n, V]
+    mask = mask.repeat_interleave(n, dim=0)  # [b*n, p]
+    position = positions_of(mask)[:, -1:]  # [b*n, 1]
     stops = torch.tensor(stops, dtype=torch.long, device=mask.device)  # [s]
-    completion = torch.full((mask.shape[0], max_new_tokens), pad_id, dtype=torch.long, device=mask.device)  # [b*n, max]
-    alive = torch.arange(mask.shape[0], device=mask.device)  # [a]: their rows in `completion`
-    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # [a]: ended, not yet dropped
+    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # [b*n]
+    tokens = []
     for t in range(max_new_tokens):
-        token = _sample(logits, temperature, generator)  # [a]
-        completion[alive, t] = torch.where(done, torch.full_like(token, pad_id), token)
+        token = _sample(logits, temperature, generator)  # [b*n]
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
         done = done | torch.isin(token, stops)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        if 8 * int(done.sum()) >= len(done) and hasattr(cache, "reorder_cache"):
-            keep = (~done).nonzero().squeeze(-1)  # [a']: an eighth of the rows have ended, stop computing them
-            cache.reorder_cache(keep)
-            alive, done, token, mask, position = alive[keep], done[keep], token[keep], mask[keep], position[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [a, p+t+1]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [b*n, p+t+1]
         position = position + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
                     **{cache_kw: cache})
-        logits = out.logits[:, -1]  # [a, V]
-    completion = completion[:, :t + 1]  # [b*n, l]
+        logits = out.logits[:, -1]  # [b*n, V]
+    completion = torch.stack(tokens, dim=1)  # [b*n, l]
     is_stop = torch.isin(completion, stops)  # [b*n, l]
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # tokens after the first stop token
     completion_mask = (~after_stop).long()  # [b*n, l]
