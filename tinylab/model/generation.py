@@ -120,7 +120,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator, block: int = 256) -> t
     never drawn. Returns [B] long on the CPU."""
     rows, size = probs.shape
     blocks = -(-size // block)
-    padded = nn.functional.pad(probs, (0, blocks * block - size)).view(rows, blocks, block)  # [B, nb, block]
+    padded = probs if size == blocks * block else nn.functional.pad(probs, (0, blocks * block - size))  # [B, nb*block]
+    padded = padded.reshape(rows, blocks, block)  # [B, nb, block]
     cdf = padded.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, nb]
     u = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device="cpu") * cdf[:, -1:]  # [B, 1]
     b = torch.searchsorted(cdf, u, right=True).clamp_(max=blocks - 1)  # [B, 1]: first block with cdf > u
