@@ -346,6 +346,13 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero(size, block):
     spots = torch.tensor([0, min(block - 1, size - 1), min(block, size - 1), size - 1])
     one_hot[torch.arange(4), spots] = 1.0
     assert torch.equal(draw(one_hot, g, block=block), spots)
+    for bad in (float("nan"), float("inf")):
+        broken = one_hot.clone()
+        broken[2, 0] = bad
+        with pytest.raises(ValueError, match=f"row 2 of the probabilities sums to {bad}"):
+            draw(broken, g, block=block)
+    with pytest.raises(ValueError, match="row 0 of the probabilities sums to 0.0"):
+        draw(torch.zeros(1, size), g, block=block)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "opt", "gpt_neox"])

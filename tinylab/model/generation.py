@@ -117,12 +117,18 @@ def draw(probs: torch.Tensor, generator: torch.Generator, block: int = 256) -> t
     the inverse of the cumulative distribution, in fp64, in two levels (sums of blocks of `block`
     entries, then the chosen block's entries). `torch.multinomial` draws one random number per entry
     and row instead, most of a decoding step's sampling time at a 50k vocabulary. An entry of 0 is
-    never drawn. Returns [B] long on the CPU."""
+    never drawn; a row with a NaN or inf entry, or summing to 0, is a ValueError. Returns [B] long
+    on the CPU."""
     rows, size = probs.shape
     blocks = -(-size // block)
     padded = probs if size == blocks * block else nn.functional.pad(probs, (0, blocks * block - size))  # [B, nb*block]
     padded = padded.reshape(rows, blocks, block)  # [B, nb, block]
     cdf = padded.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, nb]
+    total = cdf[:, -1]  # [B]: NaN or inf if any entry is (a diverged model's logits)
+    if not (torch.isfinite(total) & (total > 0)).all():
+        bad = int((~(torch.isfinite(total) & (total > 0))).nonzero()[0])
+        raise ValueError(f"row {bad} of the probabilities sums to {float(total[bad])}; allowed: finite, non-negative "
+                         "entries with a positive sum (non-finite logits?)")
     u = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device="cpu") * cdf[:, -1:]  # [B, 1]
     b = torch.searchsorted(cdf, u, right=True).clamp_(max=blocks - 1)  # [B, 1]: first block with cdf > u
     before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(u))  # [B, 1]
