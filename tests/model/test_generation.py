@@ -11,7 +11,7 @@ from tinylab.model.generation import (
     new_cache,
     stop_token_ids,
 )
-from tinylab.model.tiny import tiny_model
+from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -355,7 +355,7 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero(size, block):
         draw(torch.zeros(1, size), g, block=block)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "opt", "gpt_neox"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_decoding_cache_decodes_as_the_growing_cache(arch, monkeypatch):
     """Copying the prefill into a StaticCache (keys and values written in place while decoding) gives
     the same greedy and sampled completions as the DynamicCache the prefill filled; a cache whose layers
