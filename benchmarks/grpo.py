@@ -46,7 +46,7 @@ from results_file import add_results_option, results_file, results_name  # noqa:
 
 from tinylab.adapter.attach import apply_tinylora  # noqa: E402
 from tinylab.model.device import resolve_device, resolve_dtype  # noqa: E402
-from tinylab.model.generation import generate, positions_of  # noqa: E402
+from tinylab.model.generation import generate, positions_of, token_logprobs  # noqa: E402
 from tinylab.model.loading import load_model
 from tinylab.tasks.base import completion_text  # noqa: E402
 from tinylab.tasks.capitals import CapitalsTask  # noqa: E402
@@ -82,8 +82,8 @@ def base_step_time(model, tokenizer, adapter, prompts, config, seed) -> tuple[fl
         embeds = model.get_input_embeddings()(r.input_ids).detach().requires_grad_(True)  # [B*G, P+L, d]
         out = model(inputs_embeds=embeds, attention_mask=r.attention_mask, position_ids=positions_of(r.attention_mask),
                     use_cache=False)
-        logp = out.logits[:, -r.completion_ids.shape[1] - 1:-1].float().log_softmax(-1)  # [B*G, L, V]
-        loss = -(logp.gather(-1, r.completion_ids[..., None]).squeeze(-1) * r.completion_mask).sum()
+        logp = token_logprobs(out.logits[:, -r.completion_ids.shape[1] - 1:-1], r.completion_ids)  # [B*G, L]
+        loss = -(logp * r.completion_mask).sum()
         loss.backward()
         _wait_for(r.input_ids.device)
         fwd_bwd = time.perf_counter() - t0

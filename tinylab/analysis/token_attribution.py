@@ -22,6 +22,7 @@ from tinylab.basics.checks import check_int
 from tinylab.model.batch import pad_token_id, render_prompts
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
+from tinylab.model.generation import token_logprobs
 
 __all__ = ["TokenAttribution", "token_attribution"]
 
@@ -83,7 +84,7 @@ def _completeness_gap(model, inp, answer_ids, baseline_id, seq_attr) -> float:
 
     def logp(prompt_ids):
         full = torch.cat([prompt_ids, answer_ids[None]], dim=1)  # [1, n + n_out]
-        logits = model(full).logits[0, prompt_ids.shape[1] - 1:-1].float()  # [n_out, V]
-        return float(logits.log_softmax(-1).gather(1, answer_ids[:, None]).sum())
+        logits = model(full).logits[0, prompt_ids.shape[1] - 1:-1]  # [n_out, V]
+        return float(token_logprobs(logits, answer_ids).sum())
 
     return abs(float(seq_attr.sum()) - (logp(ids) - logp(base)))
