@@ -9,6 +9,9 @@ maps), 4 prompts x 8 completions, up to 16 new tokens, a reward that is random p
    the activation gradients any trainer of v needs)               goal <= 1.15
 2. our step / TRL GRPOTrainer step, same model, adapter, batch, token limit   goal <= 0.3
    (TRL's step runs through the same adapter layer, so a faster adapter speeds up both)
+   Printed beside it: the matrix-product FLOPs of one step of each (torch.utils.flop_counter, an
+   untimed step with the same seed), whose ratio is what the time ratio would be at equal speed
+   per FLOP: the work each step does, apart from how fast the kernels run it
 3. generation with the adapter merged into the weights / unmerged (is merging worth it?)
 4. a step with experiment tracking / without (`report_to`: Trackio, TensorBoard, W&B offline when
    installed), same seed so the same prompts, completions and updates; CPU seconds per step of this
@@ -88,6 +91,29 @@ def base_step_time(model, tokenizer, adapter, prompts, config, seed) -> tuple[fl
         _wait_for(r.input_ids.device)
         fwd_bwd = time.perf_counter() - t0
     return gen, fwd_bwd, int(r.completion_mask.sum())
+
+
+def step_flops(model, tokenizer, adapter, task, config) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(matrix-product FLOPs, completion tokens) of one step of our loop and of TRL's GRPOTrainer, the
+    first step of the same seed, counted by `torch.utils.flop_counter.FlopCounterMode` (mm, addmm,
+    bmm and the attention kernels it knows; elementwise work is not counted). Untimed: the counter
+    slows the step down. Leaves the vector at zero."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tinylab.interop.trl_bridge import grpo_trainer
+
+    one = GRPOConfig(**{**config.__dict__, "steps": 1, "checkpoint_dir": tempfile.mkdtemp(prefix="bench-flops-")})
+    adapter.set_vector(torch.zeros(adapter.num_params))
+    with FlopCounterMode(display=False) as counter:
+        run = train_grpo(model, tokenizer, adapter, task, one)
+    ours = (counter.get_total_flops(), run.logs[0].completion_len * one.prompts_per_step * one.group_size)
+    adapter.set_vector(torch.zeros(adapter.num_params))
+    trainer = grpo_trainer(model, tokenizer, adapter, task, one, output_dir=tempfile.mkdtemp(prefix="bench-flops-"))
+    with FlopCounterMode(display=False) as counter:
+        trainer.train()
+    theirs = (counter.get_total_flops(), trainer.tinylab_logs.logs[0].completion_len * one.prompts_per_step * one.group_size)
+    adapter.set_vector(torch.zeros(adapter.num_params))
+    return ours, theirs
 
 
 def _cpu_seconds() -> float:
@@ -277,6 +303,8 @@ def main():
     trl_logs = trainer.tinylab_logs.logs[1:]
     trl = statistics.median(log.step_time for log in trl_logs)
     trl_tokens = statistics.mean(log.completion_len for log in trl_logs) * 32
+    adapter.set_vector(torch.zeros(13))
+    (flops, flop_tokens), (trl_flops, trl_flop_tokens) = step_flops(model, tokenizer, adapter, task, config)
 
     print(header)
     print(f"our step            {ours:7.2f} s  (generation {ours_gen:.2f} s, fwd/bwd {ours_fb:.2f} s, "
@@ -287,6 +315,9 @@ def main():
     for name, ratio, goal in (("our step / (base gen + fwd/bwd)", ours / (base_gen + base_fb), 1.15),
                               ("our step / TRL step            ", ours / trl, 0.3)):
         print(f"ratio {name} = {ratio:.2f}   (goal <= {goal}: {'met' if round(ratio, 2) <= goal else 'NOT MET'})")
+    print(f"FLOPs our step / TRL step       = {flops / trl_flops:.3f}   (matrix products of one untimed step each: "
+          f"{flops / 1e9:.0f} vs {trl_flops / 1e9:.0f} GFLOP, {flop_tokens:.0f} vs {trl_flop_tokens:.0f} completion "
+          "tokens; the time ratio at equal speed per FLOP)")
     print(f"ratio generation merged / unmerged    = "
           f"{statistics.median(times['merged']) / statistics.median(times['active']):.2f}   "
           f"(merge+unmerge included; < 1 means merging helps)")
