@@ -315,7 +315,7 @@ def main():
     for name, ratio, goal in (("our step / (base gen + fwd/bwd)", ours / (base_gen + base_fb), 1.15),
                               ("our step / TRL step            ", ours / trl, 0.3)):
         print(f"ratio {name} = {ratio:.2f}   (goal <= {goal}: {'met' if round(ratio, 2) <= goal else 'NOT MET'})")
-    print(f"FLOPs our step / TRL step       = {flops / trl_flops:.3f}   (matrix products of one untimed step each: "
+    print(f"FLOPs our step / TRL step             = {flops / trl_flops:.3f}   (matrix products of one untimed step each: "
           f"{flops / 1e9:.0f} vs {trl_flops / 1e9:.0f} GFLOP, {flop_tokens:.0f} vs {trl_flop_tokens:.0f} completion "
           "tokens; the time ratio at equal speed per FLOP)")
     print(f"ratio generation merged / unmerged    = "
