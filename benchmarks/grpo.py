@@ -95,9 +95,10 @@ def base_step_time(model, tokenizer, adapter, prompts, config, seed) -> tuple[fl
 
 def step_flops(model, tokenizer, adapter, task, config) -> tuple[tuple[float, float], tuple[float, float]]:
     """(matrix-product FLOPs, completion tokens) of one step of our loop and of TRL's GRPOTrainer, the
-    first step of the same seed, counted by `torch.utils.flop_counter.FlopCounterMode` (mm, addmm,
-    bmm and the attention kernels it knows; elementwise work is not counted). Untimed: the counter
-    slows the step down. Leaves the vector at zero."""
+    first step of the same seed, counted by `torch.utils.flop_counter.FlopCounterMode`: mm, addmm,
+    bmm and the attention kernels it has formulas for (not the CPU's fused attention, a small share
+    at these lengths); elementwise work is not counted. Untimed: the counter slows the step down.
+    Starts and leaves the vector at zero."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from tinylab.interop.trl_bridge import grpo_trainer
@@ -303,7 +304,6 @@ def main():
     trl_logs = trainer.tinylab_logs.logs[1:]
     trl = statistics.median(log.step_time for log in trl_logs)
     trl_tokens = statistics.mean(log.completion_len for log in trl_logs) * 32
-    adapter.set_vector(torch.zeros(13))
     (flops, flop_tokens), (trl_flops, trl_flop_tokens) = step_flops(model, tokenizer, adapter, task, config)
 
     print(header)
