@@ -8,6 +8,7 @@ from testkit import planted_head
 
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.adapter.layer import TinyLoRALinear
+from tinylab.analysis.head_ablation import ablation_gates, gated
 from tinylab.analysis.heads import (
     EVIDENCE,
     ablate_heads,
@@ -16,8 +17,8 @@ from tinylab.analysis.heads import (
     head_effects,
 )
 from tinylab.analysis.patterns import attention_patterns
-from tinylab.model.attention import eager_attention
-from tinylab.model.tiny import tiny_model
+from tinylab.model.attention import attention_blocks, eager_attention, head_layout, observe_heads
+from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 PROMPTS = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(4)] + ["Once upon a time"]
 ANSWERS = [str(2 * i + 1) for i in range(4)] + [" there was"]
@@ -68,29 +69,63 @@ def test_planted_head_in_first_layer_still_ranks_first():
     assert effects.table["ablation"].notna().sum() == 2  # only the top 2 by |gate_grad| were ablated
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_weight_norms_equal_slices_of_the_full_update(arch):
+    """The head's rows of q/k/v (of a fused map too: which rows is `AttentionBlock.rows`, checked against
+    the model's attention in the test below) and its columns of the output map, sliced out of the
+    (out, in) update built in full."""
     model, tokenizer = tiny_model(arch, seed=0)
     adapter = apply_tinylora(model, n_tie=1, u=2)
     adapter.set_vector(torch.linspace(-2, 2, adapter.num_params))
     t = head_effects(model, tokenizer, adapter, PROMPTS[:2]).table
     assert t[["gate_grad", "ablation"]].isna().all().all()  # no answers: no causal measure
-    for layer in range(2):
-        attn = model.model.layers[layer].self_attn
-        d, group = attn.head_dim, attn.num_key_value_groups
-        mods = {k: getattr(attn, k) for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    for block in attention_blocks(model):
+        d, group = block.head_dim, block.group
+        mods = {attr: getattr(block.module, attr) for attr in block.maps}
         assert all(isinstance(m, TinyLoRALinear) for m in mods.values())
-        full = {k: (m.delta_weight().detach(), m.base.weight) for k, m in mods.items()}  # (out, in) each, test only
-        for h in range(4):
-            q, o, kv = slice(h * d, (h + 1) * d), slice(h * d, (h + 1) * d), slice((h // group) * d, (h // group + 1) * d)
-            want = {
-                "q": full["q_proj"][0][q].norm() / full["q_proj"][1][q].norm(),
-                "k": full["k_proj"][0][kv].norm() / full["k_proj"][1][kv].norm(),
-                "v": full["v_proj"][0][kv].norm() / full["v_proj"][1][kv].norm(),
-                "o": full["o_proj"][0][:, o].norm() / full["o_proj"][1][:, o].norm(),
-            }
+        full = {a: (m.delta_weight().detach(), m.base.weight) for a, m in mods.items()}  # (out, in) each, test only
+        for h in range(block.n_heads):
+            want = {}
+            for part in "qkv":
+                attr, rows = block.rows(part)
+                unit = rows[h if part == "q" else h // group]  # [d]
+                want[part] = full[attr][0][unit].norm() / full[attr][1][unit].norm()
+            cols = slice(h * d, (h + 1) * d)
+            want["o"] = full[block.maps[3]][0][:, cols].norm() / full[block.maps[3]][1][:, cols].norm()
             for k, value in want.items():
-                assert t.loc[(layer, h), f"weight_{k}"] == pytest.approx(float(value), rel=1e-4), (layer, h, k)
+                assert t.loc[(block.layer, h), f"weight_{k}"] == pytest.approx(float(value), rel=1e-4), (h, k)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_removing_a_heads_update_gives_back_its_base_output_on_every_architecture(arch):
+    """Separate, fused (Phi-3) and interleaved (GPT-NeoX) q/k/v maps: in the first layer, with the
+    update removed from one head (its q rows, its group's k/v rows), that head outputs what the base
+    model's does, and the heads of the other KV groups what the adapted model's do. So the rows the
+    gates and the weight norms take are the rows the model's attention reads."""
+    model, tokenizer = tiny_model(arch, seed=0)
+    adapter = apply_tinylora(model, n_tie=1, u=2)
+    adapter.set_vector(torch.linspace(-3, 3, adapter.num_params))
+    blocks = attention_blocks(model)
+    assert [(b.n_heads, b.n_kv, b.head_dim) for b in blocks] == [head_layout(model)] * len(blocks)
+    first, head = blocks[0], blocks[0].n_heads - 1
+    ids = tokenizer(["Once upon a time there was"], return_tensors="pt").input_ids
+
+    def head_outputs():
+        with torch.no_grad(), eager_attention(model), observe_heads(blocks) as (_, outputs):
+            model(input_ids=ids)
+        return outputs[first.layer][0]  # [T, H, d]
+
+    adapted = head_outputs()
+    with adapter.disabled():
+        base = head_outputs()
+    with gated(adapter, blocks, *ablation_gates(blocks, [(first.layer, head)])):
+        removed = head_outputs()
+    assert (adapted[:, head] - base[:, head]).abs().max() > 1e-4  # the update moved the head
+    torch.testing.assert_close(removed[:, head], base[:, head], rtol=1e-5, atol=1e-6)
+    others = [h for h in range(first.n_heads) if h // first.group != head // first.group]
+    torch.testing.assert_close(removed[:, others], adapted[:, others], rtol=1e-5, atol=1e-6)
+    table = head_effects(model, tokenizer, adapter, PROMPTS[:2]).table
+    assert len(table) == sum(b.n_heads for b in blocks) and table["weight"].gt(0).all()
 
 
 def test_padding_is_masked_batches_agree_with_single_prompts():

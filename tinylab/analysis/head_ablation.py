@@ -2,7 +2,7 @@
 
 The update's contribution to one head is the rows of q_proj and the columns of o_proj for the head,
 and the rows of k_proj / v_proj for its KV group (shared with the group's other query heads: k and
-v are computed once per group). `gated` swaps the adapted q/k/v/o for copies whose update is scaled
+v are computed once per group); in a fused qkv map, the same rows of it (`AttentionBlock.rows`). `gated` swaps the adapted q/k/v/o for copies whose update is scaled
 per row and per column by gates (1 = unchanged, 0 = removed) and puts the originals back in
 `finally`. The gates are in the model's dtype on each block's device; their gradients at 1 are
 the first-order estimate of an ablation (`Scorer.gate_gradients`, accumulated in fp32).
@@ -31,9 +31,9 @@ from tinylab.model.generation import completion_logprobs, generate
 __all__ = ["GatedUpdate", "Scorer", "ablation_gates", "adapted_module", "gated", "unit_gates"]
 
 
-def adapted_module(adapter: TinyLoRA, block: AttentionBlock, kind: str) -> TinyLoRALinear | None:
-    """The block's `kind` projection if `adapter` adapts it, else None."""
-    m = getattr(block.module, kind)
+def adapted_module(adapter: TinyLoRA, block: AttentionBlock, attr: str) -> TinyLoRALinear | None:
+    """The block's map named `attr` (one of `block.maps`) if `adapter` adapts it, else None."""
+    m = getattr(block.module, attr)
     return m if isinstance(m, TinyLoRALinear) and m in dict(adapter.named_modules()).values() else None
 
 
@@ -41,12 +41,14 @@ class GatedUpdate(nn.Module):
     """A TinyLoRALinear whose update is scaled per output row and per input column (1 = unchanged).
 
     W' = W + diag(out_gate) U diag(S) R Vh diag(in_gate): same math as TinyLoRALinear.forward.
+    `out_rows`: pairs (rows, gate), long row indices and one gate per row, that make up out_gate (rows
+    not named keep 1); out_gate is assembled in each forward, so every forward has its own graph.
     """
 
-    def __init__(self, inner: TinyLoRALinear, out_gate: torch.Tensor | None, in_gate: torch.Tensor | None):
+    def __init__(self, inner: TinyLoRALinear, out_rows=(), in_gate: torch.Tensor | None = None):
         super().__init__()
         self.inner = inner
-        self.out_gate, self.in_gate = out_gate, in_gate  # (out,) / (in,)
+        self.out_rows, self.in_gate = tuple(out_rows), in_gate  # ((rows [n], gate [n]), ...) / (in,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.inner
@@ -57,40 +59,46 @@ class GatedUpdate(nn.Module):
             x = x * self.in_gate.to(x.dtype)  # (..., in)
         M = (m.R().T * m.S.float()).to(x.dtype)  # (r, r): R^T diag(S)
         delta = F.linear(F.linear(x, m.Vh) @ M, m.U)  # (..., out)
-        if self.out_gate is not None:
-            delta = delta * self.out_gate.to(x.dtype)
+        if self.out_rows:
+            out_gate = torch.ones(delta.shape[-1], dtype=x.dtype, device=delta.device)  # (out,)
+            for rows, gate in self.out_rows:
+                out_gate = out_gate.index_put((rows,), gate.to(x.dtype))
+            delta = delta * out_gate
         return y + delta
 
 
 @contextlib.contextmanager
 def gated(adapter: TinyLoRA, blocks: Sequence[AttentionBlock], head_gates: dict, kv_gates: dict):
-    """Swap the adapted q/k/v/o of each block for gated copies: q rows and o columns follow
-    head_gates[layer] [H], k and v rows follow kv_gates[layer] [KV]. Originals back in `finally`."""
+    """Swap the adapted q/k/v/output maps of each block for gated copies: q rows and output columns
+    follow head_gates[layer] [H], k and v rows follow kv_gates[layer] [KV] (in a fused qkv map, the
+    rows `AttentionBlock.rows` names). Originals back in `finally`."""
     swapped = []
     try:
         for b in blocks:
             if b.layer not in head_gates:
                 continue
-            per_head = head_gates[b.layer].repeat_interleave(b.head_dim)  # (H*d,)
-            per_kv = kv_gates[b.layer].repeat_interleave(b.head_dim)  # (KV*d,)
-            gates = {"q_proj": (per_head, None), "k_proj": (per_kv, None), "v_proj": (per_kv, None),
-                     "o_proj": (None, per_head)}
-            for kind, (out_gate, in_gate) in gates.items():
-                m = adapted_module(adapter, b, kind)
+            out_rows: dict[str, list] = {}  # attribute -> [(rows, gate per row)]
+            for part, unit_gate in (("q", head_gates[b.layer]), ("k", kv_gates[b.layer]), ("v", kv_gates[b.layer])):
+                attr, rows = b.rows(part)  # [units, d]
+                out_rows.setdefault(attr, []).append(
+                    (rows.flatten().to(unit_gate.device), unit_gate.repeat_interleave(b.head_dim)))  # unit-major
+            for attr in dict.fromkeys([*out_rows, b.maps[3]]):
+                m = adapted_module(adapter, b, attr)
                 if m is not None:
-                    setattr(b.module, kind, GatedUpdate(m, out_gate, in_gate))
-                    swapped.append((b.module, kind, m))
+                    in_gate = head_gates[b.layer].repeat_interleave(b.head_dim) if attr == b.maps[3] else None  # (H*d,)
+                    setattr(b.module, attr, GatedUpdate(m, out_rows.get(attr, ()), in_gate))
+                    swapped.append((b.module, attr, m))
         yield
     finally:
-        for parent, kind, m in reversed(swapped):
-            setattr(parent, kind, m)
+        for parent, attr, m in reversed(swapped):
+            setattr(parent, attr, m)
 
 
 def unit_gates(blocks: Sequence[AttentionBlock], *, requires_grad: bool = False) -> tuple[dict, dict]:
     """Gates of 1 for every head [H] and KV head [KV] of each block, in the block's weight dtype on its device."""
     head, kv = {}, {}
     for b in blocks:
-        w = b.module.q_proj.weight  # (out, in): the dtype and device the gates meet
+        w = getattr(b.module, b.maps[0]).weight  # (out, in): the dtype and device the gates meet
         head[b.layer] = torch.ones(b.n_heads, dtype=w.dtype, device=w.device, requires_grad=requires_grad)  # [H]
         kv[b.layer] = torch.ones(b.n_kv, dtype=w.dtype, device=w.device, requires_grad=requires_grad)  # [KV]
     return head, kv

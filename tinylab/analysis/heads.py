@@ -1,7 +1,8 @@
 """Which attention heads did the trained scalars change? Three kinds of evidence per (layer, head).
 
 1. Weight space: the norm of the update U diag(S) R Vh restricted to the head's slice (rows of
-   q_proj for the head, rows of k_proj / v_proj for its KV group, columns of o_proj for the head),
+   q_proj for the head, rows of k_proj / v_proj for its KV group, columns of o_proj for the head;
+   the same rows of a fused qkv map: `tinylab.model.attention` says where they are),
    relative to the norm of the same slice of the frozen weight. Computed from the factors through
    (r, r) Gram matrices: no (out, in) update is ever built.
 2. Activation space: base (adapter disabled) vs adapted on the same prompts, with eager attention
@@ -146,27 +147,29 @@ def forward_last(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
 
 @torch.no_grad()
 def _weight_norms(adapter: TinyLoRA, block: AttentionBlock) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """kind -> (squared update norm, squared weight norm) per query head [H] (k, v: of the head's group),
-    fp32 on the weights' device."""
+    """part ("q", "k", "v", "o") -> (squared update norm, squared weight norm) per query head [H] (k, v: of
+    the head's group), fp32 on the weights' device. The head's rows of q/k/v and columns of the output map
+    are `block.rows` and `block.maps`' (fused maps are sliced the same way)."""
     H, d, group = block.n_heads, block.head_dim, block.group
     found = {}
-    for kind in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        m = adapted_module(adapter, block, kind)
+    for part in ("q", "k", "v", "o"):
+        m = adapted_module(adapter, block, block.maps["qkvo".index(part)])
         if m is None:
             continue
         US = (m.U.float() * m.S.float()) @ m.R().float()  # (out, r): U diag(S) R
         Vh, W = m.Vh.float(), m.base.weight.float()  # (r, in), (out, in)
-        if kind == "o_proj":  # columns of the head: ||US Vh[:, cols]||^2
+        if part == "o":  # columns of the head: ||US Vh[:, cols]||^2
             B = Vh.unflatten(1, (H, d))  # (r, H, d)
             upd = torch.einsum("rhd,rs,shd->h", B, US.T @ US, B)  # [H]
             own = W.unflatten(1, (H, d)).pow(2).sum((0, 2))  # [H]
         else:  # rows of the head (q) or of its KV group (k, v): ||US[rows] Vh||^2
-            A = US.unflatten(0, (-1, d))  # (heads or groups, d, r)
+            rows = block.rows(part)[1].to(US.device)  # [H or KV, d]
+            A = US[rows]  # (heads or groups, d, r)
             upd = torch.einsum("hdr,rs,hds->h", A, Vh @ Vh.T, A)  # [H or KV]
-            own = W.unflatten(0, (-1, d)).pow(2).sum((1, 2))  # [H or KV]
-            if kind != "q_proj":
+            own = W[rows].pow(2).sum((1, 2))  # [H or KV]
+            if part != "q":
                 upd, own = upd.repeat_interleave(group), own.repeat_interleave(group)  # [H]
-        found[kind] = (upd.clamp(min=0), own)
+        found[part] = (upd.clamp(min=0), own)
     return found
 
 
@@ -313,8 +316,8 @@ def head_effects(model: nn.Module, tokenizer, adapter: TinyLoRA, prompts: Sequen
             rows = (b.layer, slice(None))
             table.loc[rows, "kv_group"] = np.arange(b.n_heads) // b.group
             norms = _weight_norms(adapter, b)
-            for kind, (upd, own) in norms.items():
-                table.loc[rows, f"weight_{kind[0]}"] = (upd.sqrt() / own.sqrt().clamp(min=1e-30)).cpu().numpy()
+            for part, (upd, own) in norms.items():
+                table.loc[rows, f"weight_{part}"] = (upd.sqrt() / own.sqrt().clamp(min=1e-30)).cpu().numpy()
             if norms:
                 upd, own = (sum(v[i] for v in norms.values()) for i in (0, 1))
                 table.loc[rows, "weight"] = (upd.sqrt() / own.sqrt().clamp(min=1e-30)).cpu().numpy()

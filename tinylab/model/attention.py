@@ -1,6 +1,14 @@
 """The attention blocks of a Hugging Face model, seen per head: their geometry, eager attention for a
 measurement, and hooks that observe each head's pattern and output.
 
+Where a head's numbers live in the block's linear maps (`AttentionBlock.rows`, `AttentionBlock.maps`):
+the query rows of head h, the key and value rows of its KV group, and the columns h*d..(h+1)*d of the
+output map (its input is the heads' outputs side by side). Three layouts are recognised:
+
+    separate     q_proj, k_proj, v_proj; output o_proj or out_proj (Llama, Qwen, Mistral, Gemma, OPT)
+    fused        qkv_proj: all query rows, then key rows, then value rows; output o_proj (Phi-3)
+    interleaved  query_key_value: per head its query, key and value rows; output dense (GPT-NeoX)
+
 `tinylab.analysis.heads` (per-head evidence) and `tinylab.analysis.head_ablation` (removing the update from heads)
 both stand on these. Hooks only observe: they are added in a context manager and removed in
 `finally`.
@@ -32,26 +40,73 @@ class AttentionBlock(NamedTuple):
     n_heads: int
     n_kv: int
     head_dim: int
+    layout: str = "separate"  # "separate", "fused" or "interleaved" (module docstring)
+    maps: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")  # attribute of q, k, v, output
 
     @property
     def group(self) -> int:
         """Query heads per key/value head."""
         return self.n_heads // self.n_kv
 
+    def rows(self, part: str) -> tuple[str, torch.Tensor]:
+        """(attribute of the map, [units, head_dim] long CPU indices of its output rows) for part "q"
+        (one unit per query head) or "k" / "v" (one per KV head): where each head's numbers are."""
+        if part not in ("q", "k", "v"):
+            raise ValueError(f"part={part!r} is not allowed: 'q', 'k' or 'v'")
+        H, KV, d = self.n_heads, self.n_kv, self.head_dim
+        i = "qkv".index(part)
+        units = H if part == "q" else KV
+        if self.layout == "interleaved":  # per head: q, k, v rows (KV = H)
+            start = torch.arange(H, device="cpu")[:, None] * 3 * d + i * d  # [H, 1]
+        else:  # separate maps start at 0; fused: q rows, then k, then v
+            offset = 0 if self.layout == "separate" else (0, H * d, (H + KV) * d)[i]
+            start = offset + torch.arange(units, device="cpu")[:, None] * d  # [units, 1]
+        return self.maps[i], start + torch.arange(d, device="cpu")[None, :]  # [units, d]
+
+
+# (layout, attributes of q, k, v and the output map) in the order they are tried
+_LAYOUTS = (
+    ("separate", ("q_proj", "k_proj", "v_proj", "o_proj")),
+    ("separate", ("q_proj", "k_proj", "v_proj", "out_proj")),
+    ("fused", ("qkv_proj", "qkv_proj", "qkv_proj", "o_proj")),
+    ("interleaved", ("query_key_value", "query_key_value", "query_key_value", "dense")),
+)
+
+
+def _block(name: str, m: nn.Module) -> AttentionBlock | None:
+    """The block's geometry if `m` is an attention block of a known layout whose sizes agree, else None."""
+    d = getattr(m, "head_dim", None) or getattr(m, "head_size", None)
+    if not is_int(d) or d <= 0:
+        return None
+    for layout, maps in _LAYOUTS:
+        q, k, v, o = (getattr(m, attr, None) for attr in maps)
+        if not all(hasattr(x, "out_features") and hasattr(x, "in_features") for x in (q, k, v, o)):
+            continue
+        H = o.in_features // d
+        if layout == "separate":
+            KV = k.out_features // d
+            sizes_agree = q.out_features == H * d and k.out_features == v.out_features == KV * d
+        elif layout == "fused":
+            KV = (q.out_features - H * d) // (2 * d)
+            sizes_agree = q.out_features == (H + 2 * KV) * d
+        else:
+            KV = H
+            sizes_agree = q.out_features == 3 * H * d
+        if sizes_agree and o.in_features == H * d and KV > 0 and H % KV == 0:
+            layer = getattr(m, "layer_idx", None)
+            if layer is None:
+                layer = int(_LAYER_RE.search(f".{name}.").group(1))
+            return AttentionBlock(int(layer), name, m, H, KV, d, layout, maps)
+    return None
+
 
 def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
-    """Every block with q_proj, k_proj, v_proj, o_proj and head_dim, in layer order."""
-    found = []
-    for name, m in model.named_modules():
-        if not all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
-            continue
-        layer = getattr(m, "layer_idx", None)
-        if layer is None:
-            layer = int(_LAYER_RE.search(f".{name}.").group(1))
-        d = m.head_dim
-        found.append(AttentionBlock(layer, name, m, m.o_proj.in_features // d, m.k_proj.out_features // d, d))
+    """Every attention block of a layout in the module docstring, in layer order."""
+    found = [block for name, m in model.named_modules() if (block := _block(name, m)) is not None]
     if not found:
-        raise ValueError("no attention block with q_proj, k_proj, v_proj, o_proj and head_dim found in this model")
+        raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size) "
+                         "and q_proj, k_proj, v_proj with o_proj or out_proj; qkv_proj with o_proj; or "
+                         "query_key_value with dense")
     return sorted(found, key=lambda b: b.layer)
 
 
@@ -104,7 +159,8 @@ def observe_heads(blocks: Sequence[AttentionBlock]):
     try:
         for b in blocks:
             handles.append(b.module.register_forward_hook(keep_pattern(b.layer)))
-            handles.append(b.module.o_proj.register_forward_pre_hook(keep_output(b.layer, b.n_heads)))
+            output_map = getattr(b.module, b.maps[3])
+            handles.append(output_map.register_forward_pre_hook(keep_output(b.layer, b.n_heads)))
         yield patterns, outputs
     finally:
         for h in handles:
