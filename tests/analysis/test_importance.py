@@ -172,6 +172,26 @@ def test_weight_importance_matches_autograd_and_splits_heads(tiny):
     assert (0, "gate_proj") not in heads.index.droplevel("head")
 
 
+@pytest.mark.parametrize("arch", ["opt", "phi3", "gpt_neox"])
+def test_weight_importance_splits_heads_of_every_attention_layout(arch):
+    """OPT's out_proj, Phi-3's fused qkv_proj and GPT-NeoX's interleaved query_key_value are split per
+    head too (the rows `AttentionBlock.rows` names), and each map's heads sum to its total."""
+    from tinylab.model.attention import attention_blocks
+
+    model, tok = tiny_model(arch, seed=0)
+    wi = weight_importance(model, tok, NumberTask(), n_prompts=2, objective="sft")
+    heads = wi.heads.taylor
+    for block in attention_blocks(model):
+        split = dict.fromkeys(block.maps)  # the block's attention maps, fused ones once
+        assert len(split) == (2 if block.layout != "separate" else 4)
+        for attr in split:
+            one = heads[(heads.index.get_level_values("layer") == block.layer)
+                        & (heads.index.get_level_values("module") == attr)]
+            units = block.n_kv if block.layout == "separate" and attr in block.maps[1:3] else block.n_heads
+            assert list(one.index.get_level_values("head")) == list(range(units)), attr
+            assert (one > 0).all() and one.sum() == pytest.approx(wi.table.taylor[(block.layer, attr)], rel=1e-5)
+
+
 @pytest.mark.parametrize("objective", ["sft", "grpo"])
 def test_scaled_weight_ranks_first_in_taylor(tiny, objective):
     model, tok = tiny

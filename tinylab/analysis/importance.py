@@ -53,7 +53,7 @@ from tinylab.adapter.attach import apply_tinylora, find_adapter
 from tinylab.adapter.config import TinyLoRAConfig
 from tinylab.adapter.targets import select_modules
 from tinylab.basics.checks import check_choice, check_int, check_number
-from tinylab.model.attention import head_layout
+from tinylab.model.attention import AttentionBlock, attention_blocks
 from tinylab.model.batch import teacher_forced_batch
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
@@ -94,7 +94,7 @@ class WeightImportance(NamedTuple):
     """Taylor importance |W * dJ/dW| of the frozen weights, mean over prompts."""
 
     table: object  # DataFrame indexed by (layer, module): `taylor` (sum), `taylor_per_weight`, `taylor_std`
-    heads: object  # DataFrame indexed by (layer, module, head) for q/k/v (rows) and o (columns): `taylor`
+    heads: object  # DataFrame indexed by (layer, module, head) for q/k/v (rows) and o (columns): `taylor` (`_per_head`)
     objective: str
     informative: int
 
@@ -306,16 +306,35 @@ def _summarise(grads: torch.Tensor, infos, objective: str, rewards) -> Importanc
                       tuple(rewards))
 
 
-def _per_head(kind: str, taylor: torch.Tensor, heads: int, kv: int, head_dim: int) -> torch.Tensor | None:
-    """[N, out, in] Taylor scores -> [N, heads] (rows of q/k/v, columns of o), None for MLP modules."""
-    n = taylor.shape[0]
-    if kind == "q_proj" and taylor.shape[1] == heads * head_dim:
-        return taylor.reshape(n, heads, -1).sum(2)  # [N, heads]
-    if kind in ("k_proj", "v_proj") and taylor.shape[1] == kv * head_dim:
-        return taylor.reshape(n, kv, -1).sum(2)  # [N, kv]
-    if kind == "o_proj" and taylor.shape[2] == heads * head_dim:
-        return taylor.reshape(n, taylor.shape[1], heads, head_dim).sum((1, 3))  # [N, heads]
-    return None
+def _head_maps(model: nn.Module) -> dict[str, tuple[AttentionBlock, tuple[str, ...]]]:
+    """Module name -> (its attention block, the parts it holds: ("o",) for the output map, else some of
+    "q", "k", "v"; all three in a fused map). Empty when the model has no block of a known layout."""
+    try:
+        blocks = attention_blocks(model)
+    except ValueError:  # no per-head split for this model; the per-module scores stand
+        return {}
+    maps: dict[str, tuple[AttentionBlock, tuple[str, ...]]] = {}
+    for b in blocks:
+        for part in "qkv":
+            name = f"{b.name}.{b.rows(part)[0]}"
+            maps[name] = (b, maps.get(name, (b, ()))[1] + (part,))
+        maps[f"{b.name}.{b.maps[3]}"] = (b, ("o",))
+    return maps
+
+
+def _per_head(block: AttentionBlock, parts: tuple[str, ...], taylor: torch.Tensor) -> torch.Tensor:
+    """[N, out, in] Taylor scores of one attention map -> [N, units]: per head H the output map's columns
+    or the query rows; per KV head a separate key or value map's rows; a fused map (q, k and v) per query
+    head: its query rows plus its KV group's key and value rows shared evenly by the group's heads (the
+    heads sum to the map's total either way). Rows and columns are `block`'s (`AttentionBlock.rows`)."""
+    n, H, d = taylor.shape[0], block.n_heads, block.head_dim
+    if parts == ("o",):
+        return taylor.reshape(n, taylor.shape[1], H, d).sum((1, 3))  # [N, H]
+    by_row = taylor.sum(2)  # [N, out]
+    sums = {part: by_row[:, block.rows(part)[1].to(by_row.device)].sum(-1) for part in parts}  # [N, units]
+    if len(parts) == 1:
+        return sums[parts[0]]
+    return sums["q"] + (sums["k"] + sums["v"]).repeat_interleave(block.group, dim=1) / block.group  # [N, H]
 
 
 def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, objective: str = "sft",
@@ -330,7 +349,7 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
     import pandas as pd
 
     _check(objective, n_prompts, n_samples, batch_size, temperature)
-    heads, kv, head_dim = head_layout(model)
+    head_maps = _head_maps(model)  # module name -> (block, parts) for the attention maps
     device = model_device(model)
     with eval_mode(model):
         batch = _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new_tokens, temperature, seed)
@@ -356,8 +375,8 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
                              for p in prompts])  # [n_p, out, in] fp32, one module at a time
             taylor = (G * W.float()).abs()  # [n_p, out, in]
             totals[name].index_add_(0, prompts.to(device), taylor.sum((1, 2)).to(device))
-            split = _per_head(name.rsplit(".", 1)[-1], taylor, heads, kv, head_dim)
-            if split is not None:
+            if name in head_maps:
+                split = _per_head(*head_maps[name], taylor)  # [n_p, units]
                 per_head.setdefault(name, torch.zeros(n, split.shape[1], dtype=torch.float32, device=device))
                 per_head[name].index_add_(0, prompts.to(device), split.to(device))
 
