@@ -4,8 +4,9 @@ The update's contribution to one head is the rows of q_proj and the columns of o
 and the rows of k_proj / v_proj for its KV group (shared with the group's other query heads: k and
 v are computed once per group); in a fused qkv map, the same rows of it (`AttentionBlock.rows`).
 `gated` swaps the adapted q/k/v/o for copies whose update is scaled per row and per column by gates
-(1 = unchanged, 0 = removed) and puts the originals back in `finally`. The gates are in the model's dtype on each block's device; their gradients at 1 are
-the first-order estimate of an ablation (`Scorer.gate_gradients`, accumulated in fp32).
+(1 = unchanged, 0 = removed) and puts the originals back in `finally`. The gates are in the model's
+dtype on each block's device; their gradients at 1 are the first-order estimate of an ablation
+(`Scorer.gate_gradients`, accumulated in fp32).
 
 `Scorer` is the metric on fixed prompts: the mean per-token log-probability of reference answers,
 or with a task, its mean reward on greedy replies.
