@@ -16,6 +16,13 @@ def test_import_tinylab_pulls_no_plotting_or_widgets():
     assert out.stdout.strip() == "", out.stdout
 
 
+def test_no_module_is_over_400_lines():
+    """One file, one job: a module that outgrows 400 lines is doing two (the layout issue's limit)."""
+    long = {str(p.relative_to(ROOT)): n for folder in ("tinylab", "widgets") for p in (ROOT / folder).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}, long
+
+
 def test_library_has_no_print_pickle_eval_or_unsafe_torch_load():
     for path in (ROOT / "tinylab").rglob("*.py"):
         tree = ast.parse(path.read_text())

@@ -53,7 +53,7 @@ from tinylab.adapter.attach import apply_tinylora, find_adapter
 from tinylab.adapter.config import TinyLoRAConfig
 from tinylab.adapter.targets import select_modules
 from tinylab.basics.checks import check_choice, check_int, check_number
-from tinylab.model.attention import AttentionBlock, attention_blocks
+from tinylab.model.attention import AttentionBlock, head_maps
 from tinylab.model.batch import teacher_forced_batch
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
@@ -306,22 +306,6 @@ def _summarise(grads: torch.Tensor, infos, objective: str, rewards) -> Importanc
                       tuple(rewards))
 
 
-def _head_maps(model: nn.Module) -> dict[str, tuple[AttentionBlock, tuple[str, ...]]]:
-    """Module name -> (its attention block, the parts it holds: ("o",) for the output map, else some of
-    "q", "k", "v"; all three in a fused map). Empty when the model has no block of a known layout."""
-    try:
-        blocks = attention_blocks(model)
-    except ValueError:  # no per-head split for this model; the per-module scores stand
-        return {}
-    maps: dict[str, tuple[AttentionBlock, tuple[str, ...]]] = {}
-    for b in blocks:
-        for part in "qkv":
-            name = f"{b.name}.{b.rows(part)[0]}"
-            maps[name] = (b, maps.get(name, (b, ()))[1] + (part,))
-        maps[f"{b.name}.{b.maps[3]}"] = (b, ("o",))
-    return maps
-
-
 def _per_head(block: AttentionBlock, parts: tuple[str, ...], taylor: torch.Tensor) -> torch.Tensor:
     """[N, out, in] Taylor scores of one attention map -> [N, units]: per head H the output map's columns
     or the query rows; per KV head a separate key or value map's rows; a fused map (q, k and v) per query
@@ -349,7 +333,7 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
     import pandas as pd
 
     _check(objective, n_prompts, n_samples, batch_size, temperature)
-    head_maps = _head_maps(model)  # module name -> (block, parts) for the attention maps
+    maps = head_maps(model)  # module name -> (block, parts) for the attention maps
     device = model_device(model)
     with eval_mode(model):
         batch = _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new_tokens, temperature, seed)
@@ -375,8 +359,8 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
                              for p in prompts])  # [n_p, out, in] fp32, one module at a time
             taylor = (G * W.float()).abs()  # [n_p, out, in]
             totals[name].index_add_(0, prompts.to(device), taylor.sum((1, 2)).to(device))
-            if name in head_maps:
-                split = _per_head(*head_maps[name], taylor)  # [n_p, units]
+            if name in maps:
+                split = _per_head(*maps[name], taylor)  # [n_p, units]
                 per_head.setdefault(name, torch.zeros(n, split.shape[1], dtype=torch.float32, device=device))
                 per_head[name].index_add_(0, prompts.to(device), split.to(device))
 

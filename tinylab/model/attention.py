@@ -26,7 +26,8 @@ from torch import nn
 
 from tinylab.basics.checks import is_int
 
-__all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_layout", "observe_heads"]
+__all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_layout", "head_maps",
+           "observe_heads"]
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
@@ -108,6 +109,22 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
                          "and q_proj, k_proj, v_proj with o_proj or out_proj; qkv_proj with o_proj; or "
                          "query_key_value with dense")
     return sorted(found, key=lambda b: b.layer)
+
+
+def head_maps(model: nn.Module) -> dict[str, tuple[AttentionBlock, tuple[str, ...]]]:
+    """Module name -> (its attention block, the parts it holds: ("o",) for the output map, else some of
+    "q", "k", "v"; all three in a fused map). Empty when the model has no block of a known layout."""
+    try:
+        blocks = attention_blocks(model)
+    except ValueError:  # no block of a known layout: nothing to split per head
+        return {}
+    maps: dict[str, tuple[AttentionBlock, tuple[str, ...]]] = {}
+    for b in blocks:
+        for part in "qkv":
+            name = f"{b.name}.{b.rows(part)[0]}"
+            maps[name] = (b, maps.get(name, (b, ()))[1] + (part,))
+        maps[f"{b.name}.{b.maps[3]}"] = (b, ("o",))
+    return maps
 
 
 def attention_block(model: nn.Module, layer: int, head: int) -> AttentionBlock:
