@@ -17,7 +17,7 @@ from tinylab.analysis.heads import (
     head_effects,
 )
 from tinylab.analysis.patterns import attention_patterns
-from tinylab.model.attention import attention_blocks, eager_attention, head_layout, observe_heads
+from tinylab.model.attention import attention_blocks, eager_attention, observe_heads
 from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 PROMPTS = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(4)] + ["Once upon a time"]
@@ -106,7 +106,11 @@ def test_removing_a_heads_update_gives_back_its_base_output_on_every_architectur
     adapter = apply_tinylora(model, n_tie=1, u=2)
     adapter.set_vector(torch.linspace(-3, 3, adapter.num_params))
     blocks = attention_blocks(model)
-    assert [(b.n_heads, b.n_kv, b.head_dim) for b in blocks] == [head_layout(model)] * len(blocks)
+    config = model.config  # the geometry the blocks' weights gave must be the config's
+    heads = config.num_attention_heads
+    geometry = (heads, getattr(config, "num_key_value_heads", None) or heads,
+                getattr(config, "head_dim", None) or config.hidden_size // heads)
+    assert [(b.n_heads, b.n_kv, b.head_dim) for b in blocks] == [geometry] * len(blocks)
     first, head = blocks[0], blocks[0].n_heads - 1
     ids = tokenizer(["Once upon a time there was"], return_tensors="pt").input_ids
 

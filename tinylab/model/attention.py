@@ -26,8 +26,7 @@ from torch import nn
 
 from tinylab.basics.checks import is_int
 
-__all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_layout", "head_maps",
-           "observe_heads"]
+__all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_maps", "observe_heads"]
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
@@ -120,10 +119,9 @@ def head_maps(model: nn.Module) -> dict[str, tuple[AttentionBlock, tuple[str, ..
         return {}
     maps: dict[str, tuple[AttentionBlock, tuple[str, ...]]] = {}
     for b in blocks:
-        for part in "qkv":
-            name = f"{b.name}.{b.rows(part)[0]}"
+        for part, attr in zip("qkvo", b.maps):  # a fused map is named for q, k and v
+            name = f"{b.name}.{attr}"
             maps[name] = (b, maps.get(name, (b, ()))[1] + (part,))
-        maps[f"{b.name}.{b.maps[3]}"] = (b, ("o",))
     return maps
 
 
@@ -182,14 +180,3 @@ def observe_heads(blocks: Sequence[AttentionBlock]):
     finally:
         for h in handles:
             h.remove()
-
-
-def head_layout(model: nn.Module) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head dim) from the model's config."""
-    config = getattr(model, "config", None)
-    heads = getattr(config, "num_attention_heads", None)
-    if heads is None:
-        raise ValueError("the model's config has no num_attention_heads; cannot split weights per head")
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, kv, head_dim
