@@ -144,3 +144,7 @@ __all__ = [
     "train_sft",
     "weight_importance",
 ]
+
+from tinylab.basics.submodules import submodules_on_demand  # noqa: E402
+
+__getattr__ = submodules_on_demand(__name__)  # tinylab.X.module: imported when first named

@@ -10,3 +10,7 @@ from .training import TrainingPanel
 
 __all__ = ["BudgetSlider", "HeadInspector", "ImportanceHeatmap", "KnobPanel", "TrainingPanel", "budget_sweep_figure",
            "landscape_figure", "show_png", "static_figures", "sweep_figure"]
+
+from tinylab.basics.submodules import submodules_on_demand  # noqa: E402
+
+__getattr__ = submodules_on_demand(__name__)  # tinylab.X.module: imported when first named

@@ -14,3 +14,7 @@ __all__ = [
     "TinyLoRALinear", "apply_tinylora", "check_adapter", "count_params", "find_adapter", "load_adapter",
     "lora_xs_size", "plan_budget", "plan_modules", "save_adapter",
 ]
+
+from tinylab.basics.submodules import submodules_on_demand  # noqa: E402
+
+__getattr__ = submodules_on_demand(__name__)  # tinylab.X.module: imported when first named

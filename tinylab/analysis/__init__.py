@@ -14,3 +14,7 @@ __all__ = [
     "head_effects", "landscape", "module_importance", "heads_by_number", "sweep_number", "token_attribution",
     "weight_importance",
 ]
+
+from tinylab.basics.submodules import submodules_on_demand  # noqa: E402
+
+__getattr__ = submodules_on_demand(__name__)  # tinylab.X.module: imported when first named

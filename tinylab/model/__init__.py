@@ -7,3 +7,7 @@ from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 __all__ = ["TINY_ARCHS", "available_devices", "load_model", "model_device", "resolve_device", "resolve_dtype",
            "tiny_model"]
+
+from tinylab.basics.submodules import submodules_on_demand  # noqa: E402
+
+__getattr__ = submodules_on_demand(__name__)  # tinylab.X.module: imported when first named

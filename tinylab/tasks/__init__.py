@@ -68,3 +68,7 @@ def register(name: str, factory: Callable[..., Task]) -> None:
     if not callable(factory):
         raise TypeError(f"factory must be callable (a task class or function), got {type(factory).__name__}")
     _REGISTRY[name] = factory
+
+from tinylab.basics.submodules import submodules_on_demand  # noqa: E402
+
+__getattr__ = submodules_on_demand(__name__)  # tinylab.X.module: imported when first named

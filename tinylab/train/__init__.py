@@ -10,3 +10,7 @@ resume = Run.resume
 
 __all__ = ["GRPOConfig", "NonFiniteError", "Preset", "Run", "SFTConfig", "StepLog", "StopTraining", "preset",
            "resume", "train_grpo", "train_sft"]
+
+from tinylab.basics.submodules import submodules_on_demand  # noqa: E402
+
+__getattr__ = submodules_on_demand(__name__)  # tinylab.X.module: imported when first named
