@@ -1,4 +1,5 @@
-"""The basics every layer uses: argument checks, seeds, atomic writes, the cache folder. Imports nothing of tinylab."""
+"""The basics every layer uses: argument checks, seeds, atomic writes, the cache folder, submodules on first
+use. Imports nothing of tinylab outside this folder."""
 
 from tinylab.basics.submodules import submodules_on_demand  # noqa: E402
 
