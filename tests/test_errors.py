@@ -287,10 +287,25 @@ def test_adapter_file_for_another_base_model(tiny, tmp_path):
 
 
 def test_an_adapter_of_another_model_gets_the_same_error_everywhere(tmp_path):
-    from tinylab import GRPOConfig, compare, evaluate, head_effects, train_grpo
+    from tinylab.widgets import KnobPanel
+
+    from tinylab import (
+        GRPOConfig,
+        attention_patterns,
+        attribute_numbers,
+        compare,
+        evaluate,
+        head_effects,
+        heads_by_number,
+        landscape,
+        sweep_number,
+        train_grpo,
+    )
+    from tinylab.tasks.base import Example
 
     model, tok = tiny_model("llama", seed=0)
     other, _ = tiny_model("llama", seed=1)
+    examples = [Example("What is 2+2?", "4")]
     foreign = apply_tinylora(other, u=2, n_tie="all")
     message = "this adapter is not attached to this model"
     calls = [
@@ -298,17 +313,30 @@ def test_an_adapter_of_another_model_gets_the_same_error_everywhere(tmp_path):
         lambda: evaluate(model, tok, "capitals", n=2, adapter=foreign),
         lambda: compare(model, tok, "capitals", foreign, n=2),
         lambda: head_effects(model, tok, foreign, ["Hi"]),
+        lambda: attribute_numbers(model, tok, foreign, examples),
+        lambda: sweep_number(model, tok, foreign, examples, 0, [0.0, 1.0]),
+        lambda: landscape(model, tok, foreign, examples, (0, 1), [0.0], [0.0]),
+        lambda: attention_patterns(model, tok, "Hi", 0, 0, foreign),
+        lambda: heads_by_number(model, tok, foreign, ["Hi"]),
+        lambda: KnobPanel(model, tok, foreign, examples, examples),
     ]
     for call in calls:
         with pytest.raises(ValueError, match=message):
             call()
     foreign.remove()
     with pytest.raises(ValueError, match=message):
+        attention_patterns(other, tok, "Hi", 0, 0, foreign)  # removed: adapted would silently equal base
+    with pytest.raises(ValueError, match=message):
         save_adapter(foreign, tmp_path / "a.tlra")
 
 
 def test_a_task_name_is_resolved_the_same_way_everywhere(tmp_path):
-    from tinylab import GRPOConfig, evaluate, module_importance, train_grpo
+    from tinylab.widgets import KnobPanel
+
+    from tinylab import GRPOConfig, evaluate, module_importance, preset, train_grpo
+    from tinylab.tasks.base import Example
+
+    examples = [Example("What is 2+2?", "4")]
 
     model, tok = tiny_model("llama", seed=0)
     adapter = apply_tinylora(model, u=2, n_tie="all")
@@ -321,6 +349,8 @@ def test_a_task_name_is_resolved_the_same_way_everywhere(tmp_path):
         lambda: train_grpo(model, tok, adapter, "capitols", config),
         lambda: evaluate(model, tok, "capitols", n=2),
         lambda: module_importance(tiny_model("llama", seed=2)[0], tok, "capitols", n_prompts=2),
+        lambda: preset("tiny-cpu", task="capitols"),  # at once, not when the run loads the task
+        lambda: KnobPanel(model, tok, adapter, examples, examples, task="capitols"),
     ]
     for call in calls:
         with pytest.raises(ValueError, match=unknown):

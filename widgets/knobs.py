@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 import torch
 
 from tinylab import tasks
-from tinylab.adapter.attach import TinyLoRA
+from tinylab.adapter.attach import check_adapter
 from tinylab.analysis.heads import attention_shift
 from tinylab.analysis.knobs import REPLY_SCORES, number_label
 from tinylab.analysis.landscapes import Landscape, Sweep, landscape, sweep_number
@@ -101,14 +101,13 @@ class KnobPanel(widgets.VBox):
     def __init__(self, model, tokenizer, adapter, prompts: Sequence, held_out: Sequence, *, task=None,
                  target: str = "answer", max_new_tokens: int = 6, limit: float | None = None,
                  batch_size: int = 8):
-        if not isinstance(adapter, TinyLoRA) or not adapter.attached:
-            raise TypeError(f"adapter must be an attached TinyLoRA (from apply_tinylora), got {adapter!r:.80}")
+        check_adapter(adapter, model)
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts must be a non-empty list of prompts (strings, chat messages or Examples)")
         if adapter.merged:
             adapter.unmerge()  # the sliders set v, which a merged adapter would not see
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
-        self.task = None if task is None else tasks.get(task)
+        self.task = None if task is None else tasks.resolve(task)
         self.prompts = [getattr(p, "prompt", p) for p in prompts]
         self.answers = [getattr(p, "answer", None) for p in prompts]
         if task is not None and None in self.answers:

@@ -136,14 +136,14 @@ def test_reply_scores_ride_along_with_a_task(planted):
     task = get_task("arithmetic")
     examples = task.examples("test", 3, seed=0)
     sw = sweep_number(model, tokenizer, adapter, examples, number=KEY, values=[0.0, 6.0], task=task, max_new_tokens=3)
-    assert list(sw.table.columns) == ["value", "logprob", "strict", "flexible", "format"]
+    assert list(sw.table.columns) == ["value", "logprob", "strict", "flexible", "formatted"]
     with torch.no_grad():
         shares, replies = scored_replies(model, tokenizer, examples, task, max_new_tokens=3)
     assert len(replies) == 3
-    assert sw.table.loc[1, ["strict", "flexible", "format"]].tolist() == [shares[k] for k in
-                                                                              ("strict", "flexible", "format")]
+    assert sw.table.loc[1, ["strict", "flexible", "formatted"]].tolist() == [shares[k] for k in
+                                                                              ("strict", "flexible", "formatted")]
     ls = landscape(model, tokenizer, adapter, examples, (0, 1), x=[0.7], y=[6.0], task=task, max_new_tokens=3)
-    assert set(ls.scores) == {"strict", "flexible", "format"} and ls.scores["strict"].shape == (1, 1)
+    assert set(ls.scores) == {"strict", "flexible", "formatted"} and ls.scores["strict"].shape == (1, 1)
 
 
 def test_untied_numbers_by_group_and_entry():

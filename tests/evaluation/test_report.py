@@ -229,7 +229,7 @@ def test_compare_reports_paired_statistics_per_measure():
     model, tokenizer, adapter = _adapted()
     result = compare(model, tokenizer, _gsm8k(), adapter, n=12, batch_size=6, max_new_tokens=6, progress=False,
                      control_seed=3)
-    for measure, column in (("strict", "correct_strict"), ("flexible", "correct_flexible"), ("format", "formatted")):
+    for measure, column in (("strict", "correct_strict"), ("flexible", "correct_flexible"), ("formatted", "formatted")):
         expected = paired(list(result.base.table[column]), list(result.adapted.table[column]))
         assert result.paired[measure] == expected
         assert list(result.table[f"base_{column}"]) == list(result.base.table[column])
@@ -237,11 +237,11 @@ def test_compare_reports_paired_statistics_per_measure():
     summary = result.summary()
     assert list(summary.columns[:3]) == ["base", "adapted", "delta"]
     assert summary.loc["flexible", "low"] == result.paired["flexible"].low
-    assert summary.loc["formatted", "gained"] == result.paired["format"].gained
+    assert summary.loc["formatted", "gained"] == result.paired["formatted"].gained
     assert summary.loc["mean_length", "delta"] == result.adapted.mean_length - result.base.mean_length
     lines = result.report().splitlines()
     assert len(lines) == 4 and all("[95% CI" in line and "noise" in line for line in lines[1:])
-    assert lines[2] == result.paired["flexible"].line("  flexible")
+    assert lines[2] == result.paired["flexible"].line("  flexible ")
     assert result.prompt is result.random is None
 
 

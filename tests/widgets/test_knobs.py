@@ -161,7 +161,7 @@ def test_bad_input_is_refused():
         KnobPanel(model, tokenizer, adapter, PROMPTS, EXAMPLES, limit=1.0)
     with pytest.raises(ValueError, match="give the prompts as Examples"):
         KnobPanel(model, tokenizer, adapter, PROMPTS, EXAMPLES, task="arithmetic")
-    with pytest.raises(TypeError, match="adapter must be an attached TinyLoRA"):
+    with pytest.raises(TypeError, match="adapter must be a TinyLoRA handle"):
         KnobPanel(model, tokenizer, model, PROMPTS, EXAMPLES)
     adapter.merge()  # a merged adapter is unmerged: the sliders act on v
     panel = KnobPanel(model, tokenizer, adapter, PROMPTS[:1], EXAMPLES[:1], max_new_tokens=1)

@@ -131,7 +131,10 @@ class Ablation(NamedTuple):
 
 @contextlib.contextmanager
 def measuring(model: nn.Module, adapter: TinyLoRA | None):
-    """Eval mode and an unmerged adapter inside; the previous state after."""
+    """Eval mode and an unmerged adapter inside; the previous state after. An adapter attached to
+    another model, or removed, is `check_adapter`'s ValueError."""
+    if adapter is not None:
+        check_adapter(adapter, model)
     with eval_mode(model), (adapter.unmerged() if adapter is not None else contextlib.nullcontext()):
         yield
 

@@ -129,7 +129,7 @@ class NumberAttribution(NamedTuple):
     """Which numbers carry the gain. `table`: one row per number (index: flat position) with
     label, group, entry, value (trained), ablation (mean gold log-prob drop when the number alone
     is set to 0), estimate (v_i * gradient, its first-order estimate), and with a task the drops of
-    the reply scores (strict, flexible, format)."""
+    the reply scores (strict, flexible, formatted)."""
 
     table: pd.DataFrame
     trained: float  # mean gold log-prob with the trained vector
@@ -179,7 +179,7 @@ def attribute_numbers(model, tokenizer, adapter: TinyLoRA, examples, *, task=Non
     """Per number: the exact drop when it alone is set to 0, its first-order estimate, and (with
     `task`) the drops of the greedy-reply scores; see `NumberAttribution`. Numbers already at 0 drop by 0
     exactly and are not measured. The vector is restored afterwards."""
-    check_adapter(adapter)
+    check_adapter(adapter, model)
     meter = Meter(model, tokenizer, examples, task, target, max_new_tokens, batch_size)
     with adapter.kept_vector() as trained_v, eval_mode(model):
         grad = _gradient(adapter, meter.gold)  # (num_params,)
@@ -244,7 +244,7 @@ def heads_by_number(model, tokenizer, adapter: TinyLoRA, prompts: Sequence, *, n
     """For each of `numbers` (default: all), `head_effects` with only that number on, at its trained
     value (or at `value` for all of them: a number trained to 0 then still shows its heads); every
     other number is 0. `prompts`: strings, chat messages or Examples. The vector is restored."""
-    check_adapter(adapter)
+    check_adapter(adapter, model)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of prompts (strings, chat messages or Examples)")
     prompts = [p.prompt if hasattr(p, "prompt") else p for p in prompts]

@@ -3,11 +3,11 @@ v-space), and a 2-D grid over two numbers.
 
 Each point sets v (`set_vector`: no SVD, no re-attach) and measures, on fixed examples, the mean
 teacher-forced gold log-probability (`tinylab.measures.gold.GoldSet`: one forward per batch, no
-generation), and with a task the greedy-reply scores (strict / flexible / format). The vector
+generation), and with a task the greedy-reply scores (strict / flexible / formatted). The vector
 is put back exactly afterwards, also when a point raises or the run is interrupted.
 
     sw = sweep_number(model, tok, adapter, examples, number=3, values=grid_around(float(adapter.vector()[3])))
-    sw.table            # value, logprob (, strict, flexible, format)
+    sw.table            # value, logprob (, strict, flexible, formatted)
     sw.trained, sw.zero # where the trained value and 0 sit on the swept axis
     ls = landscape(model, tok, adapter, examples, (3, 7))
     ls.logprob          # [len(y), len(x)]; ls.trained and ls.origin mark the two special points
@@ -42,7 +42,7 @@ class Sweep(NamedTuple):
     trained: float  # the trained point's coordinate (v_i trained; 0.0 along a direction)
     zero: float | None  # coordinate where the swept number is 0 (0.0); along a direction, where the
     # line passes through v = 0 if it does, else None
-    table: pd.DataFrame  # one row per value: value, logprob (, strict, flexible, format)
+    table: pd.DataFrame  # one row per value: value, logprob (, strict, flexible, formatted)
     per_example: np.ndarray  # [K, N] gold log-prob per example
 
 
@@ -54,7 +54,7 @@ class Landscape(NamedTuple):
     x: np.ndarray  # [K1] values of the first number
     y: np.ndarray  # [K2] values of the second number
     logprob: np.ndarray  # [K2, K1] mean gold log-prob (row: y value, column: x value)
-    scores: dict[str, np.ndarray]  # strict / flexible / format [K2, K1]; empty without a task
+    scores: dict[str, np.ndarray]  # strict / flexible / formatted [K2, K1]; empty without a task
     trained: tuple[float, float]  # the trained point
     origin: tuple[float, float]  # both numbers at 0 (0.0, 0.0)
 
@@ -110,7 +110,7 @@ def sweep_number(model, tokenizer, adapter: TinyLoRA, examples, number=None, val
     along `direction` ((num_params,) in v-space, from the trained point); give exactly one.
     `values`: the coordinates (default: `grid_around` the trained value, or t in -1..1 along a
     direction). `task`: also score greedy replies. See `GoldSet` for `target`."""
-    check_adapter(adapter)
+    check_adapter(adapter, model)
     if (number is None) == (direction is None):
         raise ValueError("give exactly one of number=... or direction=...")
     trained_v = adapter.vector()  # (num_params,) fp32, cpu
@@ -137,7 +137,7 @@ def landscape(model, tokenizer, adapter: TinyLoRA, examples, numbers, x=None, y=
     """Metrics over the grid x x y of two numbers (`numbers`: a pair of numbers, each an entry, a
     flat position or a (group, entry) pair), the others at their trained values. `x`, `y`: the
     values (default: `grid_around` each trained value, 7 points plus 0 and the trained value)."""
-    check_adapter(adapter)
+    check_adapter(adapter, model)
     if isinstance(numbers, str) or not hasattr(numbers, "__len__") or len(numbers) != 2:
         raise ValueError(f"numbers={numbers!r}: give two numbers, e.g. (0, 1) or ((0, 3), (1, 3))")
     a, b = (number_index(adapter, n) for n in numbers)

@@ -8,7 +8,7 @@ replies do not depend on `batch_size`.
 
 `compare` evaluates the same examples twice: the base model (inside `adapter.disabled()`, never a
 second copy) and the adapted one, lines the replies up in one table, and reports for strict,
-flexible and format the paired difference (`tinylab.paired`: Newcombe's paired 95% interval, exact McNemar p,
+flexible and formatted the paired difference (`tinylab.paired`: Newcombe's paired 95% interval, exact McNemar p,
 examples gained and lost). With `controls=("prompt", "random")` it also evaluates the prompt
 control (the base model, the task's control prompt) and the random-direction control (the
 adapter's vectors at the same norms in random directions), see `tinylab.evaluation.controls`.
@@ -41,7 +41,7 @@ from tinylab.tasks.base import Example, Task
 __all__ = ["CONTROLS", "MEASURES", "Comparison", "EvalReport", "RandomControl", "compare", "evaluate"]
 
 CONTROLS = ("prompt", "random")
-_RATES = {"strict": "strict", "flexible": "flexible", "format": "formatted", "mean_length": "mean_length",
+_RATES = {"strict": "strict", "flexible": "flexible", "formatted": "formatted", "mean_length": "mean_length",
           "truncated": "truncated"}  # Comparison.record's names -> EvalReport fields
 
 
@@ -89,7 +89,7 @@ class Comparison(NamedTuple):
     base: EvalReport  # adapter disabled
     adapted: EvalReport  # adapter enabled
     table: pd.DataFrame  # per example: prompt, gold, base_/adapted_(/prompt_) reply, extracted, flags; `change`
-    paired: dict[str, PairedDifference]  # adapted vs base for "strict", "flexible", "format"
+    paired: dict[str, PairedDifference]  # adapted vs base for "strict", "flexible", "formatted"
     prompt: EvalReport | None = None  # prompt control: the base model with the task's control prompt
     prompt_paired: dict[str, PairedDifference] | None = None  # adapted vs the prompt control
     random: RandomControl | None = None  # random-direction control
@@ -145,18 +145,18 @@ class Comparison(NamedTuple):
         the same against the prompt control, and the random-direction control's mean and spread."""
         lines = [f"{self.adapted.task}/{self.adapted.split}, {self.adapted.n} examples, adapted "
                  f"({self.adapted.params} params) vs base:"]
-        lines += [self.paired[m].line(f"  {m:8s}") for m in MEASURES]
+        lines += [self.paired[m].line(f"  {m:9s}") for m in MEASURES]
         if self.prompt_paired is not None:
             lines.append("adapted vs prompt control (base model, the task's control prompt):")
-            lines += [self.prompt_paired[m].line(f"  {m:8s}") for m in MEASURES]
+            lines += [self.prompt_paired[m].line(f"  {m:9s}") for m in MEASURES]
         for name, by_measure in (self.others_paired or {}).items():
             lines.append(f"adapted vs {name} (another vector of the same adapter):")
-            lines += [by_measure[m].line(f"  {m:8s}") for m in MEASURES]
+            lines += [by_measure[m].line(f"  {m:9s}") for m in MEASURES]
         if self.random is not None:
             rates = self.random.rates()
             lines.append(f"random-direction control ({len(self.random.reports)} draws at the trained norms), "
-                         "mean +- std: " + ", ".join(f"{m} {rates.loc[c, 'mean']:.1%} +- {rates.loc[c, 'std']:.1%}"
-                                                       for m, c in zip(MEASURES, ("strict", "flexible", "formatted"))))
+                         "mean +- std: " + ", ".join(f"{m} {rates.loc[m, 'mean']:.1%} +- {rates.loc[m, 'std']:.1%}"
+                                                       for m in MEASURES))
         return "\n".join(lines)
 
 

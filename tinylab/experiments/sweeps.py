@@ -70,7 +70,7 @@ def run_point(model, tokenizer, task, point: SweepPoint, training, *, n_eval: in
 
     `training` is a GRPOConfig (SFT uses `SFTConfig.from_grpo` of it). Returns one row: the point,
     the adapter's real parameter count, steps run, the three rates, per-prompt outcomes
-    (`strict_outcomes`, `flexible_outcomes`, `format_outcomes`), timings and the trained `vector`.
+    (`strict_outcomes`, `flexible_outcomes`, `formatted_outcomes`), timings and the trained `vector`.
     With `training.report_to`, the run is logged under the point's name in `training.run_group`,
     and the held-out rates after it (`eval/...`).
     """

@@ -3,7 +3,7 @@
 `greedy_replies` generates one greedy reply per prompt (prompts batched by length, so fewer pad
 tokens; rows back in prompt order), with its token count and whether it was cut off.
 `score_shares` scores replies with the task and gives the share of each measure in `MEASURES`
-(strict, flexible, format: format compliance and correctness apart). `scored_replies` does both.
+(strict, flexible, formatted: format compliance and correctness apart). `scored_replies` does both.
 Evaluation (`tinylab.evaluation`), the knobs and the head ablations ask this module.
 """
 
@@ -24,8 +24,9 @@ from tinylab.model.generation import generate, stop_token_ids
 
 __all__ = ["MEASURES", "Replies", "greedy_replies", "score_shares", "scored_replies"]
 
-MEASURES = {"strict": "correct_strict", "flexible": "correct_flexible", "format": "formatted"}
-"""Measure name -> the `Score` field (and evaluation table column) that holds it."""
+MEASURES = {"strict": "correct_strict", "flexible": "correct_flexible", "formatted": "formatted"}
+"""Measure name -> the `Score` field (and evaluation table column) that holds it. These names are the
+keys everywhere a reply score is reported: `Comparison.paired`, `summary()` rows, knob tables, sweep rows."""
 
 
 class Replies(NamedTuple):
@@ -77,7 +78,7 @@ def score_shares(task, replies: Sequence[str], answers: Sequence[str]) -> dict[s
 def scored_replies(model, tokenizer, examples, task, *, max_new_tokens: int | None = None,
                    batch_size: int = 8) -> tuple[dict[str, float], list[str]]:
     """Greedy replies to `examples` (Examples or (prompt, answer) pairs) scored by `task` (a Task or its
-    name): ({strict, flexible, format} shares in [0, 1], the replies)."""
+    name): ({strict, flexible, formatted} shares in [0, 1], the replies)."""
     task = tasks.resolve(task)
     prompts, answers, _ = gold_pairs(examples)
     max_new_tokens = task.max_new_tokens if max_new_tokens is None else max_new_tokens

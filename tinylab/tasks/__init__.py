@@ -19,7 +19,7 @@ from tinylab.tasks.synthetic import ArithmeticTask, ComparisonTask, SyntheticTas
 
 __all__ = [
     "EXACT_MATCH", "GSM8K", "ArithmeticTask", "CapitalAnswerTask", "CapitalsTask", "ComparisonTask", "Example", "RewardShape", "Score", "ScoredTask",
-    "SyntheticTask", "Task", "completion_text", "get", "names", "register", "resolve",
+    "SyntheticTask", "Task", "check_name", "completion_text", "get", "names", "register", "resolve",
 ]
 
 _REGISTRY: dict[str, Callable[..., Task]] = {
@@ -44,9 +44,14 @@ def get(name: str | Task, **kwargs) -> Task:
         if not isinstance(name, Task):
             raise TypeError(f"{name!r} is not a task: it needs name, max_new_tokens, examples, reward and score")
         return name
+    return _REGISTRY[check_name(name)](**kwargs)
+
+
+def check_name(name: str) -> str:
+    """`name` when `get` knows it; else the ValueError every function gives for an unknown task name."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; choose one of {names()} or register your own")
-    return _REGISTRY[name](**kwargs)
+    return name
 
 
 def resolve(task: str | Task) -> Task:

@@ -48,6 +48,8 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.tasks import check_name
+from tinylab.tasks import names as task_names
 from tinylab.tasks.base import RewardShape
 from tinylab.train.grpo import GRPOConfig
 
@@ -243,6 +245,8 @@ def preset(name: str, **overrides) -> Preset:
     adapter = {_ADAPTER_FIELDS[k]: v for k, v in overrides.items() if k in _ADAPTER_FIELDS}
     training = {k: v for k, v in overrides.items() if k in _TRAINING_FIELDS}
     top = {k: v for k, v in overrides.items() if k in _PRESET_FIELDS}
+    if "task" in top:
+        _check_task(top["task"])
     if "dtype" in top and top["dtype"] not in _DTYPES:
         raise ValueError(f"dtype={top['dtype']!r} is not allowed: choose one of {list(_DTYPES)}")
     if "task_options" in top:
@@ -255,6 +259,16 @@ def preset(name: str, **overrides) -> Preset:
         training=dataclasses.replace(base.training, **training),
         **top,
     )
+
+
+def _check_task(task) -> None:
+    """A preset's task: a registered name (an unknown one is `tasks.check_name`'s error, the one every
+    function gives), or `path/to/file.py:Name` / `module:Name` for the command line to import."""
+    if not isinstance(task, str) or not task:
+        raise TypeError(f"task={task!r:.80}: a preset names its task: one of {task_names()}, "
+                        "path/to/file.py:Name or module:Name")
+    if ":" not in task:
+        check_name(task)
 
 
 def parse_value(text: str):
