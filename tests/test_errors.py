@@ -330,6 +330,31 @@ def test_an_adapter_of_another_model_gets_the_same_error_everywhere(tmp_path):
         save_adapter(foreign, tmp_path / "a.tlra")
 
 
+def test_a_model_that_already_has_an_adapter_gets_the_same_error_everywhere(tmp_path):
+    from tinylab import export_peft, import_peft, module_importance, resume
+
+    model, tok = tiny_model("llama", seed=0)
+    adapter = apply_tinylora(model, u=2, n_tie="all")
+    path = save_adapter(adapter, tmp_path / "a.tlra")
+    export_peft(adapter, tmp_path / "peft")
+    train_grpo(model, tok, adapter, "capitals", GRPOConfig(steps=1, prompts_per_step=1, group_size=2,
+                                                           max_new_tokens=2, checkpoint_dir=str(tmp_path / "run")))
+    message = "this model already has a TinyLoRA adapter"
+    calls = {
+        "apply_tinylora": (lambda: apply_tinylora(model, u=2), "call adapter.remove() first"),
+        "load_adapter": (lambda: load_adapter(model, path), "call adapter.remove() first"),
+        "import_peft": (lambda: import_peft(model, tmp_path / "peft"), "call adapter.remove() first"),
+        "module_importance": (lambda: module_importance(model, tok, "capitals", n_prompts=1),
+                              "(importance probes the base model): call adapter.remove() first"),
+        "resume": (lambda: resume(tmp_path / "run", model, tok, "capitals"),
+                   "pass it as resume(..., adapter=adapter), or call adapter.remove() first"),
+    }
+    for name, (call, tail) in calls.items():
+        with pytest.raises(ValueError) as caught:
+            call()
+        assert str(caught.value).startswith(message) and str(caught.value).endswith(tail), (name, caught.value)
+
+
 def test_a_task_name_is_resolved_the_same_way_everywhere(tmp_path):
     from tinylab.widgets import KnobPanel
 

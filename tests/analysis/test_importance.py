@@ -215,7 +215,7 @@ def test_bad_input_is_named(tiny):
         weight_importance(model, tok, NumberTask(), batch_size=True)
     adapter = apply_tinylora(model, TinyLoRAConfig())
     try:
-        with pytest.raises(ValueError, match="adapter attached"):
+        with pytest.raises(ValueError, match=r"already has a TinyLoRA adapter \(importance probes the base model\)"):
             module_importance(model, tok, NumberTask(), objective="sft")
     finally:
         adapter.remove()

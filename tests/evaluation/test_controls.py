@@ -53,10 +53,11 @@ def test_random_directions_restore_on_error_and_refuse_bad_input(adapted):
     with pytest.raises(ValueError, match="draws=0: must be an integer >= 1"):
         with random_directions(adapted, draws=0):
             pass
-    adapted.merge()
-    with pytest.raises(ValueError, match="the adapter is merged; unmerge"):
-        with random_directions(adapted):
-            pass
+    adapted.merge()  # a merged adapter is unmerged inside (the draws must reach the forward) and merged after
+    with random_directions(adapted, draws=1) as settings:
+        drawn = next(iter(settings))
+        assert not adapted.merged and torch.equal(adapted.vector(), drawn)
+    assert adapted.merged and torch.equal(adapted.vector(), own)
 
 
 def test_zero_vectors_stay_zero(adapted):

@@ -245,7 +245,7 @@ def test_resume_checks_task_and_base_model(tmp_path):
     different, _ = tiny_model("llama", seed=1)
     with pytest.raises(ValueError, match="other base weights"):
         resume(tmp_path, different, tok2, WordTask())
-    with pytest.raises(ValueError, match="already has an adapter"):
+    with pytest.raises(ValueError, match=r"already has a TinyLoRA adapter: pass it as resume\(..., adapter=adapter\), or call adapter.remove"):
         resume(tmp_path, model, tok, WordTask())
     done = resume(tmp_path, model, tok, WordTask(), adapter=adapter)  # already at its last step
     assert done.status == "finished" and done.step == 1

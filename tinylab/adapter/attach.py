@@ -19,7 +19,7 @@ from tinylab.adapter.layer import TinyLoRALinear, projection
 from tinylab.adapter.svd import svds, weight_fingerprint
 from tinylab.adapter.targets import ModuleInfo, group_indexes, select_modules
 
-__all__ = ["TinyLoRA", "apply_tinylora", "check_adapter", "find_adapter"]
+__all__ = ["TinyLoRA", "apply_tinylora", "check_adapter", "check_no_adapter", "find_adapter"]
 
 
 class TinyLoRA:
@@ -172,6 +172,15 @@ def find_adapter(model: nn.Module) -> bool:
     return any(isinstance(m, TinyLoRALinear) for m in model.modules())
 
 
+def check_no_adapter(model: nn.Module, *, because: str | None = None, instead: str | None = None) -> None:
+    """The one check, with the one message, that `model` has no TinyLoRA adapter yet: a ValueError
+    saying why it matters (`because`) and what to do (`instead`, or remove the adapter)."""
+    if find_adapter(model):
+        why = f" ({because})" if because else ""
+        what = f"{instead}, or call adapter.remove() first" if instead else "call adapter.remove() first"
+        raise ValueError(f"this model already has a TinyLoRA adapter{why}: {what}")
+
+
 def apply_tinylora(model: nn.Module, config: TinyLoRAConfig | None = None, **overrides) -> TinyLoRA:
     """Attach TinyLoRA to `model` in place; afterwards only the adapter's vectors require grad.
 
@@ -191,8 +200,7 @@ def apply_tinylora(model: nn.Module, config: TinyLoRAConfig | None = None, **ove
         if unknown:
             raise TypeError(f"unknown TinyLoRAConfig fields {unknown}; allowed: {sorted(fields)}")
         config = dataclasses.replace(config, **overrides)
-    if find_adapter(model):
-        raise ValueError("this model already has a TinyLoRA adapter: call adapter.remove() first")
+    check_no_adapter(model)
 
     chosen = select_modules(model, config)
     group_of = group_indexes(chosen, config)

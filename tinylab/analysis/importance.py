@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from tinylab import tasks
-from tinylab.adapter.attach import apply_tinylora, find_adapter
+from tinylab.adapter.attach import apply_tinylora, check_no_adapter
 from tinylab.adapter.config import TinyLoRAConfig
 from tinylab.adapter.targets import select_modules
 from tinylab.basics.checks import check_choice, check_int, check_number
@@ -215,9 +215,7 @@ def module_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 16,
     """
     task = tasks.resolve(task)
     _check(objective, n_prompts, n_samples, batch_size, temperature)
-    if find_adapter(model):
-        raise ValueError("this model has a TinyLoRA adapter attached: remove it (adapter.remove()) before "
-                         "measuring importance, which probes the base model")
+    check_no_adapter(model, because="importance probes the base model")
     with eval_mode(model):
         batch = _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new_tokens, temperature, seed)
         n = len(batch.rewards) if objective == "grpo" else batch.input_ids.shape[0]

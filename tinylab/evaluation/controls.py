@@ -47,18 +47,17 @@ def random_directions(adapter, *, draws: int = 3, seed: int = 0) -> Iterator[Ite
     Each setting gives every tying group a vector with the norm of that group's current vector in a
     random direction (N(0, I) normalised, seeded by (seed, draw, group)); the iterator yields the
     whole new vector (fp32, CPU, groups in order) after setting it. The adapter's own vectors are
-    restored bit for bit when the block ends, also on error.
+    restored bit for bit when the block ends, also on error (`adapter.kept_vector`, which also
+    unmerges a merged adapter inside and merges it again after).
 
         with random_directions(adapter, draws=3, seed=0) as settings:
             scores = [evaluate(model, tok, task, n=64).strict for _ in settings]
     """
     check_int("draws", draws, low=1)
     check_int("seed", seed)
-    if adapter.merged:
-        raise ValueError("the adapter is merged; unmerge() it before a random-direction control")
-    saved = [v.detach().clone() for v in adapter.vectors]  # one (u,) fp32 vector per group
 
     def settings() -> Iterator[torch.Tensor]:
+        saved = [v.detach().clone() for v in adapter.vectors]  # one (u,) fp32 vector per group, as found
         for draw in range(draws):
             with torch.no_grad():
                 for group, (v, own) in enumerate(zip(adapter.vectors, saved)):
@@ -67,18 +66,8 @@ def random_directions(adapter, *, draws: int = 3, seed: int = 0) -> Iterator[Ite
                     v.copy_(d * (own.float().norm() / d.norm()))  # (u,): the group's norm, a random direction
             yield adapter.vector()
 
-    with _restored(adapter, saved):
+    with adapter.kept_vector():
         yield settings()
-
-
-@contextlib.contextmanager
-def _restored(adapter, saved: list[torch.Tensor]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for v, own in zip(adapter.vectors, saved):
-                v.copy_(own)
 
 
 def checked_vectors(adapter, vectors: Mapping[str, Sequence[float] | torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -104,17 +93,15 @@ def other_vectors(adapter, vectors: Mapping[str, Sequence[float] | torch.Tensor]
 
     Each vector has the adapter's `num_params` values, groups in order (what `adapter.vector()`
     returns, e.g. of an SFT run at the same config). The adapter's own vectors are restored bit
-    for bit when the block ends, also on error. Bad vectors are refused before any is set.
+    for bit when the block ends, also on error (`adapter.kept_vector`). Bad vectors are refused
+    before any is set.
     """
     checked = checked_vectors(adapter, vectors)
-    if adapter.merged:
-        raise ValueError("the adapter is merged; unmerge() it before scoring other vectors")
-    saved = [v.detach().clone() for v in adapter.vectors]
 
     def settings() -> Iterator[str]:
         for name, values in checked.items():
             adapter.set_vector(values)
             yield name
 
-    with _restored(adapter, saved):
+    with adapter.kept_vector():
         yield settings()

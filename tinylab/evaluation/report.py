@@ -288,12 +288,12 @@ def compare(model: nn.Module, tokenizer, task: str | Task, adapter, *, n: int, s
                 prompt = _run(model, tokenizer, task, prompted, params=None, **kwargs)
         adapted = _run(model, tokenizer, task, examples, params=handle.num_params, **kwargs)
         if "random" in controls:
-            with handle.unmerged(), random_directions(handle, draws=draws, seed=control_seed) as settings:
+            with random_directions(handle, draws=draws, seed=control_seed) as settings:
                 runs = [(_run(model, tokenizer, task, examples, params=handle.num_params, **kwargs),
                          tuple(vector.tolist())) for vector in settings]
             random = RandomControl(tuple(r for r, _ in runs), tuple(v for _, v in runs))
         if checked:
-            with handle.unmerged(), other_vectors(handle, checked) as names:
+            with other_vectors(handle, checked) as names:
                 others = {name: _run(model, tokenizer, task, examples, params=handle.num_params, **kwargs)
                           for name in names}
     finally:

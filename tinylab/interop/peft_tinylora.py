@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tinylab.adapter.attach import TinyLoRA, apply_tinylora, check_adapter
+from tinylab.adapter.attach import TinyLoRA, apply_tinylora, check_adapter, check_no_adapter
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
 from tinylab.adapter.targets import linear_modules, plan_modules
 
@@ -270,6 +270,7 @@ def import_peft(model: nn.Module, folder: str | os.PathLike) -> TinyLoRA:
     modules carry the checkpoint's factors and projections, and `adapter.source == "peft"`.
     """
     folder = Path(folder)
+    check_no_adapter(model)
     cfg, state = _read_peft_folder(folder)
     r, u = cfg.get("r"), cfg.get("u")
     if not isinstance(r, int) or not isinstance(u, int) or r < 1 or u < 1:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tinylab import tasks
-from tinylab.adapter.attach import apply_tinylora, check_adapter, find_adapter
+from tinylab.adapter.attach import apply_tinylora, check_adapter, check_no_adapter
 from tinylab.adapter.config import TinyLoRAConfig
 from tinylab.adapter.file_format import base_fingerprint
 from tinylab.basics.seeds import generator
@@ -271,9 +271,8 @@ class Run:
             raise ValueError(f"{folder} holds a {meta['kind']!r} run; resume handles {sorted(LOOPS)}")
         saved_cfg = meta["adapter_config"]
         adapter_config = TinyLoRAConfig(**{k: tuple(x) if isinstance(x, list) else x for k, x in saved_cfg.items()})
-        if adapter is None and find_adapter(model):
-            raise ValueError("the model already has an adapter: pass it as resume(..., adapter=adapter), "
-                             "or call adapter.remove() first")
+        if adapter is None:
+            check_no_adapter(model, instead="pass it as resume(..., adapter=adapter)")
         if adapter is not None:
             check_adapter(adapter, model)
             if adapter.config != adapter_config:
