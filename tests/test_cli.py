@@ -130,6 +130,27 @@ def test_train_checks_everything_before_loading_a_model(tmp_path, capsys, monkey
     assert "--trl 'vllm' is not KEY=VALUE" in err
     err = _fails(["train", "--preset", "tiny-cpu", "--backend", "deepspeed"], capsys)
     assert "invalid choice: 'deepspeed'" in err
+    err = _fails(["train", "--preset", "tiny-cpu", "seeds=abc"], capsys)
+    assert "seeds entry='abc': must be an integer" in err
+    err = _fails(["train", "--preset", "tiny-cpu", "lr_sweep=[0.1, -1]"], capsys)
+    assert "lr_sweep entry=-1: must be a finite number > 0" in err
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    err = _fails(["train", "--preset", "tiny-cpu", "--out", str(blocked / "out")], capsys)  # under a file
+    assert f"--out={str(blocked / 'out')!r} is not writable" in err
+
+
+def test_a_model_that_cannot_load_is_an_error_line_not_a_traceback(tmp_path, capsys):
+    err = _fails(["train", "--preset", "tiny-cpu", "--out", str(tmp_path / "o"), "model=tiny-foo"], capsys)
+    assert "model='tiny-foo': no such tiny test model; allowed: tiny-llama" in err and "Traceback" not in err
+    missing = tmp_path / "no" / "such" / "folder"
+    err = _fails(["train", "--preset", "tiny-cpu", "--out", str(tmp_path / "o"), f"model={missing}"], capsys)
+    assert f"model={str(missing)!r}: no such folder" in err
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    err = _fails(["train", "--preset", "tiny-cpu", "--out", str(tmp_path / "o"), f"checkpoint_dir={blocked / 'run'}"],
+                 capsys)  # an OSError from the run folder check: one line, exit 2
+    assert f"checkpoint_dir={str(blocked / 'run')!r} is not writable" in err
 
 
 def test_train_trl_refuses_an_unknown_trl_field(tmp_path, capsys, monkeypatch):

@@ -34,6 +34,7 @@ from pathlib import Path
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.adapter.config import TinyLoRAConfig
 from tinylab.adapter.targets import count_params, plan_modules
+from tinylab.basics.atomic import writable_folder
 
 __all__ = ["main", "model_info", "parse_args", "parse_trl"]
 
@@ -166,6 +167,8 @@ def _train(args) -> int:
         check_trl_fields(trl_fields)
     task = _task(p.task, p.task_options)
     eval_n = _held_out(task, args.eval_n)  # a bad count fails here, before training
+    if int(os.environ.get("RANK", 0)) == 0:
+        writable_folder(args.out, "--out")  # an unwritable --out fails here, not after training
     model, tokenizer = load_model(p.model, dtype=p.dtype)
     adapter = apply_tinylora(model, p.adapter)
     if args.backend == "tinylab":
@@ -293,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         return {"info": _info, "attach": _attach, "train": _train, "harness": _harness}[args.command](args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OSError) as err:  # bad input, a model that cannot load, a folder not writable
         sys.stderr.write(f"tinylab {args.command}: error: {err}\n")
         raise SystemExit(2) from None
 

@@ -125,8 +125,10 @@ def test_tiny_names_load_the_tiny_model(gpu_stand_in, dtype):
     ref, _ = tiny_model("qwen2", dtype=dtype)
     assert type(model).__name__ == "Qwen2ForCausalLM" and {p.device.type for p in model.parameters()} == {"cpu"}
     assert all(torch.equal(t, ref.state_dict()[k]) for k, t in model.state_dict().items())
-    with pytest.raises(OSError, match="pass its local folder"):  # not a tiny architecture: a hub id
-        load_model("tiny-gpt9", device="cpu")
+    with pytest.raises(ValueError, match="model='tiny-gpt9': no such tiny test model; allowed: tiny-llama, "):
+        load_model("tiny-gpt9", device="cpu")  # a typo of a tiny name, not a hub id (those are 'org/name')
+    with pytest.raises(OSError, match="pass its local folder"):  # an org/name id that is not there offline
+        load_model("someone/tiny-gpt9", device="cpu")
 
 
 def test_device_map_passes_through(saved_tiny, monkeypatch):

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomic", "write_bytes_atomic", "write_folder_atomic"]
+__all__ = ["writable_folder", "write_atomic", "write_bytes_atomic", "write_folder_atomic"]
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -57,3 +57,21 @@ complete when it holds `config.json`)."""
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def writable_folder(folder: str | os.PathLike, name: str) -> Path:
+    """Create `folder` and prove a file can be written there (64 KiB, synced, removed), before any
+    work that would write into it starts. An OSError names the argument (`name`) and the folder."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as err:
+        raise OSError(err.errno, f"{name}={str(folder)!r} is not writable ({err.strerror or err}); "
+                                 "choose a folder you can write to") from err
+    return folder

@@ -51,6 +51,12 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
         with torch.device("cpu"):  # the same weights whatever the device (CPU RNG), then moved
             model, tokenizer = tiny_model(str(name)[5:], dtype=dtype)
         return model.to(target), tokenizer
+    elif str(name).startswith("tiny-") and "/" not in str(name):
+        raise ValueError(f"model={str(name)!r}: no such tiny test model; allowed: "
+                         f"{', '.join('tiny-' + arch for arch in TINY_ARCHS)}")
+    elif str(name).startswith(("/", "./", "../", "~")) or str(name).count("/") > 1:
+        raise ValueError(f"model={str(name)!r}: no such folder (a hub id is 'name' or 'org/name'); allowed: "
+                         "None (the embedded model), a folder holding config.json, a hub id or tiny-<arch>")
     else:
         source = str(name)
     if device_map is None and target.type != "cpu":

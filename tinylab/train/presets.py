@@ -48,6 +48,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from tinylab.adapter.config import TinyLoRAConfig
+from tinylab.basics.checks import check_int, check_number
 from tinylab.tasks import check_name
 from tinylab.tasks import names as task_names
 from tinylab.tasks.base import RewardShape
@@ -251,9 +252,18 @@ def preset(name: str, **overrides) -> Preset:
         raise ValueError(f"dtype={top['dtype']!r} is not allowed: choose one of {list(_DTYPES)}")
     if "task_options" in top:
         top["task_options"] = MappingProxyType(dict(top["task_options"]))
+    if "model" in top and (not isinstance(top["model"], str) or not top["model"].strip()):
+        raise ValueError(f"model={top['model']!r}: allowed: a non-empty string (a built-in name, a folder or a hub id)")
     for key in ("lr_sweep", "seeds"):
         if key in top:
             top[key] = tuple(top[key]) if isinstance(top[key], (list, tuple)) else (top[key],)
+            if not top[key]:
+                raise ValueError(f"{key}=[]: give at least one value")
+            for value in top[key]:  # each as GRPOConfig checks its lr / seed
+                if key == "seeds":
+                    check_int(f"{key} entry", value)
+                else:
+                    check_number(f"{key} entry", value, low=0, low_open=True, high=10)
     return base._replace(
         adapter=dataclasses.replace(base.adapter, **adapter),
         training=dataclasses.replace(base.training, **training),

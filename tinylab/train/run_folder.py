@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from tinylab.adapter.file_format import base_fingerprint, save_adapter
-from tinylab.basics.atomic import write_atomic
+from tinylab.basics.atomic import writable_folder, write_atomic
 
 __all__ = ["check_checkpoint_dir", "default_dir", "load_run_folder", "read_state", "save_run_folder"]
 
@@ -62,17 +61,7 @@ def check_checkpoint_dir(folder: str | os.PathLike, *, allow_existing: bool = Fa
             f"checkpoint_dir={str(folder)!r} already holds a run; continue it with tinylab.resume({str(folder)!r}, ...) "
             "or choose another checkpoint_dir"
         )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"\0" * 65536)
-            f.flush()
-            os.fsync(f.fileno())
-        os.remove(probe)
-    except OSError as err:
-        raise OSError(err.errno, f"checkpoint_dir={str(folder)!r} is not writable ({err.strerror or err}); "
-                                 "choose a folder you can write to") from err
+    writable_folder(folder, "checkpoint_dir")
     free = shutil.disk_usage(folder).free
     if free < _MIN_FREE_BYTES:
         raise OSError(28, f"checkpoint_dir={str(folder)!r} has only {free} bytes free; a run needs at least "
