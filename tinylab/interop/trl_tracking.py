@@ -2,7 +2,8 @@
 
 `grpo_trainer` passes the GRPOConfig's `report_to` through to TRL (`trl_report_fields`), whose
 transformers callbacks log `train/reward`, `train/frac_reward_zero_std`, ... - the names
-`tinylab.train.tracking` gives the same quantities. `point_trl_logging` then makes those callbacks
+`tinylab.train.tracking` gives the same quantities; the bridge's step callback adds the trained numbers
+(`train/v_norm`, `train/v/<i>`) to what they log. `point_trl_logging` then makes those callbacks
 write beside tinylab's runs:
 
 - Trackio: TRL's callback opens the run with `project` and `run_name` (TRL passes no group); the

@@ -45,7 +45,8 @@ from pathlib import Path
 from tinylab.basics.checks import check_choice
 
 __all__ = ["REPORT_TO", "TRACKING_FIELDS", "TRL_NAMES", "Tracking", "attach_tracking", "check_installed",
-           "check_tracking_fields", "open_tracker", "run_config", "step_metrics", "tensorboard_dir", "trackio_dir"]
+           "check_tracking_fields", "open_tracker", "run_config", "step_metrics", "tensorboard_dir", "trackio_dir",
+           "vector_metrics"]
 
 REPORT_TO = ("none", "trackio", "tensorboard", "wandb")
 TRACKING_FIELDS = ("report_to", "project", "run_name", "run_group", "tracking_dir")  # in GRPOConfig and SFTConfig
@@ -94,8 +95,15 @@ def step_metrics(entry, vector=None, vector_entries: int = 64) -> dict[str, floa
         if not math.isnan(value):
             out[f"train/{field}"] = value
     if vector is not None:
-        for i, x in enumerate(vector[:vector_entries].tolist()):
-            out[f"train/v/{i}"] = float(x)
+        out.update({k: v for k, v in vector_metrics(vector, vector_entries).items() if k != "train/v_norm"})
+    return out
+
+
+def vector_metrics(vector, vector_entries: int = 64) -> dict[str, float]:
+    """`train/v_norm` and `train/v/<i>` for the first `vector_entries` numbers of `vector` ([num_params]):
+    how the trained numbers are logged, by `train_grpo`'s tracking and through TRL's reporters."""
+    out = {"train/v_norm": float(vector.float().norm())}
+    out.update({f"train/v/{i}": float(x) for i, x in enumerate(vector[:vector_entries].tolist())})
     return out
 
 
