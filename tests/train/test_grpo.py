@@ -75,6 +75,32 @@ def test_step_log_and_history(tmp_path):
     assert math.isnan(log.kl) and math.isnan(log.clip_frac)  # not measured with kl = 0 and no clip
 
 
+def test_completion_lengths_and_the_share_cut_at_the_limit(tmp_path, monkeypatch):
+    import tinylab.train.grpo as grpo
+
+    model, tok, adapter = _setup()
+    model.generation_config.eos_token_id = list(range(0, model.config.vocab_size, 4))  # a quarter of tokens end one
+    rollouts = []
+
+    def spy(*args, **kwargs):
+        rollouts.append(generate(*args, **kwargs))
+        return rollouts[-1]
+
+    generate = grpo.generate
+    monkeypatch.setattr(grpo, "generate", spy)
+    seen = []
+    train_grpo(model, tok, adapter, RecordingToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)),
+               callbacks=[seen.append])
+    limit, stops = CONFIG.max_new_tokens, torch.tensor(sorted(set(range(0, model.config.vocab_size, 4)) | {tok.eos_token_id}))
+    for log, rollout in zip(seen, rollouts, strict=True):
+        lengths = rollout.completion_mask.sum(1)
+        last = rollout.completion_ids.gather(1, (lengths - 1)[:, None]).squeeze(1)  # each completion's last token
+        cut = (lengths == limit) & ~torch.isin(last, stops)  # at the limit without ending on a stop token
+        assert log.clipped_ratio == pytest.approx(float(cut.float().mean()))
+        assert log.completion_len_min == float(lengths.min()) and log.completion_len_max == int(lengths.max())
+    assert 0 < sum(log.clipped_ratio for log in seen) < len(seen)  # both kinds occurred
+
+
 def test_kl_and_clip_with_inner_epochs(tmp_path):
     model, tok, adapter = _setup()
     before = _frozen(model)

@@ -192,6 +192,8 @@ class TRLStepLogs(_trainer_callback_base()):
             reward_std=_first(logs, "reward_std"), zero_spread=_first(logs, "frac_reward_zero_std"),
             completion_len=_first(logs, "completions/mean_length"),
             completion_len_max=int(_first(logs, "completions/max_length", default=0)),
+            completion_len_min=_first(logs, "completions/min_length"),
+            clipped_ratio=_first(logs, "completions/clipped_ratio"),
             v_norm=float(vector.norm()), grad_norm=_first(logs, "grad_norm"), kl=_first(logs, "kl"),
             clip_frac=_first(logs, "clip_ratio/region_mean"), step_time=time.perf_counter() - self._t,
         )

@@ -41,7 +41,7 @@ from tinylab.basics.checks import check_choice, check_int, check_number
 from tinylab.basics.seeds import derived_seed
 from tinylab.model.batch import render_prompts
 from tinylab.model.device import model_device
-from tinylab.model.generation import completion_logprobs, generate
+from tinylab.model.generation import completion_logprobs, generate, stop_token_ids
 from tinylab.train.loop_config import LoopConfig
 from tinylab.train.records import step_log
 from tinylab.train.run import Run, launch, register_loop, step_indices
@@ -193,6 +193,7 @@ def grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> 
     device = model_device(model)
     G = config.group_size
     max_new = config.max_new_tokens or getattr(task, "max_new_tokens", 64)
+    stops = torch.tensor(stop_token_ids(model, tokenizer), device=device)  # [s] the tokens that end a completion
     for step in run.steps():
         t_step = time.perf_counter()
         # 1. Prompts for this step, from (seed, step) alone.
@@ -242,12 +243,14 @@ def grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> 
 
         # 5. Log the step; callbacks may stop the run.
         lengths = mask.sum(1).float()  # [B*G]
+        ended = (torch.isin(rollout.completion_ids, stops) & mask.bool()).any(1)  # [B*G] stopped before the limit
         format_rate, correct_rate = _score_rates(task, rollout.completions, answers)
         picks = range(0, len(rewards), G)[:4]
         run.record(step_log(
             step + 1, "grpo", loss=loss_value, reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
             zero_spread=float(1 - spread.float().mean()), format_rate=format_rate, correct_rate=correct_rate,
             completion_len=float(lengths.mean()), completion_len_max=int(lengths.max()),
+            completion_len_min=float(lengths.min()), clipped_ratio=float(1 - ended.float().mean()),
             v_norm=float(adapter.vector().norm()), grad_norm=grad_norm, kl=stats["kl"], clip_frac=stats["clip_frac"],
             gen_time=gen_time, fwd_bwd_time=fwd_bwd_time, step_time=time.perf_counter() - t_step,
             samples=tuple((rollout.completions[i], float(rewards[i])) for i in picks),

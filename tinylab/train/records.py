@@ -32,6 +32,8 @@ class StepLog(NamedTuple):
     correct_rate: float  # fraction scored strictly correct
     completion_len: float  # mean completion length in tokens
     completion_len_max: int
+    completion_len_min: float  # shortest completion in tokens
+    clipped_ratio: float  # fraction of completions cut at the token limit (no end-of-sequence token)
     v_norm: float  # |v| after the step
     grad_norm: float  # |dL/dv| before the step
     kl: float  # mean per-token KL to the adapter-disabled model (GRPO with kl > 0)

@@ -106,7 +106,8 @@ def sft_body(run: Run, model, tokenizer, adapter, task, config: SFTConfig) -> No
         lengths = target_mask.sum(1).float()  # [B]
         run.record(step_log(
             step + 1, "sft", loss=float(loss.detach()), completion_len=float(lengths.mean()),
-            completion_len_max=int(lengths.max()), v_norm=float(adapter.vector().norm()), grad_norm=grad_norm,
+            completion_len_max=int(lengths.max()), completion_len_min=float(lengths.min()),
+            v_norm=float(adapter.vector().norm()), grad_norm=grad_norm,
             gen_time=0.0, fwd_bwd_time=fwd_bwd_time, step_time=time.perf_counter() - t_step,
         ))
 
