@@ -226,10 +226,33 @@ def test_capitals_score(reply, gold, expected):
     ('answer: "Washington DC"', "Washington, D.C.", (True, True, True)),
     ("Answer: Kiev", "Kyiv", (True, True, True)),
     ("", "Paris", (False, False, False)),
+    ("My answer: Lyon. Answer: Paris", "Paris", (True, True, True)),  # the last "Answer:" on the line counts
+    ("Answer: Paris. My answer: Lyon", "Paris", (True, False, True)),
+    ("The capital is Parisian. Answer: Lyon", "Paris", (True, False, False)),  # whole words only
 ])
 def test_capital_answer_score(reply, gold, expected):
     s = CapitalAnswerTask().score(reply, gold)
     assert (s.formatted, s.correct_strict, s.correct_flexible) == expected
+
+
+@pytest.mark.parametrize("task", [CapitalsTask(countries="world"), CapitalAnswerTask(countries="world")],
+                         ids=["capitals", "capitals_answer"])
+def test_a_strict_correct_reply_is_flexible_correct_for_every_capital_and_spelling(task):
+    """Strict ignores spaces inside a name ("Sana a" is Sanaa); flexible must accept what strict does."""
+    line = "{}" if task.name == "capitals" else "The capital is {}.\nAnswer: {}"
+    checked = 0
+    for city in task.capitals():
+        names = set(task._aliases.get(city.replace(" ", "").lower(), ())) | {city}
+        for name in names:
+            for spelling in (name, name.replace(" ", ""), name.replace("'", " "), name.replace("-", " ")):
+                s = task.score(line.format(spelling, spelling), city)
+                if s.correct_strict:
+                    checked += 1
+                    assert s.correct_flexible, (city, spelling)
+    assert checked >= len(task.capitals())
+    sanaa = task.score(line.format("Sana'a", "Sana'a"), "Sanaa")
+    assert sanaa.correct_strict and sanaa.correct_flexible
+    assert task.score("I think it is Sana'a, in the north.", "Sanaa").correct_flexible  # named anywhere
 
 
 def test_capital_answer_prompts_ask_for_the_line_and_solutions_score_strict():

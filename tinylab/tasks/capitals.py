@@ -30,6 +30,7 @@ gives small credit for a reply that contains the city, which keeps groups from b
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -93,6 +94,8 @@ COUNTRY_SETS = ("common", "world")
 PHRASINGS = ("task", "held_out")
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 _ANSWER_LINE = re.compile(r"answer\s*:[ \t]*(.*)", re.IGNORECASE)
+_AFTER_ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
+_LONGEST_NAME = 6  # words: the longest capital name or alias, with room for split words ("Sana a")
 _STRIP = "\"'`*_.,;:!?()[]{}<> "
 
 
@@ -105,6 +108,15 @@ def _words(text: str) -> str:
 
 def _key(text: str) -> str:
     return _words(text).replace(" ", "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_keys(completion: str) -> frozenset[str]:
+    """The `_key` of every run of 1 to `_LONGEST_NAME` consecutive words of `completion` (cached: a reply is
+    checked against every capital by `capitals_named`)."""
+    words = _words(completion).split()
+    return frozenset("".join(words[i:j]) for i in range(len(words))
+                     for j in range(i + 1, min(len(words), i + _LONGEST_NAME) + 1))
 
 
 class CapitalsTask(SyntheticTask):
@@ -198,9 +210,10 @@ class CapitalsTask(SyntheticTask):
         return bool(text) and _key(text) in {_key(name) for name in self._aliases.get(_key(answer), (answer,))}
 
     def _mentions(self, completion: str, answer: str) -> bool:
-        """The gold city (or an alias) appears in `completion` as whole words."""
-        reply_words = f" {_words(completion)} "
-        return any(f" {_words(name)} " in reply_words for name in self._aliases.get(_key(answer), (answer,)))
+        """The gold city (or an alias) appears in `completion` as whole words, spaces inside it ignored as
+        strict ignores them ("Sana'a" names Sanaa, "N'Djamena" Ndjamena): some run of at most
+        `_LONGEST_NAME` consecutive words of the reply spells it."""
+        return not _name_keys(completion).isdisjoint(_key(name) for name in self._aliases.get(_key(answer), (answer,)))
 
     def score(self, completion: str, answer: str) -> Score:
         lines = [line for line in completion.strip().splitlines() if line.strip()]
@@ -208,7 +221,7 @@ class CapitalsTask(SyntheticTask):
         return Score(
             formatted=1 <= len(completion.split()) <= 3,
             correct_strict=self._is_city(first, answer),
-            correct_flexible=self._mentions(completion, answer),
+            correct_flexible=self._is_city(first, answer) or self._mentions(completion, answer),
             extracted=first or None,
         )
 
@@ -247,11 +260,12 @@ class CapitalAnswerTask(CapitalsTask):
 
     def score(self, completion: str, answer: str) -> Score:
         found = _ANSWER_LINE.findall(completion)
-        last = found[-1].strip(_STRIP) if found else ""
+        last = _AFTER_ANSWER.split(found[-1])[-1].strip(_STRIP) if found else ""  # after a line's last "Answer:"
         formatted = 1 <= len(last.split()) <= 4
+        strict = formatted and self._is_city(last, answer)
         return Score(
             formatted=formatted,
-            correct_strict=formatted and self._is_city(last, answer),
-            correct_flexible=self._mentions(completion, answer),
+            correct_strict=strict,
+            correct_flexible=strict or self._mentions(completion, answer),
             extracted=last or None,
         )
