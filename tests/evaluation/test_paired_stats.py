@@ -114,7 +114,8 @@ def test_a_known_two_by_two_table():
     assert 0 < r.low < r.diff < r.high and r.beyond_noise
 
 
-@pytest.mark.parametrize("gained, lost", [(0, 1), (1, 0), (3, 3), (7, 2), (15, 4), (40, 31), (0, 25), (120, 95)])
+@pytest.mark.parametrize("gained, lost", [(0, 1), (1, 0), (3, 3), (7, 2), (15, 4), (40, 31), (0, 25), (120, 95),
+                                          (2600, 2400)])  # large: the tail by recurrence, not one comb per term
 def test_p_value_is_scipys_binomial_test_of_the_discordant_pairs(gained, lost):
     before, after = _table(13, gained, lost, 9)
     expected = stats.binomtest(gained, gained + lost, 0.5, alternative="two-sided").pvalue

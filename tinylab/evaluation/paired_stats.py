@@ -97,7 +97,10 @@ def _mcnemar_exact(gained: int, lost: int) -> float:
     m = gained + lost
     if m == 0:
         return 1.0
-    tail = sum(math.comb(m, k) for k in range(min(gained, lost) + 1))
+    term = tail = 1  # C(m, 0)
+    for k in range(min(gained, lost)):  # C(m, k+1) from C(m, k): exact, one small product per term
+        term = term * (m - k) // (k + 1)
+        tail += term
     return min(1.0, 2 * tail / 2**m)  # exact integers, one correctly rounded division
 
 
