@@ -3,6 +3,7 @@ published worked examples, scipy's Wilson intervals, its exact coverage at the b
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -149,3 +150,15 @@ def test_bad_inputs_are_named():
         paired([True, False], [True, 1])
     with pytest.raises(ValueError, match=r"before\[0\]=0\.5: the outcomes must be booleans"):
         paired(np.array([0.5, 1.0]), [True, False])
+
+
+@pytest.mark.parametrize("bad, shown", [(None, "before=None"), (True, "before=True"), ({1: True}, "before={1: True}"),
+                                        ((x for x in [True]), "before=<generator"), ("TF", "before='TF'")])
+def test_a_whole_argument_that_is_no_list_of_outcomes_is_named_as_a_whole(bad, shown):
+    with pytest.raises(ValueError, match=re.escape(shown) + r".*allowed: a list \(or 1-D array\) of booleans"):
+        paired(bad, [True])
+
+
+def test_a_table_of_outcomes_is_not_flattened():
+    with pytest.raises(ValueError, match=r"before has shape \(1, 2\): allowed: a list \(or 1-D array\)"):
+        paired(np.zeros((1, 2), dtype=bool), np.zeros((2, 1), dtype=bool))

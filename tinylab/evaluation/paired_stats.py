@@ -82,7 +82,13 @@ def _booleans(name: str, values) -> np.ndarray:
     """`values` as a 1-D numpy bool array, or a ValueError naming the first value that is not a bool."""
     if hasattr(values, "detach"):  # a torch tensor
         values = values.detach().cpu().numpy()
-    array = np.asarray(values, dtype=object).reshape(-1) if not isinstance(values, np.ndarray) else values.reshape(-1)
+    if hasattr(values, "to_numpy"):  # a pandas Series
+        values = values.to_numpy()
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise ValueError(f"{name}={values!r:.80}: allowed: a list (or 1-D array) of booleans, one per example")
+    array = np.asarray(values, dtype=object) if not isinstance(values, np.ndarray) else values
+    if array.ndim != 1:
+        raise ValueError(f"{name} has shape {array.shape}: allowed: a list (or 1-D array) of booleans, one per example")
     if array.dtype != np.bool_:
         for i, x in enumerate(array):
             if not isinstance(x, (bool, np.bool_)):
