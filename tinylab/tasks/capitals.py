@@ -15,9 +15,11 @@ Which countries (`countries`):
 
 Which phrasings (`phrasing`): "task" (the default) asks in the task's own templates, the only
 ones training sees; "held_out" asks in other templates (`HELD_OUT_TEMPLATES`: the same
-instruction after a differently worded question), never used by any training prompt. Score a
-trained adapter on `CapitalsTask(countries="world", phrasing="held_out").examples("test")` to
-see whether a gain survives new countries and new wording together.
+instruction after a differently worded question), never used by any training prompt. Score an
+adapter trained on `countries="world"` (its "train" split) on `CapitalsTask(countries="world",
+phrasing="held_out").examples("test")` to see whether a gain survives new countries and new wording
+together. The two country sets are split independently: an adapter trained on "common" has seen
+some of the world set's test countries, so score it on "common"'s own test split.
 
 Reading a reply (case, accents, punctuation and quotes ignored):
 - strict: the first non-empty line is the city (or an accepted alias, e.g. Kiev for Kyiv);
