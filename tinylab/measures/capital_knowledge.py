@@ -40,7 +40,10 @@ class CapitalKnowledge(NamedTuple):
 @torch.no_grad()
 def capital_knowledge(model, tokenizer, countries: Sequence[world_capitals.Country] | None = None, *,
                       batch_size: int = 16) -> dict[str, CapitalKnowledge]:
-    """Capital -> `CapitalKnowledge` for `countries` (default: every country of the world set)."""
+    """Capital -> `CapitalKnowledge` for `countries` (default: every country of the world set).
+
+    Measures `model` as it is: an attached, enabled adapter counts. For the base model's strata call
+    it before attaching, or inside `adapter.disabled()`."""
     check_int("batch_size", batch_size, low=1)
     countries = world_capitals.countries() if countries is None else tuple(countries)
     rows = []  # (country index, question, head tokens, name tokens)
