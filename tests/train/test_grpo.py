@@ -92,7 +92,10 @@ def test_completion_lengths_and_the_share_cut_at_the_limit(tmp_path, monkeypatch
     train_grpo(model, tok, adapter, RecordingToyTask(), dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path)),
                callbacks=[seen.append])
     limit, stops = CONFIG.max_new_tokens, torch.tensor(sorted(set(range(0, model.config.vocab_size, 4)) | {tok.eos_token_id}))
+    total = 0
     for log, rollout in zip(seen, rollouts, strict=True):
+        total += int(rollout.prompt_mask.sum() + rollout.completion_mask.sum())  # TRL's num_tokens: no padding
+        assert log.num_tokens == total
         lengths = rollout.completion_mask.sum(1)
         last = rollout.completion_ids.gather(1, (lengths - 1)[:, None]).squeeze(1)  # each completion's last token
         cut = (lengths == limit) & ~torch.isin(last, stops)  # at the limit without ending on a stop token

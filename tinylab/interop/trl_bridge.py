@@ -194,6 +194,7 @@ class TRLStepLogs(_trainer_callback_base()):
             completion_len_max=int(_first(logs, "completions/max_length", default=0)),
             completion_len_min=_first(logs, "completions/min_length"),
             clipped_ratio=_first(logs, "completions/clipped_ratio"),
+            num_tokens=_first(logs, "num_tokens"),
             v_norm=float(vector.norm()), grad_norm=_first(logs, "grad_norm"), kl=_first(logs, "kl"),
             clip_frac=_first(logs, "clip_ratio/region_mean"), step_time=time.perf_counter() - self._t,
         )

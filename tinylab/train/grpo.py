@@ -244,6 +244,8 @@ def grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> 
         # 5. Log the step; callbacks may stop the run.
         lengths = mask.sum(1).float()  # [B*G]
         ended = (torch.isin(rollout.completion_ids, stops) & mask.bool()).any(1)  # [B*G] stopped before the limit
+        before = run.logs[-1].num_tokens if run.logs else 0.0  # a resumed run counts on from its history
+        num_tokens = (0.0 if math.isnan(before) else before) + float(rollout.attention_mask.sum())
         format_rate, correct_rate = _score_rates(task, rollout.completions, answers)
         picks = range(0, len(rewards), G)[:4]
         run.record(step_log(
@@ -251,6 +253,7 @@ def grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> 
             zero_spread=float(1 - spread.float().mean()), format_rate=format_rate, correct_rate=correct_rate,
             completion_len=float(lengths.mean()), completion_len_max=int(lengths.max()),
             completion_len_min=float(lengths.min()), clipped_ratio=float(1 - ended.float().mean()),
+            num_tokens=num_tokens,
             v_norm=float(adapter.vector().norm()), grad_norm=grad_norm, kl=stats["kl"], clip_frac=stats["clip_frac"],
             gen_time=gen_time, fwd_bwd_time=fwd_bwd_time, step_time=time.perf_counter() - t_step,
             samples=tuple((rollout.completions[i], float(rewards[i])) for i in picks),

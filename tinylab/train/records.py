@@ -34,6 +34,7 @@ class StepLog(NamedTuple):
     completion_len_max: int
     completion_len_min: float  # shortest completion in tokens
     clipped_ratio: float  # fraction of completions cut at the token limit (no end-of-sequence token)
+    num_tokens: float  # prompt and completion tokens sampled so far in the run (padding not counted)
     v_norm: float  # |v| after the step
     grad_norm: float  # |dL/dv| before the step
     kl: float  # mean per-token KL to the adapter-disabled model (GRPO with kl > 0)

@@ -9,7 +9,7 @@
 the quantities TRL's `GRPOTrainer` also logs, under the names it gives them through transformers'
 logging callbacks (`train/reward`, `train/reward_std`, `train/frac_reward_zero_std`,
 `train/completions/mean_length`, `train/completions/max_length`, `train/completions/min_length`,
-`train/completions/clipped_ratio`, `train/clip_ratio/region_mean`,
+`train/completions/clipped_ratio`, `train/num_tokens`, `train/clip_ratio/region_mean`,
 `train/kl`, `train/loss`, `train/grad_norm`, with `train/global_step`), so runs of `train_grpo` and
 of `tinylab.interop.trl_bridge.grpo_trainer` overlay in one dashboard; then tinylab's own
 (`train/v_norm`, `train/v/<i>` for the vector's first `vector_entries` numbers, the sampled replies'
@@ -62,6 +62,7 @@ TRL_NAMES = {  # StepLog field -> the key TRL's GRPOTrainer logs for the same qu
     "completion_len_max": "completions/max_length",
     "completion_len_min": "completions/min_length",
     "clipped_ratio": "completions/clipped_ratio",
+    "num_tokens": "num_tokens",
     "clip_frac": "clip_ratio/region_mean",
     "kl": "kl",
     "grad_norm": "grad_norm",
