@@ -79,12 +79,13 @@ def test_layer_indexes_out_of_range(model):
         TinyLoRAConfig(layers=(-1,))
 
 
-def test_gpt2_conv1d_layers_are_refused_by_name():
+def test_gpt2_targets_that_match_nothing_name_its_module_kinds():
     import transformers
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4))
-    with pytest.raises(ValueError, match=r"match no linear module.*its 8 transformers Conv1D layers.*only nn.Linear"):
-        apply_tinylora(gpt2, TinyLoRAConfig())
+    with pytest.raises(ValueError, match=r"targets \['q_proj'\] match no linear module.*types are \['c_attn', "
+                                         r"'attn.c_proj', 'c_fc', 'mlp.c_proj'\]"):
+        apply_tinylora(gpt2, TinyLoRAConfig(targets=("q_proj",)))
     assert not find_adapter(gpt2)
 
 

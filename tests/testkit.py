@@ -25,6 +25,25 @@ from tinylab.model.tiny import tiny_model
 from tinylab.tasks.base import Example as TaskExample
 
 # ---------------------------------------------------------------------------------------------
+# The linear maps of a model's blocks, found without tinylab's own module selection
+
+
+def block_linear_names(model, layer: int | None = None) -> list[str]:
+    """Names of the `nn.Linear` and transformers `Conv1D` maps inside the numbered blocks
+    (`model.layers.<i>.`, GPT-2's `transformer.h.<i>.`), in model order; `layer`: only that block's."""
+    import re
+
+    block = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+    found = []
+    for name, module in model.named_modules():
+        is_map = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        match = block.search(name)
+        if is_map and match and (layer is None or int(match.group(1)) == layer):
+            found.append(name)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
 # Toy tasks (the Task protocol, on a tiny model)
 
 

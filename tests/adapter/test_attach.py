@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from testkit import block_linear_names
 from torch import nn
 
 from tinylab.adapter.attach import apply_tinylora, find_adapter
@@ -62,8 +63,7 @@ def test_update_matches_hand_computed_svd(llama):
                                          (1, "all", "tiled"), (13, "all", "structured")])
 def test_exact_counts(arch, u, n_tie, tie):
     model, _ = tiny_model(arch)
-    in_layer_0 = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers.0." in n]
-    per_layer = len(in_layer_0)  # 7; phi3's and GPT-NeoX's fused maps: 4; OPT: 6
+    per_layer = len(block_linear_names(model, layer=0))  # 7; phi3's, GPT-NeoX's and GPT-2's fused maps: 4; OPT: 6
     n_modules = model.config.num_hidden_layers * per_layer
     adapter = apply_tinylora(model, TinyLoRAConfig(u=u, n_tie=n_tie, tie=tie))
     assert len(adapter.modules) == n_modules

@@ -7,12 +7,12 @@ plan promises is what attaching its config gives, and every other reader counts 
 import warnings
 
 import pytest
-import torch
+from testkit import block_linear_names
 
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
 from tinylab.adapter.planner import lora_xs_size, plan_budget
-from tinylab.adapter.targets import count_params, kind_order, plan_modules, roles
+from tinylab.adapter.targets import count_params, kind_order, module_kinds, plan_modules, roles
 from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 BUDGETS = (1, 2, 3, 5, 7, 13, 16)
@@ -75,8 +75,7 @@ def test_lora_xs_size_counts_the_adapted_modules(arch_model):
 def test_every_block_linear_has_a_role_and_the_kinds_sort_by_role(arch_model):
     _, model, _ = arch_model
     modules = plan_modules(model, TinyLoRAConfig())
-    in_blocks = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    assert [m.name for m in modules] == in_blocks
+    assert [m.name for m in modules] == block_linear_names(model)
     played = [role for kind in kind_order(m.kind for m in modules) for role in roles(kind)]
     assert sorted(set(played), key=DEFAULT_TARGETS.index) == played  # q, k, v, o, gate, up, down order
     assert set(played) >= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
@@ -99,6 +98,9 @@ def test_weight_importance_scores_the_adapted_modules(arch):
     wi = weight_importance(model, tok, ArithmeticTask(), n_prompts=2, objective="sft")
     planned = [(m.layer, m.kind) for m in plan_modules(model, TinyLoRAConfig())]
     assert list(wi.table.index) == planned
+    assert (wi.table.taylor > 0).all()  # every map's hooks ran: each has a score
+    heads = wi.heads.taylor
+    assert len(heads) > 0 and (heads > 0).all()  # the attention maps, split per head
 
 
 def test_budget_widget_and_cli_count_the_adapted_modules(arch_model):
@@ -124,3 +126,27 @@ def test_budget_widget_and_cli_count_the_adapted_modules(arch_model):
         assert slider.adapter.num_params == slider.plan.achieved == 3
     finally:
         slider.adapter.remove()
+
+
+def test_module_kinds_split_a_last_name_shared_by_differently_named_parents_only():
+    gpt2 = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+            "transformer.h.0.mlp.c_proj", "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj"]
+    assert list(module_kinds(gpt2).values()) == ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "attn.c_proj",
+                                                 "mlp.c_proj"]
+    experts = [f"model.layers.0.mlp.experts.{e}.w1" for e in range(3)] + ["model.layers.0.self_attn.q_proj"]
+    assert list(module_kinds(experts).values()) == ["w1", "w1", "w1", "q_proj"]  # numbered parents share a kind
+    llama = ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
+    assert list(module_kinds(llama).values()) == ["o_proj", "down_proj"]
+
+
+def test_gpt2_roles_and_targets_by_kind_or_by_last_name():
+    model, _ = tiny_model("gpt2")
+    modules = plan_modules(model, TinyLoRAConfig())
+    assert [m.kind for m in modules[:4]] == ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+    assert [roles(m.kind) for m in modules[:4]] == [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("up_proj",),
+                                                    ("down_proj",)]
+    both = plan_modules(model, TinyLoRAConfig(targets=("c_proj",)))  # a last name: both maps of each layer
+    assert [m.name for m in both] == [n for n in block_linear_names(model) if n.endswith(".c_proj")]
+    attention = plan_modules(model, TinyLoRAConfig(targets=("attn.c_proj",)))
+    assert [m.name for m in attention] == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+    assert count_params(model, TinyLoRAConfig(targets=("c_proj",), u=3)) == 4 * 3

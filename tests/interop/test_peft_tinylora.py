@@ -56,6 +56,8 @@ def _peft_vectors(peft_model):
         ("qwen2", dict(u=2, group_sizes=(3, 3, 3, 5)), 4),  # PEFT's own shape of groups: kept tied
         ("phi3", dict(u=2), 8),  # fused qkv_proj / gate_up_proj: 4 maps a layer
         ("qwen3", dict(u=13, n_tie="all"), 1),
+        ("gpt2", dict(u=2), 8),  # transformers Conv1D maps, weights stored (in, out): PEFT's fan_in_fan_out
+        ("gpt2", dict(u=3, targets=("c_proj",)), 4),  # both c_proj of a layer (attention and MLP)
     ],
 )
 def test_export_loads_in_peft_with_same_logits(tmp_path, arch, fields, n_peft_vectors):

@@ -21,26 +21,28 @@ def _adapted(arch="llama", dtype=torch.float32, **config):
     return model, tok, adapter, base
 
 
-def _expected(base, adapter) -> dict[str, torch.Tensor]:
+def _expected(base, adapter, arch="llama") -> dict[str, torch.Tensor]:
     """round(W + dW) in W's dtype for the adapted maps, every other base parameter as it is."""
     out = dict(base)
     for name, module in adapter.named_modules():
-        W = base[f"{name}.weight"]
-        out[f"{name}.weight"] = (W.float() + module.delta_weight()).to(W.dtype)
+        W, dW = base[f"{name}.weight"], module.delta_weight()  # dW (out, in)
+        dW = dW.T if arch == "gpt2" else dW  # GPT-2's Conv1D maps store their weights (in, out)
+        out[f"{name}.weight"] = (W.float() + dW).to(W.dtype)
     return out
 
 
 def _untouched(model, base) -> bool:
-    now = {n.removeprefix("base_model.model.").replace(".base_layer", "").replace(".base.", "."): p
+    now = {n.removeprefix("base_model.model.").replace(".base_layer", "").replace(".base.conv.", ".")
+           .replace(".base.", "."): p
            for n, p in model.named_parameters() if "tinylora_" not in n}
     return all(torch.equal(now[n], base[n]) for n in base)
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_tinylab_model_gives_base_names_with_w_plus_dw_and_w_stays_bit_exact(arch, dtype):
     model, _, adapter, base = _adapted(arch, dtype)
-    expected = _expected(base, adapter)
+    expected = _expected(base, adapter, arch)
     for _ in range(10):  # any number of syncs
         pushed = dict(merged_weights(model))
     assert sorted(pushed) == sorted(base)  # the base model's own names, the vector left out
@@ -50,10 +52,10 @@ def test_a_tinylab_model_gives_base_names_with_w_plus_dw_and_w_stays_bit_exact(a
     assert _untouched(model, base)
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])
 def test_the_peft_model_the_bridge_builds_gives_the_same_weights(tmp_path, arch):
     model, _, adapter, base = _adapted(arch, u=4, n_tie=7 if arch == "llama" else 4)
-    expected = _expected(base, adapter)
+    expected = _expected(base, adapter, arch)
     wrapped = peft_model(adapter, tmp_path / "peft")
     for _ in range(10):
         pushed = dict(merged_weights(wrapped))

@@ -17,7 +17,8 @@ from torch import nn
 from tinylab.adapter.config import TinyLoRAConfig
 from tinylab.adapter.layer import TinyLoRALinear, projection
 from tinylab.adapter.svd import svds, weight_fingerprint
-from tinylab.adapter.targets import ModuleInfo, group_indexes, select_modules
+from tinylab.adapter.targets import ModuleInfo, module_infos, select_modules
+from tinylab.model.conv1d import original
 
 __all__ = ["TinyLoRA", "apply_tinylora", "check_adapter", "check_no_adapter", "find_adapter"]
 
@@ -140,7 +141,7 @@ class TinyLoRA:
         for name, wrapper in self._wrapped.items():
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child, wrapper.base)
+            setattr(parent, child, original(wrapper.base))
         for name, p in self.model.named_parameters():
             if name in self._saved_requires_grad:
                 p.requires_grad_(self._saved_requires_grad[name])
@@ -203,7 +204,8 @@ def apply_tinylora(model: nn.Module, config: TinyLoRAConfig | None = None, **ove
     check_no_adapter(model)
 
     chosen = select_modules(model, config)
-    group_of = group_indexes(chosen, config)
+    infos = module_infos(model, chosen, config)
+    group_of = [info.group for info in infos]
     offloaded = [name for name, linear, _ in chosen if linear.weight.device.type == "meta"]
     if offloaded:
         raise ValueError(f"{len(offloaded)} adapted weights are on the meta device (e.g. {offloaded[0]}): they were "
@@ -222,12 +224,11 @@ def apply_tinylora(model: nn.Module, config: TinyLoRAConfig | None = None, **ove
 
     fingerprints = {name: weight_fingerprint(linear.weight) for name, linear, _ in chosen}
     factors = svds([(linear.weight, fingerprints[name]) for name, linear, _ in chosen], config.r, config.svd)
-    modules, wrapped = [], {}
-    for (name, linear, layer), group, (U, S, Vh) in zip(chosen, group_of, factors):
+    wrapped = {}
+    for (name, linear, _), group, (U, S, Vh) in zip(chosen, group_of, factors):
         P = projection(config.seed, name, config.u, config.r)
         wrapper = TinyLoRALinear(linear, U, S, Vh, P, vectors[group])
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
-        modules.append(ModuleInfo(name, layer, name.rsplit(".", 1)[-1], group))
         wrapped[name] = wrapper
-    return TinyLoRA(model, config, modules, vectors, wrapped, saved, fingerprints)
+    return TinyLoRA(model, config, infos, vectors, wrapped, saved, fingerprints)

@@ -178,7 +178,7 @@ class TinyLoRALinear(nn.Module):
         if self.merged_R is None:
             R = self.R().detach().clone()
             self._original = self.base.weight.detach().clone()
-            self.base.weight += self.delta_weight(R).to(self.base.weight.dtype)
+            self.base.weight.add_(self.delta_weight(R).to(self.base.weight.dtype))  # in place: a Conv1D's view too
             self.merged_R = R
 
     @torch.no_grad()

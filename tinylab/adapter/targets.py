@@ -8,13 +8,17 @@ Other architectures name the same maps otherwise, and some fuse several roles in
 
     role       names, first present in the model wins
     q, k, v    q_proj/k_proj/v_proj, qkv_proj (phi3), query_key_value (GPT-NeoX, Falcon), Wqkv, c_attn
-    o          o_proj, out_proj (OPT, BART), dense (GPT-NeoX, Phi)
+    o          o_proj, out_proj (OPT, BART), dense (GPT-NeoX, Phi), attn.c_proj (GPT-2)
     gate       gate_proj, gate_up_proj (phi3), w1 (old Mixtral)
     up         up_proj, gate_up_proj, fc1 (OPT, Phi), fc_in (GPT-J), c_fc, dense_h_to_4h (GPT-NeoX), w3
-    down       down_proj, fc2, fc_out, c_proj, dense_4h_to_h, w2
+    down       down_proj, fc2, fc_out, c_proj, mlp.c_proj (GPT-2), dense_4h_to_h, w2
 
-A module's `kind` is the last component of its name (phi3: "qkv_proj"); `roles(kind)` gives the
-roles it plays. A module is "in a block" when its name holds a layer index (`.<i>.`).
+A module's `kind` is the last component of its name (phi3: "qkv_proj"), or its last two where two
+maps of one layer share the last one under differently named parents (GPT-2's "attn.c_proj" and
+"mlp.c_proj"; numbered experts share their kind): `module_kinds` decides it for everyone.
+`roles(kind)` gives the roles it plays. A module is "in a block" when its name holds a layer index
+(`.<i>.`). A target names a kind, or the last components of module names ("c_proj": both of
+GPT-2's).
 
 Tying: `tiled` groups `n_tie` consecutive modules in model order (the modules of layer 0, then
 layer 1, ...); `structured` groups modules of one kind across `n_tie` consecutive layers;
@@ -25,12 +29,14 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from torch import nn
 
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
+from tinylab.model.conv1d import as_linear
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -40,6 +46,8 @@ __all__ = [
     "kind_order",
     "layer_of",
     "linear_modules",
+    "module_infos",
+    "module_kinds",
     "plan_modules",
     "roles",
     "select_modules",
@@ -49,10 +57,10 @@ ROLE_NAMES = {
     "q_proj": ("q_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
     "k_proj": ("k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
     "v_proj": ("v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
-    "o_proj": ("o_proj", "out_proj", "dense"),
+    "o_proj": ("o_proj", "out_proj", "dense", "attn.c_proj"),
     "gate_proj": ("gate_proj", "gate_up_proj", "w1"),
     "up_proj": ("up_proj", "gate_up_proj", "fc1", "fc_in", "c_fc", "dense_h_to_4h", "w3"),
-    "down_proj": ("down_proj", "fc2", "fc_out", "c_proj", "dense_4h_to_h", "w2"),
+    "down_proj": ("down_proj", "fc2", "fc_out", "c_proj", "mlp.c_proj", "dense_4h_to_h", "w2"),
 }
 """Default role -> the module names other architectures give it, in order of preference."""
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -89,14 +97,40 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def module_kinds(names: Sequence[str]) -> dict[str, str]:
+    """The kind of each module name in `names` (the in-block linear maps of one model): its last
+    component, or `parent.last` where maps of one layer share the last component under parents of
+    different names (GPT-2: "attn.c_proj", "mlp.c_proj"). Numbered parents (experts) share a kind."""
+    parents = defaultdict(set)  # (layer, last) -> the parents' own names
+    for name in names:
+        parent, _, last = name.rpartition(".")
+        parents[(layer_of(name), last)].add(parent.rpartition(".")[2])
+    kinds = {}
+    for name in names:
+        parent, _, last = name.rpartition(".")
+        shared = parents[(layer_of(name), last)]
+        split = len(shared) > 1 and not any(p.isdigit() for p in shared)
+        kinds[name] = f"{parent.rpartition('.')[2]}.{last}" if split else last
+    return kinds
+
+
+def _matches(name: str, kind: str, target: str) -> bool:
+    """A target names a module's kind, or the last components of its name."""
+    return target == kind or name.endswith(f".{target}")
+
+
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear, int | None]]:
-    """Every `nn.Linear` (or already adapted module, as its base) with its layer index, in model order."""
-    found = []
+    """Every linear map (an `nn.Linear`, a transformers `Conv1D` seen through `as_linear`, or an
+    already adapted module, as its base) with its layer index, in model order."""
+    found, inside = [], ()
     for name, module in model.named_modules():
+        if inside and name.startswith(inside):  # the parts of an adapted module
+            continue
         if getattr(module, "adapts_linear", False):  # a TinyLoRALinear: report its frozen base
             found.append((name, module.base, layer_of(name)))
-        elif isinstance(module, nn.Linear) and not name.endswith(".base"):
-            found.append((name, module, layer_of(name)))
+            inside = (f"{name}.",)
+        elif (linear := as_linear(module)) is not None:
+            found.append((name, linear, layer_of(name)))
     return found
 
 
@@ -116,23 +150,19 @@ def _resolve_targets(targets: tuple[str, ...], kinds: list[str]) -> tuple[str, .
     return tuple(dict.fromkeys(a for a in present if a is not None))
 
 
-def _unsupported_hint(model: nn.Module) -> str:
-    n = sum(type(m).__name__ == "Conv1D" for m in model.modules())
-    return f"; its {n} transformers Conv1D layers (GPT-2 style) cannot be adapted: only nn.Linear" if n else ""
-
-
 def select_modules(model: nn.Module, config: TinyLoRAConfig, *, warn: bool = True) -> list[tuple[str, nn.Linear, int]]:
     """(name, linear, layer) of the modules `config` adapts, in model order; errors name the bad
     value and what exists. With the default targets, in-block linear maps left out are warned about."""
     linears = linear_modules(model)
     in_blocks = [(n, m, layer) for n, m, layer in linears if layer is not None]
-    kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, _, _ in in_blocks))
+    kind_of = module_kinds([n for n, _, _ in in_blocks])
+    kinds = list(dict.fromkeys(kind_of.values()))
     targets = _resolve_targets(config.targets, kinds)
-    missing = [t for t in targets if t not in kinds]
+    missing = [t for t in targets if not any(_matches(n, kind_of[n], t) for n, _, _ in in_blocks)]
     if missing or not targets:
         raise ValueError(
             f"targets {missing or list(config.targets)} match no linear module in this model; its linear module "
-            f"types are {kinds} (e.g. {[n for n, _, _ in in_blocks[:3]]})" + _unsupported_hint(model)
+            f"types are {kinds} (e.g. {[n for n, _, _ in in_blocks[:3]]})"
         )
     left = sorted(set(kinds) - set(targets)) if tuple(config.targets) == DEFAULT_TARGETS else []
     if left and warn:
@@ -147,7 +177,7 @@ def select_modules(model: nn.Module, config: TinyLoRAConfig, *, warn: bool = Tru
     chosen = [
         (n, m, layer)
         for n, m, layer in in_blocks
-        if n.rsplit(".", 1)[-1] in targets and (wanted_layers is None or layer in wanted_layers)
+        if any(_matches(n, kind_of[n], t) for t in targets) and (wanted_layers is None or layer in wanted_layers)
     ]
     if not chosen:
         raise ValueError(f"no module matches targets={list(config.targets)} in layers={config.layers}")
@@ -160,8 +190,10 @@ def select_modules(model: nn.Module, config: TinyLoRAConfig, *, warn: bool = Tru
     return chosen
 
 
-def group_indexes(chosen: Sequence[tuple[str, nn.Linear, int]], config: TinyLoRAConfig) -> list[int]:
-    """Tying group of each chosen module, numbered in order of first appearance in the model."""
+def group_indexes(chosen: Sequence[tuple[str, nn.Linear, int]], config: TinyLoRAConfig,
+                  kinds: Sequence[str]) -> list[int]:
+    """Tying group of each chosen module (`kinds`: their kinds), numbered in order of first
+    appearance in the model."""
     n = len(chosen)
     if config.group_sizes is not None:
         if sum(config.group_sizes) != n:
@@ -174,18 +206,24 @@ def group_indexes(chosen: Sequence[tuple[str, nn.Linear, int]], config: TinyLoRA
         raise ValueError(f"n_tie={config.n_tie} is out of range: allowed 1..{n} (or 'all') for {n} adapted modules")
     if config.tie == "tiled":
         return [i // n_tie for i in range(n)]
-    kinds = [name.rsplit(".", 1)[-1] for name, _, _ in chosen]
     layers_of = {k: sorted({lay for kk, (_, _, lay) in zip(kinds, chosen) if kk == k}) for k in set(kinds)}
     keys = [(k, layers_of[k].index(lay) // n_tie) for k, (_, _, lay) in zip(kinds, chosen)]
     order = {key: j for j, key in enumerate(dict.fromkeys(keys))}
     return [order[key] for key in keys]
 
 
+def module_infos(model: nn.Module, chosen: Sequence[tuple[str, nn.Linear, int]],
+                 config: TinyLoRAConfig) -> list[ModuleInfo]:
+    """A `ModuleInfo` (name, layer, kind, tying group) for each of `select_modules`' chosen modules."""
+    kind_of = module_kinds([n for n, _, layer in linear_modules(model) if layer is not None])
+    kinds = [kind_of[name] for name, _, _ in chosen]
+    return [ModuleInfo(name, layer, kind, g)
+            for (name, _, layer), kind, g in zip(chosen, kinds, group_indexes(chosen, config, kinds))]
+
+
 def plan_modules(model: nn.Module, config: TinyLoRAConfig, *, warn: bool = True) -> list[ModuleInfo]:
     """The modules `config` would adapt in `model`, with their tying groups; no SVD, nothing attached."""
-    chosen = select_modules(model, config, warn=warn)
-    return [ModuleInfo(name, layer, name.rsplit(".", 1)[-1], g)
-            for (name, _, layer), g in zip(chosen, group_indexes(chosen, config))]
+    return module_infos(model, select_modules(model, config, warn=warn), config)
 
 
 def count_params(model: nn.Module, config: TinyLoRAConfig) -> int:

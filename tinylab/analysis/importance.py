@@ -51,10 +51,11 @@ from torch import nn
 from tinylab import tasks
 from tinylab.adapter.attach import apply_tinylora, check_no_adapter
 from tinylab.adapter.config import TinyLoRAConfig
-from tinylab.adapter.targets import select_modules
+from tinylab.adapter.targets import module_infos, select_modules
 from tinylab.basics.checks import check_choice, check_int, check_number
 from tinylab.model.attention import AttentionBlock, head_maps
 from tinylab.model.batch import teacher_forced_batch
+from tinylab.model.conv1d import original
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
 from tinylab.model.generation import completion_logprobs, generate
@@ -338,7 +339,7 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
     n = len(batch.rewards) if objective == "grpo" else batch.input_ids.shape[0]
     chosen = select_modules(model, TinyLoRAConfig(), warn=False)  # the maps the default adapter adapts
     linears = {name: lin for name, lin, _ in chosen}
-    infos = [(name, layer, name.rsplit(".", 1)[-1]) for name, _, layer in chosen]
+    infos = [(m.name, m.layer, m.kind) for m in module_infos(model, chosen, TinyLoRAConfig())]
     totals = {name: torch.zeros(n, dtype=torch.float32, device=device) for name in linears}  # [N] per module
     per_head: dict[str, torch.Tensor] = {}
     state = {"rows": None}
@@ -346,7 +347,7 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
     def on_output(name, mod, x, y):
         if not y.requires_grad or state["rows"] is None:
             return
-        x, W = x.detach(), mod.weight.detach()
+        x, W = x.detach(), linears[name].weight.detach()  # (out, in), also for a Conv1D's view
         rows = state["rows"].to(x.device)  # [b] on the module's device (a model split by device_map)
         x = x.reshape(len(rows), -1, x.shape[-1])  # [b, t, in]: OPT feeds fc1/fc2 flattened (b*t, in)
 
@@ -372,7 +373,8 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
         # the embeddings' output requires grad, so every later activation does (weights stay frozen)
         grad_from_here = embed.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_())
         try:
-            with _hooks(linears, on_output), torch.enable_grad(), eval_mode(model):
+            hooked = {name: original(lin) for name, lin in linears.items()}  # a Conv1D, not a fresh view of it
+            with _hooks(hooked, on_output), torch.enable_grad(), eval_mode(model):
                 _backward(model, batch, batch_size, state)
         finally:
             grad_from_here.remove()

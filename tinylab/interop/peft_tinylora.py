@@ -42,7 +42,8 @@ from torch import nn
 
 from tinylab.adapter.attach import TinyLoRA, apply_tinylora, check_adapter, check_no_adapter
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
-from tinylab.adapter.targets import linear_modules, plan_modules
+from tinylab.adapter.targets import linear_modules, module_kinds, plan_modules
+from tinylab.model.conv1d import LinearView, as_linear
 
 __all__ = ["PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "export_peft", "import_peft", "peft_groups", "peft_target_fields"]
 
@@ -85,7 +86,8 @@ def _tying_ratio(groups: list[int]) -> float | None:
 
 
 def peft_target_fields(adapter: TinyLoRA) -> dict:
-    """target_modules / layers_to_transform under which PEFT picks exactly our modules, in our order.
+    """target_modules / layers_to_transform under which PEFT picks exactly our modules, in our order,
+    and fan_in_fan_out (True for transformers Conv1D maps, which store their weights (in, out)).
 
     The readable form (module types, plus layer indexes if not all) when PEFT's matcher agrees on
     this model; otherwise the explicit list of module names.
@@ -102,9 +104,10 @@ def peft_target_fields(adapter: TinyLoRA) -> dict:
     candidates += [n for n, m in adapter.model.named_modules() if isinstance(m, nn.Embedding)]
     order = {n: i for i, (n, _) in enumerate(adapter.model.named_modules())}
     matched = sorted((n for n in candidates if check_target_module_exists(probe, n)), key=order.__getitem__)
+    conv1d = any(isinstance(module.base, LinearView) for _, module in adapter.named_modules())  # (in, out) weights
     if matched == ours:
-        return fields
-    return {"target_modules": ours, "layers_to_transform": None}
+        return {**fields, "fan_in_fan_out": conv1d}
+    return {"target_modules": ours, "layers_to_transform": None, "fan_in_fan_out": conv1d}
 
 
 def export_peft(adapter: TinyLoRA, folder: str | os.PathLike) -> Path:
@@ -190,8 +193,6 @@ def _read_peft_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "TINYLORA":
         kind = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
         raise ValueError(f"{config_path} has peft_type={kind!r}; only 'TINYLORA' checkpoints can be imported")
-    if cfg.get("fan_in_fan_out"):
-        raise ValueError("fan_in_fan_out=True (Conv1D models such as GPT-2) is not supported; allowed: False")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"bias={cfg['bias']!r} is not supported: the checkpoint trains biases; allowed: 'none'")
     if cfg.get("modules_to_save"):
@@ -285,9 +286,10 @@ def import_peft(model: nn.Module, folder: str | os.PathLike) -> TinyLoRA:
     if unknown:
         raise ValueError(f"the checkpoint adapts modules this model does not have: {unknown[:5]}")
     names = sorted(in_file, key=order.__getitem__)  # PEFT's module index order
-    not_linear = [n for n in names if not isinstance(modules[n], nn.Linear)]
+    not_linear = [n for n in names if as_linear(modules[n]) is None]
     if not_linear:
-        raise ValueError(f"only nn.Linear modules can be imported; the checkpoint adapts {not_linear[:5]}")
+        raise ValueError(f"only linear maps (nn.Linear, transformers Conv1D) can be imported; the checkpoint adapts "
+                         f"{not_linear[:5]}")
 
     n = len(names)
     v_keys = sorted((k for k in state if k.startswith(_V_PREFIX)), key=lambda k: int(k[len(_V_PREFIX):]))
@@ -296,8 +298,9 @@ def import_peft(model: nn.Module, folder: str | os.PathLike) -> TinyLoRA:
         raise ValueError(f"the checkpoint has {len(v_keys)} vectors but weight_tying={cfg.get('weight_tying')} "
                          f"over {n} modules gives {max(peft_group) + 1} groups")
 
-    kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
     layer_of = {name: layer for name, _, layer in linear_modules(model)}
+    kind_of = module_kinds([name for name, layer in layer_of.items() if layer is not None])
+    kinds = list(dict.fromkeys(kind_of.get(name, name.rsplit(".", 1)[-1]) for name in names))
     all_layers = sorted({lay for lay in layer_of.values() if lay is not None})
     used_layers = sorted({layer_of[name] for name in names if layer_of[name] is not None})
     layers = None if used_layers == all_layers else tuple(used_layers)

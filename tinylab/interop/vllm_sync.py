@@ -30,17 +30,19 @@ from collections.abc import Iterator
 
 import torch
 
+from tinylab.model.conv1d import LinearView, original
+
 __all__ = ["merged_weights", "push_weights", "use_exact_sync", "vllm_engine_kwargs", "vllm_on_cpu"]
 
 _PEFT_PREFIX = "base_model.model."
 
 
 def _adapted(model) -> dict[str, tuple]:
-    """{module name: (module, base nn.Linear)} for tinylab's and PEFT's adapted maps."""
+    """{module name: (module, base layer holding the stored weight)} for tinylab's and PEFT's adapted maps."""
     found = {}
     for name, module in model.named_modules():
         if getattr(module, "adapts_linear", False) and hasattr(module, "delta_weight"):  # tinylab
-            found[name] = (module, module.base)
+            found[name] = (module, original(module.base))  # a Conv1D, not its LinearView: the stored weight
         elif hasattr(module, "get_delta_weight") and hasattr(module, "get_base_layer"):  # PEFT
             base = module.get_base_layer()
             if base is not module:
@@ -49,11 +51,12 @@ def _adapted(model) -> dict[str, tuple]:
 
 
 def _delta(module) -> torch.Tensor:
-    """dW of one adapted map in fp32, (out, in)."""
+    """dW of one adapted map in fp32, laid out as its stored weight: (out, in), (in, out) for a Conv1D."""
     if getattr(module, "adapts_linear", False):
         if module.merged_R is not None:
             raise ValueError("the tinylab adapter is merged; allowed: an unmerged adapter (dW is added here)")
-        return module.delta_weight() if module.enabled else torch.zeros_like(module.base.weight, dtype=torch.float32)
+        delta = module.delta_weight() if module.enabled else torch.zeros_like(module.base.weight, dtype=torch.float32)
+        return delta.T if isinstance(module.base, LinearView) else delta
     if getattr(module, "merged", False):
         raise ValueError("the PEFT adapter is merged; allowed: an unmerged one (dW is added here)")
     if getattr(module, "disable_adapters", False):

@@ -1,5 +1,5 @@
 """The model under study: loading (embedded SmolLM2, folders, hub ids), tiny test models, devices and dtypes,
-token batches, generation, and attention modes."""
+token batches, generation, attention modes, and GPT-2's Conv1D maps seen as linear maps."""
 
 from tinylab.model.device import available_devices, model_device, resolve_device, resolve_dtype
 from tinylab.model.loading import load_model

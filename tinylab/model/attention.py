@@ -6,7 +6,8 @@ the query rows of head h, the key and value rows of its KV group, and the column
 output map (its input is the heads' outputs side by side). Three layouts are recognised:
 
     separate     q_proj, k_proj, v_proj; output o_proj or out_proj (Llama, Qwen, Mistral, Gemma, OPT)
-    fused        qkv_proj: all query rows, then key rows, then value rows; output o_proj (Phi-3)
+    fused        qkv_proj: all query rows, then key rows, then value rows; output o_proj (Phi-3);
+                 c_attn the same way, output c_proj (GPT-2, transformers `Conv1D` maps)
     interleaved  query_key_value: per head its query, key and value rows; output dense (GPT-NeoX)
 
 `tinylab.analysis.heads` (per-head evidence) and `tinylab.analysis.head_ablation` (removing the update from heads)
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from tinylab.basics.checks import is_int
+from tinylab.model.conv1d import LinearView, is_conv1d
 
 __all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_maps", "observe_heads"]
 
@@ -69,8 +71,14 @@ _LAYOUTS = (
     ("separate", ("q_proj", "k_proj", "v_proj", "o_proj")),
     ("separate", ("q_proj", "k_proj", "v_proj", "out_proj")),
     ("fused", ("qkv_proj", "qkv_proj", "qkv_proj", "o_proj")),
+    ("fused", ("c_attn", "c_attn", "c_attn", "c_proj")),
     ("interleaved", ("query_key_value", "query_key_value", "query_key_value", "dense")),
 )
+
+
+def _as_map(module):
+    """A Conv1D seen as a linear map (`LinearView`: in_features, out_features), anything else as is."""
+    return LinearView(module) if isinstance(module, nn.Module) and is_conv1d(module) else module
 
 
 def _block(name: str, m: nn.Module) -> AttentionBlock | None:
@@ -79,7 +87,7 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
     if not is_int(d) or d <= 0:
         return None
     for layout, maps in _LAYOUTS:
-        q, k, v, o = (getattr(m, attr, None) for attr in maps)
+        q, k, v, o = (_as_map(getattr(m, attr, None)) for attr in maps)
         if not all(hasattr(x, "out_features") and hasattr(x, "in_features") for x in (q, k, v, o)):
             continue
         H = o.in_features // d
@@ -105,8 +113,8 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     found = [block for name, m in model.named_modules() if (block := _block(name, m)) is not None]
     if not found:
         raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size) "
-                         "and q_proj, k_proj, v_proj with o_proj or out_proj; qkv_proj with o_proj; or "
-                         "query_key_value with dense")
+                         "and q_proj, k_proj, v_proj with o_proj or out_proj; qkv_proj with o_proj; c_attn with "
+                         "c_proj; or query_key_value with dense")
     return sorted(found, key=lambda b: b.layer)
 
 

@@ -10,9 +10,10 @@ from tinylab.model.embedded import embedded_tokenizer
 
 __all__ = ["TINY_ARCHS", "tiny_model"]
 
-TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma", "qwen3", "phi3", "opt", "gpt_neox")
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma", "qwen3", "phi3", "opt", "gpt_neox", "gpt2")
 """phi3 fuses qkv_proj and gate_up_proj; OPT names its maps q/k/v/out_proj, fc1, fc2; GPT-NeoX
-query_key_value, dense, dense_h_to_4h, dense_4h_to_h (see `tinylab.adapter.targets`)."""
+query_key_value, dense, dense_h_to_4h, dense_4h_to_h; GPT-2 c_attn, c_proj, c_fc, c_proj, as
+transformers `Conv1D` layers, whose weights are stored transposed (see `tinylab.adapter.targets`)."""
 
 
 _TOKENIZER_PROTOTYPE = []
@@ -67,6 +68,9 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch
         "opt": lambda: transformers.OPTConfig(**_without(common, "intermediate_size", "num_key_value_heads"),
                                               ffn_dim=128, word_embed_proj_dim=64),
         "gpt_neox": lambda: transformers.GPTNeoXConfig(**_without(common, "num_key_value_heads")),
+        "gpt2": lambda: transformers.GPT2Config(
+            vocab_size=common["vocab_size"], n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=512,
+            **{k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}),
     }
     config = configs[arch]()
     with torch.random.fork_rng(devices=[]):
