@@ -143,14 +143,20 @@ def decoding_cache(model: nn.Module, cache, new_tokens: int):
     """`cache`'s keys and values in a transformers `StaticCache` with room for `new_tokens` more, so
     each decoded token is written in place (a `DynamicCache` copies every layer's whole cache to
     append one token). Returns `cache` itself before transformers 5 (whose static layers work
-    differently), when its layers are not all plain full-attention `DynamicLayer`s, or when the
-    model's config asks for other static layers (sliding windows, ...)."""
+    differently), when its layers are not all plain full-attention `DynamicLayer`s, when the
+    model's config asks for other static layers (sliding windows, ...), when transformers says the
+    model cannot run on a static cache (`_can_compile_fullgraph` not True: GPT-Neo's local windows
+    are placed by the key length) and for ALiBi models other than BLOOM (Falcon's `alibi=True`
+    builds its bias from the keys it was given). The decoding loop gives a static cache's model an
+    attention mask as long as the cache (`_decoding_mask`)."""
     import transformers
     from transformers import StaticCache
     from transformers.cache_utils import DynamicLayer, StaticLayer
 
     layers, config = getattr(cache, "layers", None), getattr(model, "config", None)
     if (int(transformers.__version__.split(".")[0]) < 5 or not layers or config is None
+            or getattr(model, "_can_compile_fullgraph", False) is not True
+            or (getattr(config, "alibi", False) and getattr(config, "model_type", None) != "bloom")
             or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers)):
         return cache
     with torch.device(layers[0].keys.device):  # StaticLayer makes its length counter without a device
@@ -160,6 +166,21 @@ def decoding_cache(model: nn.Module, cache, new_tokens: int):
     for i, layer in enumerate(layers):
         static.update(layer.keys, layer.values, i)
     return static
+
+
+def _static_length(cache) -> int | None:
+    """A transformers `StaticCache`'s full length, None for any other cache."""
+    from transformers import StaticCache
+
+    return cache.get_max_length() if isinstance(cache, StaticCache) else None
+
+
+def _decoding_mask(mask: torch.Tensor, length: int | None) -> torch.Tensor:
+    """The 2-D attention mask [rows, seen] for a decoding step, zero-padded on the right to a static
+    cache's full `length` (transformers pads it the same way; BLOOM builds its ALiBi bias from it)."""
+    if length is None or length <= mask.shape[1]:
+        return mask
+    return nn.functional.pad(mask, (0, length - mask.shape[1]))  # [rows, length]
 
 
 @torch.no_grad()
@@ -180,6 +201,7 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
     if n > 1:
         cache.batch_repeat_interleave(n)
     cache = decoding_cache(model, cache, max_new_tokens)
+    static_length = _static_length(cache)
     logits = logits.repeat_interleave(n, dim=0)  # [b*n, V]
     mask = mask.repeat_interleave(n, dim=0)  # [b*n, p]
     position = positions_of(mask)[:, -1:]  # [b*n, 1]
@@ -195,8 +217,8 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [b*n, p+t+1]
         position = position + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
-                    **{cache_kw: cache})
+        out = model(input_ids=token[:, None], attention_mask=_decoding_mask(mask, static_length), position_ids=position,
+                    use_cache=True, **{cache_kw: cache})
         logits = out.logits[:, -1]  # [b*n, V]
     completion = torch.stack(tokens, dim=1)  # [b*n, l]
     is_stop = torch.isin(completion, stops)  # [b*n, l]
