@@ -43,6 +43,41 @@ def block_linear_names(model, layer: int | None = None) -> list[str]:
     return found
 
 
+OTHER_ARCHS = ("bloom", "falcon", "falcon_mha", "falcon_new", "falcon_alibi", "gpt_bigcode", "gpt_bigcode_mha",
+               "gpt_neo_window_8", "phi")
+"""Tiny random architectures beyond `TINY_ARCHS`, for the tests of what they lay out differently."""
+
+
+def other_arch(name: str, tok):
+    """A tiny random model of `OTHER_ARCHS` (2 layers, hidden 64, 4 heads) for the tokenizer `tok`:
+    ALiBi from the mask (BLOOM, Falcon alibi=True), local windows (GPT-Neo, 8 tokens), fused q/k/v
+    maps of other layouts (Falcon: multi-query, one head per group, 2 KV groups; GPTBigCode with and
+    without multi-query) and q/k/v with a `dense` output (Phi)."""
+    import transformers as tr
+
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vocab = len(tok)
+    falcon = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **ids)
+    bigcode = dict(vocab_size=vocab, n_positions=512, n_embd=64, n_layer=2, n_head=4, n_inner=128, **ids)
+    config = {
+        "bloom": lambda: tr.BloomConfig(vocab_size=vocab, hidden_size=64, n_layer=2, n_head=4, **ids),
+        "falcon": lambda: tr.FalconConfig(**falcon),  # multi-query
+        "falcon_mha": lambda: tr.FalconConfig(**falcon, multi_query=False),
+        "falcon_new": lambda: tr.FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2),
+        "falcon_alibi": lambda: tr.FalconConfig(**falcon, multi_query=False, alibi=True),
+        "gpt_bigcode": lambda: tr.GPTBigCodeConfig(**bigcode, multi_query=True),
+        "gpt_bigcode_mha": lambda: tr.GPTBigCodeConfig(**bigcode, multi_query=False),
+        "gpt_neo_window_8": lambda: tr.GPTNeoConfig(
+            vocab_size=vocab, max_position_embeddings=512, hidden_size=64, num_layers=2, num_heads=4,
+            attention_types=[[["global", "local"], 1]], intermediate_size=128, window_size=8, **ids),
+        "phi": lambda: tr.PhiConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=512, **ids),
+    }[name]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return tr.AutoModelForCausalLM.from_config(config).eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # Toy tasks (the Task protocol, on a tiny model)
 

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from testkit import planted_head
+from testkit import OTHER_ARCHS, other_arch, planted_head
 
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.adapter.layer import TinyLoRALinear
@@ -96,21 +96,24 @@ def test_weight_norms_equal_slices_of_the_full_update(arch):
                 assert t.loc[(block.layer, h), f"weight_{k}"] == pytest.approx(float(value), rel=1e-4), (h, k)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", TINY_ARCHS + OTHER_ARCHS)
 def test_removing_a_heads_update_gives_back_its_base_output_on_every_architecture(arch):
-    """Separate, fused (Phi-3) and interleaved (GPT-NeoX) q/k/v maps: in the first layer, with the
-    update removed from one head (its q rows, its group's k/v rows), that head outputs what the base
-    model's does, and the heads of the other KV groups what the adapted model's do. So the rows the
-    gates and the weight norms take are the rows the model's attention reads."""
-    model, tokenizer = tiny_model(arch, seed=0)
+    """Separate, fused (Phi-3, GPT-2, multi-query GPTBigCode) and grouped (GPT-NeoX, BLOOM, Falcon in
+    its three layouts, GPTBigCode without multi-query) q/k/v maps: in the first layer, with the update
+    removed from one head (its q rows, its group's k/v rows), that head outputs what the base model's
+    does, and the heads of the other KV groups what the adapted model's do. So the rows the gates and
+    the weight norms take are the rows the model's attention reads."""
+    model, tokenizer = tiny_model(arch, seed=0) if arch in TINY_ARCHS else (other_arch(arch, tiny_model()[1]), None)
+    tokenizer = tokenizer or tiny_model()[1]
     adapter = apply_tinylora(model, n_tie=1, u=2)
     adapter.set_vector(torch.linspace(-3, 3, adapter.num_params))
     blocks = attention_blocks(model)
-    config = model.config  # the geometry the blocks' weights gave must be the config's
-    heads = config.num_attention_heads
-    geometry = (heads, getattr(config, "num_key_value_heads", None) or heads,
-                getattr(config, "head_dim", None) or config.hidden_size // heads)
-    assert [(b.n_heads, b.n_kv, b.head_dim) for b in blocks] == [geometry] * len(blocks)
+    if arch in TINY_ARCHS:
+        config = model.config  # the geometry the blocks' weights gave must be the config's
+        heads = config.num_attention_heads
+        geometry = (heads, getattr(config, "num_key_value_heads", None) or heads,
+                    getattr(config, "head_dim", None) or config.hidden_size // heads)
+        assert [(b.n_heads, b.n_kv, b.head_dim) for b in blocks] == [geometry] * len(blocks)
     first, head = blocks[0], blocks[0].n_heads - 1
     ids = tokenizer(["Once upon a time there was"], return_tensors="pt").input_ids
 

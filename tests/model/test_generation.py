@@ -1,5 +1,6 @@
 import pytest
 import torch
+from testkit import other_arch
 from torch import nn
 
 from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prompts
@@ -404,24 +405,6 @@ def test_token_logprobs_match_log_softmax(dtype):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def _other_arch(name: str, tok):
-    """Tiny random models of architectures whose decoding needs care: ALiBi biases built from the mask
-    (BLOOM; Falcon with alibi=True) and local attention windows placed by the key length (GPT-Neo)."""
-    import transformers
-
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = {
-        "bloom": lambda: transformers.BloomConfig(vocab_size=len(tok), hidden_size=64, n_layer=2, n_head=4, **ids),
-        "falcon_alibi": lambda: transformers.FalconConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
-                                                          num_attention_heads=4, multi_query=False, alibi=True, **ids),
-        "gpt_neo_window_8": lambda: transformers.GPTNeoConfig(
-            vocab_size=len(tok), max_position_embeddings=512, hidden_size=64, num_layers=2, num_heads=4,
-            attention_types=[[["global", "local"], 1]], intermediate_size=128, window_size=8, **ids),
-    }[name]()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return transformers.AutoModelForCausalLM.from_config(config).eval()
-
 
 @pytest.mark.parametrize("name", ["bloom", "falcon_alibi", "gpt_neo_window_8"])
 def test_greedy_decoding_matches_transformers_where_the_cache_must_stay_dynamic_or_the_mask_full(name, tiny):
@@ -429,7 +412,7 @@ def test_greedy_decoding_matches_transformers_where_the_cache_must_stay_dynamic_
     Falcon's alibi=True and GPT-Neo's local windows (8 tokens here, prompts and replies longer) cannot
     decode on a static cache at all: each greedy reply is transformers' own, token for token."""
     _, tok = tiny
-    model = _other_arch(name, tok)
+    model = other_arch(name, tok)
     prompts = ["What is the capital of France? Answer in one word, please.", "Name a colour."]
     ours = generate(model, tok, prompts, max_new_tokens=12, temperature=0)
     for i, prompt in enumerate(prompts):

@@ -8,6 +8,11 @@ v are computed once per group); in a fused qkv map, the same rows of it (`Attent
 dtype on each block's device; their gradients at 1 are the first-order estimate of an ablation
 (`Scorer.gate_gradients`, accumulated in fp32).
 
+A head's rows reach only that head where the model keeps heads apart up to the attention. Models
+that normalise queries or keys over all heads at once (OLMo2's q_norm and k_norm over heads x
+head_dim) mix them: there, removing one head's q or k rows moves every head of the layer, and
+an ablation or gate gradient reads the layer's heads together, not one head.
+
 `Scorer` is the metric on fixed prompts: the mean per-token log-probability of reference answers,
 or with a task, its mean reward on greedy replies.
 """

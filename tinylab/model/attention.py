@@ -5,10 +5,14 @@ Where a head's numbers live in the block's linear maps (`AttentionBlock.rows`, `
 the query rows of head h, the key and value rows of its KV group, and the columns h*d..(h+1)*d of the
 output map (its input is the heads' outputs side by side). Three layouts are recognised:
 
-    separate     q_proj, k_proj, v_proj; output o_proj or out_proj (Llama, Qwen, Mistral, Gemma, OPT)
+    separate     q_proj, k_proj, v_proj; output o_proj, out_proj (Llama, Qwen, Mistral, Gemma, OPT,
+                 GPT-J, GPT-Neo) or dense (Phi)
     fused        qkv_proj: all query rows, then key rows, then value rows; output o_proj (Phi-3);
-                 c_attn the same way, output c_proj (GPT-2, transformers `Conv1D` maps)
-    interleaved  query_key_value: per head its query, key and value rows; output dense (GPT-NeoX)
+                 c_attn the same way, output c_proj (GPT-2's `Conv1D` maps; GPTBigCode's multi-query)
+    grouped      query_key_value: per key/value head, the query rows of its group of heads, then its
+                 key rows, then its value rows; output dense (GPT-NeoX, BLOOM and Falcon: one head
+                 per group, or one group for multi-query Falcon); c_attn the same way, output c_proj,
+                 where the block says `multi_query=False` (GPTBigCode without multi-query)
 
 `tinylab.analysis.heads` (per-head evidence) and `tinylab.analysis.head_ablation` (removing the update from heads)
 both stand on these. Hooks only observe: they are added in a context manager and removed in
@@ -42,7 +46,7 @@ class AttentionBlock(NamedTuple):
     n_heads: int
     n_kv: int
     head_dim: int
-    layout: str = "separate"  # "separate", "fused" or "interleaved" (module docstring)
+    layout: str = "separate"  # "separate", "fused" or "grouped" (module docstring)
     maps: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")  # attribute of q, k, v, output
 
     @property
@@ -58,8 +62,13 @@ class AttentionBlock(NamedTuple):
         H, KV, d = self.n_heads, self.n_kv, self.head_dim
         i = "qkv".index(part)
         units = H if part == "q" else KV
-        if self.layout == "interleaved":  # per head: q, k, v rows (KV = H)
-            start = torch.arange(H, device="cpu")[:, None] * 3 * d + i * d  # [H, 1]
+        if self.layout == "grouped":  # per KV head: its group's G query heads' rows, then k, then v
+            G = self.group
+            unit = torch.arange(units, device="cpu")[:, None]  # [units, 1]
+            if part == "q":  # query head h: group h // G, place h % G in it
+                start = (unit // G) * (G + 2) * d + (unit % G) * d
+            else:
+                start = unit * (G + 2) * d + (G + i - 1) * d  # k after the group's queries, then v
         else:  # separate maps start at 0; fused: q rows, then k, then v
             offset = 0 if self.layout == "separate" else (0, H * d, (H + KV) * d)[i]
             start = offset + torch.arange(units, device="cpu")[:, None] * d  # [units, 1]
@@ -70,9 +79,11 @@ class AttentionBlock(NamedTuple):
 _LAYOUTS = (
     ("separate", ("q_proj", "k_proj", "v_proj", "o_proj")),
     ("separate", ("q_proj", "k_proj", "v_proj", "out_proj")),
+    ("separate", ("q_proj", "k_proj", "v_proj", "dense")),
     ("fused", ("qkv_proj", "qkv_proj", "qkv_proj", "o_proj")),
     ("fused", ("c_attn", "c_attn", "c_attn", "c_proj")),
-    ("interleaved", ("query_key_value", "query_key_value", "query_key_value", "dense")),
+    ("grouped", ("c_attn", "c_attn", "c_attn", "c_proj")),
+    ("grouped", ("query_key_value", "query_key_value", "query_key_value", "dense")),
 )
 
 
@@ -94,12 +105,11 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
         if layout == "separate":
             KV = k.out_features // d
             sizes_agree = q.out_features == H * d and k.out_features == v.out_features == KV * d
-        elif layout == "fused":
+        else:  # fused or grouped: H query heads and KV key and value heads in one map
+            if maps[0] == "c_attn" and (layout == "grouped") != (getattr(m, "multi_query", None) is False):
+                continue  # GPTBigCode without multi-query splits c_attn per head; GPT-2 and multi-query do not
             KV = (q.out_features - H * d) // (2 * d)
             sizes_agree = q.out_features == (H + 2 * KV) * d
-        else:
-            KV = H
-            sizes_agree = q.out_features == 3 * H * d
         if sizes_agree and o.in_features == H * d and KV > 0 and H % KV == 0:
             layer = getattr(m, "layer_idx", None)
             if layer is None:
@@ -113,8 +123,8 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     found = [block for name, m in model.named_modules() if (block := _block(name, m)) is not None]
     if not found:
         raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size) "
-                         "and q_proj, k_proj, v_proj with o_proj or out_proj; qkv_proj with o_proj; c_attn with "
-                         "c_proj; or query_key_value with dense")
+                         "and q_proj, k_proj, v_proj with o_proj, out_proj or dense; qkv_proj with o_proj; c_attn "
+                         "with c_proj; or query_key_value with dense")
     return sorted(found, key=lambda b: b.layer)
 
 
