@@ -174,7 +174,7 @@ def test_weight_importance_matches_autograd_and_splits_heads(tiny):
 
 @pytest.mark.parametrize("arch", ["opt", "phi3", "gpt_neox"])
 def test_weight_importance_splits_heads_of_every_attention_layout(arch):
-    """OPT's out_proj, Phi-3's fused qkv_proj and GPT-NeoX's interleaved query_key_value are split per
+    """OPT's out_proj, Phi-3's fused qkv_proj and GPT-NeoX's grouped query_key_value are split per
     head too (the rows `AttentionBlock.rows` names), and each map's heads sum to its total."""
     from tinylab.model.attention import attention_blocks
 
