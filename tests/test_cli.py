@@ -71,6 +71,24 @@ def test_train_writes_adapter_history_and_config(tmp_path, capsys):
     assert any(x != 0 for x in vector)
 
 
+def test_train_takes_the_model_as_info_and_attach_do(tmp_path, capsys):
+    """`train --model FOLDER` trains that model (the override model=FOLDER does the same); the two disagreeing
+    is an error line before anything loads."""
+    model, tok = tiny_model("gpt2", seed=3)
+    model.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "distinct.py").write_text(DISTINCT_TASK_SOURCE)
+    out = tmp_path / "out"
+    assert main(["train", "--preset", "tiny-cpu", "--model", str(tmp_path / "gpt2"), "--out", str(out), "--eval-n", "0",
+                 f"task={tmp_path / 'distinct.py'}:Distinct", "steps=1", "u=2",
+                 f"checkpoint_dir={tmp_path / 'run'}"]) == 0
+    assert json.loads((out / "config.json").read_text())["model"] == str(tmp_path / "gpt2")
+    assert load_adapter(tiny_model("gpt2", seed=3)[0], out / "adapter.tlra").num_params == 2
+    err = _fails(["train", "--preset", "tiny-cpu", "--model", "tiny-llama", "--out", str(tmp_path / "o"),
+                  "model=tiny-qwen2"], capsys)
+    assert "--model 'tiny-llama' and the override model='tiny-qwen2' disagree" in err
+
+
 def test_train_ends_with_the_held_out_comparison_printed_and_saved(tmp_path, capsys):
     """`tinylab train` closes with tinylab.compare on held-out examples, with the prompt control: the
     report on stdout and in comparison.txt, the numbers in comparison.json equal to a compare() of the

@@ -155,7 +155,13 @@ def _train(args) -> int:
     from tinylab.model.loading import load_model
     from tinylab.train.presets import parse_overrides, preset
 
-    p = preset(args.preset, **parse_overrides(args.overrides))  # unknown keys fail before any model loads
+    overrides = parse_overrides(args.overrides)  # unknown keys fail before any model loads
+    if args.model is not None:
+        if overrides.get("model", args.model) != args.model:
+            raise ValueError(f"--model {args.model!r} and the override model={overrides['model']!r} disagree; "
+                             "allowed: one of them, or both the same")
+        overrides["model"] = args.model
+    p = preset(args.preset, **overrides)
     trl_fields = dict(parse_trl(pair) for pair in args.trl)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.backend == "tinylab" and (world > 1 or trl_fields):
@@ -268,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train = sub.add_parser("train", help="train a preset's adapter, then compare it with the base model on held-out "
                                           "examples; writes adapter.tlra, history.csv, config.json, comparison.*")
     train.add_argument("--preset", required=True, help="a preset name (tinylab.train.presets.names())")
+    train.add_argument("--model", default=None, help="local folder or hub id; default: the preset's (the same as "
+                       "the override model=...)")
     train.add_argument("--backend", default="tinylab", choices=["tinylab", "trl"])
     train.add_argument("--out", default="tinylab-run", help="folder for the files (written by rank 0 only)")
     train.add_argument("--eval-n", type=int, default=128, metavar="N",
