@@ -3,14 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from testkit import NumberTask
+from testkit import OTHER_ARCHS, NumberTask, other_arch
 
 from tinylab.adapter.attach import apply_tinylora, find_adapter
 from tinylab.adapter.config import TinyLoRAConfig
 from tinylab.adapter.planner import plan_budget
+from tinylab.adapter.targets import plan_modules
 from tinylab.analysis.importance import SCORES, module_importance, weight_importance
 from tinylab.model.generation import completion_logprobs
-from tinylab.model.tiny import tiny_model
+from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 
 class FlatTask(NumberTask):
@@ -99,6 +100,19 @@ def test_per_prompt_gradient_matches_autograd(tiny, objective):
             assert torch.allclose(imp.gradients[1, i], dR, rtol=1e-3, atol=1e-9), name
     finally:
         probe.remove()
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS + OTHER_ARCHS)
+def test_module_importance_runs_its_self_check_on_every_architecture(arch):
+    """OPT feeds fc1/fc2 flattened (batch*time, features); Falcon adds attention into the MLP's output
+    in place: the per-prompt hooks still see every gradient, so the probe's own v.grad equals their sum
+    (module_importance raises otherwise) and every adapted map has a score."""
+    tok = tiny_model()[1]
+    model = tiny_model(arch, seed=0)[0] if arch in TINY_ARCHS else other_arch(arch, tok)
+    imp = module_importance(model, tok, NumberTask(), n_prompts=3, objective="sft")
+    planned = [(m.layer, m.kind) for m in plan_modules(model, TinyLoRAConfig())]
+    assert list(imp.table.index) == planned
+    assert (imp.table["fisher"] > 0).all() and np.isfinite(imp.table["fisher"]).all()
 
 
 @pytest.mark.parametrize("objective", ["sft", "grpo"])

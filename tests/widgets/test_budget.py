@@ -10,6 +10,7 @@ from tinylab.widgets import BudgetSlider, ImportanceHeatmap
 
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.adapter.layer import TinyLoRALinear
+from tinylab.adapter.planner import plan_budget
 from tinylab.analysis.importance import module_importance, weight_importance
 from tinylab.model.tiny import tiny_model
 
@@ -107,6 +108,17 @@ def test_slider_with_importance_outlines_the_top_modules(setup):
         assert adapter.num_params == 4 and adapter.num_groups == 4
     finally:
         adapter.remove()
+
+
+def test_slider_plans_with_weight_importance_as_the_planner_does(setup):
+    """A WeightImportance ranks modules by its summed Taylor score, in the slider and in plan_budget."""
+    model, _, _, wi = setup
+    slider = BudgetSlider(model, wi, n_params=2, strategy="top")
+    top = list(wi.scores().sort_values(ascending=False).index[:2])
+    assert sorted(slider.outlined) == sorted(top)
+    assert slider.plan == plan_budget(model, 2, importance=wi, strategy="top")
+    slider.strategy.value = "proportional"
+    assert slider.plan.achieved == 2
 
 
 def test_slider_leaves_a_foreign_adapter_alone(setup):

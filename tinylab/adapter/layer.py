@@ -170,7 +170,10 @@ class TinyLoRALinear(nn.Module):
         if rows is None:
             return y
         h = F.linear(x, self._buffers["Vh"]).reshape(-1, rows.shape[0])  # (N, r)
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h, rows).view(y.shape)  # a new tensor: y stays as hooks saw it
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h, rows)  # (N, out), a new tensor: y stays as hooks saw it
+        # Reshaped without becoming a view for autograd (as torch.matmul does): a caller adding into the
+        # output in place (Falcon's MLP) would otherwise drop the gradient hooks registered on it.
+        return out if out.shape == y.shape else torch.ops.aten._unsafe_view(out, y.shape)
 
     @torch.no_grad()
     def merge(self) -> None:

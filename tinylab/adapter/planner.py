@@ -96,14 +96,15 @@ def _check_count(n_params, upper: int, n_modules: int, r: int) -> int:
 
 
 def _as_scores(importance, modules: list[ModuleInfo]) -> dict[tuple[int, str], float]:
-    """{(layer, type): score >= 0} from an Importance (its default score), a Series or a mapping."""
+    """{(layer, type): score >= 0} from an Importance or WeightImportance (its default score), a Series
+    or a mapping."""
     if hasattr(importance, "scores") and callable(importance.scores):
         importance = importance.scores()
     if hasattr(importance, "to_dict") and not isinstance(importance, Mapping):
         importance = importance.to_dict()
     if not isinstance(importance, Mapping):
         raise TypeError(
-            f"importance must be an Importance, a pandas Series or a mapping {{(layer, type): score}}, "
+            f"importance must be an Importance, a WeightImportance, a pandas Series or a mapping {{(layer, type): score}}, "
             f"got {type(importance).__name__}"
         )
     by_name = {m.name: (m.layer, m.kind) for m in modules}

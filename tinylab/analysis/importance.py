@@ -9,17 +9,17 @@ removed in `finally`) give the gradient of every *row* of the batch in one forwa
     gz = (dL/dy) U               # [rows, T, r]   what comes back
     dL/dR = (h^T gz * S)^T       # [rows, r, r]   because z = h R^T diag(S), y += z U^T
 
-Per-prompt gradients are the sums over each prompt's rows; they do not depend on the probe's
-random P (the probe's own `v.grad` equals their sum contracted with P, which the tests check).
+Per-prompt gradients are the sums over each prompt's rows; they do not depend on the probe's random P
+(the probe's own `v.grad` equals their sum contracted with P, which the tests check).
 
 Objectives (gradients of quantities to *maximize*):
-- "grpo": sample `n_samples` completions per prompt, reward them with the task (None counts as 0),
-  group-normalise the rewards (A = (r - mean) / (std + 1e-4); 0 when a group's rewards are all
-  equal) and take the token-level policy-gradient surrogate of `tinylab.train.grpo` (importance ratio 1
-  at v = 0):  J_p = sum_{i in p} A_i sum_t log pi(o_i,t) / (completion tokens of the whole batch),
+- "grpo": sample `n_samples` completions per prompt, reward them with the task (None counts as 0), group-
+  normalise the rewards (A = (r - mean) / (std + 1e-4); 0 when a group's rewards are all equal) and take the
+  token-level policy-gradient surrogate of `tinylab.train.grpo` (importance ratio 1 at v = 0):
+  J_p = sum_{i in p} A_i sum_t log pi(o_i,t) / (completion tokens of the whole batch),
   so sum_p dJ_p/dR is exactly minus the gradient of GRPO's first-step loss.
-- "sft": J_p = mean_t log pi(y_t) of the reference solution (`Example.solution`, else `answer`),
-  followed by the end-of-sequence token.
+- "sft": J_p = mean_t log pi(y_t) of the reference solution (`Example.solution`, else `answer`) and the
+  end-of-sequence token.
 
 Scores per module, from the per-prompt gradients G_p = dJ_p/dR (r x r):
   `grad`        |mean_p G_p|            the batch gradient's norm (what one step would follow)
@@ -28,13 +28,12 @@ Scores per module, from the per-prompt gradients G_p = dJ_p/dR (r x r):
   `fisher`      mean_p |G_p|^2          (empirical Fisher trace); `fisher_std` its spread
   `consistency` |mean G|^2 / mean |G|^2 in [0, 1]: 1 when every prompt pulls the same way
 
-`weight_importance` gives the first-order Taylor score |W * dJ_p/dW| of the frozen weights,
-averaged over prompts, summed per (layer, module, head) and per (layer, module). Each linear
-module's per-prompt gradient is built inside its backward hook, reduced to head sums and dropped,
-so at most one (out, in) gradient exists at a time.
+`weight_importance` gives the first-order Taylor score |W * dJ_p/dW| of the frozen weights, averaged over
+prompts, summed per (layer, module, head) and per (layer, module). Each linear module's per-prompt gradient
+is built inside its backward hook, reduced to head sums and dropped: one (out, in) gradient at a time.
 
-Both run where the model is, in its dtype (fp32, bf16, fp16): every tensor is made on the model's
-device, the hooks' products and all sums are fp32, and the results are on the CPU.
+Both run where the model is, in its dtype (fp32, bf16, fp16): every tensor is made on the model's device,
+the hooks' products and all sums are fp32, and the results are on the CPU.
 """
 
 from __future__ import annotations
@@ -98,6 +97,12 @@ class WeightImportance(NamedTuple):
     heads: object  # DataFrame indexed by (layer, module, head) for q/k/v (rows) and o (columns): `taylor` (`_per_head`)
     objective: str
     informative: int
+
+    def scores(self, kind: str = "taylor"):
+        """One score per (layer, module) as a pandas Series (what `plan_budget` takes)."""
+        if kind not in ("taylor", "taylor_per_weight"):
+            raise ValueError(f"kind={kind!r} is not a weight score; choose one of ['taylor', 'taylor_per_weight']")
+        return self.table[kind]
 
 
 class _Batch(NamedTuple):
@@ -166,9 +171,7 @@ def _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new
 
 def _backward(model, batch: _Batch, batch_size: int, state: dict) -> None:
     """Forward + backward of sum_rows weight * sum_t log pi, `batch_size` rows at a time.
-
-    `state["rows"]` holds the prompt index of the rows in flight, for the hooks.
-    """
+    `state["rows"]` holds the prompt index of the rows in flight, for the hooks."""
     rows = batch.input_ids.shape[0]
     live = (batch.weight != 0).nonzero().squeeze(1)  # rows with zero weight add nothing
     for start in range(0, len(live), batch_size):
@@ -234,11 +237,12 @@ def module_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 16,
             def on_output(name, mod, x, y):
                 if not y.requires_grad or state["rows"] is None:
                     return
-                h = nn.functional.linear(x.detach().float(), mod.Vh.float())  # [b, T, r]
                 rows, US = state["rows"], mod.U.float() * mod.S.float()  # [b], (out, r)
+                x = x.detach().reshape(len(rows), -1, x.shape[-1])  # [b, T, in]: OPT feeds fc1/fc2 flattened
+                h = nn.functional.linear(x.float(), mod.Vh.float())  # [b, T, r]
 
                 def on_grad(g):
-                    g = g.detach().float()  # [b, T, out]
+                    g = g.detach().float().reshape(len(rows), -1, g.shape[-1])  # [b, T, out]
                     dM = torch.einsum("btr,bts->brs", h, g @ US).to(grads.device)  # [b, r, r] dJ/dM * S
                     grads[:, slot[name]].index_add_(0, rows, dM.transpose(1, 2))  # dJ/dR per prompt
                     scale[slot[name]] += torch.einsum("btr,bts->sr", h.abs(), g.abs() @ US.abs()).to(scale.device)
@@ -326,8 +330,7 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
     """Taylor score |W * dJ_p/dW| of every q,k,v,o,gate,up,down weight, mean over prompts, per head.
 
     Same objectives and arguments as `module_importance`. Works with or without an adapter attached
-    (it scores the weights of the model as it is); the model is left as it was.
-    """
+    (it scores the weights of the model as it is); the model is left as it was."""
     task = tasks.resolve(task)
     import pandas as pd
 
