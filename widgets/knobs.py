@@ -167,7 +167,9 @@ class KnobPanel(widgets.VBox):
                                 width=560, height=320, margin=dict(l=50, r=10, t=40, b=90))
         self.heads = go.FigureWidget(go.Heatmap(colorscale="Viridis", zmin=0,
                                                 hovertemplate="layer %{y} head %{x}<br>js %{z:.3g}<extra></extra>"))
-        self.heads.update_layout(title="attention shift now vs base (JS, bits)", width=380, height=420,
+        title = ("attention shift now vs base (JS, bits)" if self.reader.blocks
+                 else "no head map: this model's attention layout is not split into heads")
+        self.heads.update_layout(title=title, width=380, height=420,
                                  margin=dict(l=50, r=10, t=40, b=40), xaxis_title="head", yaxis_title="layer")
 
         options = [(number_label(adapter, i), i) for i in range(len(self.sliders))]

@@ -61,7 +61,10 @@ class Reader:
         self.prompts = [getattr(p, "prompt", p) for p in prompts]
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
         batch_size = check_int("batch_size", batch_size, low=1)
-        self.blocks = attention_blocks(model)
+        try:
+            self.blocks = attention_blocks(model)
+        except ValueError:  # a layout tinylab does not split into heads: replies and log-probs, no head activity
+            self.blocks = []
         self.shared = self.prompts == gold.prompts and batch_size == gold.batch_size
         if self.shared:  # (ids [B, P+L], mask [B, P+L], continuation mask [B, L])
             self.batches = [(b.input_ids, b.attention_mask, b.continuation_mask) for b in gold.batches]
