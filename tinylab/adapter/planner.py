@@ -104,8 +104,8 @@ def _as_scores(importance, modules: list[ModuleInfo]) -> dict[tuple[int, str], f
         importance = importance.to_dict()
     if not isinstance(importance, Mapping):
         raise TypeError(
-            f"importance must be an Importance, a WeightImportance, a pandas Series or a mapping {{(layer, type): score}}, "
-            f"got {type(importance).__name__}"
+            f"importance must be an Importance, a WeightImportance, a pandas Series or a mapping "
+            f"{{(layer, type): score}}, got {type(importance).__name__}"
         )
     by_name = {m.name: (m.layer, m.kind) for m in modules}
     scores = {}

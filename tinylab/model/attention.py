@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tinylab.basics.checks import is_int
-from tinylab.model.conv1d import LinearView, is_conv1d
+from tinylab.model.conv1d import as_linear
 
 __all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_maps", "observe_heads"]
 
@@ -88,8 +88,8 @@ _LAYOUTS = (
 
 
 def _as_map(module):
-    """A Conv1D seen as a linear map (`LinearView`: in_features, out_features), anything else as is."""
-    return LinearView(module) if isinstance(module, nn.Module) and is_conv1d(module) else module
+    """A Conv1D seen as a linear map (`as_linear`: in_features, out_features), anything else as is."""
+    return (as_linear(module) if isinstance(module, nn.Module) else None) or module
 
 
 def _block(name: str, m: nn.Module) -> AttentionBlock | None:
