@@ -78,6 +78,17 @@ def other_arch(name: str, tok):
         return tr.AutoModelForCausalLM.from_config(config).eval()
 
 
+def arch_model(name: str):
+    """(model, tokenizer) of a tiny architecture: `TINY_ARCHS` through `tiny_model(name)`, `OTHER_ARCHS`
+    through `other_arch`, both with the embedded model's tokenizer."""
+    from tinylab.model.tiny import TINY_ARCHS
+
+    if name in TINY_ARCHS:
+        return tiny_model(name, seed=0)
+    tokenizer = tiny_model()[1]
+    return other_arch(name, tokenizer), tokenizer
+
+
 # ---------------------------------------------------------------------------------------------
 # Toy tasks (the Task protocol, on a tiny model)
 

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from testkit import OTHER_ARCHS, other_arch, planted_head
+from testkit import OTHER_ARCHS, arch_model, planted_head
 
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.adapter.layer import TinyLoRALinear
@@ -103,8 +103,7 @@ def test_removing_a_heads_update_gives_back_its_base_output_on_every_architectur
     removed from one head (its q rows, its group's k/v rows), that head outputs what the base model's
     does, and the heads of the other KV groups what the adapted model's do. So the rows the gates and
     the weight norms take are the rows the model's attention reads."""
-    model, tokenizer = tiny_model(arch, seed=0) if arch in TINY_ARCHS else (other_arch(arch, tiny_model()[1]), None)
-    tokenizer = tokenizer or tiny_model()[1]
+    model, tokenizer = arch_model(arch)
     adapter = apply_tinylora(model, n_tie=1, u=2)
     adapter.set_vector(torch.linspace(-3, 3, adapter.num_params))
     blocks = attention_blocks(model)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from testkit import OTHER_ARCHS, NumberTask, other_arch
+from testkit import OTHER_ARCHS, NumberTask, arch_model
 
 from tinylab.adapter.attach import apply_tinylora, find_adapter
 from tinylab.adapter.config import TinyLoRAConfig
@@ -107,8 +107,7 @@ def test_module_importance_runs_its_self_check_on_every_architecture(arch):
     """OPT feeds fc1/fc2 flattened (batch*time, features); Falcon adds attention into the MLP's output
     in place: the per-prompt hooks still see every gradient, so the probe's own v.grad equals their sum
     (module_importance raises otherwise) and every adapted map has a score."""
-    tok = tiny_model()[1]
-    model = tiny_model(arch, seed=0)[0] if arch in TINY_ARCHS else other_arch(arch, tok)
+    model, tok = arch_model(arch)
     imp = module_importance(model, tok, NumberTask(), n_prompts=3, objective="sft")
     planned = [(m.layer, m.kind) for m in plan_modules(model, TinyLoRAConfig())]
     assert list(imp.table.index) == planned

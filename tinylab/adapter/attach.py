@@ -17,7 +17,7 @@ from torch import nn
 from tinylab.adapter.config import TinyLoRAConfig
 from tinylab.adapter.layer import TinyLoRALinear, projection
 from tinylab.adapter.svd import svds, weight_fingerprint
-from tinylab.adapter.targets import ModuleInfo, module_infos, select_modules
+from tinylab.adapter.targets import ModuleInfo, select_and_plan
 from tinylab.model.conv1d import original
 
 __all__ = ["TinyLoRA", "apply_tinylora", "check_adapter", "check_no_adapter", "find_adapter"]
@@ -203,8 +203,7 @@ def apply_tinylora(model: nn.Module, config: TinyLoRAConfig | None = None, **ove
         config = dataclasses.replace(config, **overrides)
     check_no_adapter(model)
 
-    chosen = select_modules(model, config)
-    infos = module_infos(model, chosen, config)
+    chosen, infos = select_and_plan(model, config)
     group_of = [info.group for info in infos]
     offloaded = [name for name, linear, _ in chosen if linear.weight.device.type == "meta"]
     if offloaded:

@@ -46,10 +46,10 @@ __all__ = [
     "kind_order",
     "layer_of",
     "linear_modules",
-    "module_infos",
     "module_kinds",
     "plan_modules",
     "roles",
+    "select_and_plan",
     "select_modules",
 ]
 
@@ -153,6 +153,20 @@ def _resolve_targets(targets: tuple[str, ...], kinds: list[str]) -> tuple[str, .
 def select_modules(model: nn.Module, config: TinyLoRAConfig, *, warn: bool = True) -> list[tuple[str, nn.Linear, int]]:
     """(name, linear, layer) of the modules `config` adapts, in model order; errors name the bad
     value and what exists. With the default targets, in-block linear maps left out are warned about."""
+    return _choose(model, config, warn, stacklevel=4)[0]
+
+
+def select_and_plan(model: nn.Module, config: TinyLoRAConfig, *,
+                    warn: bool = True) -> tuple[list[tuple[str, nn.Linear, int]], list[ModuleInfo]]:
+    """`select_modules` and `plan_modules` from one look at the model: the chosen (name, linear,
+    layer) and their `ModuleInfo`s, in the same order (what attaching needs)."""
+    chosen, kind_of = _choose(model, config, warn, stacklevel=4)
+    return chosen, _infos(chosen, kind_of, config)
+
+
+def _choose(model, config, warn: bool, stacklevel: int):
+    """The chosen (name, linear, layer) and every in-block map's kind (`module_kinds`); a warning
+    at `stacklevel` points at the public function's caller's caller (the user's line)."""
     linears = linear_modules(model)
     in_blocks = [(n, m, layer) for n, m, layer in linears if layer is not None]
     kind_of = module_kinds([n for n, _, _ in in_blocks])
@@ -167,7 +181,7 @@ def select_modules(model: nn.Module, config: TinyLoRAConfig, *, warn: bool = Tru
     left = sorted(set(kinds) - set(targets)) if tuple(config.targets) == DEFAULT_TARGETS else []
     if left and warn:
         warnings.warn(f"default targets adapt {list(targets)}; this model's blocks also have linear maps {left}, "
-                      "left frozen: pass targets=... to include them", stacklevel=3)
+                      "left frozen: pass targets=... to include them", stacklevel=stacklevel)
     n_layers = _num_layers(model, linears)
     if config.layers is not None:
         bad = [i for i in config.layers if i >= n_layers]
@@ -187,7 +201,7 @@ def select_modules(model: nn.Module, config: TinyLoRAConfig, *, warn: bool = Tru
                 f"r={config.r} is too large for {n} ({m.out_features}x{m.in_features}): "
                 f"allowed 1..{min(m.in_features, m.out_features)}"
             )
-    return chosen
+    return chosen, kind_of
 
 
 def group_indexes(chosen: Sequence[tuple[str, nn.Linear, int]], config: TinyLoRAConfig,
@@ -212,10 +226,8 @@ def group_indexes(chosen: Sequence[tuple[str, nn.Linear, int]], config: TinyLoRA
     return [order[key] for key in keys]
 
 
-def module_infos(model: nn.Module, chosen: Sequence[tuple[str, nn.Linear, int]],
-                 config: TinyLoRAConfig) -> list[ModuleInfo]:
-    """A `ModuleInfo` (name, layer, kind, tying group) for each of `select_modules`' chosen modules."""
-    kind_of = module_kinds([n for n, _, layer in linear_modules(model) if layer is not None])
+def _infos(chosen, kind_of: dict[str, str], config: TinyLoRAConfig) -> list[ModuleInfo]:
+    """A `ModuleInfo` (name, layer, kind, tying group) for each chosen module."""
     kinds = [kind_of[name] for name, _, _ in chosen]
     return [ModuleInfo(name, layer, kind, g)
             for (name, _, layer), kind, g in zip(chosen, kinds, group_indexes(chosen, config, kinds))]
@@ -223,7 +235,8 @@ def module_infos(model: nn.Module, chosen: Sequence[tuple[str, nn.Linear, int]],
 
 def plan_modules(model: nn.Module, config: TinyLoRAConfig, *, warn: bool = True) -> list[ModuleInfo]:
     """The modules `config` would adapt in `model`, with their tying groups; no SVD, nothing attached."""
-    return module_infos(model, select_modules(model, config, warn=warn), config)
+    chosen, kind_of = _choose(model, config, warn, stacklevel=3)
+    return _infos(chosen, kind_of, config)
 
 
 def count_params(model: nn.Module, config: TinyLoRAConfig) -> int:

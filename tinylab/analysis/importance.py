@@ -50,7 +50,7 @@ from torch import nn
 from tinylab import tasks
 from tinylab.adapter.attach import apply_tinylora, check_no_adapter
 from tinylab.adapter.config import TinyLoRAConfig
-from tinylab.adapter.targets import module_infos, select_modules
+from tinylab.adapter.targets import select_and_plan
 from tinylab.basics.checks import check_choice, check_int, check_number
 from tinylab.model.attention import AttentionBlock, head_maps
 from tinylab.model.batch import teacher_forced_batch
@@ -340,9 +340,9 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
     with eval_mode(model):
         batch = _make_batch(model, tokenizer, task, objective, n_prompts, n_samples, max_new_tokens, temperature, seed)
     n = len(batch.rewards) if objective == "grpo" else batch.input_ids.shape[0]
-    chosen = select_modules(model, TinyLoRAConfig(), warn=False)  # the maps the default adapter adapts
+    chosen, planned = select_and_plan(model, TinyLoRAConfig(), warn=False)  # the default adapter's maps
     linears = {name: lin for name, lin, _ in chosen}
-    infos = [(m.name, m.layer, m.kind) for m in module_infos(model, chosen, TinyLoRAConfig())]
+    infos = [(m.name, m.layer, m.kind) for m in planned]
     totals = {name: torch.zeros(n, dtype=torch.float32, device=device) for name in linears}  # [N] per module
     per_head: dict[str, torch.Tensor] = {}
     state = {"rows": None}
