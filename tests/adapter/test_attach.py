@@ -10,7 +10,7 @@ from torch import nn
 
 from tinylab.adapter.attach import apply_tinylora, find_adapter
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
-from tinylab.adapter.layer import TinyLoRALinear
+from tinylab.adapter.layer import TinyLoRALinear, project
 from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 
@@ -330,6 +330,26 @@ def test_many_rows_without_grad_match_the_autograd_path_and_are_exact_at_zero(ar
         merged = model(ids).logits
     adapter.unmerge()
     torch.testing.assert_close(graph, merged, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 31, 32, 300])
+def test_project_is_x_times_vh_transposed_with_its_gradient(rows, dtype):
+    """`project` picks a kernel by shape (the transposed product on the CPU in fp32 from 32 rows):
+    every choice gives x Vh^T, (N, r), and the gradient with respect to x of F.linear."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 48, generator=g).to(dtype).requires_grad_()
+    Vh = torch.randn(3, 48, generator=g).to(dtype)
+    h = project(x, Vh)
+    assert h.shape == (rows, 3) and h.dtype == dtype
+    weights = torch.randn(rows, 3, generator=g).to(dtype)
+    (grad,) = torch.autograd.grad((h * weights).sum(), x)
+    x_ref = x.detach().double().requires_grad_()
+    h_ref = x_ref @ Vh.double().T
+    (grad_ref,) = torch.autograd.grad((h_ref * weights.double()).sum(), x_ref)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(h.double(), h_ref.detach(), **tol)
+    torch.testing.assert_close(grad.double(), grad_ref, **tol)
 
 
 def test_forward_without_grad_under_cpu_autocast(llama):

@@ -34,7 +34,7 @@ from torch.nn.modules import module as _modules
 from tinylab.adapter.svd import tensor_version
 from tinylab.basics.seeds import derived_seed
 
-__all__ = ["TinyLoRALinear", "projection"]
+__all__ = ["TinyLoRALinear", "project", "projection"]
 
 
 class TinyLoRALinear(nn.Module):
@@ -163,13 +163,13 @@ class TinyLoRALinear(nn.Module):
             if rows is None:
                 return F.linear(x, weight, bias)
             x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-            out = F.linear(x2, weight, bias).addmm_(F.linear(x2, self._buffers["Vh"]), rows)  # (N, out)
+            out = F.linear(x2, weight, bias).addmm_(project(x2, self._buffers["Vh"]), rows)  # (N, out)
             return out.view(*x.shape[:-1], out.shape[-1])
         y = base(x)  # (..., out): hooks see it unchanged, autograd keeps it
         rows = self._update().T.to(y.dtype) if torch.is_grad_enabled() else self._kept_rows(y.dtype)  # (r, out)
         if rows is None:
             return y
-        h = F.linear(x, self._buffers["Vh"]).reshape(-1, rows.shape[0])  # (N, r)
+        h = project(x.reshape(-1, x.shape[-1]), self._buffers["Vh"])  # (N, r)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h, rows)  # (N, out), a new tensor: y stays as hooks saw it
         # Reshaped without becoming a view for autograd (as torch.matmul does): a caller adding into the
         # output in place (Falcon's MLP) would otherwise drop the gradient hooks registered on it.
@@ -193,6 +193,17 @@ class TinyLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.U.shape[1]}, u={self.P.shape[0]}"
+
+
+def project(x2: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
+    """x2 Vh^T, (N, in) -> (N, r). In fp32 on the CPU with N >= 32 rows it is computed as (Vh x2^T)^T, a
+    transposed view: MKL runs a product with r = 2 output columns several times slower than the same
+    product with 2 output rows, and this product reads the whole input again (`benchmarks/adapter.py`
+    prints the prefill cost against the base). Elsewhere (a GPU, bf16/fp16 with their own kernels,
+    a few decoding rows) F.linear is as fast or faster."""
+    if x2.shape[0] >= 32 and x2.dtype == torch.float32 and x2.device.type == "cpu":
+        return torch.mm(Vh, x2.T).T  # (N, r)
+    return F.linear(x2, Vh)  # (N, r)
 
 
 def projection(seed: int, name: str, u: int, r: int) -> torch.Tensor:
