@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylab.adapter.layer import TinyLoRALinear
+from tinylab.adapter.layer import TinyLoRALinear, project
 
 __all__ = ["BankLinear", "Factors", "bare", "plain", "swapped"]
 
@@ -88,7 +88,7 @@ class BankLinear(nn.Module):
     def _update(self, x: torch.Tensor) -> torch.Tensor:
         """g = (x Vh^T) R_b^T for the adapted rows of x (B_a, T, in): (B_a * T, r)."""
         Vh, Rt = self.Vh.to(x.dtype), self.Rt.to(x.dtype)  # (r, in), (B_a, r, r)
-        h = F.linear(x, Vh)  # (B_a, T, r)
+        h = project(x.reshape(-1, x.shape[-1]), Vh)  # (B_a*T, r)
         return torch.bmm(h.reshape(Rt.shape[0], -1, Rt.shape[1]), Rt).reshape(-1, Rt.shape[1])  # (B_a*T, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
