@@ -98,13 +98,11 @@ def bench_attach(ours, peft_model_copy) -> tuple[object, object, dict]:
     res = {}
     cold_cache = tempfile.mkdtemp(prefix="tinylab-bench-cache-")
     os.environ["TINYLAB_CACHE"] = cold_cache  # the model is loaded already; only the SVD cache moves
-    svd_engine._SVD_CACHE.clear()
-    svd_engine._FINGERPRINTS.clear()
+    svd_engine.clear_memory_cache()
     holder = {}
     res["cold"] = _clocks(lambda: holder.update(a=apply_tinylora(ours, THIRTEEN)))
     holder["a"].remove()
-    svd_engine._SVD_CACHE.clear()
-    svd_engine._FINGERPRINTS.clear()
+    svd_engine.clear_memory_cache()
     res["warm_disk"] = _clocks(lambda: holder.update(a=apply_tinylora(ours, THIRTEEN)))
     res["reattach"] = _clocks(lambda: (holder["a"].remove(), holder.update(a=apply_tinylora(ours, OTHER_BUDGET))))
     holder["a"].remove()

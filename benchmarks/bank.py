@@ -175,7 +175,7 @@ def bench_files(args, model, tmp: Path):
     add_s = time.perf_counter() - start
     size = lambda p: sum(f.stat().st_size for f in Path(p).iterdir())  # noqa: E731
     return {"add_s": add_s, "n": len(bank), "table_bytes": bank.table.numel() * bank.table.element_size(),
-            "allocated_bytes": bank._table.numel() * bank._table.element_size(), "tlra_bytes": files[0].stat().st_size,
+            "allocated_bytes": bank.allocated_bytes, "tlra_bytes": files[0].stat().st_size,
             "lora_bytes": size(lora_one), "lora_r8_bytes": size(lora_one_padded)}
 
 

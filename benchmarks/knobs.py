@@ -6,7 +6,7 @@ The adapter: a saved one (e.g. `benchmarks/demo_cpu.py --save DIR` writes DIR/se
 the demonstration's shape (u = 13 shared by all 210 modules) with seeded values of the size a
 trained vector has. The panel gets `--prompts` held-out prompts of capitals_answer for its greedy
 replies and the same examples (gold answer lines as targets) for its bars. One slider update is
-what the panel does after a move: set v, then `knob_readout.Reader` (the base and trained sides
+what the panel does after a move: set v, then `tinylab.analysis.readout.Reader` (the base and trained sides
 were read once when the panel was built): one forward of prompt + gold per batch with eager
 attention, which gives the gold log-probs, the heads' activity on the prompts and the prefill from
 which the greedy replies (the panel's default `max_new_tokens`) are decoded with the KV cache; the
@@ -15,15 +15,6 @@ Printed: the median update time over `--repeats` moves (the goal of issue 19 is 
 parts, one forward of the teacher-forced batch (the same prompts), and the ratio; each as wall
 time and as process CPU time (the machine is shared: the wall time counts the other processes too;
 with `--threads 1` the CPU time is what the wall time would be on an idle core).
-
-Measured 2026-12-02 with `--threads 1 --repeats 3` (seeded values, no adapter file) on the shared
-2-core machine under the other agents' load: one update 1.595 s CPU (3.795 s wall), of which the readout
-1.598 s CPU (with max_new_tokens=1: 1.008 s CPU; each further reply token 0.118 s CPU), the head
-map 0.050 s CPU, the redraw 0.000 s; one forward of the (4, 66)-token batch 1.085 s CPU; update /
-forward 1.5x in CPU time, with replies of up to 6 new tokens. Under this load the update's CPU time
-varies from run to run: an earlier run of the same update printed 1.962 s CPU (1.8x one forward).
-Before the readout (replies of 24 tokens by `generate`, a separate gold forward, `head_effects`
-with its own base and now forwards) this script printed 5.304 s CPU per update, 4.2x one forward.
 """
 
 from __future__ import annotations
@@ -107,7 +98,7 @@ def main() -> None:
     per_token = tuple((a - b) / max(panel.max_new_tokens - 1, 1) for a, b in zip(readout, first_token))
     now = panel.reader()
     head_map = _median_seconds(lambda: attention_shift(panel.base.activity, now.activity), args.repeats)
-    draw = _median_seconds(panel._draw, args.repeats)
+    draw = _median_seconds(panel.draw, args.repeats)
     panel.reset()
 
     print(f"embedded model, u={adapter.config.u} x {adapter.num_groups} group(s), {len(examples)} prompts, "

@@ -359,8 +359,12 @@ def test_a_model_that_already_has_an_adapter_gets_the_same_error_everywhere(tmp_
 def test_a_task_name_is_resolved_the_same_way_everywhere(tmp_path):
     from tinylab.widgets import KnobPanel
 
-    from tinylab import GRPOConfig, evaluate, module_importance, preset, train_grpo
+    from tinylab import GRPOConfig, evaluate, module_importance, preset, tasks, train_grpo
+    from tinylab.analysis.head_ablation import Scorer
+    from tinylab.evaluation.controls import control_examples
+    from tinylab.interop.trl_bridge import trl_args
     from tinylab.tasks.base import Example
+    from tinylab.train.grpo import train_pool
 
     examples = [Example("What is 2+2?", "4")]
 
@@ -377,7 +381,18 @@ def test_a_task_name_is_resolved_the_same_way_everywhere(tmp_path):
         lambda: module_importance(tiny_model("llama", seed=2)[0], tok, "capitols", n_prompts=2),
         lambda: preset("tiny-cpu", task="capitols"),  # at once, not when the run loads the task
         lambda: KnobPanel(model, tok, adapter, examples, examples, task="capitols"),
+        lambda: train_pool("capitols", 0),
+        lambda: trl_args(GRPOConfig(), str(tmp_path / "trl"), "capitols"),
+        lambda: control_examples("capitols", examples),
+        lambda: Scorer(model, tok, ["What is 2+2?"], ["4"], "capitols", None, 2),
     ]
     for call in calls:
         with pytest.raises(ValueError, match=unknown):
             call()
+    capitals = tasks.get("capitals")
+    assert train_pool("capitals", 0) == train_pool(capitals, 0)
+    args = trl_args(GRPOConfig(), str(tmp_path / "trl"), "capitals")
+    assert args.max_completion_length == capitals.max_new_tokens != 64  # the task's, not the default
+    some = capitals.examples("test", 2, 0)
+    assert control_examples("capitals", some) == control_examples(capitals, some) != some
+    assert Scorer(model, tok, ["What is 2+2?"], ["4"], "capitals", None, 2).max_new_tokens == capitals.max_new_tokens

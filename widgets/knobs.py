@@ -244,9 +244,10 @@ class KnobPanel(widgets.VBox):
         self.now_replies, self.now_logprobs = now.replies, now.logprobs  # [N]
         self.shift = attention_shift(self.base.activity, now.activity)["js"].unstack("head")  # layers x heads
         self.last_update_seconds = time.perf_counter() - began
-        self._draw()
+        self.draw()
 
-    def _draw(self) -> None:
+    def draw(self) -> None:
+        """Redraw the replies table, the summary, the bars and the head map from what the panel holds."""
         rows = "".join(
             f"<tr><td>{html.escape(_short(p, 40))}</td><td>{self._mark(b, k)}</td><td>{self._mark(t, k)}</td>"
             f"<td><b>{self._mark(n, k)}</b></td></tr>"

@@ -140,8 +140,10 @@ def test_add_remove_names_and_sources(tmp_path):
     bank.remove("handle")
     assert bank.names == ["file", "tensor"] and torch.equal(bank.vector("tensor"), torch.ones(13))
     assert bank.table.shape == (2, 1, 13) and bank.table.dtype == torch.float32
+    held = bank.allocated_bytes
     for i in range(20):  # past the first growth of the table
         bank.add(f"n{i}", torch.full((13,), float(i)))
+    assert bank.allocated_bytes > held and bank.allocated_bytes >= bank.table.numel() * 4
     assert torch.equal(bank.vector("n17"), torch.full((13,), 17.0)) and len(bank) == 22
 
 

@@ -46,16 +46,32 @@ def test_reattach_reuses_cached_svd(llama, monkeypatch):
     assert calls == [] and adapter.num_params == 13
 
 
+def test_clearing_the_memory_cache_computes_again_without_a_disk_cache(llama, monkeypatch):
+    import tinylab.adapter.svd as svd
+
+    model, _ = llama
+    monkeypatch.setenv("TINYLAB_SVD_DISK_CACHE", "0")
+    apply_tinylora(model, TinyLoRAConfig(r=3)).remove()
+    computed = []
+    exact = svd._exact_svd
+    monkeypatch.setattr(svd, "_exact_svd", lambda *a: computed.append(1) or exact(*a))
+    apply_tinylora(model, TinyLoRAConfig(r=3)).remove()
+    assert computed == []  # kept in memory
+    svd.clear_memory_cache()
+    adapter = apply_tinylora(model, TinyLoRAConfig(r=3))
+    assert len(computed) == len(adapter.modules)
+
+
 def test_lowrank_svd_is_deterministic(llama, monkeypatch):
     import tinylab.adapter.svd as svd
 
     model, _ = llama
     monkeypatch.setenv("TINYLAB_SVD_DISK_CACHE", "0")  # neither run may read the other's factors back
-    svd._SVD_CACHE.clear()
+    svd.clear_memory_cache()
     a = apply_tinylora(model, TinyLoRAConfig(svd="lowrank"))
     first = [m.U.clone() for _, m in a.named_modules()]
     a.remove()
-    svd._SVD_CACHE.clear()
+    svd.clear_memory_cache()
     b = apply_tinylora(model, TinyLoRAConfig(svd="lowrank"))
     assert all(torch.equal(x, m.U) for x, (_, m) in zip(first, b.named_modules()))
 
@@ -112,7 +128,7 @@ def test_threaded_and_serial_svds_give_the_same_bits(monkeypatch):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            svd._SVD_CACHE.clear()
+            svd.clear_memory_cache()
             results[threads] = svd.svds(
                 [(w, svd.weight_fingerprint(w)) for w in weights], 2, "exact")
     finally:
@@ -143,7 +159,7 @@ def test_factors_are_computed_on_the_cpu_whatever_the_default_device(gpu_stand_i
     import tinylab.adapter.svd as svd
 
     W = (torch.randn(48, 80, generator=torch.Generator().manual_seed(5))).to(dtype)  # (out, in)
-    svd._SVD_CACHE.clear()
+    svd.clear_memory_cache()
     svd._FINGERPRINTS.clear()
     expected_fp = svd.weight_fingerprint(W)
     expected = svd._compute_svd(W, 3, "exact")

@@ -106,6 +106,11 @@ class AdapterBank:
         """The vectors, `[K, n_vectors, u]` fp32 on the model's device (a view: do not write to it)."""
         return self._table[: self._size]
 
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes the table holds, with its room for more adapters (it grows by doubling)."""
+        return self._table.numel() * self._table.element_size()
+
     def __len__(self) -> int:
         return self._size
 

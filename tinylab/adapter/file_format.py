@@ -124,13 +124,9 @@ def save_adapter(adapter: TinyLoRA, path: str | os.PathLike, *, dtype: str = "fp
 
 def adapter_fingerprint(adapter: TinyLoRA) -> str:
     """The portable base fingerprint of the adapter's modules, from the weights before any merge."""
-    wrapped = dict(adapter.named_modules())
-
-    def base_weight(name: str) -> torch.Tensor:
-        module = wrapped[name]
-        return module._original if module._original is not None else module.base.weight  # (out, in)
-
-    return _combine((m.name, weight_fingerprint(base_weight(m.name), portable=True)) for m in adapter.modules)
+    wrapped = dict(adapter.named_modules())  # name -> TinyLoRALinear
+    return _combine((m.name, weight_fingerprint(wrapped[m.name].original_weight(), portable=True))
+                    for m in adapter.modules)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[TinyLoRAConfig, dict, torch.Tensor]:

@@ -175,6 +175,10 @@ class TinyLoRALinear(nn.Module):
         # output in place (Falcon's MLP) would otherwise drop the gradient hooks registered on it.
         return out if out.shape == y.shape else torch.ops.aten._unsafe_view(out, y.shape)
 
+    def original_weight(self) -> torch.Tensor:
+        """The base weight (out, in) as it was before any merge (the kept copy while merged)."""
+        return self._original if self._original is not None else self.base.weight
+
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update into the base weight; the original is kept so unmerge() is bit-exact."""

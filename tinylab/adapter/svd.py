@@ -25,7 +25,7 @@ import torch
 
 from tinylab.basics.atomic import write_atomic
 
-__all__ = ["svds", "tensor_version", "weight_fingerprint"]
+__all__ = ["clear_memory_cache", "svds", "tensor_version", "weight_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,13 @@ _BIT_VIEWS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 _FINGERPRINTS: dict[tuple, str] = {}
 _SVD_CACHE: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _SVD_CACHE_MAX = 8192
+
+
+def clear_memory_cache() -> None:
+    """Forget the SVDs and weight fingerprints kept in this process (the disk cache stays): the next
+    attach reads them from `TINYLAB_CACHE` or computes them again."""
+    _SVD_CACHE.clear()
+    _FINGERPRINTS.clear()
 
 
 def _canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinylab import tasks
 from tinylab.adapter.attach import TinyLoRA
 from tinylab.adapter.layer import TinyLoRALinear
 from tinylab.measures.gold import GoldSet, mean_logprob
@@ -126,9 +127,9 @@ class Scorer:
 
     def __init__(self, model, tokenizer, prompts, answers, task, max_new_tokens, batch_size):
         self.model, self.tokenizer, self.prompts, self.answers = model, tokenizer, list(prompts), list(answers)
-        self.task, self.batch_size = task, batch_size
+        self.task, self.batch_size = (None if task is None else tasks.resolve(task)), batch_size
         self.metric = "reward" if task is not None else "logprob"
-        self.max_new_tokens = max_new_tokens or getattr(task, "max_new_tokens", None) or 64
+        self.max_new_tokens = max_new_tokens or getattr(self.task, "max_new_tokens", None) or 64
         self.device = model_device(model)
         self.gold = GoldSet(model, tokenizer, list(zip(self.prompts, self.answers)), batch_size=batch_size)
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from tinylab import tasks
 from tinylab.basics.checks import check_int
 from tinylab.basics.seeds import generator
 from tinylab.tasks.base import Example
@@ -31,7 +32,9 @@ __all__ = ["control_examples", "other_vectors", "random_directions"]
 
 
 def control_examples(task, examples: Sequence[Example]) -> list[Example]:
-    """The same examples with the task's control prompt (`task.control_prompt(prompt)`); answers kept."""
+    """The same examples with the task's (a Task or its name) control prompt (`task.control_prompt(prompt)`);
+    answers kept."""
+    task = tasks.resolve(task)
     make = getattr(task, "control_prompt", None)
     if not callable(make):
         raise ValueError(f"task {getattr(task, 'name', task)!r} has no prompt control; give it a method "

@@ -46,8 +46,6 @@ def export_lora(adapter: TinyLoRA, folder: str | os.PathLike, *, pad_to: int | N
 
     from tinylab.interop.peft_tinylora import peft_target_fields
 
-    if not isinstance(adapter, TinyLoRA):
-        raise TypeError(f"adapter must be a TinyLoRA handle (from apply_tinylora), got {type(adapter).__name__}")
     check_adapter(adapter)
     r = adapter.config.r
     rank = r if pad_to is None else check_int("pad_to", pad_to, low=r)

@@ -121,8 +121,6 @@ def export_peft(adapter: TinyLoRA, folder: str | os.PathLike) -> Path:
     from peft import TinyLoraConfig
     from safetensors.torch import save_file
 
-    if not isinstance(adapter, TinyLoRA):
-        raise TypeError(f"adapter must be a TinyLoRA handle (from apply_tinylora), got {type(adapter).__name__}")
     check_adapter(adapter)
     groups = [m.group for m in adapter.modules]
     ratio = _tying_ratio(groups)

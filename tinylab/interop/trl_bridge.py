@@ -109,6 +109,8 @@ def trl_args(config: GRPOConfig, output_dir: str, task=None, *, model=None, worl
     if config.kl > 0:
         raise ValueError(f"kl={config.kl} is not supported by the TRL bridge (TRL would load a second copy of the "
                          "model as reference); allowed: kl=0, or use tinylab.train_grpo for kl > 0")
+    if task is not None:
+        task = tasks.resolve(task)  # a name works as everywhere; an unknown one is the same ValueError
     max_new = config.max_new_tokens or getattr(task, "max_new_tokens", 64)
     world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     completions = config.prompts_per_step * config.group_size

@@ -4,7 +4,9 @@
 tokens; rows back in prompt order), with its token count and whether it was cut off.
 `score_shares` scores replies with the task and gives the share of each measure in `MEASURES`
 (strict, flexible, formatted: format compliance and correctness apart). `scored_replies` does both.
-Evaluation (`tinylab.evaluation`), the knobs and the head ablations ask this module.
+Evaluation (`tinylab.evaluation`), the knobs and the sweeps ask this module. The head ablations
+(`tinylab.analysis.head_ablation.Scorer`) score by the task's mean reward instead, on a greedy
+`Rollout` of their own: their gate gradients need the replies' token ids, not only the texts.
 """
 
 from __future__ import annotations

@@ -41,9 +41,7 @@ def get(name: str | Task, **kwargs) -> Task:
     if not isinstance(name, str):
         if kwargs:
             raise TypeError("keyword arguments configure a task by name; got a task object")
-        if not isinstance(name, Task):
-            raise TypeError(f"{name!r} is not a task: it needs name, max_new_tokens, examples, reward and score")
-        return name
+        return resolve(name)
     return _REGISTRY[check_name(name)](**kwargs)
 
 

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 
 import torch
 
+from tinylab import tasks
 from tinylab.basics.checks import check_choice, check_int, check_number
 from tinylab.basics.seeds import derived_seed
 from tinylab.model.batch import render_prompts
@@ -109,7 +110,9 @@ def _or_none(check, name: str, value, **bounds) -> None:
 
 
 def train_pool(task, seed: int, split: str = "train") -> list:
-    """All of `task`'s examples of `split` (seeded order): the pool a run draws its prompts from."""
+    """All of `task`'s (a Task or its name) examples of `split` (seeded order): the pool a run draws its
+    prompts from."""
+    task = tasks.resolve(task)
     pool = list(task.examples(split, None, seed))
     if not pool:
         raise ValueError(f"task {getattr(task, 'name', task)!r} gave no {split!r} examples; it needs at least one")
