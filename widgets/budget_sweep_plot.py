@@ -1,6 +1,6 @@
 """The budget sweep's figure: held-out score against trained parameters, one panel per measure.
 
-`budget_sweep_figure(results, base)` takes the rows of `tinylab.budget_runs.budget_sweep` (one per
+`budget_sweep_figure(results, base)` takes the rows of `tinylab.experiments.budget_sweep` (one per
 method, budget and seed) and draws each method's mean over seeds with one standard deviation as error
 bars, on a log axis whose ticks are the budgets that were run, and the base model as a dashed line.
 Every line stays visible where it lies on 0 or 1, or on another: the y axis runs a little past both

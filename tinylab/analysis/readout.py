@@ -9,8 +9,8 @@ eager attention and the heads observed (`tinylab.model.attention`):
 - the heads on the prompt positions are the prompt's own (attention is causal: the continuation
   changes nothing before it), the activity `tinylab.analysis.heads.attention_shift` compares with the base;
 - its KV cache with the continuation cropped off, and the logits at the last prompt position, are
-  the prefill from which the greedy replies continue (`rollout.greedy_from_prefill`: the decoding
-  of `generate(..., temperature=0)`).
+  the prefill from which the greedy replies continue (`tinylab.model.generation.greedy_from_prefill`:
+  the decoding of `generate(..., temperature=0)`).
 Otherwise one forward of the prompts gives the activity and the prefill, and the gold set takes
 its own forward. The numbers agree with the separate calls up to float rounding (eager against
 sdpa attention, other matrix shapes); readouts of one Reader at two points are exactly comparable.

@@ -69,8 +69,8 @@ class PairedDifference:
                 else "borderline (the interval excludes 0, McNemar p >= 0.05)")
 
     def line(self, label: str = "") -> str:
-        """One line: `strict  0.0% -> 41.9%  +41.9 points [95% CI +33.2, +50.5]  gained 54, lost 0 of 129,
-        McNemar p = 1.1e-16: more than noise`."""
+        """One line, in this shape: `LABEL  BEFORE% -> AFTER%  +DIFF points [95% CI +LOW, +HIGH]  gained G,
+        lost L of N, McNemar p = P: VERDICT` (the verdict as `verdict` gives it)."""
         verdict = self.verdict
         head = f"{label}  " if label else ""
         return (f"{head}{self.before:.1%} -> {self.after:.1%}  {100 * self.diff:+.1f} points "

@@ -62,7 +62,7 @@ class EvalReport(NamedTuple):
     table: pd.DataFrame  # one row per example: prompt, reply, extracted, gold, flags, length, reward
 
     def summary(self) -> str:
-        """One line: `capitals/test n=129: strict 3.1% | flexible 55.0% | format 2.3% | 15.2 tok ...`."""
+        """One line, in this shape: `TASK/SPLIT n=N [P params]: strict S% | flexible F% | format M% | T tokens/reply, ...`."""
         adapter = "" if self.params is None else f" [{self.params} params]"
         return (f"{self.task}/{self.split} n={self.n}{adapter}: strict {self.strict:.1%} | flexible "
                 f"{self.flexible:.1%} | format {self.formatted:.1%} | {self.mean_length:.1f} tokens/reply, "

@@ -1,7 +1,7 @@
 """How prompts and continuations become token batches: rendering, padding, teacher forcing.
 
-Every module that turns text into model input asks this one: generation (`rollout`), SFT batches,
-importance probes and head analyses, so a prompt is tokenized the same way everywhere.
+Every module that turns text into model input asks this one: generation (`tinylab.model.generation`),
+SFT batches, importance probes and head analyses, so a prompt is tokenized the same way everywhere.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def teacher_forced_batch(tokenizer, prompts: Sequence, continuations: Sequence[S
     """The one way a prompt and a continuation (token ids) become a batch, on `device`.
 
     Prompts are rendered as generation renders them (`prompt_rows`), so continuation token j sits at
-    the position generation would have sampled it; score it with `rollout.completion_logprobs`.
+    the position generation would have sampled it; score it with `tinylab.model.generation.completion_logprobs`.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; give one each")
