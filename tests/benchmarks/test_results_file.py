@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("results_file", REPO / "benchmarks" / "results_file.py")
 results_file_module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(results_file_module)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _payload(path: Path, split: str, trained_by_seed: dict[int, list[bool]], named: float = 0.5) -> str:
