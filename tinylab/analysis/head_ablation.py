@@ -161,11 +161,11 @@ class Scorer:
         objective is the mean token log-prob of the answers, or with a task, of the adapted model's
         greedy `replies` weighted by their reward."""
         if self.metric == "logprob":
-            batches = [(b.input_ids, b.attention_mask, b.continuation_mask) for b in self.gold.batches]
+            batch_means = self.gold.batch_logprobs  # the gold set's own measurement, batch by batch
             weights = [1.0] * len(self.answers)
         else:
             replies = self.replies() if replies is None else replies
-            batches = self._rollout_batches(replies)
+            batch_means = lambda: self._token_means(self._rollout_batches(replies))  # noqa: E731
             weights = [r or 0.0 for r in self.task.reward(replies.completions, self.answers)]
         head, kv = unit_gates(blocks, requires_grad=True)
         gates = [*head.values(), *kv.values()]
@@ -173,7 +173,7 @@ class Scorer:
         w = torch.tensor(weights, dtype=torch.float32, device=self.device) / len(weights)  # [N]
         with torch.enable_grad(), gated(adapter, blocks, head, kv):
             start = 0
-            for means in self._token_means(batches):
+            for means in batch_means():  # [B] per batch, under grad
                 objective = (means * w[start:start + len(means)]).sum()
                 start += len(means)
                 if objective.requires_grad:
