@@ -94,8 +94,11 @@ def test_gsm8k_prompt_control_spells_out_the_answer_line():
 
 
 def test_a_task_without_a_prompt_control_is_named():
-    class Plain:
+    class Plain:  # a task (it scores replies) without control_prompt
         name = "plain"
+
+        def score(self, reply, answer):
+            return None
 
     with pytest.raises(ValueError, match="task 'plain' has no prompt control; give it a method control_prompt"):
         control_examples(Plain(), [Example("q", "a")])

@@ -203,10 +203,9 @@ def _run(model, tokenizer, task: Task, examples: list[Example], *, split: str, b
                                               batch_size=batch_size, max_new_tokens=max_new_tokens,
                                               progress=progress, desc=f"evaluate {task.name}")
     table = _score_table(task, examples, replies, counts, cut)
+    shares = {measure: float(table[column].mean()) for measure, column in MEASURES.items()}  # strict, flexible, formatted
     return EvalReport(
-        task=task.name, split=split, n=len(examples),
-        strict=float(table["correct_strict"].mean()), flexible=float(table["correct_flexible"].mean()),
-        formatted=float(table["formatted"].mean()), mean_length=float(table["length"].mean()),
+        task=task.name, split=split, n=len(examples), **shares, mean_length=float(table["length"].mean()),
         truncated=float(table["truncated"].mean()), max_new_tokens=max_new_tokens, params=params,
         seconds=time.perf_counter() - began, table=table,
     )
