@@ -199,13 +199,17 @@ class TinyLoRALinear(nn.Module):
         return f"r={self.U.shape[1]}, u={self.P.shape[0]}"
 
 
+_MKL = torch.backends.mkl.is_available()  # the CPU BLAS whose kernel choice `project` works around
+
+
 def project(x2: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
     """x2 Vh^T, (N, in) -> (N, r). In fp32 on the CPU with N >= 32 rows it is computed as (Vh x2^T)^T, a
     transposed view: MKL runs a product with r = 2 output columns several times slower than the same
     product with 2 output rows, and this product reads the whole input again (`benchmarks/adapter.py`
-    prints the prefill cost against the base). Elsewhere (a GPU, bf16/fp16 with their own kernels,
-    a few decoding rows) F.linear is as fast or faster."""
-    if x2.shape[0] >= 32 and x2.dtype == torch.float32 and x2.device.type == "cpu":
+    prints the prefill cost against the base). Elsewhere F.linear is kept: in bf16 on the CPU and for a
+    few decoding rows it is the faster one, a GPU's own kernels serve either form, and CPU builds
+    without MKL were not measured."""
+    if x2.shape[0] >= 32 and x2.dtype == torch.float32 and x2.device.type == "cpu" and _MKL:
         return torch.mm(Vh, x2.T).T  # (N, r)
     return F.linear(x2, Vh)  # (N, r)
 
