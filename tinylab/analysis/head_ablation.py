@@ -165,7 +165,10 @@ class Scorer:
             weights = [1.0] * len(self.answers)
         else:
             replies = self.replies() if replies is None else replies
-            batch_means = lambda: self._token_means(self._rollout_batches(replies))  # noqa: E731
+
+            def batch_means():  # the replies' mean token log-probs, batch by batch
+                return self._token_means(self._rollout_batches(replies))
+
             weights = [r or 0.0 for r in self.task.reward(replies.completions, self.answers)]
         head, kv = unit_gates(blocks, requires_grad=True)
         gates = [*head.values(), *kv.values()]
