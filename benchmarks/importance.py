@@ -128,7 +128,7 @@ def timings(args) -> None:
 
 
 def slider_latency(model, t_fwd: float) -> None:
-    from tinylab.widgets import BudgetSlider
+    from tinylab.widgets import BudgetSlider  # noqa: TID251 (a script on top times the slider)
 
     slider = BudgetSlider(model, n_params=13)
     start = time.perf_counter()

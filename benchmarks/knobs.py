@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
-from tinylab.widgets.knobs import KnobPanel  # noqa: E402
+from tinylab.widgets.knobs import KnobPanel  # noqa: E402, TID251 (a script on top times the panel)
 
 import tinylab  # noqa: E402
 from tinylab.analysis.heads import attention_shift  # noqa: E402
