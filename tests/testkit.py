@@ -44,7 +44,7 @@ def block_linear_names(model, layer: int | None = None) -> list[str]:
 
 
 OTHER_ARCHS = ("bloom", "falcon", "falcon_mha", "falcon_new", "falcon_alibi", "gpt_bigcode", "gpt_bigcode_mha",
-               "gpt_neo_window_8", "phi")
+               "gpt_neo_window_8", "phi", "mpt", "codegen")
 """Tiny random architectures beyond `TINY_ARCHS`, for the tests of what they lay out differently."""
 
 
@@ -52,7 +52,8 @@ def other_arch(name: str, tok):
     """A tiny random model of `OTHER_ARCHS` (2 layers, hidden 64, 4 heads) for the tokenizer `tok`:
     ALiBi from the mask (BLOOM, Falcon alibi=True), local windows (GPT-Neo, 8 tokens), fused q/k/v
     maps of other layouts (Falcon: multi-query, one head per group, 2 KV groups; GPTBigCode with and
-    without multi-query) and q/k/v with a `dense` output (Phi)."""
+    without multi-query; MPT's Wqkv; CodeGen's qkv_proj in 4 shards of q, v, k, here 8 heads so that
+    a shard holds two) and q/k/v with a `dense` output (Phi)."""
     import transformers as tr
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -72,6 +73,10 @@ def other_arch(name: str, tok):
             attention_types=[[["global", "local"], 1]], intermediate_size=128, window_size=8, **ids),
         "phi": lambda: tr.PhiConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, max_position_embeddings=512, **ids),
+        "mpt": lambda: tr.MptConfig(vocab_size=vocab, d_model=64, n_heads=4, n_layers=2, max_seq_len=512,
+                                    expansion_ratio=2, **ids),
+        "codegen": lambda: tr.CodeGenConfig(vocab_size=vocab, n_positions=512, n_ctx=512, n_embd=64, n_layer=2,
+                                            n_head=8, rotary_dim=4, n_inner=128, **ids),
     }[name]()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -3,16 +3,19 @@ measurement, and hooks that observe each head's pattern and output.
 
 Where a head's numbers live in the block's linear maps (`AttentionBlock.rows`, `AttentionBlock.maps`):
 the query rows of head h, the key and value rows of its KV group, and the columns h*d..(h+1)*d of the
-output map (its input is the heads' outputs side by side). Three layouts are recognised:
+output map (its input is the heads' outputs side by side). Four layouts are recognised:
 
     separate     q_proj, k_proj, v_proj; output o_proj, out_proj (Llama, Qwen, Mistral, Gemma, OPT,
                  GPT-J, GPT-Neo) or dense (Phi)
     fused        qkv_proj: all query rows, then key rows, then value rows; output o_proj (Phi-3);
-                 c_attn the same way, output c_proj (GPT-2's `Conv1D` maps; GPTBigCode's multi-query)
+                 c_attn the same way, output c_proj (GPT-2's `Conv1D` maps; GPTBigCode's multi-query);
+                 Wqkv the same way, output out_proj (MPT)
     grouped      query_key_value: per key/value head, the query rows of its group of heads, then its
                  key rows, then its value rows; output dense (GPT-NeoX, BLOOM and Falcon: one head
                  per group, or one group for multi-query Falcon); c_attn the same way, output c_proj,
                  where the block says `multi_query=False` (GPTBigCode without multi-query)
+    sharded      qkv_proj in `mp_num` equal shards, each the query rows of its H / mp_num heads, then
+                 their value rows, then their key rows; output out_proj (CodeGen; no grouped queries)
 
 `tinylab.analysis.heads` (per-head evidence) and `tinylab.analysis.head_ablation` (removing the update from heads)
 both stand on these. Hooks only observe: they are added in a context manager and removed in
@@ -46,8 +49,9 @@ class AttentionBlock(NamedTuple):
     n_heads: int
     n_kv: int
     head_dim: int
-    layout: str = "separate"  # "separate", "fused" or "grouped" (module docstring)
+    layout: str = "separate"  # "separate", "fused", "grouped" or "sharded" (module docstring)
     maps: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")  # attribute of q, k, v, output
+    shards: int = 1  # "sharded": the number of shards of the fused map (CodeGen's mp_num)
 
     @property
     def group(self) -> int:
@@ -69,6 +73,10 @@ class AttentionBlock(NamedTuple):
                 start = (unit // G) * (G + 2) * d + (unit % G) * d
             else:
                 start = unit * (G + 2) * d + (G + i - 1) * d  # k after the group's queries, then v
+        elif self.layout == "sharded":  # per shard: its heads' q rows, then their v rows, then their k rows
+            per = units // self.shards  # heads per shard (as many KV heads as query heads)
+            unit = torch.arange(units, device="cpu")[:, None]  # [units, 1]
+            start = (unit // per) * 3 * per * d + (0, 2, 1)[i] * per * d + (unit % per) * d
         else:  # separate maps start at 0; fused: q rows, then k, then v
             offset = 0 if self.layout == "separate" else (0, H * d, (H + KV) * d)[i]
             start = offset + torch.arange(units, device="cpu")[:, None] * d  # [units, 1]
@@ -82,8 +90,10 @@ _LAYOUTS = (
     ("separate", ("q_proj", "k_proj", "v_proj", "dense")),
     ("fused", ("qkv_proj", "qkv_proj", "qkv_proj", "o_proj")),
     ("fused", ("c_attn", "c_attn", "c_attn", "c_proj")),
+    ("fused", ("Wqkv", "Wqkv", "Wqkv", "out_proj")),
     ("grouped", ("c_attn", "c_attn", "c_attn", "c_proj")),
     ("grouped", ("query_key_value", "query_key_value", "query_key_value", "dense")),
+    ("sharded", ("qkv_proj", "qkv_proj", "qkv_proj", "out_proj")),
 )
 
 
@@ -101,7 +111,9 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
         q, k, v, o = (_as_map(getattr(m, attr, None)) for attr in maps)
         if not all(hasattr(x, "out_features") and hasattr(x, "in_features") for x in (q, k, v, o)):
             continue
-        H = o.in_features // d
+        H, shards = o.in_features // d, getattr(m, "mp_num", None) if layout == "sharded" else 1
+        if not is_int(shards) or shards <= 0 or H % shards:
+            continue  # qkv_proj with out_proj but no mp_num dividing the heads: a layout not known here
         if layout == "separate":
             KV = k.out_features // d
             sizes_agree = q.out_features == H * d and k.out_features == v.out_features == KV * d
@@ -109,12 +121,12 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
             if maps[0] == "c_attn" and (layout == "grouped") != (getattr(m, "multi_query", None) is False):
                 continue  # GPTBigCode without multi-query splits c_attn per head; GPT-2 and multi-query do not
             KV = (q.out_features - H * d) // (2 * d)
-            sizes_agree = q.out_features == (H + 2 * KV) * d
+            sizes_agree = q.out_features == (H + 2 * KV) * d and (layout != "sharded" or KV == H)
         if sizes_agree and o.in_features == H * d and KV > 0 and H % KV == 0:
             layer = getattr(m, "layer_idx", None)
             if layer is None:
                 layer = int(_LAYER_RE.search(f".{name}.").group(1))
-            return AttentionBlock(int(layer), name, m, H, KV, d, layout, maps)
+            return AttentionBlock(int(layer), name, m, H, KV, d, layout, maps, int(shards))
     return None
 
 
@@ -123,8 +135,9 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     found = [block for name, m in model.named_modules() if (block := _block(name, m)) is not None]
     if not found:
         raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size) "
-                         "and q_proj, k_proj, v_proj with o_proj, out_proj or dense; qkv_proj with o_proj; c_attn "
-                         "with c_proj; or query_key_value with dense")
+                         "and q_proj, k_proj, v_proj with o_proj, out_proj or dense; qkv_proj with o_proj (or with "
+                         "out_proj and mp_num shards); Wqkv with out_proj; c_attn with c_proj; or query_key_value "
+                         "with dense")
     return sorted(found, key=lambda b: b.layer)
 
 
