@@ -46,6 +46,8 @@ def block_linear_names(model, layer: int | None = None) -> list[str]:
 OTHER_ARCHS = ("bloom", "falcon", "falcon_mha", "falcon_new", "falcon_alibi", "gpt_bigcode", "gpt_bigcode_mha",
                "gpt_neo_window_8", "phi", "mpt", "codegen")
 """Tiny random architectures beyond `TINY_ARCHS`, for the tests of what they lay out differently."""
+MIXED_NORM_ARCH = "olmo2"
+"""A tiny random architecture (`other_arch`) whose q_norm and k_norm normalize all heads together."""
 
 
 def other_arch(name: str, tok):
@@ -75,6 +77,8 @@ def other_arch(name: str, tok):
                                     num_attention_heads=4, max_position_embeddings=512, **ids),
         "mpt": lambda: tr.MptConfig(vocab_size=vocab, d_model=64, n_heads=4, n_layers=2, max_seq_len=512,
                                     expansion_ratio=2, **ids),
+        "olmo2": lambda: tr.Olmo2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, **ids),
         "codegen": lambda: tr.CodeGenConfig(vocab_size=vocab, n_positions=512, n_ctx=512, n_embd=64, n_layer=2,
                                             n_head=8, rotary_dim=4, n_inner=128, **ids),
     }[name]()

@@ -370,3 +370,24 @@ def test_a_base_activity_measured_once_on_cuda(dtype):
         base = head_activity(model, tokenizer, PROMPTS, batch_size=2)
     reused = head_effects(model, tokenizer, adapter, PROMPTS, confirm=0, batch_size=2, base_activity=base)
     assert base[0].patterns[1].is_cuda and reused.top("js", 1) == [(1, 2)]
+
+
+def test_causal_measures_warn_where_a_norm_spans_the_heads():
+    """OLMo2's q_norm / k_norm normalize all heads together, so removing one head's update is not confined
+    to it: head_effects (with answers) and ablate_heads say so; a model with per-head norms does not."""
+    import warnings
+
+    from testkit import MIXED_NORM_ARCH
+
+    for arch, expected in ((MIXED_NORM_ARCH, True), ("qwen3", False)):
+        model, tokenizer = arch_model(arch)
+        adapter = apply_tinylora(model, n_tie=1, u=2)
+        adapter.set_vector(torch.linspace(-1, 1, adapter.num_params))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            head_effects(model, tokenizer, adapter, PROMPTS[:2], answers=ANSWERS[:2], confirm=1)
+            ablate_heads(model, tokenizer, adapter, PROMPTS[:2], [(0, 0)], answers=ANSWERS[:2])
+        said = [str(w.message) for w in caught if "normalize all heads together" in str(w.message)]
+        assert len(said) == (2 if expected else 0), (arch, said)
+        if expected:
+            assert said[0].startswith("k_norm, q_norm of 2 layer(s) normalize all heads together")

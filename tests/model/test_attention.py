@@ -3,7 +3,7 @@ reads as that head's query, key and value, on every layout it recognises."""
 
 import pytest
 import torch
-from testkit import OTHER_ARCHS, arch_model
+from testkit import MIXED_NORM_ARCH, OTHER_ARCHS, arch_model
 
 from tinylab.model.attention import attention_blocks, eager_attention, observe_heads
 from tinylab.model.tiny import TINY_ARCHS
@@ -53,3 +53,25 @@ def test_each_part_of_a_heads_rows_moves_what_that_part_reads(arch):
             handle.remove()
         assert _moved(pattern, base_pattern, 0) == want_patterns, (part, block.layout)
         assert _moved(output, base_output, 1) == want_outputs, (part, block.layout)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma", MIXED_NORM_ARCH])
+def test_a_norm_over_all_heads_is_named_and_carries_one_heads_query_to_all(arch):
+    """OLMo2 normalizes all heads' queries together: shifting one head's query rows moves every head's
+    pattern, and `cross_head_norms` names q_norm and k_norm. Qwen3's norm is per head (over head_dim):
+    nothing named, and only that head moves. Gemma has no such norm."""
+    model, tokenizer = arch_model(arch)
+    blocks = attention_blocks(model)
+    block, head = blocks[0], 0
+    ids = tokenizer(["Once upon a time there was a cat"], return_tensors="pt").input_ids
+    base_pattern, _ = _observe(model, blocks, ids, block.layer)
+    attr, rows = block.rows("q")
+    handle = getattr(block.module, attr).register_forward_hook(lambda m, a, out: out + torch.zeros_like(out).index_fill(
+        -1, rows[head], 1.0) * torch.arange(out.shape[-2], dtype=out.dtype)[:, None])
+    try:
+        pattern, _ = _observe(model, blocks, ids, block.layer)
+    finally:
+        handle.remove()
+    mixes = arch == MIXED_NORM_ARCH
+    assert [b.cross_head_norms() for b in blocks] == [["q_norm", "k_norm"] if mixes else []] * len(blocks)
+    assert _moved(pattern, base_pattern, 0) == (set(range(block.n_heads)) if mixes else {head})

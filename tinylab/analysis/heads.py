@@ -14,7 +14,8 @@
    group (shared with the group's other query heads: k and v are computed once per group). The
    metric is the mean per-token log-probability of reference answers, or with a `task`, its mean
    reward on greedy replies. A first-order estimate from head gates (`gate_grad`) ranks all
-   heads; the top `confirm` of them are measured by real ablation (`ablation`).
+   heads; the top `confirm` of them are measured by real ablation (`ablation`). Where a norm spans
+   the heads (OLMo2's q_norm), removing one head's update reaches the others: a warning says so.
 
 Hooks only observe (`tinylab.model.attention`: added in context managers, removed in `finally`); the
 ablation (`tinylab.analysis.head_ablation`) swaps the adapted modules for gated copies and puts the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -290,6 +292,17 @@ def _check(model, adapter, prompts, answers, task):
     return prompts, (None if answers is None else [str(a) for a in answers]), task
 
 
+def _warn_if_norms_mix_heads(blocks: Sequence[AttentionBlock]) -> None:
+    """Say so when removing one head's update also reaches other heads through a shared norm."""
+    mixed = {(b.layer, attr) for b in blocks for attr in b.cross_head_norms()}
+    if mixed:
+        names = sorted({attr for _, attr in mixed})
+        warnings.warn(f"{', '.join(names)} of {len({layer for layer, _ in mixed})} layer(s) normalize all heads "
+                      "together: removing one head's update moves the other heads of its layer through that norm, so "
+                      "the causal columns (gate_grad, ablation) are not confined to one head (the weight columns still are)",
+                      stacklevel=3)
+
+
 def head_effects(model: nn.Module, tokenizer, adapter: TinyLoRA, prompts: Sequence, *, answers=None, task=None,
                  confirm: int | str = 5, max_new_tokens: int | None = None, batch_size: int = 8,
                  base_activity: Sequence[HeadActivity] | None = None) -> HeadEffects:
@@ -329,6 +342,7 @@ def head_effects(model: nn.Module, tokenizer, adapter: TinyLoRA, prompts: Sequen
         shift = _activation_shift(model, tokenizer, adapter, blocks, prompts, batch_size, base_activity)
         table["js"], table["output_change"] = shift["js"], shift["output_change"]
         if answers is not None:
+            _warn_if_norms_mix_heads(blocks)
             scorer = Scorer(model, tokenizer, prompts, answers, task, max_new_tokens, batch_size)
             replies = scorer.replies() if scorer.metric == "reward" else None
             metric, adapted = scorer.metric, scorer.score(replies)
@@ -365,6 +379,7 @@ def ablate_heads(model: nn.Module, tokenizer, adapter: TinyLoRA, prompts: Sequen
     for layer, head in heads:
         attention_block(model, layer, head)  # a ValueError naming a head the model lacks
     heads = [(int(layer), int(head)) for layer, head in heads]
+    _warn_if_norms_mix_heads(blocks)
     scorer = Scorer(model, tokenizer, prompts, answers, task, max_new_tokens, batch_size)
     if reference is not None and reference.metric != scorer.metric:
         raise ValueError(f"reference.metric={reference.metric!r} differs from this ablation's {scorer.metric!r}")

@@ -58,6 +58,22 @@ class AttentionBlock(NamedTuple):
         """Query heads per key/value head."""
         return self.n_heads // self.n_kv
 
+    def cross_head_norms(self) -> list[str]:
+        """Attributes of the block's norms that normalize several heads together (OLMo2's `q_norm` and
+        `k_norm` over all heads' queries / keys): through them, a change in one head's rows moves the
+        others, so removing one head's update is not confined to that head. Empty when every norm is
+        per head (Qwen3's over head_dim; Cohere's per-head weights) or there is none."""
+        found = []
+        for attr, child in self.module.named_children():
+            weight = getattr(child, "weight", None)
+            if "norm" not in attr.lower() or not isinstance(weight, torch.Tensor):
+                continue
+            shape = getattr(child, "normalized_shape", None)  # nn.LayerNorm / nn.RMSNorm: what one norm spans
+            span = int(torch.Size(shape).numel()) if shape is not None else (weight.numel() if weight.dim() == 1 else 0)
+            if span > self.head_dim:
+                found.append(attr)
+        return found
+
     def rows(self, part: str) -> tuple[str, torch.Tensor]:
         """(attribute of the map, [units, head_dim] long CPU indices of its output rows) for part "q"
         (one unit per query head) or "k" / "v" (one per KV head): where each head's numbers are."""
