@@ -48,6 +48,9 @@ OTHER_ARCHS = ("bloom", "falcon", "falcon_mha", "falcon_new", "falcon_alibi", "g
 """Tiny random architectures beyond `TINY_ARCHS`, for the tests of what they lay out differently."""
 MIXED_NORM_ARCH = "olmo2"
 """A tiny random architecture (`other_arch`) whose q_norm and k_norm normalize all heads together."""
+UNSPLIT_ARCH = "deepseek_v2"
+"""A tiny random architecture (`other_arch`) whose attention tinylab does not split into heads: DeepSeek-V2's
+multi-head latent attention (keys and values from one shared low-rank projection)."""
 
 
 def other_arch(name: str, tok):
@@ -79,6 +82,10 @@ def other_arch(name: str, tok):
                                     expansion_ratio=2, **ids),
         "olmo2": lambda: tr.Olmo2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, **ids),
+        "deepseek_v2": lambda: tr.DeepseekV2Config(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+            q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8, first_k_dense_replace=1, **ids),
         "codegen": lambda: tr.CodeGenConfig(vocab_size=vocab, n_positions=512, n_ctx=512, n_embd=64, n_layer=2,
                                             n_head=8, rotary_dim=4, n_inner=128, **ids),
     }[name]()

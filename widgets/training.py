@@ -153,6 +153,8 @@ class TrainingPanel(widgets.VBox):
             else:
                 parts.append(f"reward {last.reward_mean:.3f} ± {last.reward_std:.3f}")
             parts.append(f"|v| {last.v_norm:.3g}")
+            if math.isfinite(last.entropy):
+                parts.append(f"entropy {last.entropy:.2f} nats/token")
             if math.isfinite(last.step_time):
                 parts.append(f"{last.step_time:.1f} s/step (generation {last.gen_time:.1f} s)"
                              if math.isfinite(last.gen_time) and last.gen_time > 0 else f"{last.step_time:.1f} s/step")

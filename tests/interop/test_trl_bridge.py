@@ -55,6 +55,7 @@ def test_one_trl_step_changes_v_and_nothing_else(tmp_path):
     # the StepLog carries the mean of what the task returned for this step's 4 completions
     assert len(returned) == 4 and seen[0].reward_mean == pytest.approx(sum(returned) / 4)
     assert seen[0].v_norm == pytest.approx(float(adapter.vector().norm()))
+    assert seen[0].entropy == pytest.approx(step["entropy"])  # TRL's entropy, under the StepLog's name
     assert list(trainer.tinylab_logs.history["step"]) == [1]
 
 

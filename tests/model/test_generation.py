@@ -150,6 +150,25 @@ def test_completion_logprobs_match_unpadded_forward(tiny):
         assert not torch.allclose(hot, lp)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_token_entropy_is_that_of_the_distribution_each_token_was_drawn_from(tiny, temperature):
+    """Rollout.token_entropy: at each completion token, the entropy of softmax(logits / temperature) of
+    an unpadded forward (fp64 here), 0 after the end; greedy replies have none."""
+    model, tok = tiny
+    r = generate(model, tok, PROMPTS, n=2, max_new_tokens=6, temperature=temperature, seed=5)
+    assert r.token_entropy.shape == r.completion_ids.shape and r.token_entropy.dtype == torch.float32
+    with torch.no_grad():
+        for row in range(len(r.completions)):
+            keep = r.attention_mask[row].bool()
+            ids = r.input_ids[row][keep][None]
+            n = int(r.completion_mask[row].sum())
+            logp = (model(input_ids=ids).logits[0, -n - 1:-1].double() / temperature).log_softmax(-1)  # [n, V]
+            expected = -(logp.exp() * logp).sum(-1)  # [n]
+            torch.testing.assert_close(r.token_entropy[row, :n].double(), expected, atol=1e-4, rtol=1e-4)
+            assert (r.token_entropy[row, n:] == 0).all()
+    assert generate(model, tok, PROMPTS[:1], max_new_tokens=3, temperature=0).token_entropy is None
+
+
 def test_bad_arguments_name_the_value(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="n=0: must be an integer >= 1"):

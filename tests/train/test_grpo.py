@@ -101,6 +101,9 @@ def test_completion_lengths_and_the_share_cut_at_the_limit(tmp_path, monkeypatch
         cut = (lengths == limit) & ~torch.isin(last, stops)  # at the limit without ending on a stop token
         assert log.clipped_ratio == pytest.approx(float(cut.float().mean()))
         assert log.completion_len_min == float(lengths.min()) and log.completion_len_max == int(lengths.max())
+        mask = rollout.completion_mask  # the entropy of the sampling distribution, over completion tokens
+        assert log.entropy == pytest.approx(float((rollout.token_entropy * mask).sum() / mask.sum()), rel=1e-6)
+        assert 0 < log.entropy <= math.log(model.config.vocab_size)
     assert 0 < sum(log.clipped_ratio for log in seen) < len(seen)  # both kinds occurred
 
 

@@ -78,6 +78,20 @@ def test_stop_from_callback_checkpoints_and_resumes_exactly(tmp_path, reference)
     assert resumed.history["reward_mean"].iloc[:2].tolist() == reference[2]["reward_mean"].iloc[:2].tolist()
 
 
+def test_a_history_written_before_a_field_existed_resumes_with_that_field_unmeasured(tmp_path, reference):
+    """A run folder from before StepLog had `entropy` resumes: its steps read NaN (not measured), the new
+    steps measure it, and the run ends where an uninterrupted one does."""
+    model, tok, adapter = _fresh()
+    train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path), callbacks=[_stop_at(2)])
+    state_file = tmp_path / "state.json"
+    state = json.loads(state_file.read_text())
+    for entry in state["history"]:
+        del entry["entropy"]
+    state_file.write_text(json.dumps(state))
+    entropy = _resume_and_compare(tmp_path, reference).history["entropy"].tolist()
+    assert all(math.isnan(x) for x in entropy[:2]) and all(0 < x < math.inf for x in entropy[2:])
+
+
 def test_keyboard_interrupt_in_callback_stops_cleanly(tmp_path, reference):
     model, tok, adapter = _fresh()
     run = train_grpo(model, tok, adapter, WordTask(), _cfg(tmp_path), callbacks=[_stop_at(3, KeyboardInterrupt)])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from testkit import EXAMPLES, KEY, PLANTED, planted_knobs
+from testkit import EXAMPLES, KEY, PLANTED, UNSPLIT_ARCH, arch_model, planted_knobs
 from tinylab.widgets.knobs import KnobPanel, landscape_figure, sweep_figure
 
 from tinylab.adapter.attach import apply_tinylora
@@ -219,18 +219,9 @@ def test_panel_moves_with_the_model_off_the_default_device(gpu_stand_in, dtype):
 
 
 def test_a_model_whose_attention_is_not_split_into_heads_gets_the_panel_without_a_head_map():
-    """MPT's fused Wqkv is no layout tinylab splits into heads: sliders, replies and log-probs work, the
-    head map says why it is empty, and reset gives back the trained logits exactly."""
-    import transformers
-
-    tokenizer = tiny_model()[1]
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(transformers.MptConfig(
-            vocab_size=len(tokenizer), d_model=64, n_heads=4, n_layers=2, max_seq_len=512, expansion_ratio=2,
-            **ids)).eval()
+    """DeepSeek-V2's latent attention is no layout tinylab splits into heads: sliders, replies and
+    log-probs work, the head map says why it is empty, and reset gives back the trained logits exactly."""
+    model, tokenizer = arch_model(UNSPLIT_ARCH)
     adapter = apply_tinylora(model, u=3, n_tie="all")
     adapter.set_vector(torch.tensor([0.5, -1.0, 2.0]))
     panel = KnobPanel(model, tokenizer, adapter, PROMPTS, EXAMPLES, max_new_tokens=NEW_TOKENS)

@@ -43,6 +43,7 @@ def test_panel_plots_every_step_of_a_grpo_run(tiny, tmp_path):
     assert "step 3" in panel.samples.value
     assert "finished" in panel.status.value and panel.stop_button.disabled
     assert panel.status.value.startswith("<b>toy</b>")  # the title heads the status line
+    assert f"entropy {run.logs[-1].entropy:.2f} nats/token" in panel.status.value
 
 
 def test_stop_button_stops_the_run_after_the_current_step_and_resume_continues(tiny, tmp_path):
@@ -72,7 +73,7 @@ def test_sft_run_plots_the_loss_in_the_reward_slot(tiny, tmp_path):
     first = panel.figure.data[0]
     assert first.name == "loss" and list(first.y) == pytest.approx(list(run.history["loss"]))
     assert panel.figure.layout.annotations[0].text == "loss (SFT)"
-    assert "loss" in panel.status.value
+    assert "loss" in panel.status.value and "entropy" not in panel.status.value  # SFT samples nothing
 
 
 def test_unmeasured_fields_are_gaps_and_html_is_escaped():

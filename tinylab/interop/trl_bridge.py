@@ -198,7 +198,8 @@ class TRLStepLogs(_trainer_callback_base()):
             clipped_ratio=_first(logs, "completions/clipped_ratio"),
             num_tokens=_first(logs, "num_tokens"),
             v_norm=float(vector.norm()), grad_norm=_first(logs, "grad_norm"), kl=_first(logs, "kl"),
-            clip_frac=_first(logs, "clip_ratio/region_mean"), step_time=time.perf_counter() - self._t,
+            clip_frac=_first(logs, "clip_ratio/region_mean"), entropy=_first(logs, "entropy"),
+            step_time=time.perf_counter() - self._t,
         )
         self.logs.append(entry)
         try:

@@ -50,6 +50,8 @@ class Rollout(NamedTuple):
     completion_ids: torch.Tensor  # [B*G, L] long, right-padded; the EOS token is kept
     completion_mask: torch.Tensor  # [B*G, L] long, 1 up to and including EOS
     prompt_mask: torch.Tensor  # [B*G, P] long, 0 on left padding
+    token_entropy: torch.Tensor | None = None  # [B*G, L] fp32: entropy (nats) of the distribution each
+    # completion token was drawn from (softmax of logits / temperature), 0 where masked; None when greedy
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -102,13 +104,17 @@ def _context_length(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row, on the logits' device: argmax at temperature 0, else drawn on the CPU from
-    the CPU `generator` (`draw`)."""
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator):
+    """(one token per row [B], the entropy in nats of the distribution it was drawn from [B] fp32), on
+    the logits' device: argmax and no entropy (None) at temperature 0, else drawn on the CPU from the
+    CPU `generator` (`draw`) from softmax(logits / temperature), whose entropy is
+    logsumexp(z) - sum(p * z)."""
     if temperature == 0:
-        return logits.argmax(-1)  # [B]
+        return logits.argmax(-1), None  # [B]
     scaled = logits.float() if temperature == 1 else logits.float() / temperature  # [B, V]
-    return draw(torch.softmax(scaled, dim=-1).cpu(), generator).to(logits.device)  # [B]
+    probs = torch.softmax(scaled, dim=-1)  # [B, V]
+    entropy = torch.logsumexp(scaled, dim=-1) - torch.linalg.vecdot(probs, scaled)  # [B]
+    return draw(probs.cpu(), generator).to(logits.device), entropy  # [B], [B]
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator, block: int = 256) -> torch.Tensor:
@@ -207,11 +213,12 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
     position = positions_of(mask)[:, -1:]  # [b*n, 1]
     stops = torch.tensor(stops, dtype=torch.long, device=mask.device)  # [s]
     done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # [b*n]
-    tokens = []
+    tokens, entropies = [], []
     for t in range(max_new_tokens):
-        token = _sample(logits, temperature, generator)  # [b*n]
+        token, entropy = _sample(logits, temperature, generator)  # [b*n], [b*n] or None
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
+        entropies.append(entropy)
         done = done | torch.isin(token, stops)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
@@ -225,7 +232,8 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # tokens after the first stop token
     completion_mask = (~after_stop).long()  # [b*n, l]
     completion = completion.masked_fill(after_stop, pad_id)
-    return completion, completion_mask
+    entropy = None if temperature == 0 else torch.stack(entropies, dim=1).masked_fill(after_stop, 0.0)  # [b*n, l]
+    return completion, completion_mask, entropy
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_new_tokens: int,
@@ -270,9 +278,11 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_
                             generator, stops, pad_id)
             for i in range(0, len(prompts), per_chunk)
         ]
-    width = max(c.shape[1] for c, _ in parts)
-    completion_ids = torch.cat([nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c, _ in parts])
-    completion_mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1]), value=0) for _, m in parts])
+    width = max(c.shape[1] for c, _, _ in parts)
+    completion_ids = torch.cat([nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c, _, _ in parts])
+    completion_mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1]), value=0) for _, m, _ in parts])
+    entropy = None if temperature == 0 else torch.cat(
+        [nn.functional.pad(e, (0, width - e.shape[1]), value=0.0) for _, _, e in parts])  # [B*G, L]
     texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad_id), skip_special_tokens=True)
     return Rollout(
         completions=texts,
@@ -280,6 +290,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_
         completion_ids=completion_ids,  # [B*G, L]
         completion_mask=completion_mask,  # [B*G, L]
         prompt_mask=mask.repeat_interleave(n, dim=0),  # [B*G, P]
+        token_entropy=entropy,  # [B*G, L] or None (greedy)
     )
 
 
@@ -295,8 +306,8 @@ def greedy_from_prefill(model: nn.Module, tokenizer, cache, logits: torch.Tensor
         raise ValueError(f"logits {tuple(logits.shape)} and mask {tuple(mask.shape)}: expected [B, V] and [B, P]")
     pad_id = pad_token_id(tokenizer)
     with eval_mode(model):
-        ids, kept = _generate_chunk(model, None, mask, 1, max_new_tokens, 0.0, None,
-                                    stop_token_ids(model, tokenizer), pad_id, prefilled=(cache, logits))  # [B, l]
+        ids, kept, _ = _generate_chunk(model, None, mask, 1, max_new_tokens, 0.0, None,
+                                       stop_token_ids(model, tokenizer), pad_id, prefilled=(cache, logits))  # [B, l]
     return tokenizer.batch_decode(ids.masked_fill(kept == 0, pad_id), skip_special_tokens=True)
 
 

@@ -250,6 +250,7 @@ def grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> 
         before = run.logs[-1].num_tokens if run.logs else 0.0  # a resumed run counts on from its history
         num_tokens = (0.0 if math.isnan(before) else before) + float(rollout.attention_mask.sum())
         format_rate, correct_rate = _score_rates(task, rollout.completions, answers)
+        entropy = float((rollout.token_entropy * mask).sum() / mask.sum().clamp(min=1))  # nats per completion token
         picks = range(0, len(rewards), G)[:4]
         run.record(step_log(
             step + 1, "grpo", loss=loss_value, reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
@@ -258,6 +259,7 @@ def grpo_body(run: Run, model, tokenizer, adapter, task, config: GRPOConfig) -> 
             completion_len_min=float(lengths.min()), clipped_ratio=float(1 - ended.float().mean()),
             num_tokens=num_tokens,
             v_norm=float(adapter.vector().norm()), grad_norm=grad_norm, kl=stats["kl"], clip_frac=stats["clip_frac"],
+            entropy=entropy,
             gen_time=gen_time, fwd_bwd_time=fwd_bwd_time, step_time=time.perf_counter() - t_step,
             samples=tuple((rollout.completions[i], float(rewards[i])) for i in picks),
         ))

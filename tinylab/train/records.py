@@ -39,6 +39,7 @@ class StepLog(NamedTuple):
     grad_norm: float  # |dL/dv| before the step
     kl: float  # mean per-token KL to the adapter-disabled model (GRPO with kl > 0)
     clip_frac: float  # fraction of tokens whose ratio was clipped (GRPO with clip)
+    entropy: float  # mean entropy (nats) over completion tokens of the distribution they were sampled from
     gen_time: float  # seconds sampling completions
     fwd_bwd_time: float  # seconds in forward + backward
     step_time: float  # seconds for the whole step

@@ -65,6 +65,7 @@ TRL_NAMES = {  # StepLog field -> the key TRL's GRPOTrainer logs for the same qu
     "num_tokens": "num_tokens",
     "clip_frac": "clip_ratio/region_mean",
     "kl": "kl",
+    "entropy": "entropy",
     "grad_norm": "grad_norm",
 }
 OURS = ("v_norm", "format_rate", "correct_rate", "gen_time", "fwd_bwd_time", "step_time")
