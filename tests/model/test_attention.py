@@ -75,3 +75,51 @@ def test_a_norm_over_all_heads_is_named_and_carries_one_heads_query_to_all(arch)
     mixes = arch == MIXED_NORM_ARCH
     assert [b.cross_head_norms() for b in blocks] == [["q_norm", "k_norm"] if mixes else []] * len(blocks)
     assert _moved(pattern, base_pattern, 0) == (set(range(block.n_heads)) if mixes else {head})
+
+
+def _tiny(config):
+    import transformers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_only_the_language_decoders_own_self_attention_counts():
+    """BART as a causal LM: its decoder layers' cross-attention (`encoder_attn`, never run without an
+    encoder) is not taken for the layer's block. Gemma 3 with its vision tower: only the language
+    model's blocks, not the tower's, whose layers reuse the same numbers. DiffLlama's differential
+    attention is not split (a head's output mixes two heads' patterns). HRM's two stacks share layer
+    numbers: refused by name rather than merged."""
+    import transformers as tr
+
+    small = dict(vocab_size=128, max_position_embeddings=64)
+    bart = _tiny(tr.BartConfig(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                               encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, **small))
+    blocks = attention_blocks(bart)
+    assert [b.layer for b in blocks] == [0, 1] and all(b.name.endswith("layers.%d.self_attn" % b.layer) for b in blocks)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, **small)
+    gemma3 = _tiny(tr.Gemma3Config(text_config=dict(text, sliding_window=64, layer_types=["sliding_attention"] * 2),
+                                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, image_size=28, patch_size=14)))
+    blocks = attention_blocks(gemma3)
+    assert [b.layer for b in blocks] == [0, 1] and all("language_model" in b.name for b in blocks)
+    with pytest.raises(ValueError, match="no attention block found"):
+        attention_blocks(_tiny(tr.DiffLlamaConfig(**text)))
+    hrm = tr.AutoConfig.for_model("hrm_text", **text)
+    with pytest.raises(ValueError, match="layer 0 has 2 attention blocks"):
+        attention_blocks(_tiny(hrm))
+
+
+def test_a_block_that_returns_no_attention_weights_is_named():
+    """TrOCR's decoder returns its attention weights only when asked with output_attentions: observing
+    its heads says which block gave none, instead of failing inside a hook."""
+    import transformers as tr
+
+    model = _tiny(tr.TrOCRConfig(vocab_size=128, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                                 decoder_ffn_dim=64, max_position_embeddings=64))
+    blocks = attention_blocks(model)
+    with pytest.raises(ValueError, match="attention block of layer 0 .* returned no attention weights"):
+        with torch.no_grad(), eager_attention(model), observe_heads(blocks):
+            model(input_ids=torch.arange(5)[None])

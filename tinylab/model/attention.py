@@ -119,9 +119,13 @@ def _as_map(module):
 
 
 def _block(name: str, m: nn.Module) -> AttentionBlock | None:
-    """The block's geometry if `m` is an attention block of a known layout whose sizes agree, else None."""
+    """The block's geometry if `m` is an attention block of a known layout whose sizes agree, else None.
+    Not cross-attention (BART's `encoder_attn`, BERT's `crossattention`: a causal LM's text forward
+    does not run it) nor differential attention (DiffLlama: a head's output mixes two heads' patterns
+    and half-heads of values, so its rows and columns are not its own)."""
     d = getattr(m, "head_dim", None) or getattr(m, "head_size", None)
-    if not is_int(d) or d <= 0:
+    attr = name.rsplit(".", 1)[-1].lower()
+    if not is_int(d) or d <= 0 or "cross" in attr or attr == "encoder_attn" or hasattr(m, "lambda_q1"):
         return None
     for layout, maps in _LAYOUTS:
         q, k, v, o = (_as_map(getattr(m, attr, None)) for attr in maps)
@@ -147,13 +151,30 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
 
 
 def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
-    """Every attention block of a layout in the module docstring, in layer order."""
-    found = [block for name, m in model.named_modules() if (block := _block(name, m)) is not None]
+    """Every attention block of a layout in the module docstring, in layer order, in the model's
+    language decoder (`get_decoder()`: not the vision or audio tower of a multimodal model, whose
+    blocks would share the text layers' numbers). One block per layer: a decoder whose layer number
+    names two (two stacks run in turn) is a ValueError, as is one with none of a known layout."""
+    decoder = model
+    with contextlib.suppress(Exception):  # no get_decoder, or one that cannot tell: the whole model
+        found = model.get_decoder()
+        decoder = found if isinstance(found, nn.Module) else model
+    prefix = next((name for name, m in model.named_modules() if m is decoder), "")
+    found = [block for name, m in decoder.named_modules()
+             if (block := _block(f"{prefix}.{name}".strip("."), m)) is not None]
     if not found:
         raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size) "
                          "and q_proj, k_proj, v_proj with o_proj, out_proj or dense; qkv_proj with o_proj (or with "
                          "out_proj and mp_num shards); Wqkv with out_proj; c_attn with c_proj; or query_key_value "
                          "with dense")
+    by_layer: dict[int, list[str]] = {}
+    for block in found:
+        by_layer.setdefault(block.layer, []).append(block.name)
+    shared = {layer: names for layer, names in by_layer.items() if len(names) > 1}
+    if shared:
+        layer, names = min(shared.items())
+        raise ValueError(f"layer {layer} has {len(names)} attention blocks ({', '.join(names)}); the head analyses "
+                         "need one per layer number (allowed: a decoder whose layers each hold one attention block)")
     return sorted(found, key=lambda b: b.layer)
 
 
@@ -212,7 +233,14 @@ def observe_heads(blocks: Sequence[AttentionBlock]):
     handles = []
 
     def keep_pattern(layer):
-        return lambda module, args, out: patterns.__setitem__(layer, out[1].detach().float())  # [B, H, T, T]
+        def keep(module, args, out):
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if not isinstance(weights, torch.Tensor):
+                raise ValueError(f"the attention block of layer {layer} ({type(module).__name__}) returned no attention "
+                                 "weights under eager attention; allowed: blocks that return (output, weights), as "
+                                 "transformers' softmax attention does (not linear attention)")
+            patterns[layer] = weights.detach().float()  # [B, H, T, T]
+        return keep
 
     def keep_output(layer, n_heads):
         return lambda module, args: outputs.__setitem__(
