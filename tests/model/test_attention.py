@@ -88,7 +88,8 @@ def _tiny(config):
 def test_only_the_language_decoders_own_self_attention_counts():
     """BART as a causal LM: its decoder layers' cross-attention (`encoder_attn`, never run without an
     encoder) is not taken for the layer's block. Gemma 3 with its vision tower: only the language
-    model's blocks, not the tower's, whose layers reuse the same numbers. DiffLlama's differential
+    model's blocks, not the tower's, whose layers reuse the same numbers; Phi-4-multimodal's audio
+    encoder inside the decoder: the decoder's own layers. DiffLlama's differential
     attention is not split (a head's output mixes two heads' patterns). HRM's two stacks share layer
     numbers: refused by name rather than merged."""
     import transformers as tr
@@ -97,7 +98,7 @@ def test_only_the_language_decoders_own_self_attention_counts():
     bart = _tiny(tr.BartConfig(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
                                encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, **small))
     blocks = attention_blocks(bart)
-    assert [b.layer for b in blocks] == [0, 1] and all(b.name.endswith("layers.%d.self_attn" % b.layer) for b in blocks)
+    assert [b.layer for b in blocks] == [0, 1] and all(b.name.endswith(f"layers.{b.layer}.self_attn") for b in blocks)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=8, **small)
     gemma3 = _tiny(tr.Gemma3Config(text_config=dict(text, sliding_window=64, layer_types=["sliding_attention"] * 2),
@@ -107,6 +108,11 @@ def test_only_the_language_decoders_own_self_attention_counts():
     assert [b.layer for b in blocks] == [0, 1] and all("language_model" in b.name for b in blocks)
     with pytest.raises(ValueError, match="no attention block found"):
         attention_blocks(_tiny(tr.DiffLlamaConfig(**text)))
+    phi4 = _tiny(tr.Phi4MultimodalConfig(**text, pad_token_id=0, vision_config=dict(hidden_size=32, num_hidden_layers=2,
+                                                                     num_attention_heads=4, intermediate_size=64),
+                                         audio_config=dict(hidden_size=32, num_attention_heads=4, intermediate_size=64)))
+    blocks = attention_blocks(phi4)  # its audio encoder sits inside the decoder, numbered from 0 too
+    assert [b.name for b in blocks] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     hrm = tr.AutoConfig.for_model("hrm_text", **text)
     with pytest.raises(ValueError, match="layer 0 has 2 attention blocks"):
         attention_blocks(_tiny(hrm))

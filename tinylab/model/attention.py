@@ -153,8 +153,10 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
 def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     """Every attention block of a layout in the module docstring, in layer order, in the model's
     language decoder (`get_decoder()`: not the vision or audio tower of a multimodal model, whose
-    blocks would share the text layers' numbers). One block per layer: a decoder whose layer number
-    names two (two stacks run in turn) is a ValueError, as is one with none of a known layout."""
+    blocks would share the text layers' numbers). One block per layer: where stacks share layer
+    numbers (an audio encoder inside the decoder), the stack nearest the top (shortest module path)
+    is the decoder's own; two stacks at the same depth (run in turn) are a ValueError, as is a
+    decoder with no block of a known layout."""
     decoder = model
     with contextlib.suppress(Exception):  # no get_decoder, or one that cannot tell: the whole model
         found = model.get_decoder()
@@ -167,14 +169,18 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
                          "and q_proj, k_proj, v_proj with o_proj, out_proj or dense; qkv_proj with o_proj (or with "
                          "out_proj and mp_num shards); Wqkv with out_proj; c_attn with c_proj; or query_key_value "
                          "with dense")
-    by_layer: dict[int, list[str]] = {}
-    for block in found:
-        by_layer.setdefault(block.layer, []).append(block.name)
-    shared = {layer: names for layer, names in by_layer.items() if len(names) > 1}
-    if shared:
-        layer, names = min(shared.items())
-        raise ValueError(f"layer {layer} has {len(names)} attention blocks ({', '.join(names)}); the head analyses "
-                         "need one per layer number (allowed: a decoder whose layers each hold one attention block)")
+    if len({b.layer for b in found}) < len(found):  # layer numbers shared: keep the stack nearest the top
+        stacks: dict[str, list[AttentionBlock]] = {}
+        for block in found:  # "model.layers.{}.self_attn": one stack of layers
+            stacks.setdefault(_LAYER_RE.sub(".{}.", f".{block.name}.", count=1), []).append(block)
+        depth = min(name.count(".") for name in stacks)
+        nearest = [blocks for name, blocks in stacks.items() if name.count(".") == depth]
+        if len(nearest) > 1 or len({b.layer for b in nearest[0]}) < len(nearest[0]):
+            names = [b.name for blocks in nearest for b in blocks if b.layer == nearest[0][0].layer]
+            raise ValueError(f"layer {nearest[0][0].layer} has {len(names)} attention blocks ({', '.join(names)}); the "
+                             "head analyses need one per layer number (allowed: a decoder whose layers each hold one "
+                             "attention block)")
+        found = nearest[0]
     return sorted(found, key=lambda b: b.layer)
 
 
