@@ -157,11 +157,12 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     numbers (an audio encoder inside the decoder), the stack nearest the top (shortest module path)
     is the decoder's own; two stacks at the same depth (run in turn) are a ValueError, as is a
     decoder with no block of a known layout."""
-    decoder = model
-    with contextlib.suppress(Exception):  # no get_decoder, or one that cannot tell: the whole model
-        found = model.get_decoder()
-        decoder = found if isinstance(found, nn.Module) else model
-    prefix = next((name for name, m in model.named_modules() if m is decoder), "")
+    decoder = None
+    with contextlib.suppress(AttributeError, NotImplementedError, TypeError, ValueError):
+        decoder = model.get_decoder()  # transformers' own answer; absent or unsure: the whole model
+    prefix = next((name for name, m in model.named_modules() if m is decoder), None)
+    if prefix is None:  # not a module of this model
+        decoder, prefix = model, ""
     found = [block for name, m in decoder.named_modules()
              if (block := _block(f"{prefix}.{name}".strip("."), m)) is not None]
     if not found:
