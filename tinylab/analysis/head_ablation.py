@@ -88,7 +88,7 @@ def gated(adapter: TinyLoRA, blocks: Sequence[AttentionBlock], head_gates: dict,
             for part, unit_gate in (("q", head_gates[b.layer]), ("k", kv_gates[b.layer]), ("v", kv_gates[b.layer])):
                 attr, rows = b.rows(part)  # [units, d]
                 out_rows.setdefault(attr, []).append(
-                    (rows.flatten().to(unit_gate.device), unit_gate.repeat_interleave(b.head_dim)))  # unit-major
+                    (rows.flatten().to(unit_gate.device), unit_gate.repeat_interleave(rows.shape[1])))  # unit-major
             for attr in dict.fromkeys([*out_rows, b.maps[3]]):
                 m = adapted_module(adapter, b, attr)
                 if m is not None:

@@ -3,10 +3,13 @@ measurement, and hooks that observe each head's pattern and output.
 
 Where a head's numbers live in the block's linear maps (`AttentionBlock.rows`, `AttentionBlock.maps`):
 the query rows of head h, the key and value rows of its KV group, and the columns h*d..(h+1)*d of the
-output map (its input is the heads' outputs side by side). Four layouts are recognised:
+output map (its input is the heads' outputs side by side). Five layouts are recognised:
 
     separate     q_proj, k_proj, v_proj; output o_proj, out_proj (Llama, Qwen, Mistral, Gemma, OPT,
                  GPT-J, GPT-Neo) or dense (Phi)
+    gated        the same maps, q_proj twice as tall: per query head, its query rows, then the rows
+                 of the gate that scales its output (Qwen3-Next's and Qwen3.5's full attention); a
+                 head's "q" rows are both
     fused        qkv_proj: all query rows, then key rows, then value rows; output o_proj (Phi-3);
                  c_attn the same way, output c_proj (GPT-2's `Conv1D` maps; GPTBigCode's multi-query);
                  Wqkv the same way, output out_proj (MPT)
@@ -49,7 +52,7 @@ class AttentionBlock(NamedTuple):
     n_heads: int
     n_kv: int
     head_dim: int
-    layout: str = "separate"  # "separate", "fused", "grouped" or "sharded" (module docstring)
+    layout: str = "separate"  # "separate", "gated", "fused", "grouped" or "sharded" (module docstring)
     maps: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")  # attribute of q, k, v, output
     shards: int = 1  # "sharded": the number of shards of the fused map (CodeGen's mp_num)
 
@@ -76,12 +79,15 @@ class AttentionBlock(NamedTuple):
 
     def rows(self, part: str) -> tuple[str, torch.Tensor]:
         """(attribute of the map, [units, head_dim] long CPU indices of its output rows) for part "q"
-        (one unit per query head) or "k" / "v" (one per KV head): where each head's numbers are."""
+        (one unit per query head) or "k" / "v" (one per KV head): where each head's numbers are. The
+        gated layout's "q" units are 2 * head_dim rows: the head's query rows, then its gate rows."""
         if part not in ("q", "k", "v"):
             raise ValueError(f"part={part!r} is not allowed: 'q', 'k' or 'v'")
         H, KV, d = self.n_heads, self.n_kv, self.head_dim
         i = "qkv".index(part)
         units = H if part == "q" else KV
+        if self.layout == "gated" and part == "q":  # per query head: d query rows, then d gate rows
+            return self.maps[0], torch.arange(units * 2 * d, device="cpu").view(units, 2 * d)
         if self.layout == "grouped":  # per KV head: its group's G query heads' rows, then k, then v
             G = self.group
             unit = torch.arange(units, device="cpu")[:, None]  # [units, 1]
@@ -93,8 +99,8 @@ class AttentionBlock(NamedTuple):
             per = units // self.shards  # heads per shard (as many KV heads as query heads)
             unit = torch.arange(units, device="cpu")[:, None]  # [units, 1]
             start = (unit // per) * 3 * per * d + (0, 2, 1)[i] * per * d + (unit % per) * d
-        else:  # separate maps start at 0; fused: q rows, then k, then v
-            offset = 0 if self.layout == "separate" else (0, H * d, (H + KV) * d)[i]
+        else:  # separate (and gated k, v) maps start at 0; fused: q rows, then k, then v
+            offset = 0 if self.layout in ("separate", "gated") else (0, H * d, (H + KV) * d)[i]
             start = offset + torch.arange(units, device="cpu")[:, None] * d  # [units, 1]
         return self.maps[i], start + torch.arange(d, device="cpu")[None, :]  # [units, d]
 
@@ -102,6 +108,7 @@ class AttentionBlock(NamedTuple):
 # (layout, attributes of q, k, v and the output map) in the order they are tried
 _LAYOUTS = (
     ("separate", ("q_proj", "k_proj", "v_proj", "o_proj")),
+    ("gated", ("q_proj", "k_proj", "v_proj", "o_proj")),
     ("separate", ("q_proj", "k_proj", "v_proj", "out_proj")),
     ("separate", ("q_proj", "k_proj", "v_proj", "dense")),
     ("fused", ("qkv_proj", "qkv_proj", "qkv_proj", "o_proj")),
@@ -134,9 +141,10 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
         H, shards = o.in_features // d, getattr(m, "mp_num", None) if layout == "sharded" else 1
         if not is_int(shards) or shards <= 0 or H % shards:
             continue  # qkv_proj with out_proj but no mp_num dividing the heads: a layout not known here
-        if layout == "separate":
+        if layout in ("separate", "gated"):
             KV = k.out_features // d
-            sizes_agree = q.out_features == H * d and k.out_features == v.out_features == KV * d
+            sizes_agree = (q.out_features == (1 if layout == "separate" else 2) * H * d
+                           and k.out_features == v.out_features == KV * d)
         else:  # fused or grouped: H query heads and KV key and value heads in one map
             if maps[0] == "c_attn" and (layout == "grouped") != (getattr(m, "multi_query", None) is False):
                 continue  # GPTBigCode without multi-query splits c_attn per head; GPT-2 and multi-query do not
