@@ -175,7 +175,8 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
              if (block := _block(f"{prefix}.{name}".strip("."), m)) is not None]
     if not found:
         raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size) "
-                         "and q_proj, k_proj, v_proj with o_proj, out_proj or dense; qkv_proj with o_proj (or with "
+                         "and q_proj (queries, or queries and gates), k_proj, v_proj with o_proj, out_proj or dense; "
+                         "qkv_proj with o_proj (or with "
                          "out_proj and mp_num shards); Wqkv with out_proj; c_attn with c_proj; or query_key_value "
                          "with dense")
     if len({b.layer for b in found}) < len(found):  # layer numbers shared: keep the stack nearest the top
