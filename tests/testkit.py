@@ -94,9 +94,26 @@ def other_arch(name: str, tok):
         "codegen": lambda: tr.CodeGenConfig(vocab_size=vocab, n_positions=512, n_ctx=512, n_embd=64, n_layer=2,
                                             n_head=8, rotary_dim=4, n_inner=128, **ids),
     }[name]()
+    return seeded_model(config)
+
+
+def seeded_model(config):
+    """A causal LM of `config` with weights from seed 0, in eval mode; the global RNG is left alone."""
+    import transformers as tr
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return tr.AutoModelForCausalLM.from_config(config).eval()
+
+
+def observe_layer(model, blocks, ids, layer: int):
+    """(attention patterns [H, T, T], head outputs [T, H, d]) of `layer` for the first row of `ids`, in
+    one forward with eager attention (tinylab.model.attention's own hooks)."""
+    from tinylab.model.attention import eager_attention, observe_heads
+
+    with torch.no_grad(), eager_attention(model), observe_heads(blocks) as (patterns, outputs):
+        model(input_ids=ids)
+    return patterns[layer][0], outputs[layer][0]
 
 
 def arch_model(name: str):

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from testkit import OTHER_ARCHS, arch_model, planted_head
+from testkit import OTHER_ARCHS, arch_model, observe_layer, planted_head
 
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.adapter.layer import TinyLoRALinear
@@ -17,7 +17,7 @@ from tinylab.analysis.heads import (
     head_effects,
 )
 from tinylab.analysis.patterns import attention_patterns
-from tinylab.model.attention import attention_blocks, eager_attention, observe_heads
+from tinylab.model.attention import attention_blocks, eager_attention
 from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
 PROMPTS = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(4)] + ["Once upon a time"]
@@ -117,9 +117,7 @@ def test_removing_a_heads_update_gives_back_its_base_output_on_every_architectur
     ids = tokenizer(["Once upon a time there was"], return_tensors="pt").input_ids
 
     def head_outputs():
-        with torch.no_grad(), eager_attention(model), observe_heads(blocks) as (_, outputs):
-            model(input_ids=ids)
-        return outputs[first.layer][0]  # [T, H, d]
+        return observe_layer(model, blocks, ids, first.layer)[1]  # [T, H, d]
 
     adapted = head_outputs()
     with adapter.disabled():

@@ -3,16 +3,10 @@ reads as that head's query, key and value, on every layout it recognises."""
 
 import pytest
 import torch
-from testkit import MIXED_NORM_ARCH, OTHER_ARCHS, arch_model
+from testkit import MIXED_NORM_ARCH, OTHER_ARCHS, arch_model, observe_layer, seeded_model
 
 from tinylab.model.attention import attention_blocks, eager_attention, observe_heads
 from tinylab.model.tiny import TINY_ARCHS
-
-
-def _observe(model, blocks, ids, layer):
-    with torch.no_grad(), eager_attention(model), observe_heads(blocks) as (patterns, outputs):
-        model(input_ids=ids)
-    return patterns[layer][0], outputs[layer][0]  # [H, T, T], [T, H, d]
 
 
 def _moved(a, b, dim):
@@ -33,7 +27,7 @@ def test_each_part_of_a_heads_rows_moves_what_that_part_reads(arch):
     head = block.n_heads - 1
     group = {h for h in range(block.n_heads) if h // block.group == head // block.group}
     ids = tokenizer(["Once upon a time there was a cat"], return_tensors="pt").input_ids
-    base_pattern, base_output = _observe(model, blocks, ids, block.layer)
+    base_pattern, base_output = observe_layer(model, blocks, ids, block.layer)
     expected = {"q": ({head}, {head}), "k": (group, group), "v": (set(), group)}  # (patterns, outputs) moved
     for part, (want_patterns, want_outputs) in expected.items():
         attr, rows = block.rows(part)
@@ -48,7 +42,7 @@ def test_each_part_of_a_heads_rows_moves_what_that_part_reads(arch):
 
         handle = getattr(block.module, attr).register_forward_hook(move)
         try:
-            pattern, output = _observe(model, blocks, ids, block.layer)
+            pattern, output = observe_layer(model, blocks, ids, block.layer)
         finally:
             handle.remove()
         assert _moved(pattern, base_pattern, 0) == want_patterns, (part, block.layout)
@@ -64,25 +58,17 @@ def test_a_norm_over_all_heads_is_named_and_carries_one_heads_query_to_all(arch)
     blocks = attention_blocks(model)
     block, head = blocks[0], 0
     ids = tokenizer(["Once upon a time there was a cat"], return_tensors="pt").input_ids
-    base_pattern, _ = _observe(model, blocks, ids, block.layer)
+    base_pattern, _ = observe_layer(model, blocks, ids, block.layer)
     attr, rows = block.rows("q")
     handle = getattr(block.module, attr).register_forward_hook(lambda m, a, out: out + torch.zeros_like(out).index_fill(
         -1, rows[head], 1.0) * torch.arange(out.shape[-2], dtype=out.dtype)[:, None])
     try:
-        pattern, _ = _observe(model, blocks, ids, block.layer)
+        pattern, _ = observe_layer(model, blocks, ids, block.layer)
     finally:
         handle.remove()
     mixes = arch == MIXED_NORM_ARCH
     assert [b.cross_head_norms() for b in blocks] == [["q_norm", "k_norm"] if mixes else []] * len(blocks)
     assert _moved(pattern, base_pattern, 0) == (set(range(block.n_heads)) if mixes else {head})
-
-
-def _tiny(config):
-    import transformers
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 def test_only_the_language_decoders_own_self_attention_counts():
@@ -95,27 +81,28 @@ def test_only_the_language_decoders_own_self_attention_counts():
     import transformers as tr
 
     small = dict(vocab_size=128, max_position_embeddings=64)
-    bart = _tiny(tr.BartConfig(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+    bart = seeded_model(tr.BartConfig(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
                                encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, **small))
     blocks = attention_blocks(bart)
-    assert [b.layer for b in blocks] == [0, 1] and all(b.name.endswith(f"layers.{b.layer}.self_attn") for b in blocks)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=8, **small)
-    gemma3 = _tiny(tr.Gemma3Config(text_config=dict(text, sliding_window=64, layer_types=["sliding_attention"] * 2),
-                                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                      num_attention_heads=4, image_size=28, patch_size=14)))
+    assert [b.layer for b in blocks] == [0, 1]
+    assert all(b.name.endswith(f"layers.{b.layer}.self_attn") for b in blocks)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, **small)
+    tower = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    gemma3 = seeded_model(tr.Gemma3Config(
+        text_config=dict(text, sliding_window=64, layer_types=["sliding_attention"] * 2),
+        vision_config=dict(tower, num_hidden_layers=2, image_size=28, patch_size=14)))
     blocks = attention_blocks(gemma3)
     assert [b.layer for b in blocks] == [0, 1] and all("language_model" in b.name for b in blocks)
     with pytest.raises(ValueError, match="no attention block found"):
-        attention_blocks(_tiny(tr.DiffLlamaConfig(**text)))
-    phi4 = _tiny(tr.Phi4MultimodalConfig(**text, pad_token_id=0, vision_config=dict(hidden_size=32, num_hidden_layers=2,
-                                                                     num_attention_heads=4, intermediate_size=64),
-                                         audio_config=dict(hidden_size=32, num_attention_heads=4, intermediate_size=64)))
+        attention_blocks(seeded_model(tr.DiffLlamaConfig(**text)))
+    phi4 = seeded_model(tr.Phi4MultimodalConfig(**text, pad_token_id=0, audio_config=tower,
+                                                vision_config=dict(tower, num_hidden_layers=2)))
     blocks = attention_blocks(phi4)  # its audio encoder sits inside the decoder, numbered from 0 too
     assert [b.name for b in blocks] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     hrm = tr.AutoConfig.for_model("hrm_text", **text)
     with pytest.raises(ValueError, match="layer 0 has 2 attention blocks"):
-        attention_blocks(_tiny(hrm))
+        attention_blocks(seeded_model(hrm))
 
 
 def test_a_block_that_returns_no_attention_weights_is_named():
@@ -123,7 +110,7 @@ def test_a_block_that_returns_no_attention_weights_is_named():
     its heads says which block gave none, instead of failing inside a hook."""
     import transformers as tr
 
-    model = _tiny(tr.TrOCRConfig(vocab_size=128, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+    model = seeded_model(tr.TrOCRConfig(vocab_size=128, d_model=32, decoder_layers=2, decoder_attention_heads=4,
                                  decoder_ffn_dim=64, max_position_embeddings=64))
     blocks = attention_blocks(model)
     with pytest.raises(ValueError, match="attention block of layer 0 .* returned no attention weights"):
