@@ -106,13 +106,67 @@ def test_only_the_language_decoders_own_self_attention_counts():
 
 
 def test_a_block_that_returns_no_attention_weights_is_named():
-    """TrOCR's decoder returns its attention weights only when asked with output_attentions: observing
-    its heads says which block gave none, instead of failing inside a hook."""
+    """A block of a known layout that returns no weights (here: a hook drops them, as linear attention
+    does) is named, instead of failing inside a hook."""
     import transformers as tr
 
-    model = seeded_model(tr.TrOCRConfig(vocab_size=128, d_model=32, decoder_layers=2, decoder_attention_heads=4,
-                                 decoder_ffn_dim=64, max_position_embeddings=64))
+    model = seeded_model(tr.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
     blocks = attention_blocks(model)
-    with pytest.raises(ValueError, match="attention block of layer 0 .* returned no attention weights"):
-        with torch.no_grad(), eager_attention(model), observe_heads(blocks):
-            model(input_ids=torch.arange(5)[None])
+    drop = blocks[1].module.register_forward_hook(lambda module, args, out: (out[0], None))
+    try:
+        with pytest.raises(ValueError, match="attention block of layer 1 .* returned no attention weights"):
+            with torch.no_grad(), eager_attention(model), observe_heads(blocks):
+                model(input_ids=torch.arange(5)[None])
+    finally:
+        drop.remove()
+
+
+def _observed_vs_asked(model, language_model, ids):
+    """(each layer's observed patterns [B, H, T, T], the same model's `output_attentions=True` ones)."""
+    blocks = attention_blocks(model)
+    with torch.no_grad(), eager_attention(model), observe_heads(blocks) as (patterns, _):
+        model(input_ids=ids, use_cache=False)
+    with torch.no_grad(), eager_attention(model):
+        asked = language_model(input_ids=ids, output_attentions=True, use_cache=False).attentions
+    return [patterns[b.layer] for b in blocks], list(asked)
+
+
+def test_a_block_that_returns_its_weights_only_when_asked_is_asked():
+    """TrOCR's and MVP's decoder blocks (BART-style) return their attention weights only with
+    `output_attentions=True`: observing their heads asks them, and sees the patterns the model itself
+    returns when asked."""
+    import transformers as tr
+
+    ids = torch.tensor([[5, 9, 2, 7, 7, 3]])
+    for config in (tr.TrOCRConfig(vocab_size=128, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                                  decoder_ffn_dim=64, max_position_embeddings=64),
+                   tr.MvpConfig(vocab_size=128, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                                decoder_ffn_dim=64, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
+                                max_position_embeddings=64)):
+        model = seeded_model(config)
+        observed, asked = _observed_vs_asked(model, model, ids)
+        assert len(observed) == len(asked) == 2
+        for mine, theirs in zip(observed, asked):
+            assert mine.shape == (1, 4, 6, 6)
+            torch.testing.assert_close(mine, theirs.float())
+
+
+def test_eager_attention_reaches_a_text_model_whose_parent_already_says_eager():
+    """GOT-OCR2's own config says "eager" while its text model's config says "sdpa": eager attention
+    switches the text model too (its blocks return their weights) and gives every config its own
+    setting back afterwards."""
+    import transformers as tr
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    vision = dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16, mlp_dim=32, global_attn_indexes=[0])
+    model = seeded_model(tr.GotOcr2Config(text_config=text, vision_config=vision, image_token_index=127))
+    model.config.text_config._attn_implementation = "sdpa"
+    model.config._attn_implementation_internal = "eager"
+    before = [(c, c._attn_implementation) for c in (model.config, model.config.text_config, model.config.vision_config)]
+    observed, asked = _observed_vs_asked(model, model.model.language_model, torch.tensor([[5, 9, 2, 7]]))
+    for mine, theirs in zip(observed, asked):
+        torch.testing.assert_close(mine, theirs.float())
+    assert [(c, c._attn_implementation) for c, _ in before] == before

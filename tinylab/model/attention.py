@@ -28,6 +28,7 @@ both stand on these. Hooks only observe: they are added in a context manager and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -220,24 +221,59 @@ def attention_block(model: nn.Module, layer: int, head: int) -> AttentionBlock:
     return block
 
 
-def _set_attention(model: nn.Module, implementation: str | None) -> None:
-    if implementation == model.config._attn_implementation:
-        return
-    if implementation is not None and hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(implementation)
-    else:
-        model.config._attn_implementation = implementation
+def _attention_configs(model: nn.Module) -> list:
+    """Every config an attention block of `model` may read its implementation from: the model's,
+    its sub-configs' at any depth (a vision-language model's `text_config`) and those of its
+    sub-models, parents before their sub-configs."""
+    found: dict[int, object] = {}
+    queue = [model.config] + [m.config for m in model.modules() if m is not model and hasattr(m, "config")
+                              and hasattr(m.config, "_attn_implementation")]
+    while queue:
+        config = queue.pop(0)
+        if id(config) not in found:
+            found[id(config)] = config
+            queue += [sub for key in getattr(config, "sub_configs", None) or {}
+                      if (sub := getattr(config, key, None)) is not None]
+    return list(found.values())
 
 
 @contextlib.contextmanager
 def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Eager attention inside the block (attention weights are returned); the previous setting after."""
-    previous = model.config._attn_implementation
-    _set_attention(model, "eager")
+    """Eager attention inside the block (attention weights are returned) in the model and in every
+    sub-model (a model whose own config already says "eager" may hold a text model on "sdpa"); each
+    config's previous setting after."""
+    configs = _attention_configs(model)
+    previous = [config._attn_implementation for config in configs]
+    if any(implementation != "eager" for implementation in previous):
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        else:
+            for config in configs:
+                config._attn_implementation = "eager"
     try:
         yield model
     finally:
-        _set_attention(model, previous)
+        for config, implementation in zip(configs, previous):  # each its own, not the parent's (the setter recurses)
+            if "_attn_implementation_internal" in vars(config):
+                config._attn_implementation_internal = implementation
+            else:
+                config._attn_implementation = implementation
+
+
+def _asking_for_weights(module: nn.Module):
+    """A forward pre-hook (with kwargs) that passes `output_attentions=True` to a block whose forward
+    names that argument (BART-style blocks return their weights only when asked); None for blocks
+    that take no such argument (transformers' attention interface returns them under eager)."""
+    names = list(inspect.signature(module.forward).parameters)
+    if "output_attentions" not in names:
+        return None
+    index = names.index("output_attentions")
+
+    def ask(module, args, kwargs):
+        if index < len(args):
+            return args[:index] + (True,) + args[index + 1:], kwargs
+        return args, {**kwargs, "output_attentions": True}
+    return ask
 
 
 @contextlib.contextmanager
@@ -264,6 +300,8 @@ def observe_heads(blocks: Sequence[AttentionBlock]):
 
     try:
         for b in blocks:
+            if (ask := _asking_for_weights(b.module)) is not None:
+                handles.append(b.module.register_forward_pre_hook(ask, with_kwargs=True))
             handles.append(b.module.register_forward_hook(keep_pattern(b.layer)))
             output_map = getattr(b.module, b.maps[3])
             handles.append(output_map.register_forward_pre_hook(keep_output(b.layer, b.n_heads)))
