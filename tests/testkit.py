@@ -44,7 +44,7 @@ def block_linear_names(model, layer: int | None = None) -> list[str]:
 
 
 OTHER_ARCHS = ("bloom", "falcon", "falcon_mha", "falcon_new", "falcon_alibi", "gpt_bigcode", "gpt_bigcode_mha",
-               "gpt_neo_window_8", "phi", "mpt", "codegen", "qwen3_next")
+               "gpt_neo_window_8", "phi", "mpt", "codegen", "qwen3_next", "minicpm5_moe", "modernbert_decoder")
 """Tiny random architectures beyond `TINY_ARCHS`, for the tests of what they lay out differently."""
 MIXED_NORM_ARCH = "olmo2"
 """A tiny random architecture (`other_arch`) whose q_norm and k_norm normalize all heads together."""
@@ -58,8 +58,9 @@ def other_arch(name: str, tok):
     ALiBi from the mask (BLOOM, Falcon alibi=True), local windows (GPT-Neo, 8 tokens), fused q/k/v
     maps of other layouts (Falcon: multi-query, one head per group, 2 KV groups; GPTBigCode with and
     without multi-query; MPT's Wqkv; CodeGen's qkv_proj in 4 shards of q, v, k, here 8 heads so that
-    a shard holds two), q/k/v with a `dense` output (Phi) and a q_proj that also holds a per-head output
-    gate (Qwen3-Next, both layers full attention, mixture-of-experts MLPs)."""
+    a shard holds two), q/k/v with a `dense` output (Phi) or a `Wo` output (ModernBERT's decoder, a local
+    window of 8 tokens in its first layer), and a q_proj that also holds a per-head output gate
+    (Qwen3-Next, both layers full attention, mixture-of-experts MLPs; MiniCPM5's q_gate_proj)."""
     import transformers as tr
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -91,6 +92,14 @@ def other_arch(name: str, tok):
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             shared_expert_intermediate_size=32, layer_types=["full_attention"] * 2, max_position_embeddings=512, **ids),
+        "minicpm5_moe": lambda: tr.MiniCPM5MoeConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            first_k_dense_replace=1, max_position_embeddings=512, **ids),
+        "modernbert_decoder": lambda: tr.ModernBertDecoderConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=512, local_attention=8, layer_types=["sliding_attention", "full_attention"],
+            **ids),
         "codegen": lambda: tr.CodeGenConfig(vocab_size=vocab, n_positions=512, n_ctx=512, n_embd=64, n_layer=2,
                                             n_head=8, rotary_dim=4, n_inner=128, **ids),
     }[name]()

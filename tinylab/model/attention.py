@@ -6,10 +6,10 @@ the query rows of head h, the key and value rows of its KV group, and the column
 output map (its input is the heads' outputs side by side). Five layouts are recognised:
 
     separate     q_proj, k_proj, v_proj; output o_proj, out_proj (Llama, Qwen, Mistral, Gemma, OPT,
-                 GPT-J, GPT-Neo) or dense (Phi)
+                 GPT-J, GPT-Neo), dense (Phi) or Wo (ModernBERT's decoder)
     gated        the same maps, q_proj twice as tall: per query head, its query rows, then the rows
-                 of the gate that scales its output (Qwen3-Next's and Qwen3.5's full attention); a
-                 head's "q" rows are both
+                 of the gate that scales its output (Qwen3-Next's and Qwen3.5's full attention; the
+                 map is q_gate_proj in MiniCPM5); a head's "q" rows are both
     fused        qkv_proj: all query rows, then key rows, then value rows; output o_proj (Phi-3);
                  c_attn the same way, output c_proj (GPT-2's `Conv1D` maps; GPTBigCode's multi-query);
                  Wqkv the same way, output out_proj (MPT)
@@ -110,8 +110,10 @@ class AttentionBlock(NamedTuple):
 _LAYOUTS = (
     ("separate", ("q_proj", "k_proj", "v_proj", "o_proj")),
     ("gated", ("q_proj", "k_proj", "v_proj", "o_proj")),
+    ("gated", ("q_gate_proj", "k_proj", "v_proj", "o_proj")),
     ("separate", ("q_proj", "k_proj", "v_proj", "out_proj")),
     ("separate", ("q_proj", "k_proj", "v_proj", "dense")),
+    ("separate", ("q_proj", "k_proj", "v_proj", "Wo")),
     ("fused", ("qkv_proj", "qkv_proj", "qkv_proj", "o_proj")),
     ("fused", ("c_attn", "c_attn", "c_attn", "c_proj")),
     ("fused", ("Wqkv", "Wqkv", "Wqkv", "out_proj")),
@@ -162,21 +164,22 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
 def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     """Every attention block of a layout in the module docstring, in layer order, in the model's
     language decoder (`get_decoder()`: not the vision or audio tower of a multimodal model, whose
-    blocks would share the text layers' numbers). One block per layer: where stacks share layer
-    numbers (an audio encoder inside the decoder), the stack nearest the top (shortest module path)
-    is the decoder's own; two stacks at the same depth (run in turn) are a ValueError, as is a
-    decoder with no block of a known layout."""
+    blocks would share the text layers' numbers; the whole model when that answer is a single map).
+    One block per layer: where stacks share layer numbers (an audio encoder inside the decoder), the
+    stack nearest the top (shortest module path) is the decoder's own; two stacks at the same depth
+    (run in turn) are a ValueError, as is a decoder with no block of a known layout."""
     decoder = None
     with contextlib.suppress(AttributeError, NotImplementedError, TypeError, ValueError):
         decoder = model.get_decoder()  # transformers' own answer; absent or unsure: the whole model
     prefix = next((name for name, m in model.named_modules() if m is decoder), None)
-    if prefix is None:  # not a module of this model
-        decoder, prefix = model, ""
+    if prefix is None or next(decoder.children(), None) is None:  # not a module of this model, or a leaf
+        decoder, prefix = model, ""  # (ModernBERT's decoder answers its LM head, a Linear named "decoder")
     found = [block for name, m in decoder.named_modules()
              if (block := _block(f"{prefix}.{name}".strip("."), m)) is not None]
     if not found:
         raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size) "
-                         "and q_proj (queries, or queries and gates), k_proj, v_proj with o_proj, out_proj or dense; "
+                         "and q_proj (queries, or queries and gates, or q_gate_proj), k_proj, v_proj with o_proj, out_proj, dense "
+                         "or Wo; "
                          "qkv_proj with o_proj (or with "
                          "out_proj and mp_num shards); Wqkv with out_proj; c_attn with c_proj; or query_key_value "
                          "with dense")
