@@ -44,7 +44,7 @@ def block_linear_names(model, layer: int | None = None) -> list[str]:
 
 
 OTHER_ARCHS = ("bloom", "falcon", "falcon_mha", "falcon_new", "falcon_alibi", "gpt_bigcode", "gpt_bigcode_mha",
-               "gpt_neo_window_8", "phi", "mpt", "codegen", "qwen3_next", "minicpm5_moe", "modernbert_decoder")
+               "gpt_neo_window_8", "phi", "mpt", "codegen", "qwen3_next", "minicpm5_moe", "modernbert_decoder", "openai_gpt")
 """Tiny random architectures beyond `TINY_ARCHS`, for the tests of what they lay out differently."""
 MIXED_NORM_ARCH = "olmo2"
 """A tiny random architecture (`other_arch`) whose q_norm and k_norm normalize all heads together."""
@@ -57,10 +57,11 @@ def other_arch(name: str, tok):
     """A tiny random model of `OTHER_ARCHS` (2 layers, hidden 64, 4 heads) for the tokenizer `tok`:
     ALiBi from the mask (BLOOM, Falcon alibi=True), local windows (GPT-Neo, 8 tokens), fused q/k/v
     maps of other layouts (Falcon: multi-query, one head per group, 2 KV groups; GPTBigCode with and
-    without multi-query; MPT's Wqkv; CodeGen's qkv_proj in 4 shards of q, v, k, here 8 heads so that
-    a shard holds two), q/k/v with a `dense` output (Phi) or a `Wo` output (ModernBERT's decoder, a local
-    window of 8 tokens in its first layer), and a q_proj that also holds a per-head output gate
-    (Qwen3-Next, both layers full attention, mixture-of-experts MLPs; MiniCPM5's q_gate_proj)."""
+    without multi-query; MPT's Wqkv; GPT-1's c_attn, whose block returns a list; CodeGen's qkv_proj
+    in 4 shards of q, v, k, here 8 heads so that a shard holds two), q/k/v with a `dense` output
+    (Phi) or a `Wo` output (ModernBERT's decoder, a local window of 8 tokens in its first layer), and
+    a q_proj that also holds a per-head output gate (Qwen3-Next, both layers full attention,
+    mixture-of-experts MLPs; MiniCPM5's q_gate_proj)."""
     import transformers as tr
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -100,6 +101,8 @@ def other_arch(name: str, tok):
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=512, local_attention=8, layer_types=["sliding_attention", "full_attention"],
             **ids),
+        "openai_gpt": lambda: tr.OpenAIGPTConfig(vocab_size=vocab, n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                                                 **ids),
         "codegen": lambda: tr.CodeGenConfig(vocab_size=vocab, n_positions=512, n_ctx=512, n_embd=64, n_layer=2,
                                             n_head=8, rotary_dim=4, n_inner=128, **ids),
     }[name]()

@@ -12,7 +12,8 @@ output map (its input is the heads' outputs side by side). Five layouts are reco
                  map is q_gate_proj in MiniCPM5); a head's "q" rows are both
     fused        qkv_proj: all query rows, then key rows, then value rows; output o_proj (Phi-3);
                  c_attn the same way, output c_proj (GPT-2's `Conv1D` maps; GPTBigCode's multi-query);
-                 Wqkv the same way, output out_proj (MPT)
+                 Wqkv the same way, output out_proj (MPT); GPT-1's c_attn and c_proj, whose block
+                 names split_size and n_head instead of head_dim
     grouped      query_key_value: per key/value head, the query rows of its group of heads, then its
                  key rows, then its value rows; output dense (GPT-NeoX, BLOOM and Falcon: one head
                  per group, or one group for multi-query Falcon); c_attn the same way, output c_proj,
@@ -134,6 +135,8 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
     does not run it) nor differential attention (DiffLlama: a head's output mixes two heads' patterns
     and half-heads of values, so its rows and columns are not its own)."""
     d = getattr(m, "head_dim", None) or getattr(m, "head_size", None)
+    if d is None and is_int(getattr(m, "split_size", None)) and is_int(getattr(m, "n_head", None)) and m.n_head > 0:
+        d = m.split_size // m.n_head  # GPT-1: the heads' width and their number
     attr = name.rsplit(".", 1)[-1].lower()
     if not is_int(d) or d <= 0 or "cross" in attr or attr == "encoder_attn" or hasattr(m, "lambda_q1"):
         return None
@@ -177,12 +180,10 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     found = [block for name, m in decoder.named_modules()
              if (block := _block(f"{prefix}.{name}".strip("."), m)) is not None]
     if not found:
-        raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size) "
-                         "and q_proj (queries, or queries and gates, or q_gate_proj), k_proj, v_proj with o_proj, out_proj, dense "
-                         "or Wo; "
-                         "qkv_proj with o_proj (or with "
-                         "out_proj and mp_num shards); Wqkv with out_proj; c_attn with c_proj; or query_key_value "
-                         "with dense")
+        raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size, "
+                         "or split_size and n_head) and q_proj (queries, or queries and gates, or q_gate_proj), "
+                         "k_proj, v_proj with o_proj, out_proj, dense or Wo; qkv_proj with o_proj (or with out_proj "
+                         "and mp_num shards); Wqkv with out_proj; c_attn with c_proj; or query_key_value with dense")
     if len({b.layer for b in found}) < len(found):  # layer numbers shared: keep the stack nearest the top
         stacks: dict[str, list[AttentionBlock]] = {}
         for block in found:  # "model.layers.{}.self_attn": one stack of layers
@@ -289,7 +290,7 @@ def observe_heads(blocks: Sequence[AttentionBlock]):
 
     def keep_pattern(layer):
         def keep(module, args, out):
-            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            weights = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None  # GPT-1: a list
             if not isinstance(weights, torch.Tensor):
                 raise ValueError(f"the attention block of layer {layer} ({type(module).__name__}) returned no attention "
                                  "weights under eager attention; allowed: blocks that return (output, weights), as "
