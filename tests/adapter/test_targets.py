@@ -7,6 +7,7 @@ plan promises is what attaching its config gives, and every other reader counts 
 import warnings
 
 import pytest
+from testkit import arch_model as other_model
 from testkit import block_linear_names
 
 from tinylab.adapter.attach import apply_tinylora
@@ -79,6 +80,19 @@ def test_every_block_linear_has_a_role_and_the_kinds_sort_by_role(arch_model):
     played = [role for kind in kind_order(m.kind for m in modules) for role in roles(kind)]
     assert sorted(set(played), key=DEFAULT_TARGETS.index) == played  # q, k, v, o, gate, up, down order
     assert set(played) >= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("arch", ["modernbert_decoder", "minicpm5_moe", "openai_gpt"])
+def test_other_names_for_the_seven_maps_are_adapted_by_default(arch):
+    """ModernBERT's attn.Wo, Wi (gate and up in one map) and mlp.Wo, MiniCPM5's q_gate_proj (queries
+    and output gates) and GPT-1's Conv1D maps play their roles: the default targets adapt every
+    in-block map, with no warning."""
+    model, _ = other_model(arch)
+    modules = plan_modules(model, TinyLoRAConfig())
+    assert [m.name for m in modules] == block_linear_names(model)
+    played = {role for m in modules for role in roles(m.kind)}
+    assert played >= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+    _attach(model, TinyLoRAConfig())
 
 
 def test_fused_roles_and_order():

@@ -7,11 +7,12 @@ Roles. The default targets name the seven maps of a Llama block (q, k, v, o, gat
 Other architectures name the same maps otherwise, and some fuse several roles in one map:
 
     role       names, first present in the model wins
-    q, k, v    q_proj/k_proj/v_proj, qkv_proj (phi3), query_key_value (GPT-NeoX, Falcon), Wqkv, c_attn
-    o          o_proj, out_proj (OPT, BART), dense (GPT-NeoX, Phi), attn.c_proj (GPT-2)
-    gate       gate_proj, gate_up_proj (phi3), w1 (old Mixtral)
-    up         up_proj, gate_up_proj, fc1 (OPT, Phi), fc_in (GPT-J), c_fc, dense_h_to_4h (GPT-NeoX), w3
-    down       down_proj, fc2, fc_out, c_proj, mlp.c_proj (GPT-2), dense_4h_to_h, w2
+    q, k, v    q_proj/k_proj/v_proj, qkv_proj (phi3), query_key_value (GPT-NeoX, Falcon), Wqkv, c_attn;
+               q_gate_proj (MiniCPM5: queries and output gates) is q
+    o          o_proj, out_proj (OPT, BART), dense (GPT-NeoX, Phi), attn.c_proj (GPT-2), attn.Wo (ModernBERT)
+    gate       gate_proj, gate_up_proj (phi3), w1 (old Mixtral), Wi (ModernBERT)
+    up         up_proj, gate_up_proj, fc1 (OPT, Phi), fc_in (GPT-J), c_fc, dense_h_to_4h (GPT-NeoX), w3, Wi
+    down       down_proj, fc2, fc_out, c_proj, mlp.c_proj (GPT-2), dense_4h_to_h, w2, mlp.Wo (ModernBERT)
 
 A module's `kind` is the last component of its name (phi3: "qkv_proj"), or its last two where two
 maps of one layer share the last one under differently named parents (GPT-2's "attn.c_proj" and
@@ -54,13 +55,13 @@ __all__ = [
 ]
 
 ROLE_NAMES = {
-    "q_proj": ("q_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
+    "q_proj": ("q_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "q_gate_proj"),
     "k_proj": ("k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
     "v_proj": ("v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
-    "o_proj": ("o_proj", "out_proj", "dense", "attn.c_proj"),
-    "gate_proj": ("gate_proj", "gate_up_proj", "w1"),
-    "up_proj": ("up_proj", "gate_up_proj", "fc1", "fc_in", "c_fc", "dense_h_to_4h", "w3"),
-    "down_proj": ("down_proj", "fc2", "fc_out", "c_proj", "mlp.c_proj", "dense_4h_to_h", "w2"),
+    "o_proj": ("o_proj", "out_proj", "dense", "attn.c_proj", "attn.Wo"),
+    "gate_proj": ("gate_proj", "gate_up_proj", "w1", "Wi"),
+    "up_proj": ("up_proj", "gate_up_proj", "fc1", "fc_in", "c_fc", "dense_h_to_4h", "w3", "Wi"),
+    "down_proj": ("down_proj", "fc2", "fc_out", "c_proj", "mlp.c_proj", "dense_4h_to_h", "w2", "mlp.Wo"),
 }
 """Default role -> the module names other architectures give it, in order of preference."""
 _LAYER_RE = re.compile(r"\.(\d+)\.")
