@@ -46,6 +46,10 @@ def block_linear_names(model, layer: int | None = None) -> list[str]:
 OTHER_ARCHS = ("bloom", "falcon", "falcon_mha", "falcon_new", "falcon_alibi", "gpt_bigcode", "gpt_bigcode_mha",
                "gpt_neo_window_8", "phi", "mpt", "codegen", "qwen3_next", "minicpm5_moe", "modernbert_decoder", "openai_gpt")
 """Tiny random architectures beyond `TINY_ARCHS`, for the tests of what they lay out differently."""
+HYBRID_ARCHS = ("qwen3_next_hybrid", "mamba")
+"""Tiny random models whose cache holds a recurrent state transformers cannot copy per row: Qwen3-Next
+with a linear-attention (gated delta) layer before its full-attention layer, and Mamba (state-space
+layers only)."""
 MIXED_NORM_ARCH = "olmo2"
 """A tiny random architecture (`other_arch`) whose q_norm and k_norm normalize all heads together."""
 UNSPLIT_ARCH = "deepseek_v2"
@@ -61,7 +65,8 @@ def other_arch(name: str, tok):
     in 4 shards of q, v, k, here 8 heads so that a shard holds two), q/k/v with a `dense` output
     (Phi) or a `Wo` output (ModernBERT's decoder, a local window of 8 tokens in its first layer), and
     a q_proj that also holds a per-head output gate (Qwen3-Next, both layers full attention,
-    mixture-of-experts MLPs; MiniCPM5's q_gate_proj)."""
+    mixture-of-experts MLPs; MiniCPM5's q_gate_proj). `HYBRID_ARCHS` and the single-purpose models
+    named beside it (`MIXED_NORM_ARCH`, `UNSPLIT_ARCH`) are built here too."""
     import transformers as tr
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -103,6 +108,14 @@ def other_arch(name: str, tok):
             **ids),
         "openai_gpt": lambda: tr.OpenAIGPTConfig(vocab_size=vocab, n_positions=512, n_embd=64, n_layer=2, n_head=4,
                                                  **ids),
+        "qwen3_next_hybrid": lambda: tr.Qwen3NextConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, layer_types=["linear_attention", "full_attention"],
+            linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+            max_position_embeddings=512, **ids),
+        "mamba": lambda: tr.MambaConfig(vocab_size=vocab, hidden_size=64, state_size=8, num_hidden_layers=2,
+                                        expand=2, conv_kernel=4, **ids),
         "codegen": lambda: tr.CodeGenConfig(vocab_size=vocab, n_positions=512, n_ctx=512, n_embd=64, n_layer=2,
                                             n_head=8, rotary_dim=4, n_inner=128, **ids),
     }[name]()

@@ -90,6 +90,29 @@ def test_the_base_activity_is_the_prompt_forwards_own():
     assert np.allclose(reused["output_change"], fresh["output_change"], rtol=1e-4, atol=1e-7)
 
 
+def test_a_readout_of_a_model_with_a_recurrent_cache_equals_computing_from_scratch():
+    """Qwen3-Next with a linear-attention layer: its recurrent state has read the gold reply and
+    cannot be cropped back to the prompt, so the greedy replies start from the prompts run again;
+    replies and gold log-probabilities are those of the separate calls."""
+    from testkit import other_arch
+
+    from tinylab.adapter.attach import apply_tinylora
+    from tinylab.model.tiny import tiny_model
+
+    tokenizer = tiny_model()[1]
+    model = other_arch("qwen3_next_hybrid", tokenizer)
+    adapter = apply_tinylora(model, u=2, n_tie="all")
+    adapter.set_vector([0.4, -0.3])
+    gold = GoldSet(model, tokenizer, EXAMPLES, batch_size=2)
+    reader = Reader(model, tokenizer, PROMPTS, gold, max_new_tokens=NEW_TOKENS, batch_size=2)
+    assert reader.shared
+    now = reader()
+    with torch.no_grad():
+        assert np.allclose(now.logprobs, gold.logprobs().cpu().numpy(), rtol=0, atol=1e-5)
+    assert now.replies == generate(model, tokenizer, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0).completions
+    assert len(now.activity) == 2 and all(a.patterns for a in now.activity)
+
+
 def test_bad_input_is_refused():
     model, tokenizer, adapter = planted_knobs()
     gold = GoldSet(model, tokenizer, EXAMPLES)

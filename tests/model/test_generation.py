@@ -1,6 +1,6 @@
 import pytest
 import torch
-from testkit import other_arch
+from testkit import HYBRID_ARCHS, other_arch
 from torch import nn
 
 from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prompts
@@ -441,3 +441,34 @@ def test_greedy_decoding_matches_transformers_where_the_cache_must_stay_dynamic_
         kept = ours.completion_ids[i][ours.completion_mask[i].bool()]
         assert kept.tolist() == theirs[: len(kept)].tolist(), (name, i)
         assert len(kept) == len(theirs)
+
+
+@pytest.mark.parametrize("name", HYBRID_ARCHS)
+def test_a_recurrent_cache_generates_and_scores_as_transformers(name, tiny):
+    """Qwen3-Next with a linear-attention layer, and Mamba: their caches hold a recurrent state that
+    transformers cannot copy per row, so each prompt runs once per completion. Greedy replies (two per
+    prompt, prompts of different lengths, left-padded together) are transformers' own token for
+    token; log-probabilities scored with and without shared prompts agree, gradients included."""
+    from tinylab.adapter.attach import apply_tinylora
+
+    _, tok = tiny
+    model = other_arch(name, tok)
+    prompts = ["What is the capital of France? Answer in one word, please.", "Name a colour."]
+    ours = generate(model, tok, prompts, n=2, max_new_tokens=8, temperature=0)
+    assert torch.equal(ours.completion_ids[0::2], ours.completion_ids[1::2])
+    for i, prompt in enumerate(prompts):
+        ids = tok(render_prompts(tok, [prompt])[0], return_tensors="pt", add_special_tokens=True)  # as generate
+        theirs = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                                eos_token_id=stop_token_ids(model, tok))[0, ids.input_ids.shape[1]:]
+        kept = ours.completion_ids[2 * i][ours.completion_mask[2 * i].bool()]
+        assert kept.tolist() == theirs[: len(kept)].tolist() and len(kept) == len(theirs), (name, i)
+    adapter = apply_tinylora(model, u=2, n_tie="all")
+    adapter.set_vector([0.3, -0.2])
+    r = generate(model, tok, prompts, n=3, max_new_tokens=5, seed=0)
+    scored = []
+    for g in (1, 3):
+        lp = completion_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=g)
+        scored.append((lp.detach(), torch.autograd.grad(lp.sum(), list(adapter.parameters()))[0]))
+    torch.testing.assert_close(scored[0][0], scored[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scored[0][1], scored[1][1], atol=1e-4, rtol=1e-4)
+    assert scored[0][1].abs().sum() > 0

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from testkit import Example, WordTask
+from testkit import HYBRID_ARCHS, Example, WordTask, arch_model
 
 from tinylab.adapter.attach import apply_tinylora
 from tinylab.model.tiny import tiny_model
@@ -14,7 +14,7 @@ CONFIG = GRPOConfig(prompts_per_step=2, group_size=3, max_new_tokens=4, lr=0.05,
 
 
 def _setup(arch="llama", **adapter_kw):
-    model, tok = tiny_model(arch, seed=0)
+    model, tok = arch_model(arch)
     adapter = apply_tinylora(model, **({"u": 4, "n_tie": "all"} | adapter_kw))
     return model, tok, adapter
 
@@ -24,7 +24,7 @@ def _frozen(model):
             and p.requires_grad is False}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", *HYBRID_ARCHS])
 def test_train_changes_v_and_nothing_else(arch, tmp_path):
     model, tok, adapter = _setup(arch)
     before = _frozen(model)

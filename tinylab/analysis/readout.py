@@ -31,7 +31,7 @@ from tinylab.model.attention import attention_blocks, eager_attention, observe_h
 from tinylab.model.batch import left_pad, pad_token_id, prompt_rows
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
-from tinylab.model.generation import cache_argument, greedy_from_prefill, new_cache, token_logprobs
+from tinylab.model.generation import drop_last, greedy_from_prefill, prefill, token_logprobs
 
 __all__ = ["Reader", "Readout"]
 
@@ -81,17 +81,15 @@ class Reader:
             for ids, mask, continuation in self.batches:
                 L = 0 if continuation is None else continuation.shape[1]
                 P = ids.shape[1] - L
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+L], as generation numbers them
-                cache = new_cache()
                 with eager_attention(self.model), observe_heads(self.blocks) as (patterns, outputs):
-                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                     logits_to_keep=L + 1, **{cache_argument(self.model): cache})
+                    out, cache = prefill(self.model, ids, mask, logits_to_keep=L + 1)
                 activity.append(HeadActivity(dict(patterns), dict(outputs), mask).first(P))
                 if continuation is not None:
                     token_lp = token_logprobs(out.logits[:, :-1], ids[:, P:])  # [B, L]: position t predicts token t
                     token_lp = token_lp * continuation.to(token_lp.dtype)  # [B, L]
                     means.append(mean_logprob(token_lp, continuation))  # [B]
-                    cache.crop(-L)  # the prompt's keys and values only
+                    if not drop_last(cache, L):  # a recurrent state has read the gold reply: the prompts again
+                        _, cache = prefill(self.model, ids[:, :P], mask[:, :P])
                 replies += greedy_from_prefill(self.model, self.tokenizer, cache, out.logits[:, 0], mask[:, :P],
                                                max_new_tokens=self.max_new_tokens)
             logprobs = torch.cat(means) if self.shared else self.gold.logprobs()  # [N] fp32

@@ -2,7 +2,9 @@
 
 `generate` renders the prompts (chat template with the generation prompt, or the raw string),
 left-pads them, runs each unique prompt through the model once, copies its KV cache `n` times
-(into a preallocated `StaticCache` where the model allows, so a decoded token is written in place)
+(into a preallocated `StaticCache` where the model allows, so a decoded token is written in place;
+a hybrid model's recurrent state, which transformers cannot copy, is made by running each prompt
+once per completion instead)
 and samples the `n` completions token by token from a seeded `torch.Generator` (so a seed gives
 the same completions in any process and leaves the global RNG alone). A completion stops at the
 first end-of-sequence token, which it keeps (the policy has to learn to stop, too).
@@ -37,9 +39,9 @@ from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prom
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
 
-__all__ = ["Rollout", "cache_argument", "completion_logprobs", "decoding_cache", "draw", "generate",
-           "greedy_from_prefill", "new_cache", "positions_of", "render_prompts", "stop_token_ids",
-           "token_logprobs"]  # render_prompts: tinylab.model.batch's, re-exported
+__all__ = ["Rollout", "cache_argument", "completion_logprobs", "decoding_cache", "draw", "drop_last", "generate",
+           "greedy_from_prefill", "new_cache", "positions_of", "prefill", "render_prompts", "repeat_rows",
+           "stop_token_ids", "token_logprobs"]  # render_prompts: tinylab.model.batch's, re-exported
 
 
 class Rollout(NamedTuple):
@@ -80,6 +82,41 @@ def new_cache():
     from transformers import DynamicCache
 
     return DynamicCache()
+
+
+def prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, logits_to_keep: int = 1):
+    """(the model's output, its KV cache) for left-padded prompts [B, P] with the positions generation
+    uses. The model makes the cache itself, from its own config: a hybrid model's linear-attention
+    or state-space layers (Qwen3.5, Qwen3-Next, Mamba, Zamba2, Nemotron-H) and a model's own cache
+    class (MiniMax) are as it expects them. A model that returns no cache is a ValueError."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), use_cache=True,
+                logits_to_keep=logits_to_keep)
+    cache = out.get("cache", None)  # transformers >= 5.24
+    cache = out.get("past_key_values", None) if cache is None else cache
+    if cache is None:
+        raise ValueError(f"{type(model).__name__} returned no KV cache with use_cache=True; allowed: models that "
+                         "cache their keys and values (generation decodes one token at a time from the cache)")
+    return out, cache
+
+
+def drop_last(cache, count: int) -> bool:
+    """Remove the last `count` positions of `cache` in place; False when one of its layers cannot go
+    back (a recurrent state has already read them), and then the cache is spent."""
+    try:
+        cache.crop(-count)
+    except (AttributeError, NotImplementedError, RuntimeError):  # transformers' recurrent layers raise RuntimeError
+        return False
+    return True
+
+
+def repeat_rows(cache, n: int) -> bool:
+    """Repeat each row of `cache` n times in place (row i becomes rows i*n..i*n+n-1); False, and the
+    cache untouched, when one of its layers cannot be repeated (a hybrid model's recurrent state)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and not all(hasattr(layer, "batch_repeat_interleave") for layer in layers):
+        return False
+    cache.batch_repeat_interleave(n)
+    return True
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -199,13 +236,15 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
     if prefilled is None:
         keep = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row
         ids, mask = ids[:, keep:], mask[:, keep:]  # [b, p]
-        cache = new_cache()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), use_cache=True,
-                    logits_to_keep=1, **{cache_kw: cache})
+        out, cache = prefill(model, ids, mask)
+        if n > 1 and not repeat_rows(cache, n):  # a recurrent state that cannot be copied: one row per completion
+            ids, mask, n = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), 1  # [b*n, p]
+            out, cache = prefill(model, ids, mask)
         prefilled = cache, out.logits[:, -1]  # [b, V]
+    elif n > 1 and not repeat_rows(prefilled[0], n):
+        raise ValueError("this prefill's cache cannot be repeated for n > 1 completions (a recurrent layer); "
+                         "allowed: n=1, or prompts given to generate")
     cache, logits = prefilled
-    if n > 1:
-        cache.batch_repeat_interleave(n)
     cache = decoding_cache(model, cache, max_new_tokens)
     static_length = _static_length(cache)
     logits = logits.repeat_interleave(n, dim=0)  # [b*n, V]
@@ -320,7 +359,9 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     distribution the tokens were sampled from. `group_size` > 1: consecutive rows share their
     prompt (as `generate(..., n=group_size)` returns them); each prompt then runs through the model
     once and its KV cache (gradients included) is repeated for the group, which saves the
-    prompt's share of the compute G-1 times over. Same values up to float rounding.
+    prompt's share of the compute G-1 times over. Same values up to float rounding. A model whose
+    cache holds a recurrent state that cannot be repeated (a hybrid model's linear-attention or
+    state-space layers) runs every row whole instead.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
@@ -334,12 +375,13 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     if B % group_size:
         raise ValueError(f"group_size={group_size!r}: must divide the {B} rows (consecutive rows share a prompt)")
     positions = positions_of(attention_mask)  # [B, P+L]
-    if group_size == 1:
+    logprobs = None
+    if group_size > 1:  # None where the prompt's cache cannot be shared (a hybrid model's recurrent state)
+        logprobs = _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, group_size, temperature)
+    if logprobs is None:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
                     logits_to_keep=L + 1)
         logprobs = token_logprobs(out.logits[:, :-1], input_ids[:, -L:], temperature)  # [B, L]
-    else:
-        logprobs = _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, group_size, temperature)
     return logprobs * completion_mask.to(logprobs.dtype)
 
 
@@ -354,24 +396,24 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return -flat.view(targets.shape)
 
 
-def _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, g, temperature) -> torch.Tensor:
-    """Log-probabilities of the last L tokens [B, L], running each group's shared prompt once."""
+def _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, g, temperature) -> torch.Tensor | None:
+    """Log-probabilities of the last L tokens [B, L], running each group's shared prompt once; None
+    when the prompt's cache cannot be repeated for the group."""
     P = input_ids.shape[1] - L
     prompt_ids, prompt_mask = input_ids[::g, :P], attention_mask[::g, :P]  # [B/G, P]
     if not (torch.equal(input_ids[:, :P], prompt_ids.repeat_interleave(g, dim=0))
             and torch.equal(attention_mask[:, :P], prompt_mask.repeat_interleave(g, dim=0))):
         raise ValueError(f"group_size={g} but rows within a group have different prompts; "
                          "pass group_size=1 or rows in prompt-major order")
-    cache, cache_kw = new_cache(), cache_argument(model)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[::g, :P], use_cache=True,
-                logits_to_keep=1, **{cache_kw: cache})
+    out, cache = prefill(model, prompt_ids, prompt_mask)
+    if L > 1 and not repeat_rows(cache, g):
+        return None  # a recurrent state (hybrid model): the caller runs every row whole
     B = input_ids.shape[0]
     first = out.logits[:, -1:].expand(-1, g, -1)  # [B/G, G, V]: the group's shared logits for completion token 0
     first = token_logprobs(first, input_ids[:, P].view(-1, g), temperature).view(B, 1)  # [B, 1]
     if L == 1:
         return first
-    cache.batch_repeat_interleave(g)
     out = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
-                position_ids=positions[:, P:-1], use_cache=True, **{cache_kw: cache})
+                position_ids=positions[:, P:-1], use_cache=True, **{cache_argument(model): cache})
     rest = token_logprobs(out.logits, input_ids[:, P + 1:], temperature)  # [B, L-1]
     return torch.cat([first, rest], dim=1)  # [B, L]
