@@ -49,7 +49,7 @@ from tinylab.adapter.attach import apply_tinylora  # noqa: E402
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig  # noqa: E402
 from tinylab.adapter.file_format import save_adapter  # noqa: E402
 from tinylab.model.device import resolve_device, resolve_dtype  # noqa: E402
-from tinylab.model.generation import cache_argument, new_cache  # noqa: E402
+from tinylab.model.kv_cache import cache_argument, new_cache  # noqa: E402
 from tinylab.model.loading import load_model  # noqa: E402
 
 THIRTEEN = TinyLoRAConfig(u=13, n_tie="all")  # 13 params: one u=13 vector shared by all 210 maps

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab import AdapterBank, TinyLoRAConfig, apply_tinylora, export_lora, load_model, save_adapter  # noqa: E402
-from tinylab.model.generation import cache_argument, new_cache  # noqa: E402
+from tinylab.model.kv_cache import cache_argument, new_cache  # noqa: E402
 
 THIRTEEN = TinyLoRAConfig(u=13, n_tie="all")
 

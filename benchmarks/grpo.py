@@ -48,8 +48,9 @@ import torch  # noqa: E402
 from results_file import add_results_option, results_file, results_name  # noqa: E402
 
 from tinylab.adapter.attach import apply_tinylora  # noqa: E402
+from tinylab.model.batch import positions_of  # noqa: E402
 from tinylab.model.device import resolve_device, resolve_dtype  # noqa: E402
-from tinylab.model.generation import generate, positions_of, token_logprobs  # noqa: E402
+from tinylab.model.generation import generate, token_logprobs  # noqa: E402
 from tinylab.model.loading import load_model
 from tinylab.tasks.base import completion_text  # noqa: E402
 from tinylab.tasks.capitals import CapitalsTask  # noqa: E402

@@ -90,6 +90,20 @@ def test_mixed_batch_greedy_replies_equal_each_row_alone(arch):
     assert out.shape == (4, ids.shape[1] + 4) and torch.equal(out[:, :ids.shape[1]], ids)
 
 
+def test_the_maps_a_bank_swaps_in_show_the_base_maps_weight_and_sizes():
+    """Model code that reads a map's weight, bias or sizes (Ergo's attention reads o_proj.weight.dtype)
+    sees the base map's inside `rows` too."""
+    model, tok, bank = _bank()
+    bases = dict(model.named_modules())
+    with bank.rows(["a0", "a1", None, "a2"]):
+        swapped = {name: m for name, m in model.named_modules() if type(m).__name__ == "BankLinear"}
+        assert len(swapped) == 14  # the tiny llama's 2 layers x 7 maps
+        for name, m in swapped.items():
+            base = bases[name]
+            assert m.weight is base.weight and m.bias is base.bias
+            assert (m.in_features, m.out_features) == (base.in_features, base.out_features)
+
+
 def test_rows_restores_the_model_exactly_also_on_error():
     model, tok, bank = _bank()
     before = [(n, m) for n, m in model.named_modules()]

@@ -132,6 +132,20 @@ def test_removing_a_heads_update_gives_back_its_base_output_on_every_architectur
     assert len(table) == sum(b.n_heads for b in blocks) and table["weight"].gt(0).all()
 
 
+def test_the_gated_maps_show_the_base_maps_weight_and_sizes():
+    """Model code that reads a map's weight, bias or sizes (Ergo's attention reads o_proj.weight.dtype)
+    sees the base map's while head ablation has swapped in its gated copies."""
+    model, _ = tiny_model("llama", seed=0)
+    adapter = apply_tinylora(model, u=2, n_tie="all")
+    blocks = attention_blocks(model)
+    with gated(adapter, blocks, *ablation_gates(blocks, [(1, 0)])):
+        swapped = [getattr(blocks[1].module, attr) for attr in blocks[1].maps]
+        assert all(type(m).__name__ == "GatedUpdate" for m in swapped)
+        for m in swapped:
+            assert m.weight is m.inner.base.weight and m.bias is m.inner.base.bias
+            assert (m.in_features, m.out_features) == (m.inner.base.in_features, m.inner.base.out_features)
+
+
 def test_padding_is_masked_batches_agree_with_single_prompts():
     model, tokenizer, adapter = planted_head(layer=0)
     batched = head_effects(model, tokenizer, adapter, PROMPTS, batch_size=5).table

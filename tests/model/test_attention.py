@@ -170,3 +170,27 @@ def test_eager_attention_reaches_a_text_model_whose_parent_already_says_eager():
     for mine, theirs in zip(observed, asked):
         torch.testing.assert_close(mine, theirs.float())
     assert [(c, c._attn_implementation) for c, _ in before] == before
+
+
+def test_a_hybrid_models_blocks_carry_their_own_layer_numbers():
+    """Zamba2's attention block, shared by its hybrid layers, says layer_idx=-1: its layer is the one
+    its name holds (as the adapter's plan numbers it). Asking for a layer without softmax attention
+    (Qwen3-Next's linear-attention layer 0) names the layers that have a block."""
+    import transformers as tr
+
+    from tinylab.adapter.config import TinyLoRAConfig
+    from tinylab.adapter.targets import plan_modules
+    from tinylab.model.attention import attention_block
+
+    zamba2 = seeded_model(tr.Zamba2Config(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=64, attention_head_dim=16, kv_channels=16, mamba_d_state=16,
+        layers_block_type=["mamba", "hybrid"]))
+    blocks = attention_blocks(zamba2)
+    assert [(b.layer, b.name) for b in blocks] == [(1, "model.layers.1.shared_transformer.self_attn")]
+    planned = {m.layer for m in plan_modules(zamba2, TinyLoRAConfig()) if m.name.startswith(blocks[0].name + ".")}
+    assert planned == {1}
+    hybrid, _ = arch_model("qwen3_next_hybrid")
+    assert [b.layer for b in attention_blocks(hybrid)] == [1]
+    with pytest.raises(ValueError, match=r"layer=0 has no attention block .* the layers that have one, 1\.\.1"):
+        attention_block(hybrid, 0, 0)

@@ -4,15 +4,9 @@ from testkit import HYBRID_ARCHS, other_arch
 from torch import nn
 
 from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prompts
-from tinylab.model.generation import (
-    cache_argument,
-    completion_logprobs,
-    generate,
-    greedy_from_prefill,
-    new_cache,
-    stop_token_ids,
-)
-from tinylab.model.tiny import TINY_ARCHS, tiny_model
+from tinylab.model.generation import completion_logprobs, generate, greedy_from_prefill, stop_token_ids
+from tinylab.model.kv_cache import cache_argument, new_cache
+from tinylab.model.tiny import tiny_model
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -325,21 +319,6 @@ def test_generation_uses_the_current_cache_api_without_deprecation_warnings():
     assert not deprecations, deprecations
 
 
-def test_cache_argument_follows_the_forward_signature():
-    """The cache keyword is read from the model's forward; a wrapper taking **kwargs gets the installed
-    transformers' name (a wrong name would be swallowed by **kwargs and decode without a cache)."""
-    import transformers
-
-    class Wrapper(nn.Module):
-        def forward(self, **kwargs):
-            return kwargs
-
-    model, _ = tiny_model("llama", seed=0)
-    renamed = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 24)
-    assert cache_argument(model) == ("cache" if renamed else "past_key_values")
-    assert cache_argument(Wrapper()) == cache_argument(model)
-
-
 @pytest.mark.parametrize("size, block", [(7, 2), (7, 3), (1000, 256), (49152, 256)])
 def test_draw_follows_the_distribution_and_never_draws_a_zero(size, block):
     """Inverse-CDF sampling in two levels: frequencies match the probabilities (rows need not sum to
@@ -373,41 +352,6 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero(size, block):
             draw(broken, g, block=block)
     with pytest.raises(ValueError, match="row 0 of the probabilities sums to 0.0"):
         draw(torch.zeros(1, size), g, block=block)
-
-
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_decoding_cache_decodes_as_the_growing_cache(arch, monkeypatch):
-    """Copying the prefill into a StaticCache (keys and values written in place while decoding) gives
-    the same greedy and sampled completions as the DynamicCache the prefill filled; a cache whose layers
-    are not plain full-attention ones is returned as it is."""
-    from transformers import DynamicCache, StaticCache
-    from transformers.cache_utils import DynamicSlidingWindowLayer
-
-    import tinylab.model.generation as generation
-
-    model, tok = tiny_model(arch, seed=0)
-    runs = {}
-    for name, convert in (("static", generation.decoding_cache), ("dynamic", lambda model, cache, n: cache)):
-        used = []
-
-        def noted(model, cache, n, convert=convert, used=used):
-            cache = convert(model, cache, n)
-            used.append(type(cache))
-            return cache
-
-        monkeypatch.setattr(generation, "decoding_cache", noted)
-        runs[name] = (generate(model, tok, PROMPTS, n=2, max_new_tokens=6, temperature=0),
-                      generate(model, tok, PROMPTS, n=2, max_new_tokens=6, seed=4), used)
-    monkeypatch.undo()
-    (greedy, sampled, used), (greedy_d, sampled_d, used_d) = runs["static"], runs["dynamic"]
-    assert set(used_d) == {DynamicCache}
-    if arch == "llama":
-        assert set(used) == {StaticCache}  # the common case takes the preallocated cache
-    assert greedy.completions == greedy_d.completions and torch.equal(greedy.completion_ids, greedy_d.completion_ids)
-    assert sampled.completions == sampled_d.completions
-    cache = DynamicCache()
-    cache.layers = [DynamicSlidingWindowLayer(sliding_window=4)]
-    assert generation.decoding_cache(model, cache, 3) is cache
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -472,3 +416,21 @@ def test_a_recurrent_cache_generates_and_scores_as_transformers(name, tiny):
     torch.testing.assert_close(scored[0][0], scored[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scored[0][1], scored[1][1], atol=1e-4, rtol=1e-4)
     assert scored[0][1].abs().sum() > 0
+
+
+def test_a_model_that_gives_every_positions_logits_is_scored_on_the_completion():
+    """TrOCR's decoder ignores logits_to_keep and returns the logits of every position: the completion
+    tokens are still scored from the positions before them, as a full forward's log-softmax says."""
+    import transformers as tr
+    from testkit import seeded_model
+
+    model = seeded_model(tr.TrOCRConfig(vocab_size=128, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                                        decoder_ffn_dim=64, max_position_embeddings=64))
+    ids = torch.tensor([[5, 9, 2, 7, 7, 3], [0, 4, 8, 1, 6, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    completion_mask = torch.ones(2, 3, dtype=torch.long)
+    with torch.no_grad():
+        ours = completion_logprobs(model, ids, mask, completion_mask)  # [2, 3]
+        full = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    want = torch.log_softmax(full[:, 2:5].float(), -1).gather(-1, ids[:, 3:, None]).squeeze(-1)  # [2, 3]
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)

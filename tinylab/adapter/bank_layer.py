@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylab.adapter.layer import TinyLoRALinear, project
+from tinylab.adapter.layer import TinyLoRALinear, WrapsLinear, project
 
 __all__ = ["BankLinear", "Factors", "bare", "plain", "swapped"]
 
@@ -72,7 +72,7 @@ def bare(model: nn.Module):
     return swapped(model, {n: plain(m) for n, m in model.named_modules() if isinstance(m, TinyLoRALinear)})
 
 
-class BankLinear(nn.Module):
+class BankLinear(WrapsLinear, nn.Module):
     """A linear map plus, for each row of the batch, its own adapter's rank-r update (see the module doc)."""
 
     def __init__(self, base: nn.Module, factors: Factors, Rt: torch.Tensor, batch: int,

@@ -34,10 +34,32 @@ from torch.nn.modules import module as _modules
 from tinylab.adapter.svd import tensor_version
 from tinylab.basics.seeds import derived_seed
 
-__all__ = ["TinyLoRALinear", "project", "projection"]
+__all__ = ["TinyLoRALinear", "WrapsLinear", "project", "projection"]
 
 
-class TinyLoRALinear(nn.Module):
+class WrapsLinear:
+    """The wrapped base map's `in_features`, `out_features`, `weight` and `bias` (`self.base`), for a
+    module standing in for a linear map: model code that reads them off the map it calls keeps
+    working (Ergo's attention reads `o_proj.weight.dtype`)."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+
+class TinyLoRALinear(WrapsLinear, nn.Module):
     """A frozen `nn.Linear` plus the TinyLoRA update; `v` may be shared with other modules.
 
     U, S, Vh live on the base weight's device in its dtype; P and v stay fp32 (P on the weight's
@@ -58,23 +80,6 @@ class TinyLoRALinear(nn.Module):
         self.enabled = True
         self.merged_R: torch.Tensor | None = None  # (r, r) R that was merged into base.weight
         self._original: torch.Tensor | None = None  # (out, in) base weight before merge()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight (so code reading `.weight` keeps working)."""
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
 
     def R(self) -> torch.Tensor:
         P = self._buffers["P"]  # (u, r, r) fp32, on this module's device

@@ -29,7 +29,7 @@ from torch import nn
 
 from tinylab import tasks
 from tinylab.adapter.attach import TinyLoRA
-from tinylab.adapter.layer import TinyLoRALinear
+from tinylab.adapter.layer import TinyLoRALinear, WrapsLinear
 from tinylab.measures.gold import GoldSet, mean_logprob
 from tinylab.model.attention import AttentionBlock
 from tinylab.model.device import model_device
@@ -44,7 +44,7 @@ def adapted_module(adapter: TinyLoRA, block: AttentionBlock, attr: str) -> TinyL
     return m if isinstance(m, TinyLoRALinear) and m in dict(adapter.named_modules()).values() else None
 
 
-class GatedUpdate(nn.Module):
+class GatedUpdate(WrapsLinear, nn.Module):
     """A TinyLoRALinear whose update is scaled per output row and per input column (1 = unchanged).
 
     W' = W + diag(out_gate) U diag(S) R Vh diag(in_gate): same math as TinyLoRALinear.forward.
@@ -56,6 +56,10 @@ class GatedUpdate(nn.Module):
         super().__init__()
         self.inner = inner
         self.out_rows, self.in_gate = tuple(out_rows), in_gate  # ((rows [n], gate [n]), ...) / (in,)
+
+    @property
+    def base(self) -> nn.Module:
+        return self.inner.base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.inner

@@ -31,7 +31,8 @@ from tinylab.model.attention import attention_blocks, eager_attention, observe_h
 from tinylab.model.batch import left_pad, pad_token_id, prompt_rows
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
-from tinylab.model.generation import drop_last, greedy_from_prefill, prefill, token_logprobs
+from tinylab.model.generation import greedy_from_prefill, token_logprobs
+from tinylab.model.kv_cache import drop_last, prefill
 
 __all__ = ["Reader", "Readout"]
 
@@ -83,14 +84,15 @@ class Reader:
                 P = ids.shape[1] - L
                 with eager_attention(self.model), observe_heads(self.blocks) as (patterns, outputs):
                     out, cache = prefill(self.model, ids, mask, logits_to_keep=L + 1)
+                logits = out.logits[:, -(L + 1):]  # [B, L+1, V]: a model may give more than it was asked for
                 activity.append(HeadActivity(dict(patterns), dict(outputs), mask).first(P))
                 if continuation is not None:
-                    token_lp = token_logprobs(out.logits[:, :-1], ids[:, P:])  # [B, L]: position t predicts token t
+                    token_lp = token_logprobs(logits[:, :-1], ids[:, P:])  # [B, L]: position t predicts token t
                     token_lp = token_lp * continuation.to(token_lp.dtype)  # [B, L]
                     means.append(mean_logprob(token_lp, continuation))  # [B]
                     if not drop_last(cache, L):  # a recurrent state has read the gold reply: the prompts again
                         _, cache = prefill(self.model, ids[:, :P], mask[:, :P])
-                replies += greedy_from_prefill(self.model, self.tokenizer, cache, out.logits[:, 0], mask[:, :P],
+                replies += greedy_from_prefill(self.model, self.tokenizer, cache, logits[:, 0], mask[:, :P],
                                                max_new_tokens=self.max_new_tokens)
             logprobs = torch.cat(means) if self.shared else self.gold.logprobs()  # [N] fp32
         return Readout(replies, logprobs.cpu().numpy(), activity)

@@ -158,7 +158,7 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
             sizes_agree = q.out_features == (H + 2 * KV) * d and (layout != "sharded" or KV == H)
         if sizes_agree and o.in_features == H * d and KV > 0 and H % KV == 0:
             layer = getattr(m, "layer_idx", None)
-            if layer is None:
+            if not is_int(layer) or layer < 0:  # none, or Zamba2's -1 on a block shared by several layers
                 layer = int(_LAYER_RE.search(f".{name}.").group(1))
             return AttentionBlock(int(layer), name, m, H, KV, d, layout, maps, int(shards))
     return None
@@ -218,7 +218,9 @@ def attention_block(model: nn.Module, layer: int, head: int) -> AttentionBlock:
     """The block of `layer`, after checking that it has a query head `head`."""
     blocks = {b.layer: b for b in attention_blocks(model)}
     if not is_int(layer) or int(layer) not in blocks:
-        raise ValueError(f"layer={layer!r} is out of range: this model has layers {min(blocks)}..{max(blocks)}")
+        have = f"{min(blocks)}..{max(blocks)}" if len(blocks) == max(blocks) - min(blocks) + 1 else sorted(blocks)
+        raise ValueError(f"layer={layer!r} has no attention block of a known layout; allowed: the layers that have "
+                         f"one, {have} (a hybrid model's other layers hold linear attention or state-space mixers)")
     block = blocks[int(layer)]
     if not is_int(head) or not 0 <= head < block.n_heads:
         raise ValueError(f"head={head!r} is out of range: layer {layer} has heads 0..{block.n_heads - 1}")

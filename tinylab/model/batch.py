@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["TeacherBatch", "left_pad", "pad_token_id", "prompt_rows", "render_prompts", "right_pad",
+__all__ = ["TeacherBatch", "left_pad", "pad_token_id", "positions_of", "prompt_rows", "render_prompts", "right_pad",
            "teacher_forced_batch"]
 
 
@@ -104,3 +104,7 @@ def teacher_forced_batch(tokenizer, prompts: Sequence, continuations: Sequence[S
     return TeacherBatch(torch.cat([prompt_ids, cont_ids], 1), torch.cat([prompt_mask, cont_mask], 1), cont_mask)
 
 
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of a left-padded attention mask [B, T]: 0 at each row's first real token
+    (padding takes 0 too), as generation and scoring number them."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]

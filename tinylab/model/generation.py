@@ -27,7 +27,6 @@ prompt 1's, ...
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -35,12 +34,19 @@ import torch
 from torch import nn
 
 from tinylab.basics.checks import check_int, check_number
-from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prompts
+from tinylab.model.batch import left_pad, pad_token_id, positions_of, prompt_rows, render_prompts
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
+from tinylab.model.kv_cache import (
+    cache_argument,
+    decoding_cache,
+    decoding_mask,
+    prefill,
+    repeat_rows,
+    static_length,
+)
 
-__all__ = ["Rollout", "cache_argument", "completion_logprobs", "decoding_cache", "draw", "drop_last", "generate",
-           "greedy_from_prefill", "new_cache", "positions_of", "prefill", "render_prompts", "repeat_rows",
+__all__ = ["Rollout", "completion_logprobs", "draw", "generate", "greedy_from_prefill", "render_prompts",
            "stop_token_ids", "token_logprobs"]  # render_prompts: tinylab.model.batch's, re-exported
 
 
@@ -75,66 +81,6 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("neither the tokenizer nor the model defines an end-of-sequence token")
     return sorted(ids)
-
-
-def new_cache():
-    """An empty KV cache (transformers' `DynamicCache`): the model fills it in place, layer by layer."""
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, logits_to_keep: int = 1):
-    """(the model's output, its KV cache) for left-padded prompts [B, P] with the positions generation
-    uses. The model makes the cache itself, from its own config: a hybrid model's linear-attention
-    or state-space layers (Qwen3.5, Qwen3-Next, Mamba, Zamba2, Nemotron-H) and a model's own cache
-    class (MiniMax) are as it expects them. A model that returns no cache is a ValueError."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), use_cache=True,
-                logits_to_keep=logits_to_keep)
-    cache = out.get("cache", None)  # transformers >= 5.24
-    cache = out.get("past_key_values", None) if cache is None else cache
-    if cache is None:
-        raise ValueError(f"{type(model).__name__} returned no KV cache with use_cache=True; allowed: models that "
-                         "cache their keys and values (generation decodes one token at a time from the cache)")
-    return out, cache
-
-
-def drop_last(cache, count: int) -> bool:
-    """Remove the last `count` positions of `cache` in place; False when one of its layers cannot go
-    back (a recurrent state has already read them), and then the cache is spent."""
-    try:
-        cache.crop(-count)
-    except (AttributeError, NotImplementedError, RuntimeError):  # transformers' recurrent layers raise RuntimeError
-        return False
-    return True
-
-
-def repeat_rows(cache, n: int) -> bool:
-    """Repeat each row of `cache` n times in place (row i becomes rows i*n..i*n+n-1); False, and the
-    cache untouched, when one of its layers cannot be repeated (a hybrid model's recurrent state)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None and not all(hasattr(layer, "batch_repeat_interleave") for layer in layers):
-        return False
-    cache.batch_repeat_interleave(n)
-    return True
-
-
-def cache_argument(model: nn.Module) -> str:
-    """The keyword under which `model`'s forward takes its KV cache: "cache" (transformers >= 5.24,
-    where "past_key_values" is a deprecated alias due to go in 5.40) or "past_key_values" (before).
-    Read from the forward's signature; a forward that names neither (a wrapper taking **kwargs)
-    gets the name of the installed transformers."""
-    parameters = inspect.signature(model.forward).parameters
-    if "cache" in parameters or "past_key_values" in parameters:
-        return "cache" if "cache" in parameters else "past_key_values"
-    import transformers
-
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
-
-
-def positions_of(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
 
 
 def _context_length(model: nn.Module) -> int | None:
@@ -182,50 +128,6 @@ def draw(probs: torch.Tensor, generator: torch.Generator, block: int = 256) -> t
     return (b * block + torch.minimum(t, last)).squeeze(-1)  # [B]
 
 
-def decoding_cache(model: nn.Module, cache, new_tokens: int):
-    """`cache`'s keys and values in a transformers `StaticCache` with room for `new_tokens` more, so
-    each decoded token is written in place (a `DynamicCache` copies every layer's whole cache to
-    append one token). Returns `cache` itself before transformers 5 (whose static layers work
-    differently), when its layers are not all plain full-attention `DynamicLayer`s, when the
-    model's config asks for other static layers (sliding windows, ...), when transformers says the
-    model cannot run on a static cache (`_can_compile_fullgraph` not True: GPT-Neo's local windows
-    are placed by the key length) and for ALiBi models other than BLOOM (Falcon's `alibi=True`
-    builds its bias from the keys it was given). The decoding loop gives a static cache's model an
-    attention mask as long as the cache (`_decoding_mask`)."""
-    import transformers
-    from transformers import StaticCache
-    from transformers.cache_utils import DynamicLayer, StaticLayer
-
-    layers, config = getattr(cache, "layers", None), getattr(model, "config", None)
-    if (int(transformers.__version__.split(".")[0]) < 5 or not layers or config is None
-            or getattr(model, "_can_compile_fullgraph", False) is not True
-            or (getattr(config, "alibi", False) and getattr(config, "model_type", None) != "bloom")
-            or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers)):
-        return cache
-    with torch.device(layers[0].keys.device):  # StaticLayer makes its length counter without a device
-        static = StaticCache(config=config, max_cache_len=cache.get_seq_length() + new_tokens)
-    if len(static.layers) != len(layers) or any(type(layer) is not StaticLayer for layer in static.layers):
-        return cache
-    for i, layer in enumerate(layers):
-        static.update(layer.keys, layer.values, i)
-    return static
-
-
-def _static_length(cache) -> int | None:
-    """A transformers `StaticCache`'s full length, None for any other cache."""
-    from transformers import StaticCache
-
-    return cache.get_max_length() if isinstance(cache, StaticCache) else None
-
-
-def _decoding_mask(mask: torch.Tensor, length: int | None) -> torch.Tensor:
-    """The 2-D attention mask [rows, seen] for a decoding step, zero-padded on the right to a static
-    cache's full `length` (transformers pads it the same way; BLOOM builds its ALiBi bias from it)."""
-    if length is None or length <= mask.shape[1]:
-        return mask
-    return nn.functional.pad(mask, (0, length - mask.shape[1]))  # [rows, length]
-
-
 @torch.no_grad()
 def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator, stops, pad_id,
                     prefilled=None):
@@ -246,7 +148,7 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
                          "allowed: n=1, or prompts given to generate")
     cache, logits = prefilled
     cache = decoding_cache(model, cache, max_new_tokens)
-    static_length = _static_length(cache)
+    full_length = static_length(cache)  # None unless the cache is static
     logits = logits.repeat_interleave(n, dim=0)  # [b*n, V]
     mask = mask.repeat_interleave(n, dim=0)  # [b*n, p]
     position = positions_of(mask)[:, -1:]  # [b*n, 1]
@@ -263,7 +165,7 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [b*n, p+t+1]
         position = position + 1
-        out = model(input_ids=token[:, None], attention_mask=_decoding_mask(mask, static_length), position_ids=position,
+        out = model(input_ids=token[:, None], attention_mask=decoding_mask(mask, full_length), position_ids=position,
                     use_cache=True, **{cache_kw: cache})
         logits = out.logits[:, -1]  # [b*n, V]
     completion = torch.stack(tokens, dim=1)  # [b*n, l]
@@ -381,7 +283,8 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     if logprobs is None:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
                     logits_to_keep=L + 1)
-        logprobs = token_logprobs(out.logits[:, :-1], input_ids[:, -L:], temperature)  # [B, L]
+        logits = out.logits[:, -(L + 1):-1]  # [B, L, V]: a model may give more than it was asked for (TrOCR)
+        logprobs = token_logprobs(logits, input_ids[:, -L:], temperature)  # [B, L]
     return logprobs * completion_mask.to(logprobs.dtype)
 
 

@@ -88,14 +88,17 @@ def unjson_float(value) -> float:
 
 
 def _adam_tensors(optimizer: torch.optim.Optimizer, params: list) -> tuple[dict, int]:
-    """Adam's moments as two flat fp32 CPU vectors (params in order) and its step count."""
+    """Adam's moments as two flat fp32 CPU vectors (params in order) and its step count. A vector
+    that never had a gradient (its modules never ran, e.g. a vision tower's on text) has no state
+    in Adam: its moments are zeros, as Adam would start them."""
     state = optimizer.state_dict()["state"]
     if not state:
         return {}, 0
-    moments = {f"adam.{key}": torch.cat([state[i][key].detach().reshape(-1).float().cpu()
-                                         for i in range(len(params))])  # [num_params]
+    moments = {f"adam.{key}": torch.cat([state[i][key].detach().reshape(-1).float().cpu() if i in state
+                                         else torch.zeros(p.numel(), device="cpu")
+                                         for i, p in enumerate(params)])  # [num_params]
                for key in ("exp_avg", "exp_avg_sq")}
-    return moments, int(float(state[0]["step"]))
+    return moments, int(float(next(iter(state.values()))["step"]))
 
 
 def save_run_folder(folder: Path, adapter, optimizer: torch.optim.Optimizer, meta: dict) -> Path:
