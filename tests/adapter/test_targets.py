@@ -95,6 +95,32 @@ def test_other_names_for_the_seven_maps_are_adapted_by_default(arch):
     _attach(model, TinyLoRAConfig())
 
 
+def test_a_vision_language_model_adapts_its_language_model_only():
+    """Gemma 3 with its vision tower: the plan takes the language model's 2 layers x 7 maps, not the
+    tower's attention and MLP maps (whose layers reuse the same numbers), the same decoder the head
+    analyses split; attaching adapts those 14 and the tower stays as it was."""
+    import torch
+    import transformers as tr
+    from testkit import seeded_model
+
+    from tinylab.model.attention import attention_blocks
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, vocab_size=128, max_position_embeddings=64, sliding_window=64,
+                layer_types=["sliding_attention"] * 2)
+    model = seeded_model(tr.Gemma3Config(text_config=text, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=28, patch_size=14)))
+    modules = plan_modules(model, TinyLoRAConfig())
+    assert len(modules) == 14 and all(".language_model." in m.name for m in modules)
+    assert len({(m.layer, m.kind) for m in modules}) == 14
+    assert {b.name.rsplit(".", 1)[0] for b in attention_blocks(model)} == {
+        m.name.rsplit(".", 2)[0] for m in modules if m.kind == "q_proj"}
+    tower = {n: p.detach().clone() for n, p in model.named_parameters() if "vision" in n}
+    adapter = _attach(model, TinyLoRAConfig())
+    assert len(list(adapter.parameters())) == 14 and adapter.num_params == 14  # default u=1, one vector per map
+    assert all(torch.equal(p, tower[n]) for n, p in model.named_parameters() if n in tower)
+
+
 def test_fused_roles_and_order():
     assert roles("qkv_proj") == ("q_proj", "k_proj", "v_proj")
     assert roles("gate_up_proj") == ("gate_proj", "up_proj")

@@ -38,6 +38,7 @@ from torch import nn
 
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
 from tinylab.model.conv1d import as_linear
+from tinylab.model.decoder import language_decoder
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -122,9 +123,13 @@ def _matches(name: str, kind: str, target: str) -> bool:
 
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear, int | None]]:
     """Every linear map (an `nn.Linear`, a transformers `Conv1D` seen through `as_linear`, or an
-    already adapted module, as its base) with its layer index, in model order."""
+    already adapted module, as its base) of the model's language decoder (`tinylab.model.decoder`:
+    not a vision tower) with its layer index, in model order."""
     found, inside = [], ()
+    prefix = language_decoder(model)[0]
     for name, module in model.named_modules():
+        if prefix and not name.startswith(prefix + "."):  # outside the language decoder
+            continue
         if inside and name.startswith(inside):  # the parts of an adapted module
             continue
         if getattr(module, "adapts_linear", False):  # a TinyLoRALinear: report its frozen base

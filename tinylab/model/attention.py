@@ -39,6 +39,7 @@ from torch import nn
 
 from tinylab.basics.checks import is_int
 from tinylab.model.conv1d import as_linear
+from tinylab.model.decoder import language_decoder
 
 __all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_maps", "observe_heads"]
 
@@ -166,17 +167,12 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
 
 def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     """Every attention block of a layout in the module docstring, in layer order, in the model's
-    language decoder (`get_decoder()`: not the vision or audio tower of a multimodal model, whose
-    blocks would share the text layers' numbers; the whole model when that answer is a single map).
+    language decoder (`tinylab.model.decoder`: not the vision tower of a multimodal model, whose
+    blocks would share the text layers' numbers).
     One block per layer: where stacks share layer numbers (an audio encoder inside the decoder), the
     stack nearest the top (shortest module path) is the decoder's own; two stacks at the same depth
     (run in turn) are a ValueError, as is a decoder with no block of a known layout."""
-    decoder = None
-    with contextlib.suppress(AttributeError, NotImplementedError, TypeError, ValueError):
-        decoder = model.get_decoder()  # transformers' own answer; absent or unsure: the whole model
-    prefix = next((name for name, m in model.named_modules() if m is decoder), None)
-    if prefix is None or next(decoder.children(), None) is None:  # not a module of this model, or a leaf
-        decoder, prefix = model, ""  # (ModernBERT's decoder answers its LM head, a Linear named "decoder")
+    prefix, decoder = language_decoder(model)
     found = [block for name, m in decoder.named_modules()
              if (block := _block(f"{prefix}.{name}".strip("."), m)) is not None]
     if not found:
