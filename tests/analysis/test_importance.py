@@ -114,6 +114,28 @@ def test_module_importance_runs_its_self_check_on_every_architecture(arch):
     assert (imp.table["fisher"] > 0).all() and np.isfinite(imp.table["fisher"]).all()
 
 
+def test_a_model_whose_adapted_maps_never_run_on_text_is_named():
+    """GIT: its text layers are BERT-style maps with no default role, so the default targets adapt only
+    its image encoder, which a text forward never runs; importance says so instead of failing inside
+    the backward, and observing the heads names the block that did not run."""
+    import transformers as tr
+    from testkit import seeded_model
+
+    from tinylab.analysis.patterns import attention_patterns
+
+    tok = tiny_model()[1]
+    model = seeded_model(tr.GitConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=28, patch_size=14),
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    with pytest.raises(ValueError, match="no adapted module takes part in the model's text forward"):
+        module_importance(model, tok, NumberTask(), n_prompts=2, objective="sft")
+    with pytest.raises(ValueError, match=r"attention block of layer 0 \(git\.image_encoder.*did not run"):
+        attention_patterns(model, tok, "Once upon a time", 0, 0)
+
+
 @pytest.mark.parametrize("objective", ["sft", "grpo"])
 @pytest.mark.parametrize("arch, module", [("llama", "model.layers.0.self_attn.o_proj"),
                                           ("llama", "model.layers.0.mlp.up_proj"),

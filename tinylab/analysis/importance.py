@@ -179,8 +179,10 @@ def _backward(model, batch: _Batch, batch_size: int, state: dict) -> None:
         ids, mask, cmask = batch.input_ids[idx], batch.attention_mask[idx], batch.completion_mask[idx]
         keep = int((mask.sum(0) > 0).nonzero()[0])  # drop all-padding columns on the left
         state["rows"] = batch.prompt[idx]
-        logp = completion_logprobs(model, ids[:, keep:], mask[:, keep:], cmask,
-                                   temperature=batch.temperature)  # [b, L]
+        logp = completion_logprobs(model, ids[:, keep:], mask[:, keep:], cmask, temperature=batch.temperature)
+        if not logp.requires_grad:  # no adapted map on the text path
+            raise ValueError("no adapted module takes part in the model's text forward; allowed: targets in its "
+                             "language decoder's blocks (not an image encoder's)")
         (logp.sum(1) * batch.weight[idx]).sum().backward()
     state["rows"] = None
     if rows and not len(live):

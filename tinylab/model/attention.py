@@ -278,12 +278,25 @@ def _asking_for_weights(module: nn.Module):
     return ask
 
 
+class _Observed(dict):
+    """Per layer, what the hooks saw; a layer whose block never ran is a ValueError that names it."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__()
+        self.names = names
+
+    def __missing__(self, layer):
+        raise ValueError(f"the attention block of layer {layer} ({self.names.get(layer, 'not observed')}) did not run "
+                         "in this forward; allowed: blocks on the model's text path (not an image encoder's)")
+
+
 @contextlib.contextmanager
 def observe_heads(blocks: Sequence[AttentionBlock]):
     """Per layer: the attention weights [B, H, T, T] and the head outputs [B, T, H, d] of the last
     forward, in fp32 on the block's device (needs `eager_attention` for the weights)."""
-    patterns: dict[int, torch.Tensor] = {}
-    outputs: dict[int, torch.Tensor] = {}
+    names = {b.layer: b.name for b in blocks}
+    patterns: dict[int, torch.Tensor] = _Observed(names)
+    outputs: dict[int, torch.Tensor] = _Observed(names)
     handles = []
 
     def keep_pattern(layer):
