@@ -238,6 +238,12 @@ class Distinct:
 # Planted adapters: updates placed where the tests know they are
 
 
+CHAT_AND_RAW_PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Hi"}],
+    "a raw prompt with no chat template around it",
+]
+"""Prompts of different lengths: two chat conversations and a raw string (no chat template)."""
 EXAMPLES = [TaskExample([{"role": "user", "content": f"What is {i} + {i + 1}?"}], str(2 * i + 1)) for i in range(3)]
 EXAMPLES += [TaskExample("Once upon a time", " there was")]
 PLANTED = (1, 2)  # layer, head

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from testkit import HYBRID_ARCHS, other_arch
+from testkit import CHAT_AND_RAW_PROMPTS, HYBRID_ARCHS, other_arch
 from torch import nn
 
 from tinylab.model.batch import left_pad, pad_token_id, prompt_rows, render_prompts
@@ -8,11 +8,7 @@ from tinylab.model.generation import completion_logprobs, generate, greedy_from_
 from tinylab.model.kv_cache import cache_argument, new_cache
 from tinylab.model.tiny import tiny_model
 
-PROMPTS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Hi"}],
-    "a raw prompt with no chat template around it",
-]
+PROMPTS = CHAT_AND_RAW_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ the static cache decoding moves into."""
 
 import pytest
 import torch
-from testkit import other_arch
+from testkit import CHAT_AND_RAW_PROMPTS, other_arch
 from torch import nn
 
 from tinylab.model.batch import left_pad, pad_token_id, prompt_rows
@@ -11,11 +11,7 @@ from tinylab.model.generation import generate
 from tinylab.model.kv_cache import cache_argument
 from tinylab.model.tiny import TINY_ARCHS, tiny_model
 
-PROMPTS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Hi"}],
-    "a raw prompt with no chat template around it",
-]
+PROMPTS = CHAT_AND_RAW_PROMPTS
 
 
 @pytest.fixture(scope="module")
