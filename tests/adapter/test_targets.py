@@ -121,6 +121,24 @@ def test_a_vision_language_model_adapts_its_language_model_only():
     assert all(torch.equal(p, tower[n]) for n, p in model.named_parameters() if n in tower)
 
 
+def test_a_bart_style_decoder_adapts_its_self_attention_and_leaves_cross_attention_frozen():
+    """BART as a causal LM: each layer has self_attn and encoder_attn maps of the same names, so their
+    kinds are `self_attn.q_proj`, ...: the default targets adapt the self-attention's q, k, v and
+    out_proj and fc1/fc2, and warn that the cross-attention maps (never run on text) stay frozen."""
+    import transformers as tr
+    from testkit import seeded_model
+
+    model = seeded_model(tr.BartConfig(vocab_size=128, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                                       decoder_ffn_dim=64, encoder_layers=1, encoder_attention_heads=4,
+                                       encoder_ffn_dim=64, max_position_embeddings=64))
+    with pytest.warns(UserWarning, match="encoder_attn.k_proj"):
+        modules = plan_modules(model, TinyLoRAConfig())
+    kinds = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"]
+    assert sorted((m.layer, m.kind) for m in modules) == sorted((i, k) for i in (0, 1) for k in kinds)
+    assert {role for m in modules for role in roles(m.kind)} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+
+
 def test_fused_roles_and_order():
     assert roles("qkv_proj") == ("q_proj", "k_proj", "v_proj")
     assert roles("gate_up_proj") == ("gate_proj", "up_proj")

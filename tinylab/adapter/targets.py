@@ -16,7 +16,8 @@ Other architectures name the same maps otherwise, and some fuse several roles in
 
 A module's `kind` is the last component of its name (phi3: "qkv_proj"), or its last two where two
 maps of one layer share the last one under differently named parents (GPT-2's "attn.c_proj" and
-"mlp.c_proj"; numbered experts share their kind): `module_kinds` decides it for everyone.
+"mlp.c_proj"; BART's "self_attn.q_proj" and "encoder_attn.q_proj", of which the default targets take
+the self-attention's; numbered experts share their kind): `module_kinds` decides it for everyone.
 `roles(kind)` gives the roles it plays. A module is "in a block" when its name holds a layer index
 (`.<i>.`). A target names a kind, or the last components of module names ("c_proj": both of
 GPT-2's).
@@ -78,8 +79,10 @@ class ModuleInfo(NamedTuple):
 
 
 def roles(kind: str) -> tuple[str, ...]:
-    """The default roles a module kind plays: ("q_proj", "k_proj", "v_proj") for phi3's "qkv_proj"."""
-    return tuple(role for role, names in ROLE_NAMES.items() if kind in names)
+    """The default roles a module kind plays: ("q_proj", "k_proj", "v_proj") for phi3's "qkv_proj";
+    a BART-style "self_attn.q_proj" plays its last name's."""
+    own = kind.removeprefix("self_attn.")
+    return tuple(role for role, names in ROLE_NAMES.items() if kind in names or own in names)
 
 
 def kind_order(kinds) -> list[str]:
@@ -149,10 +152,13 @@ def _num_layers(model: nn.Module, linears) -> int:
 
 def _resolve_targets(targets: tuple[str, ...], kinds: list[str]) -> tuple[str, ...]:
     """The module kinds `targets` names in a model with these in-block linear kinds: the default 7
-    map each role to its first present name (none when the model lacks the role); others as given."""
+    map each role to its first present name (none when the model lacks the role), or to that name
+    under `self_attn.` where a layer's cross-attention shares it (BART-style decoders: the kind is
+    `self_attn.q_proj`, and `encoder_attn.q_proj`, which a text forward never runs, stays frozen);
+    other targets as given."""
     if tuple(targets) != DEFAULT_TARGETS:
         return tuple(targets)
-    present = (next((a for a in ROLE_NAMES[t] if a in kinds), None) for t in targets)
+    present = (next((k for a in ROLE_NAMES[t] for k in (a, f"self_attn.{a}") if k in kinds), None) for t in targets)
     return tuple(dict.fromkeys(a for a in present if a is not None))
 
 
