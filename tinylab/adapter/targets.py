@@ -67,6 +67,7 @@ ROLE_NAMES = {
 }
 """Default role -> the module names other architectures give it, in order of preference."""
 _LAYER_RE = re.compile(r"\.(\d+)\.")
+_SELF_ATTENTION = "self_attn."  # a kind's parent where a layer's cross-attention shares its maps' names (BART)
 
 
 class ModuleInfo(NamedTuple):
@@ -81,7 +82,7 @@ class ModuleInfo(NamedTuple):
 def roles(kind: str) -> tuple[str, ...]:
     """The default roles a module kind plays: ("q_proj", "k_proj", "v_proj") for phi3's "qkv_proj";
     a BART-style "self_attn.q_proj" plays its last name's."""
-    own = kind.removeprefix("self_attn.")
+    own = kind.removeprefix(_SELF_ATTENTION)
     return tuple(role for role, names in ROLE_NAMES.items() if kind in names or own in names)
 
 
@@ -158,7 +159,7 @@ def _resolve_targets(targets: tuple[str, ...], kinds: list[str]) -> tuple[str, .
     other targets as given."""
     if tuple(targets) != DEFAULT_TARGETS:
         return tuple(targets)
-    present = (next((k for a in ROLE_NAMES[t] for k in (a, f"self_attn.{a}") if k in kinds), None) for t in targets)
+    present = (next((k for a in ROLE_NAMES[t] for k in (a, _SELF_ATTENTION + a) if k in kinds), None) for t in targets)
     return tuple(dict.fromkeys(a for a in present if a is not None))
 
 

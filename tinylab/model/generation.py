@@ -131,8 +131,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator, block: int = 256) -> t
 @torch.no_grad()
 def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator, stops, pad_id,
                     prefilled=None):
-    """Prefill the unique prompts once (or take `prefilled`: the cache and last logits [b, V] of
-    that prefill, already run), repeat their cache n times, then decode token by token. Every row
+    """Prefill the unique prompts once and repeat their cache n times (or take `prefilled`, with
+    n = 1: the cache and last logits [b, V] of that prefill, already run), then decode token by token. Every row
     stays in the batch to the end: a model wrapped per row (`AdapterBank.rows`) needs its rows fixed."""
     cache_kw = cache_argument(model)
     if prefilled is None:
@@ -143,9 +143,6 @@ def _generate_chunk(model, ids, mask, n, max_new_tokens, temperature, generator,
             ids, mask, n = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), 1  # [b*n, p]
             out, cache = prefill(model, ids, mask)
         prefilled = cache, out.logits[:, -1]  # [b, V]
-    elif n > 1 and not repeat_rows(prefilled[0], n):
-        raise ValueError("this prefill's cache cannot be repeated for n > 1 completions (a recurrent layer); "
-                         "allowed: n=1, or prompts given to generate")
     cache, logits = prefilled
     cache = decoding_cache(model, cache, max_new_tokens)
     full_length = static_length(cache)  # None unless the cache is static
