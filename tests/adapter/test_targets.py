@@ -197,6 +197,36 @@ def test_module_kinds_split_a_last_name_shared_by_differently_named_parents_only
     assert list(module_kinds(llama).values()) == ["o_proj", "down_proj"]
 
 
+def test_a_map_keeps_one_kind_in_every_layer_and_a_split_kind_plays_its_parts_role():
+    """Beam: every layer's attention has a `gate_proj`, only the dense layers' MLP has one too. The
+    attention gate is `self_attn.gate_proj` in every layer (not the MLP gate's plain kind where the
+    MLP is sparse), and the MLP's `mlp.gate_proj` is the one playing the gate role."""
+    names = ["model.layers.0.self_attn.gate_proj", "model.layers.0.mlp.gate_proj", "model.layers.1.self_attn.gate_proj",
+             "model.layers.1.self_attn.q_proj"]
+    assert list(module_kinds(names).values()) == ["self_attn.gate_proj", "mlp.gate_proj", "self_attn.gate_proj",
+                                                  "q_proj"]
+    assert roles("mlp.gate_proj") == ("gate_proj",) and roles("self_attn.gate_proj") == ()
+    assert roles("self_attn.q_proj") == ("q_proj",) and roles("encoder_attn.q_proj") == ()
+    assert roles("attn.c_proj") == ("o_proj",) and roles("mlp.c_proj") == ("down_proj",)
+    assert roles("attention.dense") == ("o_proj",) and roles("mlp.dense") == ()
+
+
+def test_beam_adapts_its_mlp_gate_by_default_and_ties_its_attention_gate_across_layers():
+    import transformers as tr
+    from testkit import seeded_model
+
+    model = seeded_model(tr.BeamConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, layer_types=["full_attention"] * 2, mlp_layer_types=["dense", "sparse"],
+        max_position_embeddings=64))
+    with pytest.warns(UserWarning, match="self_attn.gate_proj"):  # an attention gate: no default role, frozen
+        modules = plan_modules(model, TinyLoRAConfig())
+    assert [m.name for m in modules if "gate" in m.kind] == ["model.layers.0.mlp.gate_proj"]
+    gates = plan_modules(model, TinyLoRAConfig(targets=("self_attn.gate_proj",), tie="structured", n_tie=2))
+    assert [(m.layer, m.kind, m.group) for m in gates] == [(0, "self_attn.gate_proj", 0), (1, "self_attn.gate_proj", 0)]
+
+
 def test_gpt2_roles_and_targets_by_kind_or_by_last_name():
     model, _ = tiny_model("gpt2")
     modules = plan_modules(model, TinyLoRAConfig())

@@ -96,3 +96,36 @@ def test_only_a_cache_of_keys_and_values_is_repeated_or_cropped_in_place(tiny):
     own = OwnCache()
     own.update(keys, keys, 0)
     assert not repeat_rows(own, 3) and not drop_last(own, 1) and own.layers[0].keys.shape == keys.shape
+
+
+def _sliding_window_mistral(tok):
+    import transformers as tr
+    from testkit import seeded_model
+
+    return seeded_model(tr.MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=4, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+
+@pytest.mark.parametrize("arch", ["mistral_window_4", "modernbert_decoder"])
+def test_a_sliding_window_cache_generates_and_scores_under_the_gpu_stand_in(arch, tiny, gpu_stand_in):
+    """transformers makes a sliding-window cache layer's window size without a device and moves it to
+    the keys' device on first use: under the stand-in that tensor is on meta and the move fails unless
+    the cache is made with the model's device as the default. Same completions and scores as on the CPU."""
+    from tinylab.model.generation import completion_logprobs
+
+    tok = tiny[1]
+    model = _sliding_window_mistral(tok) if arch == "mistral_window_4" else other_arch(arch, tok)
+
+    def run():
+        rollout = generate(model, tok, PROMPTS, n=2, max_new_tokens=6, seed=3)
+        scores = completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
+                                     group_size=2)
+        return rollout, scores
+
+    on_cpu = run()
+    with gpu_stand_in():
+        stand_in = run()
+    assert torch.equal(stand_in[0].input_ids, on_cpu[0].input_ids)
+    assert stand_in[1].device.type == "cpu" and torch.allclose(stand_in[1], on_cpu[1], atol=1e-6)

@@ -67,7 +67,11 @@ ROLE_NAMES = {
 }
 """Default role -> the module names other architectures give it, in order of preference."""
 _LAYER_RE = re.compile(r"\.(\d+)\.")
-_SELF_ATTENTION = "self_attn."  # a kind's parent where a layer's cross-attention shares its maps' names (BART)
+_ATTENTION, _MLP = ("self_attn.", "self_attention.", "attention.", "attn."), ("mlp.", "feed_forward.", "ffn.")
+_PART = dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), _ATTENTION) | dict.fromkeys(
+    ("gate_proj", "up_proj", "down_proj"), _MLP)
+"""Role -> the parents a split kind of it may have: BART's "self_attn.q_proj" (its cross-attention shares
+the name) plays q; Beam's "mlp.gate_proj" plays gate, its "self_attn.gate_proj" (an attention gate) does not."""
 
 
 class ModuleInfo(NamedTuple):
@@ -81,9 +85,13 @@ class ModuleInfo(NamedTuple):
 
 def roles(kind: str) -> tuple[str, ...]:
     """The default roles a module kind plays: ("q_proj", "k_proj", "v_proj") for phi3's "qkv_proj";
-    a BART-style "self_attn.q_proj" plays its last name's."""
-    own = kind.removeprefix(_SELF_ATTENTION)
-    return tuple(role for role, names in ROLE_NAMES.items() if kind in names or own in names)
+    a split kind plays its last name's under a parent of that role's part of the block (`_PART`)."""
+    return tuple(role for role, names in ROLE_NAMES.items() if kind in _named(role))
+
+
+def _named(role: str) -> tuple[str, ...]:
+    """The kinds that play `role`, in order of preference: each name, then it under its part's parents."""
+    return tuple(k for name in ROLE_NAMES[role] for k in (name, *(p + name for p in _PART[role])))
 
 
 def kind_order(kinds) -> list[str]:
@@ -106,17 +114,18 @@ def layer_of(name: str) -> int | None:
 def module_kinds(names: Sequence[str]) -> dict[str, str]:
     """The kind of each module name in `names` (the in-block linear maps of one model): its last
     component, or `parent.last` where maps of one layer share the last component under parents of
-    different names (GPT-2: "attn.c_proj", "mlp.c_proj"). Numbered parents (experts) share a kind."""
+    different names (GPT-2: "attn.c_proj", "mlp.c_proj"). Numbered parents (experts) share a kind.
+    A last component split in one layer is split in every layer, so a map keeps one kind across the
+    model (Beam: layer 0's "mlp.gate_proj" splits "self_attn.gate_proj" in the layers without it)."""
     parents = defaultdict(set)  # (layer, last) -> the parents' own names
     for name in names:
         parent, _, last = name.rpartition(".")
         parents[(layer_of(name), last)].add(parent.rpartition(".")[2])
+    split = {last for (_, last), shared in parents.items() if len(shared) > 1 and not any(p.isdigit() for p in shared)}
     kinds = {}
     for name in names:
         parent, _, last = name.rpartition(".")
-        shared = parents[(layer_of(name), last)]
-        split = len(shared) > 1 and not any(p.isdigit() for p in shared)
-        kinds[name] = f"{parent.rpartition('.')[2]}.{last}" if split else last
+        kinds[name] = f"{parent.rpartition('.')[2]}.{last}" if last in split else last
     return kinds
 
 
@@ -154,12 +163,12 @@ def _num_layers(model: nn.Module, linears) -> int:
 def _resolve_targets(targets: tuple[str, ...], kinds: list[str]) -> tuple[str, ...]:
     """The module kinds `targets` names in a model with these in-block linear kinds: the default 7
     map each role to its first present name (none when the model lacks the role), or to that name
-    under `self_attn.` where a layer's cross-attention shares it (BART-style decoders: the kind is
-    `self_attn.q_proj`, and `encoder_attn.q_proj`, which a text forward never runs, stays frozen);
-    other targets as given."""
+    under a parent of the role's part where the name is split (BART-style decoders: the kind is
+    `self_attn.q_proj`, and `encoder_attn.q_proj`, which a text forward never runs, stays frozen;
+    Beam's MLP gate is `mlp.gate_proj`); other targets as given."""
     if tuple(targets) != DEFAULT_TARGETS:
         return tuple(targets)
-    present = (next((k for a in ROLE_NAMES[t] for k in (a, _SELF_ATTENTION + a) if k in kinds), None) for t in targets)
+    present = (next((k for k in _named(t) if k in kinds), None) for t in targets)
     return tuple(dict.fromkeys(a for a in present if a is not None))
 
 

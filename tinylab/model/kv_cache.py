@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tinylab.model.batch import positions_of
+from tinylab.model.device import model_device
 
 __all__ = ["cache_argument", "decoding_cache", "decoding_mask", "drop_last", "new_cache", "prefill", "repeat_rows",
            "static_length"]
@@ -31,9 +32,14 @@ def prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, logits_t
     """(the model's output, its KV cache) for left-padded prompts [B, P] with the positions generation
     uses. The model makes the cache itself, from its own config: a hybrid model's linear-attention
     or state-space layers (Qwen3.5, Qwen3-Next, Mamba, Zamba2, Nemotron-H) and a model's own cache
-    class (MiniMax) are as it expects them. A model that returns no cache is a ValueError."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), use_cache=True,
-                logits_to_keep=logits_to_keep)
+    class (MiniMax) are as it expects them. A model that returns no cache is a ValueError.
+
+    The forward runs with torch's default device set to the model's: transformers makes some of a new
+    cache's tensors without a device and moves them later (a sliding-window layer's window size,
+    Mistral, Gemma 2 and 3, ...), which fails where the default device cannot hold data."""
+    with torch.device(model_device(model)):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), use_cache=True,
+                    logits_to_keep=logits_to_keep)
     cache = out.get("cache", None)  # transformers >= 5.24
     cache = out.get("past_key_values", None) if cache is None else cache
     if cache is None:
