@@ -82,13 +82,15 @@ def test_every_block_linear_has_a_role_and_the_kinds_sort_by_role(arch_model):
     assert set(played) >= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
 
 
-@pytest.mark.parametrize("arch", ["modernbert_decoder", "minicpm5_moe", "openai_gpt"])
+@pytest.mark.parametrize("arch", ["modernbert_decoder", "minicpm5_moe", "openai_gpt", "ctrl"])
 def test_other_names_for_the_seven_maps_are_adapted_by_default(arch):
     """ModernBERT's attn.Wo, Wi (gate and up in one map) and mlp.Wo, MiniCPM5's q_gate_proj (queries
-    and output gates) and GPT-1's Conv1D maps play their roles: the default targets adapt every
-    in-block map, with no warning."""
+    and output gates), GPT-1's Conv1D maps and CTRL's Wq, Wk, Wv, dense and numbered ffn.0 and ffn.2
+    play their roles: the default targets adapt every in-block map, with no warning."""
     model, _ = other_model(arch)
-    modules = plan_modules(model, TinyLoRAConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        modules = plan_modules(model, TinyLoRAConfig())
     assert [m.name for m in modules] == block_linear_names(model)
     played = {role for m in modules for role in roles(m.kind)}
     assert played >= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}

@@ -388,3 +388,17 @@ def test_every_public_function_on_cuda(dtype):
     on_gpu = _analyses(model.to("cuda"), tok)
     assert on_gpu[0].gradients.device.type == "cpu" and on_gpu[0].gradients.isfinite().all()
     _same_analyses(on_gpu, on_cpu, rel=0.05 if dtype == torch.bfloat16 else 1e-3)
+
+
+def test_a_model_scaling_its_embeddings_in_place_is_scored_and_named_by_token_attribution():
+    """CTRL multiplies its embeddings' output in place. weight_importance makes activations require grad
+    from a copy of that output, so every map is scored; captum's integrated gradients set that output
+    to their own leaves, which CTRL cannot write into: a ValueError naming the model."""
+    from tinylab.analysis.token_attribution import token_attribution
+
+    model, tok = arch_model("ctrl")
+    wi = weight_importance(model, tok, NumberTask(), n_prompts=2, objective="sft")
+    assert list(wi.table.index) == [(m.layer, m.kind) for m in plan_modules(model, TinyLoRAConfig())]
+    assert (wi.table.taylor > 0).all()
+    with pytest.raises(ValueError, match="CTRLLMHeadModel writes into its input embeddings in place"):
+        token_attribution(model, tok, "What is 2 + 3?", "5", n_steps=2)

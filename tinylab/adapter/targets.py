@@ -8,11 +8,13 @@ Other architectures name the same maps otherwise, and some fuse several roles in
 
     role       names, first present in the model wins
     q, k, v    q_proj/k_proj/v_proj, qkv_proj (phi3), query_key_value (GPT-NeoX, Falcon), Wqkv, c_attn;
-               q_gate_proj (MiniCPM5: queries and output gates) is q
+               q_gate_proj (MiniCPM5: queries and output gates) is q; Wq/Wk/Wv (CTRL)
     o          o_proj, out_proj (OPT, BART), dense (GPT-NeoX, Phi), attn.c_proj (GPT-2), attn.Wo (ModernBERT)
     gate       gate_proj, gate_up_proj (phi3), w1 (old Mixtral), Wi (ModernBERT)
-    up         up_proj, gate_up_proj, fc1 (OPT, Phi), fc_in (GPT-J), c_fc, dense_h_to_4h (GPT-NeoX), w3, Wi
-    down       down_proj, fc2, fc_out, c_proj, mlp.c_proj (GPT-2), dense_4h_to_h, w2, mlp.Wo (ModernBERT)
+    up         up_proj, gate_up_proj, fc1 (OPT, Phi), fc_in (GPT-J), c_fc, dense_h_to_4h (GPT-NeoX), w3, Wi,
+               ffn.0 (CTRL)
+    down       down_proj, fc2, fc_out, c_proj, mlp.c_proj (GPT-2), dense_4h_to_h, w2, mlp.Wo (ModernBERT),
+               ffn.2 (CTRL)
 
 A module's `kind` is the last component of its name (phi3: "qkv_proj"), or its last two where two
 maps of one layer share the last one under differently named parents (GPT-2's "attn.c_proj" and
@@ -57,13 +59,13 @@ __all__ = [
 ]
 
 ROLE_NAMES = {
-    "q_proj": ("q_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "q_gate_proj"),
-    "k_proj": ("k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
-    "v_proj": ("v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"),
+    "q_proj": ("q_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "q_gate_proj", "Wq"),
+    "k_proj": ("k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "Wk"),
+    "v_proj": ("v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "Wv"),
     "o_proj": ("o_proj", "out_proj", "dense", "attn.c_proj", "attn.Wo"),
     "gate_proj": ("gate_proj", "gate_up_proj", "w1", "Wi"),
-    "up_proj": ("up_proj", "gate_up_proj", "fc1", "fc_in", "c_fc", "dense_h_to_4h", "w3", "Wi"),
-    "down_proj": ("down_proj", "fc2", "fc_out", "c_proj", "mlp.c_proj", "dense_4h_to_h", "w2", "mlp.Wo"),
+    "up_proj": ("up_proj", "gate_up_proj", "fc1", "fc_in", "c_fc", "dense_h_to_4h", "w3", "Wi", "ffn.0"),
+    "down_proj": ("down_proj", "fc2", "fc_out", "c_proj", "mlp.c_proj", "dense_4h_to_h", "w2", "mlp.Wo", "ffn.2"),
 }
 """Default role -> the module names other architectures give it, in order of preference."""
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -116,7 +118,8 @@ def module_kinds(names: Sequence[str]) -> dict[str, str]:
     component, or `parent.last` where maps of one layer share the last component under parents of
     different names (GPT-2: "attn.c_proj", "mlp.c_proj"). Numbered parents (experts) share a kind.
     A last component split in one layer is split in every layer, so a map keeps one kind across the
-    model (Beam: layer 0's "mlp.gate_proj" splits "self_attn.gate_proj" in the layers without it)."""
+    model (Beam: layer 0's "mlp.gate_proj" splits "self_attn.gate_proj" in the layers without it). A
+    numbered map of a sequence is named with its parent (CTRL's "ffn.0" and "ffn.2")."""
     parents = defaultdict(set)  # (layer, last) -> the parents' own names
     for name in names:
         parent, _, last = name.rpartition(".")
@@ -125,7 +128,7 @@ def module_kinds(names: Sequence[str]) -> dict[str, str]:
     kinds = {}
     for name in names:
         parent, _, last = name.rpartition(".")
-        kinds[name] = f"{parent.rpartition('.')[2]}.{last}" if last in split else last
+        kinds[name] = f"{parent.rpartition('.')[2]}.{last}" if last in split or last.isdigit() else last
     return kinds
 
 

@@ -375,8 +375,8 @@ def weight_importance(model: nn.Module, tokenizer, task, *, n_prompts: int = 8, 
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        # the embeddings' output requires grad, so every later activation does (weights stay frozen)
-        grad_from_here = embed.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_())
+        # activations require grad from a copy of the embeddings' output on (CTRL scales it in place)
+        grad_from_here = embed.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_().clone())
         try:
             hooked = {name: original(lin) for name, lin in linears.items()}  # a Conv1D, not a fresh view of it
             with _hooks(hooked, on_output), torch.enable_grad(), eval_mode(model):

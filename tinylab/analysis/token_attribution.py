@@ -65,8 +65,15 @@ def token_attribution(model: nn.Module, tokenizer, prompt, answer: str, *, n_ste
     # integration path's scales) on torch's default device: make that the model's for the call
     with eval_mode(model), torch.device(device):
         ig = LayerIntegratedGradients(model, model.get_input_embeddings())
-        result = LLMGradientAttribution(ig, tokenizer).attribute(inp, target=answer, n_steps=n_steps,
-                                                                 internal_batch_size=internal_batch_size)
+        try:
+            result = LLMGradientAttribution(ig, tokenizer).attribute(inp, target=answer, n_steps=n_steps,
+                                                                     internal_batch_size=internal_batch_size)
+        except RuntimeError as err:  # captum's path points are leaves: a forward writing into them fails
+            if "leaf Variable" not in str(err):
+                raise
+            raise ValueError(f"{type(model).__name__} writes into its input embeddings in place (CTRL scales them), "
+                             "where integrated gradients set their own; allowed: models whose forward leaves "
+                             "the embeddings' output as it is") from err
         delta = _completeness_gap(model, inp, answer_ids, baseline_id, result.seq_attr)
     return TokenAttribution(list(result.input_tokens), result.seq_attr.detach().float().cpu(),
                             list(result.output_tokens), result.token_attr.detach().float().cpu(), delta)

@@ -6,7 +6,7 @@ the query rows of head h, the key and value rows of its KV group, and the column
 output map (its input is the heads' outputs side by side). Five layouts are recognised:
 
     separate     q_proj, k_proj, v_proj; output o_proj, out_proj (Llama, Qwen, Mistral, Gemma, OPT,
-                 GPT-J, GPT-Neo), dense (Phi) or Wo (ModernBERT's decoder)
+                 GPT-J, GPT-Neo), dense (Phi) or Wo (ModernBERT's decoder); Wq, Wk, Wv, dense (CTRL)
     gated        the same maps, q_proj twice as tall: per query head, its query rows, then the rows
                  of the gate that scales its output (Qwen3-Next's and Qwen3.5's full attention; the
                  map is q_gate_proj in MiniCPM5); a head's "q" rows are both
@@ -116,6 +116,7 @@ _LAYOUTS = (
     ("separate", ("q_proj", "k_proj", "v_proj", "out_proj")),
     ("separate", ("q_proj", "k_proj", "v_proj", "dense")),
     ("separate", ("q_proj", "k_proj", "v_proj", "Wo")),
+    ("separate", ("Wq", "Wk", "Wv", "dense")),
     ("fused", ("qkv_proj", "qkv_proj", "qkv_proj", "o_proj")),
     ("fused", ("c_attn", "c_attn", "c_attn", "c_proj")),
     ("fused", ("Wqkv", "Wqkv", "Wqkv", "out_proj")),
