@@ -197,6 +197,8 @@ def test_module_kinds_split_a_last_name_shared_by_differently_named_parents_only
     assert list(module_kinds(experts).values()) == ["w1", "w1", "w1", "q_proj"]  # numbered parents share a kind
     llama = ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
     assert list(module_kinds(llama).values()) == ["o_proj", "down_proj"]
+    ctrl = ["transformer.h.0.ffn.0", "transformer.h.0.ffn.2", "model.layers.0.mlp.experts.3.0", "model.layers.0.mlp.experts.4.0"]
+    assert list(module_kinds(ctrl).values()) == ["ffn.0", "ffn.2", "0", "0"]  # a sequence's maps; experts share
 
 
 def test_a_map_keeps_one_kind_in_every_layer_and_a_split_kind_plays_its_parts_role():

@@ -127,8 +127,10 @@ def module_kinds(names: Sequence[str]) -> dict[str, str]:
     split = {last for (_, last), shared in parents.items() if len(shared) > 1 and not any(p.isdigit() for p in shared)}
     kinds = {}
     for name in names:
-        parent, _, last = name.rpartition(".")
-        kinds[name] = f"{parent.rpartition('.')[2]}.{last}" if last in split or last.isdigit() else last
+        parent = name.rpartition(".")[0].rpartition(".")[2]
+        last = name.rpartition(".")[2]
+        numbered = last.isdigit() and not parent.isdigit()  # not a sequence inside numbered experts
+        kinds[name] = f"{parent}.{last}" if last in split or numbered else last
     return kinds
 
 
