@@ -16,11 +16,13 @@ Other architectures name the same maps otherwise, and some fuse several roles in
     down       down_proj, fc2, fc_out, c_proj, mlp.c_proj (GPT-2), dense_4h_to_h, w2, mlp.Wo (ModernBERT),
                ffn.2 (CTRL)
 
-A module's `kind` is the last component of its name (phi3: "qkv_proj"), or its last two where two
-maps of one layer share the last one under differently named parents (GPT-2's "attn.c_proj" and
-"mlp.c_proj"; BART's "self_attn.q_proj" and "encoder_attn.q_proj", of which the default targets take
-the self-attention's; numbered experts share their kind): `module_kinds` decides it for everyone.
-`roles(kind)` gives the roles it plays. A module is "in a block" when its name holds a layer index
+A module's `kind` is the last component of its name (phi3: "qkv_proj"), or its last two, in every
+layer, where two maps of some layer share the last one under differently named parents (GPT-2's
+"attn.c_proj" and "mlp.c_proj"; BART's "self_attn.q_proj" and "encoder_attn.q_proj", of which the
+default targets take the self-attention's; numbered experts share their kind) or where the last one
+is a number (CTRL's "ffn.0"): `module_kinds` decides it for everyone. `roles(kind)` gives the roles
+it plays; a split kind plays a role only under a parent of that role's part of the block
+("mlp.gate_proj" is the gate, an attention output gate "self_attn.gate_proj" is not). A module is "in a block" when its name holds a layer index
 (`.<i>.`). A target names a kind, or the last components of module names ("c_proj": both of
 GPT-2's).
 
