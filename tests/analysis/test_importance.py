@@ -114,10 +114,10 @@ def test_module_importance_runs_its_self_check_on_every_architecture(arch):
     assert (imp.table["fisher"] > 0).all() and np.isfinite(imp.table["fisher"]).all()
 
 
-def test_a_model_whose_adapted_maps_never_run_on_text_is_named():
-    """GIT: its text layers are BERT-style maps with no default role, so the default targets adapt only
-    its image encoder, which a text forward never runs; importance says so instead of failing inside
-    the backward, and observing the heads names the block that did not run."""
+def test_a_model_whose_text_layers_have_no_default_role_is_named():
+    """GIT: its text layers are BERT-style maps with no default role, and its image encoder's layers
+    (inside the model, numbered as the text layers) are not the decoder's own: the default targets
+    find nothing to adapt and say so, and observing the heads names the block that did not run."""
     import transformers as tr
     from testkit import seeded_model
 
@@ -130,10 +130,20 @@ def test_a_model_whose_adapted_maps_never_run_on_text_is_named():
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id))
-    with pytest.raises(ValueError, match="no adapted module takes part in the model's text forward"):
+    with pytest.raises(ValueError, match=r"match no linear module in this model; its linear module types are \[.*'query'"):
         module_importance(model, tok, NumberTask(), n_prompts=2, objective="sft")
     with pytest.raises(ValueError, match=r"attention block of layer 0 \(git\.image_encoder.*did not run"):
         attention_patterns(model, tok, "Once upon a time", 0, 0)
+
+
+def test_a_model_whose_adapted_maps_never_run_on_text_is_named(monkeypatch):
+    """Adapted maps that a text forward never reaches (here a llama whose layers pass their input
+    through): importance says so instead of failing inside the backward."""
+    model, tok = tiny_model("llama", seed=0)
+    for layer in model.model.layers:
+        monkeypatch.setattr(layer, "forward", lambda hidden_states, *args, **kwargs: hidden_states)
+    with pytest.raises(ValueError, match="no adapted module takes part in the model's text forward"):
+        module_importance(model, tok, NumberTask(), n_prompts=2, objective="sft")
 
 
 @pytest.mark.parametrize("objective", ["sft", "grpo"])

@@ -1,9 +1,9 @@
 """tinylab/model/decoder.py: the language decoder is transformers' answer where it is a module of the
-model holding others, else the whole model."""
+model holding others, else the whole model; its own layers are the stack nearest the top."""
 
 from testkit import arch_model
 
-from tinylab.model.decoder import language_decoder
+from tinylab.model.decoder import language_decoder, nearest_stacks, stack_of
 
 
 def test_the_language_decoder_is_get_decoders_answer_unless_that_is_a_single_map():
@@ -21,3 +21,45 @@ def test_the_language_decoder_is_get_decoders_answer_unless_that_is_a_single_map
 
     llama.__class__ = NoAnswer
     assert language_decoder(llama) == ("", llama)
+
+
+def test_the_decoders_own_layers_are_the_stack_nearest_the_top():
+    names = ["model.layers.0.q_proj", "model.layers.1.q_proj", "model.tower.encoder.layers.0.fc1", "lm_head"]
+    assert stack_of(names[0]) == "model.layers" and stack_of("lm_head") is None
+    assert nearest_stacks(names) == ["model.layers"]  # the tower's layer 0 shares a number: it gives way
+    assert nearest_stacks(names[:2] + ["model.tower.encoder.layers.5.fc1"]) == ["model.layers",
+                                                                                "model.tower.encoder.layers"]
+    assert nearest_stacks(["m.H.layers.0.q", "m.L.layers.0.q"]) == ["m.H.layers", "m.L.layers"]  # same depth: both
+
+
+def test_a_towers_layers_inside_the_decoder_are_not_adapted_or_split_into_heads():
+    """A tower inside the decoder (Phi-4-multimodal's vision and audio encoders sit in its `model`),
+    whose layers share the text layers' numbers: the plan and the head analyses take the text layers
+    only, and a target naming only the tower's maps matches nothing."""
+    import warnings
+
+    import pytest
+    import torch
+    from torch import nn
+
+    from tinylab.adapter.config import TinyLoRAConfig
+    from tinylab.adapter.targets import plan_modules
+    from tinylab.model.attention import attention_blocks
+
+    model, _ = arch_model("llama")
+    before = [(m.name, m.kind) for m in plan_modules(model, TinyLoRAConfig())]
+    tower = nn.Module()
+    tower.layers = nn.ModuleList([nn.Module() for _ in range(2)])
+    for layer in tower.layers:
+        layer.mlp = nn.Module()
+        layer.mlp.fc1 = nn.Linear(8, 8)
+        layer.self_attn = type(model.model.layers[0].self_attn)(model.config, layer_idx=0)
+    model.model.vision = nn.Module()
+    model.model.vision.encoder = tower
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "left frozen" warning about the tower's fc1 either
+        assert [(m.name, m.kind) for m in plan_modules(model, TinyLoRAConfig())] == before
+    assert [b.name for b in attention_blocks(model)] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    with pytest.raises(ValueError, match=r"targets \['fc1'\] match no linear module"):
+        plan_modules(model, TinyLoRAConfig(targets=("fc1",)))
+    assert torch.is_tensor(model(torch.tensor([[1, 2, 3]])).logits)  # the tower never runs on text

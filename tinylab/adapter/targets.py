@@ -43,7 +43,7 @@ from torch import nn
 
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
 from tinylab.model.conv1d import as_linear
-from tinylab.model.decoder import language_decoder
+from tinylab.model.decoder import language_decoder, nearest_stacks, stack_of
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -144,7 +144,7 @@ def _matches(name: str, kind: str, target: str) -> bool:
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear, int | None]]:
     """Every linear map (an `nn.Linear`, a transformers `Conv1D` seen through `as_linear`, or an
     already adapted module, as its base) of the model's language decoder (`tinylab.model.decoder`:
-    not a vision tower) with its layer index, in model order."""
+    not a vision tower, nor a tower's layers inside the decoder) with its layer index, in model order."""
     found, inside = [], ()
     prefix = language_decoder(model)[0]
     for name, module in model.named_modules():
@@ -157,7 +157,8 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear, int | None]]:
             inside = (f"{name}.",)
         elif (linear := as_linear(module)) is not None:
             found.append((name, linear, layer_of(name)))
-    return found
+    own = set(nearest_stacks(name for name, _, _ in found))
+    return [(name, linear, layer) for name, linear, layer in found if layer is None or stack_of(name) in own]
 
 
 def _num_layers(model: nn.Module, linears) -> int:

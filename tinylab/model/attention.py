@@ -39,7 +39,7 @@ from torch import nn
 
 from tinylab.basics.checks import is_int
 from tinylab.model.conv1d import as_linear
-from tinylab.model.decoder import language_decoder
+from tinylab.model.decoder import language_decoder, nearest_stacks, stack_of
 
 __all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_maps", "observe_heads"]
 
@@ -182,17 +182,15 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
                          "k_proj, v_proj with o_proj, out_proj, dense or Wo; qkv_proj with o_proj (or with out_proj "
                          "and mp_num shards); Wqkv with out_proj; c_attn with c_proj; or query_key_value with dense")
     if len({b.layer for b in found}) < len(found):  # layer numbers shared: keep the stack nearest the top
-        stacks: dict[str, list[AttentionBlock]] = {}
-        for block in found:  # "model.layers.{}.self_attn": one stack of layers
-            stacks.setdefault(_LAYER_RE.sub(".{}.", f".{block.name}.", count=1), []).append(block)
-        depth = min(name.count(".") for name in stacks)
-        nearest = [blocks for name, blocks in stacks.items() if name.count(".") == depth]
-        if len(nearest) > 1 or len({b.layer for b in nearest[0]}) < len(nearest[0]):
-            names = [b.name for blocks in nearest for b in blocks if b.layer == nearest[0][0].layer]
-            raise ValueError(f"layer {nearest[0][0].layer} has {len(names)} attention blocks ({', '.join(names)}); the "
+        own = nearest_stacks(b.name for b in found)
+        nearest = [b for b in found if stack_of(b.name) in own]
+        if len({b.layer for b in nearest}) < len(nearest):
+            layer = next(b.layer for b in nearest if sum(c.layer == b.layer for c in nearest) > 1)
+            names = [b.name for b in nearest if b.layer == layer]
+            raise ValueError(f"layer {layer} has {len(names)} attention blocks ({', '.join(names)}); the "
                              "head analyses need one per layer number (allowed: a decoder whose layers each hold one "
                              "attention block)")
-        found = nearest[0]
+        found = nearest
     return sorted(found, key=lambda b: b.layer)
 
 
