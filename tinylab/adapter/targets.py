@@ -22,9 +22,10 @@ layer, where two maps of some layer share the last one under differently named p
 default targets take the self-attention's; numbered experts share their kind) or where the last one
 is a number (CTRL's "ffn.0"): `module_kinds` decides it for everyone. `roles(kind)` gives the roles
 it plays; a split kind plays a role only under a parent of that role's part of the block
-("mlp.gate_proj" is the gate, an attention output gate "self_attn.gate_proj" is not). A module is "in a block" when its name holds a layer index
-(`.<i>.`). A target names a kind, or the last components of module names ("c_proj": both of
-GPT-2's).
+("mlp.gate_proj" is the gate, an attention output gate "self_attn.gate_proj" is not). A module is
+"in a block" when its name holds a layer index (`.<i>.`, `tinylab.model.decoder.layer_of`) in the
+decoder's own stack of layers. A target names a kind, or the last components of module names
+("c_proj": both of GPT-2's).
 
 Tying: `tiled` groups `n_tie` consecutive modules in model order (the modules of layer 0, then
 layer 1, ...); `structured` groups modules of one kind across `n_tie` consecutive layers;
@@ -33,7 +34,6 @@ layer 1, ...); `structured` groups modules of one kind across `n_tie` consecutiv
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -43,7 +43,7 @@ from torch import nn
 
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
 from tinylab.model.conv1d import as_linear
-from tinylab.model.decoder import language_decoder, nearest_stacks, stack_of
+from tinylab.model.decoder import language_decoder, layer_of, nearest_stacks, stack_of
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -70,7 +70,6 @@ ROLE_NAMES = {
     "down_proj": ("down_proj", "fc2", "fc_out", "c_proj", "mlp.c_proj", "dense_4h_to_h", "w2", "mlp.Wo", "ffn.2"),
 }
 """Default role -> the module names other architectures give it, in order of preference."""
-_LAYER_RE = re.compile(r"\.(\d+)\.")
 _ATTENTION, _MLP = ("self_attn.", "self_attention.", "attention.", "attn."), ("mlp.", "feed_forward.", "ffn.")
 _PART = dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), _ATTENTION) | dict.fromkeys(
     ("gate_proj", "up_proj", "down_proj"), _MLP)
@@ -107,12 +106,6 @@ def kind_order(kinds) -> list[str]:
         return (0, min(position[r] for r in played), kind) if played else (1, 0, kind)
 
     return sorted(set(kinds), key=key)
-
-
-def layer_of(name: str) -> int | None:
-    """The layer index in a module name (`model.layers.3.mlp.up_proj` -> 3), None outside the blocks."""
-    m = _LAYER_RE.search(f".{name}.")
-    return int(m.group(1)) if m else None
 
 
 def module_kinds(names: Sequence[str]) -> dict[str, str]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import re
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -39,11 +38,9 @@ from torch import nn
 
 from tinylab.basics.checks import is_int
 from tinylab.model.conv1d import as_linear
-from tinylab.model.decoder import language_decoder, nearest_stacks, stack_of
+from tinylab.model.decoder import language_decoder, layer_of, nearest_stacks, stack_of
 
 __all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_maps", "observe_heads"]
-
-_LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
 class AttentionBlock(NamedTuple):
@@ -161,7 +158,9 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
         if sizes_agree and o.in_features == H * d and KV > 0 and H % KV == 0:
             layer = getattr(m, "layer_idx", None)
             if not is_int(layer) or layer < 0:  # none, or Zamba2's -1 on a block shared by several layers
-                layer = int(_LAYER_RE.search(f".{name}.").group(1))
+                layer = layer_of(name)
+            if layer is None:  # a block outside any numbered layer: no layer to key its heads by
+                return None
             return AttentionBlock(int(layer), name, m, H, KV, d, layout, maps, int(shards))
     return None
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["language_decoder", "nearest_stacks", "stack_of"]
+__all__ = ["language_decoder", "layer_of", "nearest_stacks", "stack_of"]
 
 _INDEX = re.compile(r"\.(\d+)\.")
 
@@ -33,6 +33,12 @@ def language_decoder(model: nn.Module) -> tuple[str, nn.Module]:
     if prefix is None or next(decoder.children(), None) is None:  # not a module of this model, or a leaf
         return "", model
     return prefix, decoder
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index in a module name (`model.layers.3.mlp.up_proj` -> 3), None outside the blocks."""
+    m = _INDEX.search(f".{name}.")
+    return int(m.group(1)) if m else None
 
 
 def stack_of(name: str) -> str | None:
@@ -49,7 +55,7 @@ def nearest_stacks(names: Iterable[str]) -> list[str]:
     layers: dict[str, set[int]] = {}
     for name in names:
         if (stack := stack_of(name)) is not None:
-            layers.setdefault(stack, set()).add(int(_INDEX.search(f".{name}.").group(1)))
+            layers.setdefault(stack, set()).add(layer_of(name))
     if sum(len(numbers) for numbers in layers.values()) == len(set().union(*layers.values())):
         return list(layers)  # no number in two stacks
     depth = min(stack.count(".") for stack in layers)
