@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tinylab.basics.cache import cache_dir
-from tinylab.model.device import available_devices, resolve_device, resolve_dtype
+from tinylab.model.device import available_devices, model_device, model_dtype, resolve_device, resolve_dtype
 from tinylab.model.embedded import EMBEDDED_MODEL
 from tinylab.model.loading import load_model
 from tinylab.model.tiny import TINY_ARCHS, tiny_model
@@ -129,6 +129,21 @@ def test_tiny_names_load_the_tiny_model(gpu_stand_in, dtype):
         load_model("tiny-gpt9", device="cpu")  # a typo of a tiny name, not a hub id (those are 'org/name')
     with pytest.raises(OSError, match="pass its local folder"):  # an org/name id that is not there offline
         load_model("someone/tiny-gpt9", device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_model_device_and_dtype_are_read_off_its_input_embeddings(dtype):
+    model, _ = tiny_model("llama", dtype=dtype)
+    assert model_device(model) == torch.device("cpu") and model_dtype(model) == dtype
+    model.lm_head.to("meta", torch.float16)  # a last map elsewhere (as device_map may put it) does not decide
+    assert model_device(model) == torch.device("cpu") and model_dtype(model) == dtype
+    model.get_input_embeddings().to("meta")
+    assert model_device(model) == torch.device("meta")
+    quantized = torch.zeros(3, 4, dtype=torch.int8)  # integer embeddings are not the compute dtype, which the
+    model.get_input_embeddings().weight = torch.nn.Parameter(quantized, requires_grad=False)
+    assert model_dtype(model) == dtype  # first floating parameter has
+    bare = torch.nn.Sequential(torch.nn.Linear(2, 2, dtype=dtype))  # no input embeddings: its first parameter
+    assert model_device(bare) == torch.device("cpu") and model_dtype(bare) == dtype
 
 
 def test_device_map_passes_through(saved_tiny, monkeypatch):

@@ -57,7 +57,7 @@ import torch
 from tinylab import tasks
 from tinylab.adapter.attach import check_adapter
 from tinylab.interop.trl_tracking import point_trl_logging, trl_report_fields, trl_run_name
-from tinylab.model.device import model_device
+from tinylab.model.device import model_device, model_dtype
 from tinylab.train.grpo import GRPOConfig, train_pool
 from tinylab.train.presets import unknown_message
 from tinylab.train.records import StepLog, StopTraining, step_log
@@ -79,10 +79,8 @@ def model_precision(model) -> dict:
     A model on the CPU: `use_cpu=True`, no mixed precision. On a GPU: `use_cpu=False`, and
     `bf16`/`fp16` mixed precision when the weights are bf16/fp16 (the adapter's v stays fp32).
     """
-    weight = next(model.parameters())
-    on_cpu = weight.device.type == "cpu"
-    return dict(use_cpu=on_cpu, bf16=not on_cpu and weight.dtype == torch.bfloat16,
-                fp16=not on_cpu and weight.dtype == torch.float16)
+    on_cpu, dtype = model_device(model).type == "cpu", model_dtype(model)
+    return dict(use_cpu=on_cpu, bf16=not on_cpu and dtype == torch.bfloat16, fp16=not on_cpu and dtype == torch.float16)
 
 
 def check_trl_fields(fields) -> None:
@@ -292,7 +290,7 @@ def _colocated_engine(args, model, extra: dict | None):
         return contextlib.nullcontext()
     from tinylab.interop.vllm_sync import vllm_engine_kwargs, vllm_on_cpu
 
-    kwargs = {"dtype": next(model.parameters()).dtype, **({"enforce_eager": True} if vllm_on_cpu() else {})}
+    kwargs = {"dtype": model_dtype(model), **({"enforce_eager": True} if vllm_on_cpu() else {})}
     return vllm_engine_kwargs(**{**kwargs, **(extra or {})})
 
 

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["available_devices", "model_device", "resolve_device", "resolve_dtype"]
+__all__ = ["available_devices", "model_device", "model_dtype", "resolve_device", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -81,9 +81,23 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's input embeddings (where token ids go), else of its first parameter."""
+    return _reference_weight(model).device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its input embeddings' weight dtype, else its first floating
+    parameter's (a quantized model's integer weights are not its compute dtype)."""
+    weight = _reference_weight(model)
+    if weight.is_floating_point():
+        return weight.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), weight.dtype)
+
+
+def _reference_weight(model: nn.Module) -> torch.Tensor:
+    """The input embeddings' weight, else the first parameter: what `model_device` and `model_dtype` read."""
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if callable(get) else None
     weight = getattr(embeddings, "weight", None)
     if isinstance(weight, torch.Tensor):
-        return weight.device
-    return next(model.parameters()).device
+        return weight
+    return next(model.parameters())
