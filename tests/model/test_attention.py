@@ -4,6 +4,7 @@ reads as that head's query, key and value, on every layout it recognises."""
 import pytest
 import torch
 from testkit import MIXED_NORM_ARCH, OTHER_ARCHS, arch_model, observe_layer, seeded_model
+from torch import nn
 
 from tinylab.model.attention import attention_blocks, eager_attention, observe_heads
 from tinylab.model.tiny import TINY_ARCHS
@@ -76,8 +77,9 @@ def test_only_the_language_decoders_own_self_attention_counts():
     encoder) is not taken for the layer's block. Gemma 3 with its vision tower: only the language
     model's blocks, not the tower's, whose layers reuse the same numbers; Phi-4-multimodal's audio
     encoder inside the decoder: the decoder's own layers. DiffLlama's differential
-    attention is not split (a head's output mixes two heads' patterns). HRM's two stacks share layer
-    numbers: refused by name rather than merged."""
+    attention is not split (a head's output mixes two heads' patterns). HRM's two stacks of one class
+    of layer share numbers and run in turn: numbered one after the other. A stack of another class
+    beside the layers sharing their numbers has no order: refused by name rather than merged."""
     import transformers as tr
 
     small = dict(vocab_size=128, max_position_embeddings=64)
@@ -100,9 +102,20 @@ def test_only_the_language_decoders_own_self_attention_counts():
                                                 vision_config=dict(tower, num_hidden_layers=2)))
     blocks = attention_blocks(phi4)  # its audio encoder sits inside the decoder, numbered from 0 too
     assert [b.name for b in blocks] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    hrm = tr.AutoConfig.for_model("hrm_text", **text)
-    with pytest.raises(ValueError, match="layer 0 has 2 attention blocks"):
-        attention_blocks(seeded_model(hrm))
+    hrm = seeded_model(tr.AutoConfig.for_model("hrm_text", **text, num_layers_per_stack=2))
+    blocks = attention_blocks(hrm)  # its L and H stacks, each numbered from 0, run in turn: one after the other
+    assert [(b.layer, b.name) for b in blocks] == [(0, "model.L_module.layers.0.self_attn"),
+                                                    (1, "model.L_module.layers.1.self_attn"),
+                                                    (2, "model.H_module.layers.0.self_attn"),
+                                                    (3, "model.H_module.layers.1.self_attn")]
+    llama = seeded_model(tr.LlamaConfig(**text))
+    side = type("Side", (nn.Module,), {})  # a stack beside the layers, of another class: no order between them
+    llama.model.side = nn.ModuleList([side() for _ in range(2)])
+    for i, layer in enumerate(llama.model.side):
+        layer.self_attn = type(llama.model.layers[0].self_attn)(llama.config, layer_idx=i)
+    with pytest.raises(ValueError, match=r"layer 0 has 2 attention blocks \(model.layers.0.self_attn, "
+                                         r"model.side.0.self_attn\); the head analyses need one per layer number"):
+        attention_blocks(llama)
 
 
 def test_a_block_that_returns_no_attention_weights_is_named():

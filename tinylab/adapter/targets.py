@@ -43,7 +43,7 @@ from torch import nn
 
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
 from tinylab.model.conv1d import as_linear
-from tinylab.model.decoder import language_decoder, layer_of, nearest_stacks, stack_of
+from tinylab.model.decoder import language_decoder, layer_numbers, layer_of, nearest_stacks, stack_of
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -137,28 +137,29 @@ def _matches(name: str, kind: str, target: str) -> bool:
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear, int | None]]:
     """Every linear map (an `nn.Linear`, a transformers `Conv1D` seen through `as_linear`, or an
     already adapted module, as its base) of the model's language decoder (`tinylab.model.decoder`:
-    not a vision tower, nor a tower's layers inside the decoder) with its layer index, in model order."""
+    not a vision tower, nor a tower's layers inside the decoder) with its layer number
+    (`tinylab.model.decoder.layer_numbers`), in model order."""
     found, inside = [], ()
-    prefix = language_decoder(model)[0]
+    prefix, number = language_decoder(model)[0], layer_numbers(model)
     for name, module in model.named_modules():
         if prefix and not name.startswith(prefix + "."):  # outside the language decoder
             continue
         if inside and name.startswith(inside):  # the parts of an adapted module
             continue
         if getattr(module, "adapts_linear", False):  # a TinyLoRALinear: report its frozen base
-            found.append((name, module.base, layer_of(name)))
+            found.append((name, module.base, number(name)))
             inside = (f"{name}.",)
         elif (linear := as_linear(module)) is not None:
-            found.append((name, linear, layer_of(name)))
+            found.append((name, linear, number(name)))
     own = set(nearest_stacks(name for name, _, _ in found))
     return [(name, linear, layer) for name, linear, layer in found if layer is None or stack_of(name) in own]
 
 
 def _num_layers(model: nn.Module, linears) -> int:
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if n is None:
-        n = 1 + max((layer for _, _, layer in linears if layer is not None), default=-1)
-    return n
+    found = [layer for _, _, layer in linears if layer is not None]
+    if found:  # the layers the plan numbers (HRM's config counts its cache slots, not its layers)
+        return 1 + max(found)
+    return getattr(getattr(model, "config", None), "num_hidden_layers", None) or 0
 
 
 def _resolve_targets(targets: tuple[str, ...], kinds: list[str]) -> tuple[str, ...]:

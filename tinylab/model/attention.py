@@ -38,7 +38,7 @@ from torch import nn
 
 from tinylab.basics.checks import is_int
 from tinylab.model.conv1d import as_linear
-from tinylab.model.decoder import language_decoder, layer_of, nearest_stacks, stack_of
+from tinylab.model.decoder import language_decoder, layer_of, layer_offsets, nearest_stacks, stack_of
 
 __all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_maps", "observe_heads"]
 
@@ -170,11 +170,16 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     language decoder (`tinylab.model.decoder`: not the vision tower of a multimodal model, whose
     blocks would share the text layers' numbers).
     One block per layer: where stacks share layer numbers (an audio encoder inside the decoder), the
-    stack nearest the top (shortest module path) is the decoder's own; two stacks at the same depth
-    (run in turn) are a ValueError, as is a decoder with no block of a known layout."""
+    stack nearest the top (shortest module path) is the decoder's own; stacks at the same depth made
+    of one class of layer (HRM's, run in turn) are numbered one after another, as in the module plan
+    (`tinylab.model.decoder.layer_offsets`). Two blocks with one number left after that are a
+    ValueError, as is a decoder with no block of a known layout."""
     prefix, decoder = language_decoder(model)
     found = [block for name, m in decoder.named_modules()
              if (block := _block(f"{prefix}.{name}".strip("."), m)) is not None]
+    offsets = layer_offsets(model)  # stacks run in turn (HRM): numbered one after another, as the module plan
+    found = [b._replace(layer=layer_of(b.name) + offsets[stack_of(b.name)]) if stack_of(b.name) in offsets else b
+             for b in found]
     if not found:
         raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size, "
                          "or split_size and n_head) and q_proj (queries, or queries and gates, or q_gate_proj), "
