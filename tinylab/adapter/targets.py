@@ -43,7 +43,14 @@ from torch import nn
 
 from tinylab.adapter.config import DEFAULT_TARGETS, TinyLoRAConfig
 from tinylab.model.conv1d import as_linear
-from tinylab.model.decoder import language_decoder, layer_numbers, layer_of, nearest_stacks, stack_of
+from tinylab.model.decoder import (
+    language_decoder,
+    layer_numbers,
+    layer_of,
+    layer_offsets,
+    nearest_stacks,
+    stack_of,
+)
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -156,10 +163,10 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear, int | None]]:
 
 
 def _num_layers(model: nn.Module, linears) -> int:
-    found = [layer for _, _, layer in linears if layer is not None]
-    if found:  # the layers the plan numbers (HRM's config counts its cache slots, not its layers)
-        return 1 + max(found)
-    return getattr(getattr(model, "config", None), "num_hidden_layers", None) or 0
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if n is None or layer_offsets(model):  # no count, or stacks numbered in turn (HRM's counts its cache slots)
+        n = 1 + max((layer for _, _, layer in linears if layer is not None), default=-1)
+    return n
 
 
 def _resolve_targets(targets: tuple[str, ...], kinds: list[str]) -> tuple[str, ...]:
