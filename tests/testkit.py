@@ -66,7 +66,8 @@ def other_arch(name: str, tok):
     in 4 shards of q, v, k, here 8 heads so that a shard holds two), q/k/v with a `dense` output
     (Phi) or a `Wo` output (ModernBERT's decoder, a local window of 8 tokens in its first layer; CTRL's
     Wq, Wk, Wv and dense, whose forward scales the embeddings' output in place), two stacks of layers
-    at the same depth, both numbered from 0, that run in turn (HRM's L and H modules, 2 layers each), and
+    at the same depth, both numbered from 0, that run in turn (HRM's L and H modules, 2 layers each, one
+    cycle: each layer runs once), and
     a q_proj that also holds a per-head output gate (Qwen3-Next, both layers full attention,
     mixture-of-experts MLPs; MiniCPM5's q_gate_proj). `HYBRID_ARCHS` and the single-purpose models
     named beside it (`MIXED_NORM_ARCH`, `UNSPLIT_ARCH`) are built here too."""
@@ -113,7 +114,7 @@ def other_arch(name: str, tok):
                                                  **ids),
         "hrm_text": lambda: tr.HrmTextConfig(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16,
-            num_layers_per_stack=2, H_cycles=1, L_cycles=1, num_hidden_layers=4, max_position_embeddings=512, **ids),
+            num_hidden_layers=2, H_cycles=1, L_cycles=1, max_position_embeddings=512, **ids),  # 2 per stack, each run once
         "ctrl": lambda: tr.CTRLConfig(vocab_size=vocab, n_positions=512, n_embd=64, dff=128, n_layer=2, n_head=4, **ids),
         "qwen3_next_hybrid": lambda: tr.Qwen3NextConfig(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -54,8 +54,11 @@ def test_stacks_of_one_class_of_layer_at_one_depth_are_numbered_one_after_the_ot
     assert [m.layer for m in plan] == [0, 0, 1, 1, 2, 2, 3, 3]
     chosen = plan_modules(hrm, TinyLoRAConfig(targets=("q_proj",), layers=[3]))
     assert [m.name for m in chosen] == ["model.H_module.layers.1.self_attn.q_proj"]
+    looped = seeded_model(tr.HrmTextConfig(**{**hrm.config.to_dict(), "num_layers_per_stack": None, "num_hidden_layers": 2,
+                                              "H_cycles": 2}))
+    assert looped.config.num_hidden_layers == 8  # its cache slots: 2 per stack x 2 H cycles x (1 L cycle + 1)
     with pytest.raises(ValueError, match=r"layers \[4\] are out of range: this model has layers 0\.\.3"):
-        plan_modules(hrm, TinyLoRAConfig(targets=("q_proj",), layers=[4]))  # its config's num_hidden_layers counts cache slots
+        plan_modules(looped, TinyLoRAConfig(targets=("q_proj",), layers=[4]))  # not 0..7
 
     xlm = seeded_model(tr.XLMConfig(vocab_size=len(tok), emb_dim=32, n_layers=2, n_heads=4, causal=True))
     assert layer_offsets(xlm) == {}

@@ -139,9 +139,9 @@ def test_the_model_device_and_dtype_are_read_off_its_input_embeddings(dtype):
     assert model_device(model) == torch.device("cpu") and model_dtype(model) == dtype
     model.get_input_embeddings().to("meta")
     assert model_device(model) == torch.device("meta")
-    quantized = torch.zeros(3, 4, dtype=torch.int8)  # integer embeddings are not the compute dtype, which the
+    quantized = torch.zeros(3, 4, dtype=torch.int8)  # integer embeddings are not the compute dtype:
     model.get_input_embeddings().weight = torch.nn.Parameter(quantized, requires_grad=False)
-    assert model_dtype(model) == dtype  # first floating parameter has
+    assert model_dtype(model) == dtype  # the first floating parameter's is
     bare = torch.nn.Sequential(torch.nn.Linear(2, 2, dtype=dtype))  # no input embeddings: its first parameter
     assert model_device(bare) == torch.device("cpu") and model_dtype(bare) == dtype
 
