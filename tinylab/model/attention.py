@@ -38,7 +38,7 @@ from torch import nn
 
 from tinylab.basics.checks import is_int
 from tinylab.model.conv1d import as_linear
-from tinylab.model.decoder import language_decoder, layer_of, layer_offsets, nearest_stacks, stack_of
+from tinylab.model.decoder import language_decoder, layer_numbers, nearest_stacks, stack_of
 
 __all__ = ["AttentionBlock", "attention_block", "attention_blocks", "eager_attention", "head_maps", "observe_heads"]
 
@@ -128,11 +128,12 @@ def _as_map(module):
     return (as_linear(module) if isinstance(module, nn.Module) else None) or module
 
 
-def _block(name: str, m: nn.Module) -> AttentionBlock | None:
+def _block(name: str, m: nn.Module, layer: int | None) -> AttentionBlock | None:
     """The block's geometry if `m` is an attention block of a known layout whose sizes agree, else None.
     Not cross-attention (BART's `encoder_attn`, BERT's `crossattention`: a causal LM's text forward
     does not run it) nor differential attention (DiffLlama: a head's output mixes two heads' patterns
-    and half-heads of values, so its rows and columns are not its own)."""
+    and half-heads of values, so its rows and columns are not its own). `layer`: its layer number, None
+    outside the numbered layers (then it is no block: its heads have no layer to be keyed by)."""
     d = getattr(m, "head_dim", None) or getattr(m, "head_size", None)
     if d is None and is_int(getattr(m, "split_size", None)) and is_int(getattr(m, "n_head", None)) and m.n_head > 0:
         d = m.split_size // m.n_head  # GPT-1: the heads' width and their number
@@ -156,12 +157,9 @@ def _block(name: str, m: nn.Module) -> AttentionBlock | None:
             KV = (q.out_features - H * d) // (2 * d)
             sizes_agree = q.out_features == (H + 2 * KV) * d and (layout != "sharded" or KV == H)
         if sizes_agree and o.in_features == H * d and KV > 0 and H % KV == 0:
-            layer = getattr(m, "layer_idx", None)
-            if not is_int(layer) or layer < 0:  # none, or Zamba2's -1 on a block shared by several layers
-                layer = layer_of(name)
             if layer is None:  # a block outside any numbered layer: no layer to key its heads by
                 return None
-            return AttentionBlock(int(layer), name, m, H, KV, d, layout, maps, int(shards))
+            return AttentionBlock(layer, name, m, H, KV, d, layout, maps, int(shards))
     return None
 
 
@@ -171,15 +169,13 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     blocks would share the text layers' numbers).
     One block per layer: where stacks share layer numbers (an audio encoder inside the decoder), the
     stack nearest the top (shortest module path) is the decoder's own; stacks at the same depth made
-    of one class of layer (HRM's, run in turn) are numbered one after another, as in the module plan
-    (`tinylab.model.decoder.layer_offsets`). Two blocks with one number left after that are a
+    of one class of layer (HRM's, run in turn) are numbered one after another: a block's layer is the
+    module plan's number of its name (`tinylab.model.decoder.layer_numbers`). Two blocks with one number left after that are a
     ValueError, as is a decoder with no block of a known layout."""
     prefix, decoder = language_decoder(model)
+    number = layer_numbers(model)  # the module plan's numbering (not a block's layer_idx: Zamba2's shared one says -1)
     found = [block for name, m in decoder.named_modules()
-             if (block := _block(f"{prefix}.{name}".strip("."), m)) is not None]
-    offsets = layer_offsets(model)  # stacks run in turn (HRM): numbered one after another, as the module plan
-    found = [b._replace(layer=layer_of(b.name) + offsets[stack_of(b.name)]) if stack_of(b.name) in offsets else b
-             for b in found]
+             if (block := _block(full := f"{prefix}.{name}".strip("."), m, number(full))) is not None]
     if not found:
         raise ValueError("no attention block found in this model; allowed: a module with head_dim (or head_size, "
                          "or split_size and n_head) and q_proj (queries, or queries and gates, or q_gate_proj), "
