@@ -27,6 +27,7 @@ prompt 1's, ...
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -37,6 +38,7 @@ from tinylab.basics.checks import check_int, check_number
 from tinylab.model.batch import left_pad, pad_token_id, positions_of, prompt_rows, render_prompts
 from tinylab.model.device import model_device
 from tinylab.model.eval_mode import eval_mode
+from tinylab.model.head_logprobs import head_scorer
 from tinylab.model.kv_cache import (
     cache_argument,
     decoding_cache,
@@ -274,14 +276,17 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     if B % group_size:
         raise ValueError(f"group_size={group_size!r}: must divide the {B} rows (consecutive rows share a prompt)")
     positions = positions_of(attention_mask)  # [B, P+L]
-    logprobs = None
-    if group_size > 1:  # None where the prompt's cache cannot be shared (a hybrid model's recurrent state)
-        logprobs = _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, group_size, temperature)
-    if logprobs is None:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
-                    logits_to_keep=L + 1)
-        logits = out.logits[:, -(L + 1):-1]  # [B, L, V]: a model may give more than it was asked for (TrOCR)
-        logprobs = token_logprobs(logits, input_ids[:, -L:], temperature)  # [B, L]
+    score = _scoring(model)
+    with score.outputs():
+        logprobs = None
+        if group_size > 1:  # None where the prompt's cache cannot be shared (a hybrid model's recurrent state)
+            logprobs = _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, group_size,
+                                               temperature, score)
+        if logprobs is None:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                        logits_to_keep=L + 1)
+            outputs = out.logits[:, -(L + 1):-1]  # [B, L, V or d]: a model may give more than it was asked for (TrOCR)
+            logprobs = score.logprobs(outputs, input_ids[:, -L:], temperature)  # [B, L]
     return logprobs * completion_mask.to(logprobs.dtype)
 
 
@@ -296,7 +301,21 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return -flat.view(targets.shape)
 
 
-def _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, g, temperature) -> torch.Tensor | None:
+class _Plain:
+    """Scoring from the model's logits (`token_logprobs`), for a model `head_scorer` does not take."""
+
+    outputs = staticmethod(contextlib.nullcontext)
+    logprobs = staticmethod(token_logprobs)
+
+
+def _scoring(model: nn.Module):
+    """How `completion_logprobs` turns the forward's outputs into log-probabilities: the fused head
+    (`tinylab.model.head_logprobs`: `outputs()` makes the forward give the head's input, no [N, V] logits)
+    where the model allows it, else its logits."""
+    return head_scorer(model) or _Plain
+
+
+def _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, g, temperature, score) -> torch.Tensor | None:
     """Log-probabilities of the last L tokens [B, L], running each group's shared prompt once; None
     when the prompt's cache cannot be repeated for the group."""
     P = input_ids.shape[1] - L
@@ -309,11 +328,11 @@ def _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, g, t
     if L > 1 and not repeat_rows(cache, g):
         return None  # a recurrent state (hybrid model): the caller runs every row whole
     B = input_ids.shape[0]
-    first = out.logits[:, -1:].expand(-1, g, -1)  # [B/G, G, V]: the group's shared logits for completion token 0
-    first = token_logprobs(first, input_ids[:, P].view(-1, g), temperature).view(B, 1)  # [B, 1]
+    first = out.logits[:, -1:].expand(-1, g, -1)  # [B/G, G, V or d]: the group's shared outputs for completion token 0
+    first = score.logprobs(first, input_ids[:, P].view(-1, g), temperature).view(B, 1)  # [B, 1]
     if L == 1:
         return first
     out = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
                 position_ids=positions[:, P:-1], use_cache=True, **{cache_argument(model): cache})
-    rest = token_logprobs(out.logits, input_ids[:, P + 1:], temperature)  # [B, L-1]
+    rest = score.logprobs(out.logits, input_ids[:, P + 1:], temperature)  # [B, L-1]
     return torch.cat([first, rest], dim=1)  # [B, L]

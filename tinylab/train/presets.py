@@ -22,7 +22,8 @@ Presets:
   and time: `estimate(name)`, printed by `python -m tinylab.train.presets`. They are ARITHMETIC, not
   measured (no GPU here): weights 2 bytes/param; activations kept for the backward pass
   2 * (10 h + 4 i) bytes per token per layer (bf16; every layer's activations are needed, since
-  v sits in every layer); logits 6 bytes per token per vocabulary entry (bf16 + an fp32 copy);
+  v sits in every layer); logits 6 bytes per token per vocabulary entry (bf16 + an fp32 copy: TRL's
+  backend; tinylab's own loop keeps one 64 MB chunk of them where `tinylab.model.head_logprobs` takes the model);
   KV cache 4 * layers * kv_heads * head_dim bytes per token; tokens = completions x (150 prompt +
   max_new_tokens), the worst case. Time: generation dominates: max_new_tokens decode steps at an
   assumed 30 ms each (Hugging Face generate on a small model), plus 4 * params * tokens FLOPs at
