@@ -18,7 +18,7 @@ The file holds header lines, then the printed text as it was printed:
     # results of benchmarks/adapter.py (written by benchmarks/results_file.py)
     # date: 2026-12-04 10:11:12 UTC, run took 123 s
     # commit: 0123456789abcdef0123456789abcdef01234567 +dirty (uncommitted changes outside benchmarks/results/)
-    # machine: Linux x86_64, 2 cores (2 usable), torch 2.13.0 with 1 thread(s), load average 1.52 at start, 2.01 at end
+    # machine: Linux x86_64 (AMD EPYC), 2 cores (2 usable), torch 2.13.0 with 1 thread(s), load average 1.52 at start, 2.01 at end
     # command: OMP_NUM_THREADS=1 python benchmarks/adapter.py --threads 1
 
 While the run goes, the text streams into `NAME.txt.partial`; the finished file replaces `NAME.txt`
@@ -112,11 +112,21 @@ def _command() -> str:
     return " ".join([*settings, "python", shlex.join([str(script), *sys.argv[1:]])])
 
 
+def _cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo, else what `platform` knows): ratios of one
+    machine's runs can differ from another kind of processor's."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "processor unknown"
+
+
 def _machine(load_start: float) -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch = sys.modules.get("torch")
     threads = f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)" if torch else "torch not imported"
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({usable} usable), {threads}, "
+    return (f"{platform.system()} {platform.machine()} ({_cpu_name()}), {os.cpu_count()} cores ({usable} usable), {threads}, "
             f"load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
 
 

@@ -39,7 +39,7 @@ def test_printed_text_goes_to_the_screen_and_under_the_header(tmp_path, capsys, 
     head = done.stdout.strip() if done.returncode == 0 else None
     commit = rf"{head} (\(clean\)|\+dirty \(uncommitted changes outside benchmarks/results/\))" if head else "unknown.*"
     assert re.fullmatch(f"# commit: {commit}", lines[2])
-    assert re.fullmatch(rf"# machine: .*, {os.cpu_count()} cores \(\d+ usable\), (torch \S+ with \d+ thread\(s\)|torch not imported), "
+    assert re.fullmatch(rf"# machine: \S+ \S+ \(.+\), {os.cpu_count()} cores \(\d+ usable\), (torch \S+ with \d+ thread\(s\)|torch not imported), "
                         r"load average \d+\.\d\d at start, \d+\.\d\d at end", lines[3])
     assert lines[4] == "# command: OMP_NUM_THREADS=1 python benchmarks/adapter.py --threads 1"
     assert lines[5:] == ["ratio adapted / base: 1.013", "goal 1.03"]
