@@ -18,7 +18,8 @@ tied). The price on a GPU is one [rows, vocab] fp32 copy to the host per generat
 (the model calls, the cache, the masks) stays on the model's device.
 
 `completion_logprobs` scores completion tokens under the model with the positions generation
-used, so the two agree up to float rounding.
+used, so the two agree up to float rounding; where the model's logits are its output head's plain
+output, through the fused head of `tinylab.model.head_logprobs`, which never holds [tokens, vocab] logits.
 
 Shapes: B prompts, G = n completions each, P prompt tokens (left-padded), L completion tokens
 (right-padded). Row order of every output is prompt-major: prompt 0's n completions, then
@@ -262,7 +263,8 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     once and its KV cache (gradients included) is repeated for the group, which saves the
     prompt's share of the compute G-1 times over. Same values up to float rounding. A model whose
     cache holds a recurrent state that cannot be repeated (a hybrid model's linear-attention or
-    state-space layers) runs every row whole instead.
+    state-space layers) runs every row whole instead. Where `head_logprobs.head_scorer` takes the
+    model, the forward hands over its last hidden states and no [B, L, V] logits are made or kept.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
