@@ -40,12 +40,11 @@ NBVAL := --nbval-lax --nbval-current-env --sanitize-with notebooks/sanitize.cfg
 
 # The lock lists every package, so it installs with --no-deps (the embedded model's unneeded
 # dependencies stay out); `pip check` then finds every other requirement met. environment.yml
-# installs the same two lines (tests/test_setup.py compares them). --no-compile: Python compiles
-# the modules a run imports when it first imports them, not every module of every package up front.
+# installs the same two lines (tests/test_setup.py compares them).
 $(BIN)/.installed: $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-compile --no-deps -r $(LOCK)
-	$(BIN)/python -m pip install -q --no-compile --no-deps -e .
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	$(BIN)/python -m pip check | grep -v -e "^$(MODEL_SPEC) .* requires" -e "^No broken requirements" | \
 	  { ! grep . ; } || { echo "$(LOCK) is inconsistent: run make lock" >&2; exit 1; }
 	# the lab pieces the notebooks need: widget manager, anywidget (plotly 7 FigureWidget), plotly renderer

@@ -47,7 +47,7 @@ def _lock() -> dict[str, str]:
 def _makefile_installs() -> list[str]:
     """The pip install lines of the venv's set-up recipe, as environment.yml would write them."""
     recipe = MAKEFILE.split("$(BIN)/.installed:", 1)[1].split("\n\n", 1)[0]
-    lines = re.findall(r"pip install -q (?:--no-compile )?--no-deps (.*)$", recipe, re.M)
+    lines = re.findall(r"pip install -q --no-deps (.*)$", recipe, re.M)
     return [line.replace("$(LOCK)", _make_var("LOCK")) for line in lines]
 
 
