@@ -5,11 +5,12 @@
 The adapter: a saved one (e.g. `benchmarks/demo_cpu.py --save DIR` writes DIR/seed0.tlra), else
 the demonstration's shape (u = 13 shared by all 210 modules) with seeded values of the size a
 trained vector has. The panel gets `--prompts` held-out prompts of capitals_answer for its greedy
-replies and the same examples (gold answer lines as targets) for its bars. One slider update is
+replies and the same examples (their reference replies, target="solution", as the gold) for its bars. One slider update is
 what the panel does after a move: set v, then `tinylab.analysis.readout.Reader` (the base and trained sides
 were read once when the panel was built): one forward of prompt + gold per batch with eager
-attention, which gives the gold log-probs, the heads' activity on the prompts and the prefill from
-which the greedy replies (the panel's default `max_new_tokens`) are decoded with the KV cache; the
+attention, which gives the gold log-probs, the heads' activity on the prompts, the replies' first tokens as
+far as they agree with the gold, and the prefill from which the rest of the greedy replies (the
+panel's default `max_new_tokens`) are decoded with the KV cache; the
 head map (`heads.attention_shift` of that activity against the cached base); the redraw.
 Printed: the median update time over `--repeats` moves (the goal of issue 19 is <= 2 s), its
 parts, one forward of the teacher-forced batch (the same prompts), and the ratio; each as wall
@@ -92,10 +93,12 @@ def main() -> None:
     forward()
     one_forward = _median_seconds(forward, args.repeats)
     readout = _median_seconds(panel.reader, args.repeats)
+    read = list(panel.reader.from_gold)  # per batch: reply tokens read from the gold forward
+    decoded = max(panel.max_new_tokens - 1 - min(read), 0)  # decoding steps of the slowest batch
     panel.reader.max_new_tokens = 1  # the forward part alone: the first reply token comes from its logits
     first_token = _median_seconds(panel.reader, args.repeats)
     panel.reader.max_new_tokens = panel.max_new_tokens
-    per_token = tuple((a - b) / max(panel.max_new_tokens - 1, 1) for a, b in zip(readout, first_token))
+    per_token = tuple((a - b) / max(decoded, 1) for a, b in zip(readout, first_token))
     now = panel.reader()
     head_map = _median_seconds(lambda: attention_shift(panel.base.activity, now.activity), args.repeats)
     draw = _median_seconds(panel.draw, args.repeats)
@@ -110,7 +113,8 @@ def main() -> None:
           f"head map against the cached base (attention_shift) {_both(head_map)}; redrawing the widgets "
           f"{_both(draw)}")
     print(f"  of the readout: with max_new_tokens=1 (the forward and the first token) {_both(first_token)}; "
-          f"each further reply token {_both(per_token)}")
+          f"reply tokens read from the forward (the greedy reply agrees with the gold so far), per batch: {read}; "
+          f"{decoded} decoding step(s) after it, each {_both(per_token)}")
     print(f"one forward of the same batch ({tuple(batch.input_ids.shape)} tokens): {_both(one_forward)}")
     print(f"ratio update / forward: {update[0] / one_forward[0]:.1f}x wall, {update[1] / one_forward[1]:.1f}x CPU")
 

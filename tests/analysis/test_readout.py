@@ -113,6 +113,34 @@ def test_a_readout_of_a_model_with_a_recurrent_cache_equals_computing_from_scrat
     assert len(now.activity) == 2 and all(a.patterns for a in now.activity)
 
 
+def test_replies_that_begin_as_the_gold_are_read_from_its_forward():
+    """Gold continuations that are the model's own greedy replies: the shared forward already holds
+    their first tokens (`Reader.from_gold`), so fewer tokens are decoded one by one, and the replies
+    are still generate's. A batch with a row whose gold differs from its first token decodes them all."""
+    model, tokenizer, adapter = planted_knobs()
+    adapter.set_vector([0.7, 2.5, -0.4])
+    prompts = ["Once upon a time", "The cat sat on the", "One two three", "a raw prompt with no chat template"]
+    expected = generate(model, tokenizer, prompts, max_new_tokens=NEW_TOKENS, temperature=0.0, seed=0)
+    assert expected.completion_mask.all()  # no reply stops early: every step below is decoded or read
+    golds = list(expected.completions)
+    for k in range(3):  # the reply's text gives back its tokens
+        assert tokenizer(golds[k], add_special_tokens=False)["input_ids"] == expected.completion_ids[k].tolist()
+    golds[3] = "zzz" + golds[3]  # the second batch: row 3's gold is not its reply
+    assert tokenizer(golds[3], add_special_tokens=False)["input_ids"][0] != int(expected.completion_ids[3, 0])
+    gold = GoldSet(model, tokenizer, list(zip(prompts, golds)), batch_size=2)
+    reader = Reader(model, tokenizer, prompts, gold, max_new_tokens=NEW_TOKENS, batch_size=2)
+    steps = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: steps.append(kwargs["input_ids"].shape[1] == 1), with_kwargs=True)
+    try:
+        now = reader()
+    finally:
+        handle.remove()
+    assert now.replies == expected.completions
+    assert reader.from_gold == [NEW_TOKENS - 1, 0]  # batch 0: nothing left to decode one token at a time
+    assert sum(steps) == sum(NEW_TOKENS - 1 - m for m in reader.from_gold)  # one decoding step per token not read
+
+
 def test_bad_input_is_refused():
     model, tokenizer, adapter = planted_knobs()
     gold = GoldSet(model, tokenizer, EXAMPLES)

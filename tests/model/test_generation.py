@@ -262,6 +262,34 @@ def test_greedy_from_prefill_continues_as_generate(dtype, gpu_stand_in):
         greedy_from_prefill(model, tok, cache, out.logits, batch.attention_mask[:, :P], max_new_tokens=2)
 
 
+def test_greedy_from_prefill_after_reply_tokens_already_read(gpu_stand_in):
+    """A prefill of prompt + the first m greedy tokens, those tokens given as `decoded`, continues
+    into generate's replies (m of the 5 tokens read, the rest decoded); bad `decoded` is refused."""
+    from tinylab.model.batch import teacher_forced_batch
+    from tinylab.model.kv_cache import prefill
+
+    model, tok = tiny_model("llama", seed=0)
+    rollout = generate(model, tok, PROMPTS, max_new_tokens=5, temperature=0)
+    stops = stop_token_ids(model, tok)
+    for m in (1, 4):
+        first = rollout.completion_ids[:, :m]  # [B, m]
+        assert rollout.completion_mask[:, :m].all() and not torch.isin(first, torch.tensor(stops)).any()
+        batch = teacher_forced_batch(tok, PROMPTS, first.tolist(), model.device)  # [B, P+m], no right padding
+        with torch.no_grad(), gpu_stand_in():
+            out, cache = prefill(model, batch.input_ids, batch.attention_mask)
+            got = greedy_from_prefill(model, tok, cache, out.logits[:, -1], batch.attention_mask, max_new_tokens=5,
+                                      decoded=batch.input_ids[:, -m:])
+        assert got == rollout.completions
+    logits, mask, decoded = out.logits[:, -1], batch.attention_mask, batch.input_ids[:, -4:]
+    with pytest.raises(ValueError, match=r"m < max_new_tokens = 4"):
+        greedy_from_prefill(model, tok, cache, logits, mask, max_new_tokens=4, decoded=decoded)
+    with pytest.raises(ValueError, match=r"decoded \(2, 4\): expected \[B, m\] with B = 3 rows"):
+        greedy_from_prefill(model, tok, cache, logits, mask, max_new_tokens=5, decoded=decoded[:2])
+    with pytest.raises(ValueError, match="decoded holds a stop token"):
+        greedy_from_prefill(model, tok, cache, logits, mask, max_new_tokens=5,
+                            decoded=torch.full_like(decoded, stops[0]))
+
+
 @pytest.mark.gpu
 def test_greedy_from_prefill_on_cuda():
     model, tok = tiny_model("llama", seed=0)

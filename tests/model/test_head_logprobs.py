@@ -51,6 +51,29 @@ def test_fused_scores_and_gradients_are_the_model_logits(arch):
     assert want_grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_several_targets_under_one_row_are_each_scored_as_alone(bias, monkeypatch):
+    """k targets a row ([N, k], the first completion token of a group): the values and the hidden states'
+    gradient of scoring each target with its own copy of the row, fused and the plain way alike."""
+    from tinylab.model.generation import token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=bias).requires_grad_(False)
+    scorer = head_logprobs.HeadScorer(head)
+    hidden = torch.randn(4, 8, generator=g, requires_grad=True)  # [N, d]
+    targets = torch.randint(0, 50, (4, 3), generator=g)  # [N, k]
+    weights = torch.randn(4, 3, generator=g)  # a loss that weighs every target differently
+    want = token_logprobs(head(hidden)[:, None].expand(-1, 3, -1), targets, 0.7)  # [N, k]: each target alone
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), hidden)
+    for score in (scorer.logprobs, lambda h, t, temp: token_logprobs(head(h), t, temp)):
+        got = score(hidden, targets, 0.7)  # [N, k]
+        (grad,) = torch.autograd.grad((got * weights).sum(), hidden)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(head_logprobs, "_CHUNK_ELEMENTS", 100)  # two rows of logits at a time
+    torch.testing.assert_close(scorer.logprobs(hidden, targets, 0.7), want, atol=1e-6, rtol=1e-6)
+
+
 def test_no_vocabulary_sized_tensor_is_kept_for_the_backward(monkeypatch):
     """What autograd saves holds no [.., vocab] tensor, also when the logits are made a few rows at a time;
     the plain way (cross-entropy on the logits) saves one."""

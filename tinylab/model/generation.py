@@ -236,19 +236,33 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence, *, n: int = 1, max_
 
 
 def greedy_from_prefill(model: nn.Module, tokenizer, cache, logits: torch.Tensor, mask: torch.Tensor, *,
-                        max_new_tokens: int) -> list[str]:
+                        max_new_tokens: int, decoded: torch.Tensor | None = None) -> list[str]:
     """Greedy replies continuing a prefill the caller already ran (e.g. in the forward that scored
     the same prompts): `cache` holds the left-padded prompts' keys and values, `mask` [B, P] is their
     attention mask and `logits` [B, V] the last prompt position's. The same decoding as
     `generate(..., temperature=0)`, without running the prompts again; `cache` is spent (decoding may
-    grow it, or copy it into a `decoding_cache`)."""
+    grow it, or copy it into a `decoding_cache`).
+
+    `decoded` [B, m] (m < max_new_tokens): the first m reply tokens, already in the prefill (its last m
+    positions, which `mask` [B, P+m] covers; none of them a stop token) and `logits` the last one's:
+    the greedy tokens a teacher-forced forward found equal to the tokens it was given. The replies
+    are these tokens and what decoding adds after them, `max_new_tokens` in all."""
     check_int("max_new_tokens", max_new_tokens, low=1)
     if logits.dim() != 2 or mask.dim() != 2 or logits.shape[0] != mask.shape[0]:
         raise ValueError(f"logits {tuple(logits.shape)} and mask {tuple(mask.shape)}: expected [B, V] and [B, P]")
-    pad_id = pad_token_id(tokenizer)
+    stops, pad_id = stop_token_ids(model, tokenizer), pad_token_id(tokenizer)
+    if decoded is None:
+        decoded = torch.zeros(mask.shape[0], 0, dtype=torch.long, device=mask.device)  # [B, 0]
+    m = decoded.shape[1] if decoded.dim() == 2 and decoded.shape[0] == mask.shape[0] else -1
+    if not 0 <= m < max_new_tokens or m >= mask.shape[1]:
+        raise ValueError(f"decoded {tuple(decoded.shape)}: expected [B, m] with B = {mask.shape[0]} rows and "
+                         f"m < max_new_tokens = {max_new_tokens} tokens, the last m of the prefill")
+    if torch.isin(decoded, torch.tensor(stops, device=decoded.device)).any():
+        raise ValueError(f"decoded holds a stop token {stops}: a reply ends there, nothing is decoded after it")
     with eval_mode(model):
-        ids, kept, _ = _generate_chunk(model, None, mask, 1, max_new_tokens, 0.0, None,
-                                       stop_token_ids(model, tokenizer), pad_id, prefilled=(cache, logits))  # [B, l]
+        ids, kept, _ = _generate_chunk(model, None, mask, 1, max_new_tokens - m, 0.0, None, stops, pad_id,
+                                       prefilled=(cache, logits))  # [B, l]
+    ids, kept = torch.cat([decoded, ids], dim=1), torch.cat([torch.ones_like(decoded), kept], dim=1)  # [B, m+l]
     return tokenizer.batch_decode(ids.masked_fill(kept == 0, pad_id), skip_special_tokens=True)
 
 
@@ -295,10 +309,13 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(target) under softmax(logits / temperature), fp32 whatever the logits' dtype: logits
     [..., V], targets [...] long -> [...]. One fused log-softmax and pick (`F.cross_entropy`), whose
-    backward is one pass over the logits."""
+    backward is one pass over the logits. Targets [..., k] (the logits' rank): k targets under each
+    row's one distribution -> [..., k]."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
+    if targets.dim() == logits.dim():
+        return logits.log_softmax(-1).gather(-1, targets)  # [..., k]
     flat = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return -flat.view(targets.shape)
 
@@ -330,8 +347,8 @@ def _shared_prompt_logprobs(model, input_ids, attention_mask, positions, L, g, t
     if L > 1 and not repeat_rows(cache, g):
         return None  # a recurrent state (hybrid model): the caller runs every row whole
     B = input_ids.shape[0]
-    first = out.logits[:, -1:].expand(-1, g, -1)  # [B/G, G, V or d]: the group's shared outputs for completion token 0
-    first = score.logprobs(first, input_ids[:, P].view(-1, g), temperature).view(B, 1)  # [B, 1]
+    first = out.logits[:, -1]  # [B/G, V or d]: the group's shared outputs for completion token 0
+    first = score.logprobs(first, input_ids[:, P].view(-1, g), temperature).view(B, 1)  # [B, 1]: G targets a row
     if L == 1:
         return first
     out = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],

@@ -12,7 +12,9 @@ one vector, computed in the forward from the chunk's probabilities p:
     d logp / d h = -(p - onehot(token)) W / temperature        (W: the head's weight [V, d])
 
 and the backward only scales it by the incoming gradient. The matrix products are the plain ones (h W^T
-forward, (p - onehot) W backward); what is saved is a [N, d] fp32 tensor instead of [N, V] ones. The
+forward, p W backward); what is saved is a [N, d] fp32 tensor per target instead of [N, V] ones.
+Several targets under one row's distribution (a group's completions share their first position)
+share that row's logits. The
 head's weight and bias get no gradient: under autograd the fused path is only taken when they are frozen.
 
 Which models: `head_scorer(model)` returns a scorer when the model's output head is a plain
@@ -69,37 +71,39 @@ class HeadScorer:
                 handle.remove()
 
     def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """log p(target) under softmax(head(hidden) / temperature): hidden [..., d] (as `outputs`
-        gives it), targets [...] long -> [...] fp32; differentiable with respect to `hidden`."""
+        """log p(target) under softmax(head(hidden) / temperature), fp32, differentiable with respect to
+        `hidden` [..., d] (as `outputs` gives it). `targets` [...] long -> [...]; or [..., k] (the
+        rank of `hidden`): k targets scored under each row's one distribution -> [..., k]."""
         weight, bias = self.head.weight, self.head.bias  # [V, d], [V] or None
         flat = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)  # [N, d]
+        picks = targets.reshape(flat.shape[0], -1)  # [N, k]
         rows = max(1, _CHUNK_ELEMENTS // weight.shape[0])
         if torch.is_grad_enabled() and flat.requires_grad:
-            out = _FusedLogprobs.apply(flat, weight, bias, targets.reshape(-1), float(temperature), rows)  # [N]
+            out = _FusedLogprobs.apply(flat, weight, bias, picks, float(temperature), rows)  # [N, k]
         else:
             with torch.no_grad():
-                out, _ = _chunked(flat, weight, bias, targets.reshape(-1), float(temperature), rows, False)
+                out, _ = _chunked(flat, weight, bias, picks, float(temperature), rows, False)
         return out.view(targets.shape)
 
 
 def _chunked(hidden, weight, bias, targets, temperature: float, rows: int, with_grad: bool):
-    """(log p(target) [N] fp32, d logp / d hidden [N, d] fp32 or None), `rows` rows of logits at a time."""
-    n = hidden.shape[0]
-    out = torch.empty(n, dtype=torch.float32, device=hidden.device)  # [N]
-    jac = torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if with_grad else None  # [N, d]
+    """(log p(target) [N, k] fp32, d logp / d hidden [N, k, d] fp32 or None) for targets [N, k], `rows`
+    rows of logits at a time."""
+    n, k = targets.shape
+    out = torch.empty(n, k, dtype=torch.float32, device=hidden.device)  # [N, k]
+    jac = torch.empty(n, k, hidden.shape[1], dtype=torch.float32, device=hidden.device) if with_grad else None
     for s in range(0, n, rows):
-        t = targets[s:s + rows]  # [c]
+        t = targets[s:s + rows]  # [c, k]
         z = F.linear(hidden[s:s + rows], weight, bias).float()  # [c, V], as the model's own logits
         if temperature != 1.0:
             z.div_(temperature)  # in place: the fresh product (or its fp32 copy)
         top = z.amax(dim=-1, keepdim=True)  # [c, 1]
-        picked = z.gather(1, t[:, None]) - top  # [c, 1]
+        picked = z.gather(1, t) - top  # [c, k]
         total = z.sub_(top).exp_().sum(dim=-1, keepdim=True)  # [c, 1]; z is now exp(z - top), in place
-        out[s:s + rows] = (picked - total.log()).squeeze(1)
-        if with_grad:
-            p = z.div_(total)  # [c, V] probabilities, in place
-            p.scatter_add_(1, t[:, None], torch.full_like(picked, -1.0))  # p - onehot(target)
-            jac[s:s + rows] = (p.to(weight.dtype) @ weight).float().mul_(-1.0 / temperature)  # [c, d]
+        out[s:s + rows] = picked - total.log()
+        if with_grad:  # -(p - onehot(target)) W / T = (W[target] - p W) / T
+            expected = (z.div_(total).to(weight.dtype) @ weight).float()  # [c, d]: p W, p in place
+            jac[s:s + rows] = (weight[t].float() - expected[:, None]).mul_(1.0 / temperature)  # [c, k, d]
     return out, jac
 
 
@@ -115,8 +119,9 @@ class _FusedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (jac,) = ctx.saved_tensors  # [N, d]
-        return (grad.float()[:, None] * jac).to(ctx.hidden_dtype), None, None, None, None, None
+        (jac,) = ctx.saved_tensors  # [N, k, d]
+        hidden_grad = torch.einsum("nk,nkd->nd", grad.float(), jac)  # [N, d]: summed over the k targets
+        return hidden_grad.to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def head_scorer(model: nn.Module) -> HeadScorer | None:
