@@ -96,7 +96,8 @@ def run_harness(model, tokenizer, tasks: Sequence, *, adapter=None, limit: int |
     """`lm_eval.simple_evaluate` on `model` with `tasks` (names or configs such as `gsm8k_harness_task()`).
 
     `adapter`: None (the model as it is), an attached TinyLoRA handle, or an adapter file path
-    (loaded for this run and removed afterwards). Returns lm-eval's results dict.
+    (loaded for this run and removed afterwards). Returns lm-eval's results dict. Tasks given as
+    configs alone run without lm-eval's index of its named tasks (unless `task_manager=` is passed).
     """
     lm_eval = _lm_eval()
     if limit is not None:
@@ -108,8 +109,14 @@ def run_harness(model, tokenizer, tasks: Sequence, *, adapter=None, limit: int |
         handle = load_adapter(model, adapter)
     elif adapter is not None:
         check_adapter(adapter, model)
+    tasks = list(tasks)
+    if "task_manager" not in simple_evaluate_kwargs and all(isinstance(t, dict) for t in tasks):
+        from lm_eval.tasks import TaskManager
+
+        # configs alone: lm-eval's index of its own named tasks (seconds to build) is not read
+        simple_evaluate_kwargs["task_manager"] = TaskManager(include_defaults=False)
     try:
-        return lm_eval.simple_evaluate(model=harness_model(model, tokenizer, batch_size=batch_size), tasks=list(tasks),
+        return lm_eval.simple_evaluate(model=harness_model(model, tokenizer, batch_size=batch_size), tasks=tasks,
                                        limit=limit, apply_chat_template=apply_chat_template, log_samples=log_samples,
                                        **simple_evaluate_kwargs)
     finally:
