@@ -99,6 +99,8 @@ def step_flops(model, tokenizer, adapter, task, config) -> tuple[tuple[float, fl
     first step of the same seed, counted by `torch.utils.flop_counter.FlopCounterMode`: mm, addmm,
     bmm and the attention kernels it has formulas for (not the CPU's fused attention, a small share
     at these lengths); elementwise work is not counted. Untimed: the counter slows the step down.
+    The counter hooks every module, so our step scores through the logits here, not through the fused
+    head of the timed steps (`tinylab.model.head_logprobs`), which makes the same matrix products.
     Starts and leaves the vector at zero."""
     from torch.utils.flop_counter import FlopCounterMode
 

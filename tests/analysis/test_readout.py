@@ -113,7 +113,7 @@ def test_a_readout_of_a_model_with_a_recurrent_cache_equals_computing_from_scrat
     assert len(now.activity) == 2 and all(a.patterns for a in now.activity)
 
 
-def test_replies_that_begin_as_the_gold_are_read_from_its_forward():
+def test_replies_that_begin_as_the_gold_are_read_from_its_forward(gpu_stand_in):
     """Gold continuations that are the model's own greedy replies: the shared forward already holds
     their first tokens (`Reader.from_gold`), so fewer tokens are decoded one by one, and the replies
     are still generate's. A batch with a row whose gold differs from its first token decodes them all."""
@@ -133,7 +133,8 @@ def test_replies_that_begin_as_the_gold_are_read_from_its_forward():
     handle = model.register_forward_pre_hook(
         lambda module, args, kwargs: steps.append(kwargs["input_ids"].shape[1] == 1), with_kwargs=True)
     try:
-        now = reader()
+        with gpu_stand_in():  # no tensor made off the model's device
+            now = reader()
     finally:
         handle.remove()
     assert now.replies == expected.completions
