@@ -14,8 +14,8 @@ one vector, computed in the forward from the chunk's probabilities p:
 and the backward only scales it by the incoming gradient. The matrix products are the plain ones (h W^T
 forward, p W backward); what is saved is a [N, d] fp32 tensor per target instead of [N, V] ones.
 Several targets under one row's distribution (a group's completions share their first position)
-share that row's logits. The
-head's weight and bias get no gradient: under autograd the fused path is only taken when they are frozen.
+share that row's logits. The head's weight and bias get no gradient: under autograd the fused path
+is only taken when they are frozen.
 
 Which models: `head_scorer(model)` returns a scorer when the model's output head is a plain
 `nn.Linear` (no hooks, frozen) whose output *is* the model's logits: checked once per model and head on
