@@ -6,8 +6,9 @@ Beside the sliders, recomputed after every move (v changes only: no SVD, no re-a
 - the layer x head map of the attention shift of "now" against the base (`tinylab.analysis.heads`).
 The base and trained sides are read once when the panel is built. A move reads "now" with
 `tinylab.analysis.readout.Reader`: when the held-out examples have the reply prompts, one forward per
-batch gives the gold log-probs, the heads' activity and the prefill the greedy replies continue
-from; the head map compares that activity with the base's (`tinylab.analysis.heads.attention_shift`).
+batch gives the gold log-probs, the heads' activity, the replies' first tokens as long as they agree
+with the gold, and the prefill the greedy replies continue from; the head map compares that activity
+with the base's (`tinylab.analysis.heads.attention_shift`).
 
 Below: a 1-D sweep of a chosen number and the 2-D landscape of a chosen pair around the trained
 point (`sweep_figure`, `landscape_figure`, also usable on their own). The panel drives the adapter it was given: v is
@@ -91,8 +92,8 @@ class KnobPanel(widgets.VBox):
     `prompts`: a few prompts for greedy replies (strings, chat messages or Examples). `held_out`:
     Examples whose gold continuations (`target`: "answer" or "solution") are scored per example.
     `task`: marks the replies strict-correct / formatted (needs Examples as prompts).
-    `max_new_tokens`: the length of the greedy replies; each token is one more decoding step of the
-    update (benchmarks/knobs.py times it). The task's marks need replies long enough to carry its
+    `max_new_tokens`: the length of the greedy replies; each token after those the gold forward gives
+    is one more decoding step of the update (benchmarks/knobs.py times it). The task's marks need replies long enough to carry its
     answer format (e.g. `max_new_tokens=task.max_new_tokens`). Give the same examples as `prompts`
     and `held_out` for the fastest update (one shared forward per batch).
     `limit`: the sliders run over -limit..limit (default: twice the largest |v|, at least 1).
